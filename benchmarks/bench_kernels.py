@@ -1,0 +1,610 @@
+#!/usr/bin/env python
+"""Time forgetscore's kernels against the way a user would write the same thing in eager PyTorch.
+
+Two comparisons, side by side in one run:
+
+1. Noising + loss.  The eager way::
+
+       eps = torch.randn_like(x0, generator=gen)          # gen re-seeded per batch
+       x_t = scheduler.add_noise(x0, eps, t)              # diffusers DDPMScheduler
+       ...                                                # model(x_t) -> out (a fixed stand-in here)
+       loss = F.mse_loss(out, eps, reduction="none").mean(dim=(1, 2, 3))
+
+   versus ``kernels.add_noise`` + ``kernels.diffusion_loss`` (which regenerate eps from
+   (seed, sample id, draw id) instead of keeping it), with backend="auto" and each
+   available backend, plus ``torch.compile`` of the eager way where it compiles.
+
+2. Fisher accumulation for a linear layer.  The naive materialising way::
+
+       fisher += torch.einsum("blo,bli->boi", G, X).square().sum(0)
+
+   versus ``kernels.fisher_accumulate`` per backend, with the extra memory each needs.
+
+On CUDA it also measures the device's copy bandwidth and matmul rate and reports the
+kernels as a fraction of them.  Every time is the median over several repeats after
+warm-up; see benchmarks/README.md for what each column means.
+
+    python benchmarks/bench_kernels.py --device cpu [--quick] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, ROOT)
+
+from forgetscore import kernels  # noqa: E402
+from forgetscore.kernels import dispatch, reference  # noqa: E402
+
+SEED = 1234
+LATENTS = {"4x16x16": (4, 16, 16), "4x64x64": (4, 64, 64)}
+BATCHES = (64, 512, 2048, 8000)
+# (model, layer, d_in, d_out, L, B): the cross-attention K/V projections of the two
+# text-conditioned models the attribution runs on.
+FISHER_SHAPES = (
+    ("MSCOCO", "K/V", 1024, 128, 77, 64),
+    ("MSCOCO", "K/V", 1024, 128, 77, 256),
+    ("MSCOCO", "K/V", 1024, 256, 77, 64),
+    ("MSCOCO", "K/V", 1024, 256, 77, 256),
+    ("SD", "K/V", 768, 320, 77, 64),
+    ("SD", "K/V", 768, 640, 77, 64),
+    ("SD", "K/V", 768, 1280, 77, 64),
+)
+# The plain-PyTorch reference backend emulates Philox with int64 tensor ops: tens of
+# temporaries per element.  Above this many noise elements it is skipped.
+REFERENCE_MAX_NUMEL = {"cpu": 1 << 21, "cuda": 1 << 25}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+
+# --------------------------------------------------------------------------- timing
+
+class Skip(Exception):
+    """A measurement that was not taken; the message says why."""
+
+
+def make_sync(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def measure(fn: Callable[[], Any], sync: Callable[[], None], *, repeats: int, block_s: float,
+            max_s: float) -> dict[str, float]:
+    """Median seconds per call of fn after two warm-up calls.
+
+    Calls are grouped in blocks of at least `block_s` seconds (so that microsecond
+    kernels are not lost in timer and launch noise), with at most `repeats` and at
+    least 3 blocks, fewer when a call is so slow that `max_s` would be exceeded.
+    """
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - t0  # includes compilation / first-touch costs
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    one = max(time.perf_counter() - t0, 1e-7)
+    inner = max(1, min(10_000, int(block_s / one)))
+    n = max(3, min(repeats, int(max_s / (one * inner))))
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        sync()
+        samples.append((time.perf_counter() - t0) / inner)
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples),
+            "blocks": n, "calls_per_block": inner, "first_call_s": first}
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        self.args = args
+        self.device = device
+        self.sync = make_sync(device)
+        self.start = time.perf_counter()
+        if args.quick:
+            self.repeats, self.block_s, self.max_s = 5, 0.02, 1.5
+        else:
+            self.repeats, self.block_s, self.max_s = 9, 0.05, 4.0
+
+    def over_budget(self) -> bool:
+        return self.args.budget_s > 0 and time.perf_counter() - self.start > self.args.budget_s
+
+    def time(self, fn: Callable[[], Any]) -> dict[str, float]:
+        return measure(fn, self.sync, repeats=self.repeats, block_s=self.block_s, max_s=self.max_s)
+
+
+# --------------------------------------------------------------------------- the eager way
+
+def make_scheduler():
+    """A Stable-Diffusion-style DDPMScheduler, or an equivalent stand-in without diffusers."""
+    kw = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012)
+    try:
+        from diffusers import DDPMScheduler
+    except Exception as exc:  # noqa: BLE001 - e.g. no diffusers on the GPU machine
+        return InlineDDPM(**kw), f"inline DDPM add_noise (diffusers unavailable: {type(exc).__name__})"
+    import diffusers
+    return DDPMScheduler(beta_schedule="scaled_linear", **kw), f"diffusers {diffusers.__version__} DDPMScheduler"
+
+
+class InlineDDPM:
+    """Same forward process as DDPMScheduler(beta_schedule="scaled_linear").add_noise."""
+
+    def __init__(self, num_train_timesteps: int, beta_start: float, beta_end: float):
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        acp = self.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t]
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        return acp.sqrt().view(shape) * x0 + (1 - acp).sqrt().view(shape) * noise
+
+
+def _randn_like_takes_generator() -> bool:
+    try:
+        torch.randn_like(torch.empty(1), generator=torch.Generator().manual_seed(0))
+    except TypeError:
+        return False
+    return True
+
+
+RANDN_LIKE_GENERATOR = _randn_like_takes_generator()
+
+
+def eager_fns(scheduler, gen: torch.Generator):
+    def noise(x0: torch.Tensor, t: torch.Tensor):
+        gen.manual_seed(SEED)  # one generator, re-seeded per batch
+        if RANDN_LIKE_GENERATOR:
+            eps = torch.randn_like(x0, generator=gen)
+        else:
+            eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype, device=x0.device)
+        return scheduler.add_noise(x0, eps, t), eps
+
+    def loss(out: torch.Tensor, eps: torch.Tensor):
+        return F.mse_loss(out, eps, reduction="none").mean(dim=tuple(range(1, out.dim())))
+
+    return noise, loss
+
+
+# --------------------------------------------------------------------------- noising + loss
+
+def kernel_backends(device: torch.device) -> list[tuple[str, str]]:
+    """[(label, backend)] to time: auto, then each available backend that runs compiled here."""
+    rows = []
+    auto_mod = dispatch.resolve("auto", device)
+    auto_name = next((b for b in dispatch.BACKENDS if dispatch._module(b) is auto_mod), "?")
+    rows.append((f"kernels auto (={auto_name})", "auto"))
+    for s in kernels.status():
+        if not s.available or device.type not in s.devices:
+            continue
+        rows.append((f"kernels {s.name}", s.name))
+    return rows
+
+
+def skipped_backends(device: torch.device) -> list[str]:
+    out = []
+    for s in kernels.status():
+        if s.name == "triton" and s.available and device.type == "cpu":
+            out.append("triton: interpreted on CPU (test-only, far slower than eager), not timed")
+        elif not s.available:
+            out.append(f"{s.name}: {s.detail}")
+    return out
+
+
+def bench_noise_loss(r: Runner, emit: Callable[[str, dict], None], scheduler, sched_desc: str) -> None:
+    dev = r.device
+    gen = torch.Generator(device=dev)
+    noise_fn, loss_fn = eager_fns(scheduler, gen)
+    compiled: tuple | None | str = None
+    if not r.args.no_compile:
+        try:
+            compiled = (torch.compile(noise_fn), torch.compile(loss_fn))
+        except Exception as exc:  # noqa: BLE001
+            compiled = f"n/a ({type(exc).__name__})"
+    acp = scheduler.alphas_cumprod.to(dev, torch.float32)
+    batches = [b for b in BATCHES if not r.args.quick or b <= 512]
+    if r.args.batches:
+        batches = [int(b) for b in r.args.batches.split(",")]
+    backends = kernel_backends(dev)
+    for lname, shape in LATENTS.items():
+        for B in batches:
+            D = math.prod(shape)
+            numel = B * D
+            base = {"latent": lname, "batch": B, "numel": numel}
+            if r.over_budget():
+                emit("noise_loss", {**base, "method": "all", "skipped": "time budget exhausted"})
+                continue
+            g = torch.Generator().manual_seed(B)
+            x0 = torch.randn(B, *shape, generator=g).to(dev)
+            out = torch.randn(B, *shape, generator=g).to(dev)
+            t = torch.randint(0, 1000, (B,), generator=g).to(dev)
+            sids = (torch.arange(B, dtype=torch.int64) + 10_000).to(dev)
+            dids = torch.zeros(B, dtype=torch.int64, device=dev)
+            # bytes a fused kernel must move: add_noise reads x0, writes x_t; the loss reads out and x0.
+            bytes_noise = 2 * numel * x0.element_size()
+            bytes_loss = 2 * numel * x0.element_size() + 4 * B
+
+            methods: list[tuple[str, Callable, Callable, Callable | None, Callable | None]] = []
+            _, eps = noise_fn(x0, t)
+            methods.append(("eager", lambda: noise_fn(x0, t), lambda: loss_fn(out, eps), None, None))
+            if isinstance(compiled, tuple):
+                cn, cl = compiled
+                methods.append(("torch.compile(eager)", lambda: cn(x0, t), lambda: cl(out, eps), None, None))
+            elif isinstance(compiled, str):
+                emit("noise_loss", {**base, "method": "torch.compile(eager)", "skipped": compiled})
+            for label, be in backends:
+                if be == "torch" and numel > REFERENCE_MAX_NUMEL[dev.type]:
+                    emit("noise_loss", {**base, "method": label,
+                                        "skipped": f"reference backend above {REFERENCE_MAX_NUMEL[dev.type]} elements"})
+                    continue
+                mod = dispatch.resolve(be, dev)
+                flat_x0, flat_out = x0.reshape(B, -1), out.reshape(B, -1)
+                a, b = reference.noise_coefficients(acp, t)
+                methods.append((
+                    label,
+                    lambda be=be: kernels.add_noise(x0, t, acp, SEED, sids, dids, backend=be),
+                    lambda be=be: kernels.diffusion_loss(out, x0, t, acp, SEED, sids, dids, backend=be),
+                    # the backend function alone: no argument checks, coefficients precomputed
+                    None if r.args.no_raw else (lambda m=mod, a=a, b=b: m.add_noise(flat_x0, a, b, SEED, sids, dids)),
+                    None if r.args.no_raw else (lambda m=mod, a=a, b=b: m.diffusion_loss(
+                        flat_out, flat_x0, a, b, SEED, sids, dids, "epsilon", None)),
+                ))
+            eager_total = None
+            for label, fn_noise, fn_loss, raw_noise, raw_loss in methods:
+                row = {**base, "method": label}
+                if label == "eager":
+                    row["scheduler"] = sched_desc
+                try:
+                    tn, tl = r.time(fn_noise), r.time(fn_loss)
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    row["skipped"] = f"n/a ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+                    if label.startswith("torch.compile"):
+                        row["skipped"] = f"n/a ({type(exc).__name__})"
+                    emit("noise_loss", row)
+                    continue
+                row.update(noise_ms=tn["median_s"] * 1e3, loss_ms=tl["median_s"] * 1e3,
+                           total_ms=(tn["median_s"] + tl["median_s"]) * 1e3,
+                           noise_timing=tn, loss_timing=tl,
+                           noise_GBps=bytes_noise / tn["median_s"] / 1e9, loss_GBps=bytes_loss / tl["median_s"] / 1e9)
+                if raw_noise is not None:
+                    try:
+                        row["noise_kernel_only_ms"] = r.time(raw_noise)["median_s"] * 1e3
+                        row["loss_kernel_only_ms"] = r.time(raw_loss)["median_s"] * 1e3
+                    except Exception as exc:  # noqa: BLE001
+                        row["kernel_only_error"] = f"{type(exc).__name__}: {exc}"
+                if label == "eager":
+                    eager_total = row["total_ms"]
+                if eager_total:
+                    row["speedup_vs_eager"] = eager_total / row["total_ms"]
+                emit("noise_loss", row)
+            del x0, out, eps, methods
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- fisher
+
+def cpu_peak_bytes(fn: Callable[[], Any]) -> tuple[int | None, str]:
+    """Peak bytes allocated by torch on CPU during fn, from the profiler's memory timeline.
+
+    Relies on a private profiler API; returns (None, why) where that is unavailable.
+    """
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import Action
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            fn()
+        cur = peak = 0
+        for _, action, _, size in prof._memory_profile().timeline:
+            if action == Action.CREATE:
+                cur += size
+            elif action == Action.DESTROY:
+                cur -= size
+            peak = max(peak, cur)
+        return peak, "profiler"
+    except Exception as exc:  # noqa: BLE001
+        return None, f"profiler unavailable ({type(exc).__name__})"
+
+
+def cuda_peak_bytes(fn: Callable[[], Any]) -> tuple[int | None, str]:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before, "max_memory_allocated"
+
+
+def bench_fisher(r: Runner, emit: Callable[[str, dict], None], rates: dict) -> None:
+    dev = r.device
+    fdtype = DTYPES[r.args.fisher_dtype]
+    in_dtypes = r.args.fisher_input_dtypes or ("float32,bfloat16" if dev.type == "cuda" else "float32")
+    shapes = FISHER_SHAPES
+    if r.args.quick:
+        shapes = tuple(s for s in FISHER_SHAPES if s[5] == 64 and s[3] in (128, 320, 1280))
+    backends = kernel_backends(dev)
+    peak_fn = cuda_peak_bytes if dev.type == "cuda" else cpu_peak_bytes
+    for model, layer, d_in, d_out, L, B in shapes:
+        for dname in in_dtypes.split(","):
+            dt = DTYPES[dname]
+            base = {"model": model, "layer": layer, "d_in": d_in, "d_out": d_out, "L": L, "batch": B,
+                    "input_dtype": dname, "fisher_dtype": r.args.fisher_dtype}
+            if r.over_budget():
+                emit("fisher", {**base, "method": "all", "skipped": "time budget exhausted"})
+                continue
+            g = torch.Generator().manual_seed(d_out * 7 + B)
+            X = torch.randn(B, L, d_in, generator=g).to(dev, dt)
+            G = torch.randn(B, L, d_out, generator=g).to(dev, dt)
+            fisher = torch.zeros(d_out, d_in, dtype=fdtype, device=dev)
+            flops = 2 * B * L * d_in * d_out
+            analytic_naive = B * d_out * d_in * X.element_size()
+
+            methods: list[tuple[str, Callable, Callable | None]] = [
+                ("naive einsum", lambda: fisher.add_(torch.einsum("blo,bli->boi", G, X).square().sum(0)), None)]
+            for label, be in backends:
+                mod = dispatch.resolve(be, dev)
+                raw = None if r.args.no_raw else (lambda m=mod: m.fisher_accumulate(fisher, X, G))
+                methods.append((label, lambda be=be: kernels.fisher_accumulate(fisher, X, G, backend=be), raw))
+            # The same flops as one GEMM (sum_b G_b^T X_b without the square): the matmul rate
+            # this problem could reach on this device.
+            G2, X2 = G.reshape(B * L, d_out), X.reshape(B * L, d_in)
+            try:
+                gemm = r.time(lambda: torch.mm(G2.t(), X2))
+                gemm_tflops = flops / gemm["median_s"] / 1e12
+            except Exception as exc:  # noqa: BLE001 - e.g. bf16 mm unsupported on an old CPU
+                gemm, gemm_tflops = None, None
+                emit("fisher", {**base, "method": "same-shape GEMM", "skipped": f"n/a ({type(exc).__name__})"})
+            naive_ms = None
+            for label, fn, raw in methods:
+                row = {**base, "method": label}
+                try:
+                    tm = r.time(fn)
+                except Exception as exc:  # noqa: BLE001
+                    row["skipped"] = f"n/a ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+                    emit("fisher", row)
+                    continue
+                row.update(ms=tm["median_s"] * 1e3, timing=tm, TFLOPs=flops / tm["median_s"] / 1e12)
+                if raw is not None:
+                    try:
+                        row["kernel_only_ms"] = r.time(raw)["median_s"] * 1e3
+                    except Exception as exc:  # noqa: BLE001
+                        row["kernel_only_error"] = f"{type(exc).__name__}: {exc}"
+                peak, how = peak_fn(fn)
+                row["peak_extra_bytes"], row["peak_method"] = peak, how
+                if label == "naive einsum":
+                    naive_ms = row["ms"]
+                    row["analytic_extra_bytes"] = analytic_naive  # the per-sample gradients [B, d_out, d_in]
+                if naive_ms:
+                    row["speedup_vs_naive"] = naive_ms / row["ms"]
+                if gemm_tflops:
+                    row["same_shape_gemm_TFLOPs"] = gemm_tflops
+                    row["pct_of_gemm"] = 100 * row["TFLOPs"] / gemm_tflops
+                peak_rate = rates.get(f"matmul_{dname}_TFLOPs")
+                if peak_rate:
+                    row["pct_of_peak_matmul"] = 100 * row["TFLOPs"] / peak_rate
+                emit("fisher", row)
+            del X, G, G2, X2, fisher, methods
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- device rates
+
+def device_rates(r: Runner) -> dict[str, float]:
+    """Copy bandwidth (GB/s, bytes read + written) and square-GEMM TFLOP/s on this device."""
+    dev = r.device
+    rates: dict[str, float] = {}
+    n = (1 << 28 if dev.type == "cuda" else 1 << 26) // 4  # 256 MiB on CUDA, 64 MiB on CPU
+    src = torch.randn(n, device=dev)
+    dst = torch.empty_like(src)
+    tm = r.time(lambda: dst.copy_(src))
+    rates["copy_GBps"] = 2 * src.numel() * 4 / tm["median_s"] / 1e9
+    del src, dst
+    size = 8192 if dev.type == "cuda" else 2048
+    for dname in ("float32", "bfloat16"):
+        dt = DTYPES[dname]
+        try:
+            a = torch.randn(size, size, device=dev).to(dt)
+            b = torch.randn(size, size, device=dev).to(dt)
+            tm = r.time(lambda: torch.mm(a, b))
+            rates[f"matmul_{dname}_TFLOPs"] = 2 * size ** 3 / tm["median_s"] / 1e12
+        except Exception as exc:  # noqa: BLE001
+            rates[f"matmul_{dname}_error"] = f"{type(exc).__name__}: {exc}"  # type: ignore[assignment]
+    rates["matmul_size"] = size
+    if dev.type == "cuda":
+        rates["tf32_matmul_allowed"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    return rates
+
+
+# --------------------------------------------------------------------------- report
+
+def fmt_ms(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:.0f}"
+
+
+def fmt_bytes(v: int | None) -> str:
+    if v is None:
+        return "-"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(v) >= scale:
+            return f"{v / scale:.1f} {unit}"
+    return f"{v} B"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return "\n".join(out)
+
+
+def report(result: dict) -> str:
+    meta, rates = result["meta"], result["rates"]
+    cuda = meta["device"] == "cuda"
+    lines = [f"forgetscore kernel benchmark — {meta['device_name']}, torch {meta['torch']}, "
+             f"{meta['threads']} threads, {meta['date']}"]
+    if rates:
+        bits = [f"copy {rates['copy_GBps']:.0f} GB/s (read+write)"]
+        for d in ("float32", "bfloat16"):
+            if f"matmul_{d}_TFLOPs" in rates:
+                bits.append(f"{d} matmul {rates[f'matmul_{d}_TFLOPs']:.2f} TFLOP/s ({rates['matmul_size']}^3)")
+        lines.append("device rates: " + ", ".join(bits))
+    lines.append(f"eager noising: {meta['scheduler']}")
+    for s in meta["backends_not_timed"]:
+        lines.append(f"not timed: {s}")
+    lines.append("")
+    lines.append("Noising + loss (times in ms per call, median; x eager = eager total / this total)")
+    hdr = ["latent", "batch", "method", "add_noise", "loss", "total", "x eager"]
+    if not meta.get("no_raw"):
+        hdr += ["kernel-only n+l"]
+    hdr += ["noise GB/s", "loss GB/s"] + (["noise %copy", "loss %copy"] if cuda else [])
+    rows = []
+    for r in result["noise_loss"]:
+        if "skipped" in r:
+            rows.append([r["latent"], str(r["batch"]), r["method"], "-", "-", "-", r["skipped"]]
+                        + [""] * (len(hdr) - 7))
+            continue
+        row = [r["latent"], str(r["batch"]), r["method"], fmt_ms(r["noise_ms"]), fmt_ms(r["loss_ms"]),
+               fmt_ms(r["total_ms"]), f"{r['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in r else "-"]
+        if not meta.get("no_raw"):
+            ko = (r["noise_kernel_only_ms"] + r["loss_kernel_only_ms"]) if "noise_kernel_only_ms" in r else None
+            row.append(fmt_ms(ko))
+        row += [f"{r['noise_GBps']:.1f}", f"{r['loss_GBps']:.1f}"]
+        if cuda:
+            bw = rates.get("copy_GBps")
+            row += [f"{100 * r['noise_GBps'] / bw:.0f}%", f"{100 * r['loss_GBps'] / bw:.0f}%"] if bw else ["-", "-"]
+        rows.append(row)
+    lines.append(table(hdr, rows))
+    lines.append("")
+    lines.append(f"Fisher accumulation (fisher {meta['fisher_dtype']}; ms per call, median; "
+                 "x naive = naive time / this time; extra mem = peak bytes allocated during the call)")
+    hdr = ["layer", "B", "method", "ms", "x naive"]
+    if not meta.get("no_raw"):
+        hdr += ["kernel-only"]
+    hdr += ["TFLOP/s", "%GEMM", "extra mem", "naive analytic"]
+    rows = []
+    for r in result["fisher"]:
+        layer = f"{r['model']} {r['d_out']}x{r['d_in']} L{r['L']} {r['input_dtype']}"
+        if "skipped" in r:
+            rows.append([layer, str(r["batch"]), r["method"], "-", r["skipped"]] + [""] * (len(hdr) - 5))
+            continue
+        row = [layer, str(r["batch"]), r["method"], fmt_ms(r["ms"]),
+               f"{r['speedup_vs_naive']:.2f}x" if "speedup_vs_naive" in r else "-"]
+        if not meta.get("no_raw"):
+            row.append(fmt_ms(r.get("kernel_only_ms")))
+        row += [f"{r['TFLOPs']:.3f}", f"{r['pct_of_gemm']:.0f}%" if "pct_of_gemm" in r else "-",
+                fmt_bytes(r.get("peak_extra_bytes")), fmt_bytes(r.get("analytic_extra_bytes"))]
+        rows.append(row)
+    lines.append(table(hdr, rows))
+    if cuda:
+        lines.append("")
+        lines.append("Targets (CUDA): add_noise / loss >= 80% of copy bandwidth; fisher >= 50% of the matmul rate "
+                     "(%GEMM: the same flops as one [d_out, B*L] x [B*L, d_in] GEMM in the input dtype).")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--quick", action="store_true",
+                   help="batches <= 512, three fisher shapes, fewer repeats (a smoke run)")
+    p.add_argument("--json", metavar="OUT", help="write all measurements as JSON (rewritten after every row)")
+    p.add_argument("--only", choices=("noise", "fisher"), help="run one of the two comparisons")
+    p.add_argument("--batches", help="comma-separated batch sizes for noising + loss (overrides the default)")
+    p.add_argument("--fisher-dtype", choices=("float32", "float64"), default="float64",
+                   help="accumulator dtype (float64, as forgetscore.attribution uses)")
+    p.add_argument("--fisher-input-dtypes", help="comma-separated X/G dtypes (default float32; "
+                   "float32,bfloat16 on CUDA)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the eager way")
+    p.add_argument("--no-raw", action="store_true",
+                   help="skip the kernel-only timings (backend function without argument checks)")
+    p.add_argument("--budget-s", type=float, default=0,
+                   help="stop starting new shapes after this many seconds (0: no limit)")
+    args = p.parse_args(argv)
+
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here", file=sys.stderr)
+        return 2
+    r = Runner(args, dev)
+    scheduler, sched_desc = make_scheduler()
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as fh:
+                name = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    result: dict[str, Any] = {
+        "meta": {"device": dev.type, "device_name": name, "torch": torch.__version__,
+                 "cuda": torch.version.cuda, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                 "argv": sys.argv, "quick": args.quick, "no_raw": args.no_raw, "scheduler": sched_desc,
+                 "fisher_dtype": args.fisher_dtype, "seed": SEED,
+                 "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+                 "backends_timed": [b for _, b in kernel_backends(dev)],
+                 "backends_not_timed": skipped_backends(dev)},
+        "rates": {}, "noise_loss": [], "fisher": [], "errors": []}
+
+    def save() -> None:
+        if args.json:
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump(result, fh, indent=1, default=str)
+            os.replace(tmp, args.json)
+
+    def emit(section: str, row: dict) -> None:
+        result[section].append(row)
+        short = {k: v for k, v in row.items() if not isinstance(v, dict)}
+        print(f"[{section}] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in short.items()), flush=True)
+        save()
+
+    steps = [("rates", lambda: result["rates"].update(device_rates(r)))]
+    if args.only != "fisher":
+        steps.append(("noise_loss", lambda: bench_noise_loss(r, emit, scheduler, sched_desc)))
+    if args.only != "noise":
+        steps.append(("fisher", lambda: bench_fisher(r, emit, result["rates"])))
+    for name_, step in steps:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - keep what the other steps measure
+            traceback.print_exc()
+            result["errors"].append(f"{name_}: {type(exc).__name__}: {exc}")
+        save()
+    result["meta"]["elapsed_s"] = time.perf_counter() - r.start
+    result["meta"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    save()
+    print()
+    print(report(result))
+    if result["errors"]:
+        print("\nerrors:\n  " + "\n  ".join(result["errors"]))
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

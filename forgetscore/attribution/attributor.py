@@ -1,0 +1,267 @@
+"""The Attributor: one object that runs the whole method on a model and its training set.
+
+    attributor = Attributor.load("model/", "train/")
+    attributor.prepare()                 # encode images and captions once
+    attributor.fisher()                  # diagonal Fisher of the training loss (cached)
+    result = attributor.attribute(query, "a prompt", k=10)
+    result.save("out/", train_dir="train/")
+
+Every expensive product (prepared inputs, Fisher, before-unlearning losses) is cached
+on disk under ``cache_dir``, keyed by the identities of the model, the data and the
+plan, and reused whenever they match.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import params
+from .data import PreparedData, TrainingSet, load_image, prepare
+from .fisher import compute_fisher
+from .generate import generate
+from .io import read_json, write_json, write_npy
+from .losses import LossSweep
+from .model import DiffusionModel
+from .plan import ScoringPlan
+from .results import Attribution
+from .unlearning import UnlearnConfig, unlearn
+
+REDUCTIONS = ("max", "mean")
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("FORGETSCORE_CACHE", Path.home() / ".cache" / "forgetscore"))
+
+
+@dataclass
+class Timings:
+    """Seconds and item counts of each stage, for the report at the end of a run."""
+    stages: dict[str, tuple[float, int, str]] = field(default_factory=dict)
+
+    def add(self, name: str, seconds: float, count: int = 0, unit: str = "") -> None:
+        self.stages[name] = (seconds, count, unit)
+
+    def lines(self) -> list[str]:
+        out = []
+        for name, (s, n, unit) in self.stages.items():
+            rate = f"  ({n / s:,.0f} {unit}/s)" if n and s > 0 else ""
+            out.append(f"  {name:<16} {s:8.1f} s{rate}")
+        return out
+
+
+class Attributor:
+    """Attribution by unlearning for one model, one training set and one scoring plan."""
+
+    def __init__(self, model: DiffusionModel, train: TrainingSet, *, plan: ScoringPlan | None = None,
+                 weights: str = "kv", cache_dir: str | os.PathLike | None = None, batch_size: int = 256,
+                 backend: str = "auto", progress: bool = True, resize: bool = False):
+        self.model, self.train = model, train
+        self.plan = plan or ScoringPlan()
+        self.plan.check_model(model.num_train_timesteps)
+        self.names = params.select(model.unet, weights)
+        self.weights = weights
+        self.batch_size, self.backend, self.progress, self.resize = batch_size, backend, progress, resize
+        root = Path(cache_dir) if cache_dir is not None else default_cache_root() / "runs"
+        self.cache_dir = root / f"{model.encoders_id()}-{train.identity()}" if cache_dir is None else root
+        self.timings = Timings()
+        self._data: PreparedData | None = None
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, train_dir: str | os.PathLike, **kw) -> "Attributor":
+        device = kw.pop("device", "cpu")
+        return cls(DiffusionModel.load(model_dir, device=device), TrainingSet.load(train_dir), **kw)
+
+    # --- stages --------------------------------------------------------------------------
+    def prepare(self) -> PreparedData:
+        if self._data is None:
+            t = time.perf_counter()
+            self._data = prepare(self.model, self.train, self.cache_dir / "prepared", resize=self.resize,
+                                 progress=self.progress)
+            self.timings.add("prepare", time.perf_counter() - t, len(self.train), "img")
+        return self._data
+
+    def _key(self, *parts: object) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def fisher(self, samples: int | None = None, *, seed: int = 0, batch_size: int = 64,
+               path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+        """The diagonal Fisher of the selected weights (default: 5 epochs' worth of samples, the paper)."""
+        from safetensors.torch import load_file, save_file
+
+        data = self.prepare()
+        samples = samples or 5 * data.n
+        meta = {"unet_id": self.model.unet_id(), "data_id": data.data_id, "names": self.names,
+                "samples": samples, "seed": seed, "flips": self.plan.flips, "captions": self.plan.captions}
+        path = Path(path) if path else self.cache_dir / f"fisher-{self._key(meta)}.safetensors"
+        if path.is_file():
+            return load_fisher(path, self.model, self.names)
+        t = time.perf_counter()
+        fisher = compute_fisher(self.model, data, self.names, samples=samples, seed=seed, batch_size=batch_size,
+                                flips=self.plan.flips, captions=self.plan.captions, backend=self.backend,
+                                progress=self.progress)
+        self.timings.add("fisher", time.perf_counter() - t, samples, "samples")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({n: f.cpu().contiguous() for n, f in fisher.items()}, str(tmp),
+                  metadata={"forgetscore": json.dumps(meta)})
+        os.replace(tmp, path)
+        return fisher
+
+    def sweep(self) -> LossSweep:
+        return LossSweep(self.model, self.prepare(), self.plan, batch_size=self.batch_size, backend=self.backend)
+
+    def _before_path(self) -> Path:
+        data = self.prepare()
+        return self.cache_dir / f"before-{self._key(self.model.unet_id(), data.data_id, self.plan.to_dict())}.npy"
+
+    def before_losses(self) -> np.ndarray:
+        """[n_train, versions] losses of the original model under the plan (computed once, then cached)."""
+        path = self._before_path()
+        if path.is_file():
+            meta = read_json(path.with_suffix(".json"))
+            if meta["plan"] != self.plan.to_dict() or meta["unet_id"] != self.model.unet_id():
+                raise ValueError(f"cache: {str(path)!r} was made under another plan or model; delete it")
+            return np.load(path)
+        t = time.perf_counter()
+        before = self.sweep().run([None], progress=self.progress, desc="score (before)")[0]
+        self.timings.add("score before", time.perf_counter() - t, len(before), "img")
+        self._save_before(before)
+        return before
+
+    def _save_before(self, before: np.ndarray) -> None:
+        path = self._before_path()
+        write_json(path.with_suffix(".json"), {"unet_id": self.model.unet_id(), "data_id": self.prepare().data_id,
+                                               "plan": self.plan.to_dict()})
+        write_npy(path, before)
+
+    # --- queries -------------------------------------------------------------------------
+    def generate(self, prompt: str, seed: int = 0, *, steps: int = 50, guidance_scale: float = 3.0) -> torch.Tensor:
+        """A query made by the model itself: UNet-space sample [C, H, W]."""
+        return generate(self.model, [prompt], [seed], steps=steps, guidance_scale=guidance_scale)[0]
+
+    def query_inputs(self, query: torch.Tensor | str | os.PathLike) -> torch.Tensor:
+        """A query image (file, or pixels in [-1, 1], or a UNet-space tensor) as UNet input [C, H, W]."""
+        if isinstance(query, (str, os.PathLike)):
+            query = load_image(query, self.model.image_shape, self.resize)
+        if not isinstance(query, torch.Tensor):
+            raise ValueError(f"query: expected a tensor or an image path, got {type(query).__name__}")
+        query = query.detach().float()
+        if not bool(torch.isfinite(query).all()):
+            raise ValueError("query: holds NaN or inf; pass a finite image or latent")
+        if tuple(query.shape) == tuple(self.model.input_shape):
+            return query.to(self.model.device)
+        if tuple(query.shape) == tuple(self.model.image_shape):
+            return self.model.encode_images(query[None])[0].float()
+        raise ValueError(f"query: shape {tuple(query.shape)} is neither the model's input {self.model.input_shape} "
+                         f"nor its image shape {self.model.image_shape}")
+
+    def region_mask(self, region: Sequence[int] | torch.Tensor | None) -> torch.Tensor | None:
+        """A box (x0, y0, x1, y1) in image pixels, or an [H, W] mask, as a UNet-space weight mask [1, h, w]."""
+        if region is None:
+            return None
+        _, H, W = self.model.image_shape
+        if isinstance(region, torch.Tensor):
+            if tuple(region.shape) != (H, W):
+                raise ValueError(f"region: mask shape {tuple(region.shape)} is not the image's ({H}, {W})")
+            mask = region.float()
+        else:
+            box = [int(v) for v in region]
+            if len(box) != 4 or not (0 <= box[0] < box[2] <= W and 0 <= box[1] < box[3] <= H):
+                raise ValueError(f"region: {region!r} is not a box x0,y0,x1,y1 inside the {W}x{H} image")
+            mask = torch.zeros(H, W)
+            mask[box[1]:box[3], box[0]:box[2]] = 1
+        _, h, w = self.model.input_shape
+        mask = torch.nn.functional.adaptive_avg_pool2d(mask[None, None], (h, w))[0]
+        if not bool((mask > 0).any()):
+            raise ValueError("region: selects no pixel")
+        return mask.to(self.model.device)
+
+    # --- attribution ---------------------------------------------------------------------
+    def unlearn(self, query: torch.Tensor, prompt: str, config: UnlearnConfig | None = None,
+                region: Sequence[int] | torch.Tensor | None = None, fisher_samples: int | None = None
+                ) -> dict[str, torch.Tensor]:
+        config = config or UnlearnConfig()
+        fisher = self.fisher(fisher_samples) if config.method == "newton" else None
+        x0 = self.query_inputs(query)
+        ctx = self.model.encode_text([prompt])[0]
+        t = time.perf_counter()
+        out = unlearn(self.model, self.names, fisher, x0, ctx, config, len(self.train), self.region_mask(region),
+                      self.backend, self.progress)
+        self.timings.add("unlearn", time.perf_counter() - t, config.steps * config.draws, "draws")
+        return out
+
+    def attribute(self, query: torch.Tensor | str | os.PathLike, prompt: str, *, k: int = 10,
+                  config: UnlearnConfig | None = None, region: Sequence[int] | torch.Tensor | None = None,
+                  reduce: str = "max", fisher_samples: int | None = None,
+                  indices: np.ndarray | None = None) -> Attribution:
+        return self.attribute_many([(query, prompt)], k=k, config=config, region=region, reduce=reduce,
+                                   fisher_samples=fisher_samples, indices=indices)[0]
+
+    def attribute_many(self, queries: Sequence[tuple[torch.Tensor | str | os.PathLike, str]], *, k: int = 10,
+                       config: UnlearnConfig | None = None, region: Sequence[int] | torch.Tensor | None = None,
+                       reduce: str = "max", fisher_samples: int | None = None,
+                       indices: np.ndarray | None = None) -> list[Attribution]:
+        """Unlearn each query, then score the training set for all of them in one pass over the data."""
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce: {reduce!r} is not one of {list(REDUCTIONS)}")
+        config = config or UnlearnConfig()
+        data = self.prepare()
+        unlearned = [self.unlearn(q, p, config, region, fisher_samples) for q, p in queries]
+        before_path = self._before_path()
+        have_before = before_path.is_file()
+        before = self.before_losses() if have_before else None
+        variants = unlearned if have_before else [None] + unlearned
+        sel = np.arange(data.n) if indices is None else np.asarray(indices, dtype=np.int64)
+        if not have_before and indices is not None:
+            before = self.before_losses()
+            variants = unlearned
+        t = time.perf_counter()
+        losses = self.sweep().run(variants, sel, progress=self.progress, desc="score (after)")
+        self.timings.add("score after", time.perf_counter() - t, len(sel) * len(variants), "img")
+        if before is None:
+            before = losses[0]
+            self._save_before(before)
+            losses = losses[1:]
+        else:
+            before = before[sel]
+        results = []
+        for (q, prompt), after in zip(queries, losses):
+            tau = after - before
+            scores = tau.max(axis=1) if reduce == "max" else tau.mean(axis=1)
+            meta = {"plan": self.plan.to_dict(), "unlearn": config.to_dict(), "weights": self.weights,
+                    "n_weights": int(sum(self.model.unet.get_parameter(n).numel() for n in self.names)),
+                    "reduce": reduce, "model": self.model.source, "unet_id": self.model.unet_id(),
+                    "data_id": data.data_id, "train_dir": str(self.train.root),
+                    "region": None if region is None or isinstance(region, torch.Tensor) else list(region)}
+            full_scores = scores if indices is None else _scatter(scores, sel, data.n)
+            full_tau = tau if indices is None else _scatter(tau, sel, data.n)
+            pixels = self.model.decode(self.query_inputs(q)[None])[0].cpu()
+            results.append(Attribution(full_scores, full_tau, prompt, pixels, self.train.file_names,
+                                       self.train.captions, meta))
+        return results
+
+
+def _scatter(values: np.ndarray, sel: np.ndarray, n: int) -> np.ndarray:
+    out = np.full((n,) + values.shape[1:], -np.inf)
+    out[sel] = values
+    return out
+
+
+def load_fisher(path: str | os.PathLike, model: DiffusionModel, names: list[str]) -> dict[str, torch.Tensor]:
+    """A saved Fisher, checked against the model's selected weights."""
+    from safetensors import safe_open
+
+    from .unlearning import check_fisher
+
+    with safe_open(str(path), framework="pt") as f:
+        fisher = {k: f.get_tensor(k) for k in f.keys()}
+    check_fisher(fisher, model.unet, names, damping=1.0)
+    return fisher

@@ -1,0 +1,216 @@
+"""Training data: an image folder with ``metadata.jsonl``, and its prepared cache.
+
+The folder follows the convention of diffusers' training scripts: one JSON object
+per line, ``{"file_name": "0001.png", "text": "a caption" or ["caption", ...]}``.
+
+``prepare`` runs the model's encoders once over the whole set and writes what every
+later step reuses — the UNet inputs of each image and of its horizontal flip (VAE
+latents times the scaling factor, or the pixels for pixel-space models), and the
+text-encoder outputs of every caption — as memory-mapped shards with a JSON manifest.
+It streams shard by shard (bounded memory) and resumes from finished shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .io import read_json, write_json, write_npy
+from .model import DiffusionModel
+
+CACHE_FORMAT = 1
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class TrainingSet:
+    root: Path
+    file_names: list[str]
+    captions: list[list[str]]
+    extra: list[dict]
+
+    @classmethod
+    def load(cls, root: str | os.PathLike) -> "TrainingSet":
+        root = Path(root)
+        meta = root / "metadata.jsonl"
+        if not meta.is_file():
+            raise ValueError(f"train: {str(meta)!r} not found; the training folder needs a metadata.jsonl with "
+                             'lines like {"file_name": "0001.png", "text": ["a caption", ...]}')
+        names, caps, extra = [], [], []
+        with open(meta) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"train: metadata.jsonl line {lineno} is not JSON ({exc})") from None
+                name, text = rec.get("file_name"), rec.get("text")
+                if not isinstance(name, str) or not name:
+                    raise ValueError(f"train: metadata.jsonl line {lineno} has no \"file_name\"")
+                if isinstance(text, str):
+                    text = [text]
+                if not isinstance(text, list) or not text or not all(isinstance(t, str) and t.strip() for t in text):
+                    raise ValueError(f"train: metadata.jsonl line {lineno} ({name}) has no caption; give \"text\" "
+                                     "as a non-empty string or list of strings")
+                if not (root / name).is_file():
+                    raise ValueError(f"train: image {name!r} (metadata.jsonl line {lineno}) is missing from "
+                                     f"{str(root)!r}")
+                names.append(name)
+                caps.append(text)
+                extra.append({k: v for k, v in rec.items() if k not in ("file_name", "text")})
+        if not names:
+            raise ValueError(f"train: {str(meta)!r} lists no images")
+        if len(set(names)) != len(names):
+            raise ValueError("train: metadata.jsonl lists a file_name twice; each image must appear once")
+        return cls(root, names, caps, extra)
+
+    def __len__(self) -> int:
+        return len(self.file_names)
+
+    def identity(self) -> str:
+        """Changes when the metadata or any image file changes (name, size or modification time)."""
+        h = hashlib.sha256((self.root / "metadata.jsonl").read_bytes())
+        for name in self.file_names:
+            st = (self.root / name).stat()
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+
+    def load_pixels(self, index: int, shape: tuple[int, int, int], resize: bool = False) -> torch.Tensor:
+        """Image `index` as a float tensor in [-1, 1] with the model's (C, H, W)."""
+        return load_image(self.root / self.file_names[index], shape, resize, argument="train")
+
+
+def load_image(path: str | os.PathLike, shape: tuple[int, int, int], resize: bool = False,
+               argument: str = "query") -> torch.Tensor:
+    """An image file as a float tensor in [-1, 1] of shape (C, H, W); a size mismatch is an error unless `resize`."""
+    from PIL import Image, UnidentifiedImageError
+
+    c, h, w = shape
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if c == 1 else "RGB")
+            if im.size != (w, h):
+                if not resize:
+                    raise ValueError(f"{argument}: image {str(path)!r} is {im.size[0]}x{im.size[1]} but the model "
+                                     f"takes {w}x{h}; resize the images or pass resize=True (--resize)")
+                im = im.resize((w, h), Image.BICUBIC)
+            arr = np.asarray(im, dtype=np.float32)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{argument}: cannot read image {str(path)!r} ({exc})") from None
+    t = torch.from_numpy(arr / 127.5 - 1.0)
+    return t[None] if c == 1 else t.permute(2, 0, 1)
+
+
+class PreparedData:
+    """Read side of the cache written by :func:`prepare`."""
+
+    def __init__(self, cache: str | os.PathLike):
+        self.dir = Path(cache)
+        path = self.dir / "manifest.json"
+        if not path.is_file():
+            raise ValueError(f"cache: {str(self.dir)!r} holds no prepared data; run prepare first")
+        self.manifest = read_json(path)
+        if not self.manifest.get("complete"):
+            raise ValueError(f"cache: {str(self.dir)!r} holds an unfinished prepare; run prepare again to resume it")
+        m = self.manifest
+        self.n = m["n_images"]
+        self.input_shape = tuple(m["input_shape"])
+        self.caption_offsets = np.load(self.dir / "caption_offsets.npy")
+        self._inputs = [np.load(self.dir / s["inputs"], mmap_mode="r") for s in m["shards"]]
+        self._text = [np.load(self.dir / s["text"], mmap_mode="r") for s in m["shards"]]
+        self.shard_size = m["shard_size"]
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest["encoders_id"]
+
+    @property
+    def data_id(self) -> str:
+        return self.manifest["data_id"]
+
+    def n_captions(self, index: int) -> int:
+        return int(self.caption_offsets[index + 1] - self.caption_offsets[index])
+
+    def inputs(self, indices: np.ndarray) -> torch.Tensor:
+        """[len(indices), 2, C, H, W] float32: each image and its horizontal flip."""
+        out = np.empty((len(indices), 2, *self.input_shape), dtype=np.float32)
+        for k, i in enumerate(indices):
+            s, r = divmod(int(i), self.shard_size)
+            out[k] = self._inputs[s][r]
+        return torch.from_numpy(out)
+
+    def text(self, indices: np.ndarray, captions: str) -> tuple[torch.Tensor, list[int]]:
+        """Encoder states of the captions of `indices` ([sum n_caps, L, D]) and the count per image."""
+        rows, counts = [], []
+        for i in indices:
+            i = int(i)
+            s = i // self.shard_size
+            base = int(self.caption_offsets[s * self.shard_size])
+            lo, hi = int(self.caption_offsets[i]) - base, int(self.caption_offsets[i + 1]) - base
+            if captions == "first":
+                hi = lo + 1
+            rows.append(self._text[s][lo:hi])
+            counts.append(hi - lo)
+        return torch.from_numpy(np.concatenate(rows).astype(np.float32, copy=False)), counts
+
+
+def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, *, shard_size: int = 4096,
+            batch_size: int = 64, resize: bool = False, text_dtype: str = "float32",
+            progress: bool = True) -> PreparedData:
+    """Encode every image (and its flip) and every caption once; resumable shard by shard."""
+    from tqdm.auto import tqdm
+
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    manifest_path = cache / "manifest.json"
+    header = {"format": CACHE_FORMAT, "encoders_id": model.encoders_id(), "data_id": data.identity(),
+              "n_images": len(data), "input_shape": list(model.input_shape), "shard_size": shard_size,
+              "text_dtype": text_dtype, "train_dir": str(data.root), "model": model.source}
+    if manifest_path.is_file():
+        old = read_json(manifest_path)
+        for key in ("format", "encoders_id", "data_id", "input_shape", "shard_size", "text_dtype"):
+            if old.get(key) != header[key]:
+                raise ValueError(f"cache: {str(cache)!r} was prepared with another {key} ({old.get(key)!r} vs "
+                                 f"{header[key]!r}); use a fresh cache directory")
+        if old.get("complete"):
+            return PreparedData(cache)
+    counts = np.array([len(c) for c in data.captions], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    write_npy(cache / "caption_offsets.npy", offsets)
+    n_shards = (len(data) + shard_size - 1) // shard_size
+    shards = []
+    bar = tqdm(total=len(data), desc="prepare", unit="img", disable=not progress)
+    for s in range(n_shards):
+        lo, hi = s * shard_size, min(len(data), (s + 1) * shard_size)
+        entry = {"inputs": f"inputs-{s:05d}.npy", "text": f"text-{s:05d}.npy", "images": [lo, hi]}
+        if (cache / entry["inputs"]).is_file() and (cache / entry["text"]).is_file():
+            shards.append(entry)  # finished by an earlier run: shards are written atomically
+            bar.update(hi - lo)
+            continue
+        inputs = np.empty((hi - lo, 2, *model.input_shape), dtype=np.float32)
+        for b in range(lo, hi, batch_size):
+            idx = range(b, min(hi, b + batch_size))
+            pixels = torch.stack([data.load_pixels(i, model.image_shape, resize) for i in idx])
+            both = torch.cat([pixels, pixels.flip(-1)])
+            enc = model.encode_images(both).float().cpu().numpy()
+            n = len(idx)
+            inputs[b - lo:b - lo + n, 0] = enc[:n]
+            inputs[b - lo:b - lo + n, 1] = enc[n:]
+            bar.update(n)
+        prompts = [c for caps in data.captions[lo:hi] for c in caps]
+        text = torch.cat([model.encode_text(prompts[k:k + 256]).float().cpu()
+                          for k in range(0, len(prompts), 256)]).numpy().astype(text_dtype)
+        write_npy(cache / entry["text"], text)
+        write_npy(cache / entry["inputs"], inputs)
+        shards.append(entry)
+        write_json(manifest_path, {**header, "shards": shards, "complete": False})
+    bar.close()
+    write_json(manifest_path, {**header, "shards": shards, "complete": True,
+                               "text_shape": list(np.load(cache / shards[0]["text"], mmap_mode="r").shape[1:])})
+    return PreparedData(cache)

@@ -1,0 +1,179 @@
+"""A diffusers text-to-image model as the engine sees it.
+
+Loaded from a directory in diffusers' ``save_pretrained`` layout (``tokenizer/``,
+``text_encoder/``, ``unet/``, ``scheduler/``, optional ``vae/``) with local paths
+only, or built from in-memory components. No ``vae/`` means pixel space.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "scheduler")
+
+
+@dataclass
+class DiffusionModel:
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler: object
+    vae: torch.nn.Module | None = None
+    source: str = "<in memory>"
+
+    def __post_init__(self) -> None:
+        kind = getattr(self.scheduler.config, "prediction_type", "epsilon")
+        if kind not in ("epsilon", "v_prediction"):
+            raise ValueError(f"scheduler: prediction_type {kind!r} is not supported; "
+                             "use a model trained with 'epsilon' or 'v_prediction'")
+        self._unet_id: str | None = None
+
+    # --- loading -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32) -> "DiffusionModel":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        root = Path(path)
+        if not root.is_dir():
+            raise ValueError(f"model: {str(root)!r} is not a directory; pass a folder saved with save_pretrained "
+                             "(tokenizer/, text_encoder/, unet/, scheduler/)")
+        missing = [s for s in SUBFOLDERS if not (root / s).is_dir()]
+        if missing:
+            raise ValueError(f"model: {str(root)!r} lacks {', '.join(s + '/' for s in missing)}; "
+                             "save the pipeline with save_pretrained or pass components")
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from diffusers.utils import logging as dlog
+        from transformers import AutoTokenizer, CLIPTextModel
+        from transformers.utils import logging as tlog
+
+        levels = dlog.get_verbosity(), tlog.get_verbosity()
+        dlog.set_verbosity_error()  # loading chatter (no accelerate, progress bars) is not the user's concern
+        tlog.set_verbosity_error()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+            text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
+            unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True)
+            scheduler = DDPMScheduler.from_pretrained(root / "scheduler", local_files_only=True)
+            vae = (AutoencoderKL.from_pretrained(root / "vae", local_files_only=True)
+                   if (root / "vae").is_dir() else None)
+        finally:
+            dlog.set_verbosity(levels[0])
+            tlog.set_verbosity(levels[1])
+        model = cls(tokenizer, text_encoder, unet, scheduler, vae, source=str(root))
+        return model.to(device, dtype)
+
+    def to(self, device: str | torch.device, dtype: torch.dtype = torch.float32) -> "DiffusionModel":
+        for m in (self.text_encoder, self.unet, self.vae):
+            if m is not None:
+                if next(m.parameters()).dtype != dtype:
+                    m.to(dtype=dtype)
+                m.to(device=device).eval().requires_grad_(False)
+        return self
+
+    def save(self, path: str | os.PathLike) -> None:
+        root = Path(path)
+        for name in ("tokenizer", "text_encoder", "unet", "scheduler", "vae"):
+            part = getattr(self, name)
+            if part is not None:
+                part.save_pretrained(root / name)
+
+    # --- properties ----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod.to(torch.float64)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """The UNet's input (C, H, W): latents for latent models, pixels otherwise."""
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return int(self.unet.config.in_channels), int(h), int(w)
+
+    @property
+    def vae_scale(self) -> int:
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """The (C, H, W) of the pictures the model makes."""
+        c, h, w = self.input_shape
+        if self.vae is None:
+            return c, h, w
+        return int(self.vae.config.in_channels), h * self.vae_scale, w * self.vae_scale
+
+    # --- identities ----------------------------------------------------------------------
+    def encoders_id(self) -> str:
+        """What the prepared cache depends on: tokenizer, text encoder and VAE."""
+        h = hashlib.sha256()
+        h.update(json.dumps(self.tokenizer.get_vocab(), sort_keys=True).encode())
+        h.update(str(self.tokenizer.model_max_length).encode())
+        _hash_module(h, self.text_encoder)
+        if self.vae is not None:
+            _hash_module(h, self.vae)
+        return h.hexdigest()[:16]
+
+    def unet_id(self) -> str:
+        """What the before-losses depend on: the UNet's weights and config and the noise schedule."""
+        if self._unet_id is None:
+            h = hashlib.sha256()
+            h.update(json.dumps(dict(self.unet.config), sort_keys=True, default=str).encode())
+            h.update(self.alphas_cumprod.cpu().numpy().tobytes())
+            h.update(self.prediction_type.encode())
+            _hash_module(h, self.unet)
+            self._unet_id = h.hexdigest()[:16]
+        return self._unet_id
+
+    def forget_unet_id(self) -> None:
+        """Call after changing UNet weights in place."""
+        self._unet_id = None
+
+    # --- encoders ------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Text-encoder hidden states [len(prompts), L, D] for the UNet's cross-attention."""
+        tok = self.tokenizer(prompts, padding="max_length", truncation=True,
+                             max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        return self.text_encoder(tok.input_ids.to(self.device))[0]
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] [B, C, H, W] -> UNet inputs (VAE latent means times the scaling factor)."""
+        pixels = pixels.to(self.device, next(self.unet.parameters()).dtype)
+        if self.vae is None:
+            return pixels
+        latents = self.vae.encode(pixels).latent_dist.mean
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, inputs: torch.Tensor) -> torch.Tensor:
+        """UNet-space samples -> pixels in [-1, 1]."""
+        if self.vae is None:
+            return inputs.clamp(-1, 1)
+        return self.vae.decode(inputs / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+def _hash_module(h: "hashlib._Hash", module: torch.nn.Module) -> None:
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+                 if t.numel() else b"")

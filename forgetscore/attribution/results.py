@@ -1,0 +1,183 @@
+"""Attribution results: full scores, the top-K, a gallery picture and a self-contained HTML report."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .io import read_json, write_bytes, write_json, write_npy
+
+RESULT_FILES = ("attribution.json", "scores.npy", "gallery.png", "report.html")
+
+
+@dataclass
+class Attribution:
+    """The ranking of the training set for one query."""
+
+    scores: np.ndarray                 # [n_train] float64, higher = more responsible
+    tau: np.ndarray                    # [n_train, versions] loss rise per version
+    prompt: str
+    query: torch.Tensor                # the query in pixel space, [C, H, W] in [-1, 1]
+    file_names: list[str]
+    captions: list[list[str]]
+    metadata: dict = field(default_factory=dict)
+
+    def top(self, k: int = 10) -> np.ndarray:
+        if k < 1:
+            raise ValueError(f"k: {k} must be >= 1")
+        order = np.argsort(-self.scores, kind="stable")
+        return order[:k]
+
+    def top_records(self, k: int = 10) -> list[dict]:
+        return [{"rank": r + 1, "id": int(i), "file_name": self.file_names[i], "captions": self.captions[i],
+                 "score": float(self.scores[i])} for r, i in enumerate(self.top(k))]
+
+    def save(self, out: str | os.PathLike, train_dir: str | os.PathLike | None = None, k: int = 10,
+             overwrite: bool = False) -> Path:
+        """Write attribution.json, scores.npy, gallery.png, report.html into `out` (each atomically)."""
+        out = Path(out)
+        check_output_dir(out, overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        write_npy(out / "scores.npy", self.scores)
+        write_npy(out / "tau.npy", self.tau)
+        record = {"prompt": self.prompt, "top": self.top_records(k), "n_train": int(len(self.scores)),
+                  **self.metadata}
+        images = _top_images(self, train_dir, k) if train_dir is not None else None
+        write_bytes(out / "query.png", _png(self.query, scale=1))  # native size: can be attributed again
+        write_bytes(out / "gallery.png", gallery(self, images, k))
+        write_bytes(out / "report.html", report_html(self, record, images, k).encode())
+        write_json(out / "attribution.json", record)  # last: its presence marks a complete result
+        return out
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {str(out)!r} exists and is not a directory; choose another path")
+    if out.is_dir() and not overwrite:
+        clash = [f for f in RESULT_FILES if (out / f).exists()]
+        if clash:
+            raise ValueError(f"out: {str(out)!r} already holds results ({', '.join(clash)}); choose a new directory "
+                             "or pass overwrite=True (--overwrite)")
+
+
+def _to_uint8(img: torch.Tensor) -> np.ndarray:
+    arr = ((img.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    return arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
+
+
+def _png(img: torch.Tensor, scale: int | None = None) -> bytes:
+    from PIL import Image
+
+    im = Image.fromarray(_to_uint8(img))
+    if scale is None:
+        scale = max(1, 96 // max(im.size))
+    if scale > 1:
+        im = im.resize((im.size[0] * scale, im.size[1] * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _top_images(result: Attribution, train_dir, k: int) -> list[torch.Tensor]:
+    from PIL import Image
+
+    c = result.query.shape[0]
+    out = []
+    for i in result.top(k):
+        with Image.open(Path(train_dir) / result.file_names[i]) as im:
+            arr = np.asarray(im.convert("L" if c == 1 else "RGB"), dtype=np.float32) / 127.5 - 1
+        t = torch.from_numpy(arr)
+        out.append(t[None] if c == 1 else t.permute(2, 0, 1))
+    return out
+
+
+def gallery(result: Attribution, images: list[torch.Tensor] | None, k: int) -> bytes:
+    """The query beside its top-K training images, each captioned with rank and score."""
+    from PIL import Image, ImageDraw
+
+    tile = 96
+    tiles = [(_png(result.query), "query")]
+    if images:
+        tiles += [(_png(img), f"#{r + 1} {result.scores[i]:.2e}") for r, (i, img) in
+                  enumerate(zip(result.top(k), images))]
+    canvas = Image.new("RGB", ((tile + 8) * len(tiles) + 8, tile + 30), "white")
+    draw = ImageDraw.Draw(canvas)
+    for n, (png, label) in enumerate(tiles):
+        im = Image.open(io.BytesIO(png)).convert("RGB").resize((tile, tile), Image.NEAREST)
+        x = 8 + n * (tile + 8)
+        canvas.paste(im, (x, 8))
+        draw.text((x, tile + 12), label, fill="black" if n else "darkred")
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def report_html(result: Attribution, record: dict, images: list[torch.Tensor] | None, k: int) -> str:
+    def img(png: bytes) -> str:
+        return f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" width="96" height="96">'
+
+    rows = []
+    for r, rec in enumerate(record["top"]):
+        pic = img(_png(images[r])) if images else ""
+        caps = "<br>".join(html.escape(c) for c in rec["captions"])
+        rows.append(f"<tr><td>{rec['rank']}</td><td>{pic}</td><td>{html.escape(rec['file_name'])}</td>"
+                    f"<td>{rec['score']:.4e}</td><td>{caps}</td></tr>")
+    meta = html.escape(str({k_: v for k_, v in record.items() if k_ not in ("top",)}))
+    hist = np.histogram(result.scores, bins=40)
+    peak = max(1, int(hist[0].max()))
+    bars = "".join(f'<div style="display:inline-block;width:6px;margin-right:1px;background:#469;'
+                   f'height:{max(1, int(80 * c / peak))}px"></div>' for c in hist[0])
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>forgetscore attribution</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 10px;border-bottom:1px solid #ddd;
+text-align:left}}img{{image-rendering:pixelated;border:1px solid #ccc}}</style></head><body>
+<h1>Attribution by unlearning</h1>
+<p><b>Prompt:</b> {html.escape(result.prompt)}</p><p>{img(_png(result.query))}</p>
+<h2>Top {len(record['top'])} training images</h2>
+<table><tr><th>rank</th><th>image</th><th>file</th><th>score (loss rise)</th><th>captions</th></tr>
+{''.join(rows)}</table>
+<h2>Score distribution over {len(result.scores)} training images</h2>
+<div style="display:flex;align-items:flex-end;height:84px">{bars}</div>
+<p>min {result.scores.min():.3e} &middot; median {np.median(result.scores):.3e} &middot;
+max {result.scores.max():.3e}</p>
+<h2>Settings</h2><pre style="white-space:pre-wrap">{meta}</pre>
+</body></html>
+"""
+
+
+def load(out: str | os.PathLike) -> dict:
+    """The attribution.json of a result directory, with its scores."""
+    out = Path(out)
+    if not (out / "attribution.json").is_file():
+        raise ValueError(f"out: {str(out)!r} holds no attribution.json; run `forgetscore attribute` first")
+    rec = read_json(out / "attribution.json")
+    rec["scores"] = np.load(out / "scores.npy")
+    return rec
+
+
+def redraw(out: str | os.PathLike, k: int | None = None) -> tuple[Attribution, int]:
+    """Rebuild gallery.png and report.html of a saved result (e.g. with another k)."""
+    from PIL import Image
+
+    from .data import TrainingSet, load_image
+
+    out = Path(out)
+    rec = load(out)
+    with Image.open(out / "query.png") as im:
+        channels, (w, h) = (1 if im.mode == "L" else 3), im.size
+    query = load_image(out / "query.png", (channels, h, w))
+    train = TrainingSet.load(rec["train_dir"])
+    meta = {key: v for key, v in rec.items() if key not in ("scores", "top", "prompt")}
+    result = Attribution(rec["scores"], np.load(out / "tau.npy"), rec["prompt"], query, train.file_names,
+                         train.captions, meta)
+    k = k or len(rec["top"])
+    images = _top_images(result, train.root, k)
+    write_bytes(out / "gallery.png", gallery(result, images, k))
+    record = {**{key: v for key, v in rec.items() if key != "scores"}, "top": result.top_records(k)}
+    write_bytes(out / "report.html", report_html(result, record, images, k).encode())
+    return result, k

@@ -1,0 +1,255 @@
+"""The `forgetscore` command: info, demo, prepare, fisher, score, attribute, report."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+EPILOGS = {
+    "info": "examples:\n  forgetscore info\n  forgetscore info --no-self-test",
+    "demo": "examples:\n  forgetscore demo --out demo-run\n"
+            "  forgetscore demo --out run2 --prompt 'a thick handwritten seven' --topk 20",
+    "prepare": "example:\n  forgetscore prepare --model my-model/ --train my-images/",
+    "fisher": "example:\n  forgetscore fisher --model my-model/ --train my-images/ --samples 20000",
+    "score": "example:\n  forgetscore score --model my-model/ --train my-images/ --timestep-stride 50",
+    "attribute": "examples:\n  forgetscore attribute --model m/ --train t/ --query q.png --prompt 'a red bus' --out r/\n"
+                 "  forgetscore attribute --model m/ --train t/ --generate-seed 3 --prompt 'a red bus' --out r/ "
+                 "--preset custom --region 0,0,32,32",
+    "report": "example:\n  forgetscore report --out r/",
+}
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", required=True, help="model directory (diffusers save_pretrained layout)")
+    g.add_argument("--train", required=True, help="training image folder with metadata.jsonl")
+    g.add_argument("--cache", help="cache directory for prepared data, Fisher and losses "
+                                   "(default: under $FORGETSCORE_CACHE or ~/.cache/forgetscore)")
+    g.add_argument("--weights", default="kv", help="weights to unlearn: kv, cross-attn, attn, all, or a regex "
+                                                   "(default: kv)")
+    g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    g.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton", "cuda"],
+                   help="kernel backend (default: auto)")
+    g.add_argument("--batch-size", type=int, default=256, help="UNet rows per forward pass (default: 256)")
+    g.add_argument("--resize", action="store_true", help="resize images that do not match the model's size")
+    g = p.add_argument_group("scoring plan")
+    g.add_argument("--timestep-stride", type=int, default=50, help="score timesteps 0, s, 2s, ... (default: 50)")
+    g.add_argument("--timesteps", help="explicit comma-separated timesteps (overrides --timestep-stride)")
+    g.add_argument("--captions", choices=["all", "first"], default="all", help="captions per image (default: all)")
+    g.add_argument("--no-flips", action="store_true", help="do not score horizontal flips")
+    g.add_argument("--seed", type=int, default=0, help="noise seed of the plan (default: 0)")
+
+
+def _add_fisher_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Fisher")
+    g.add_argument("--fisher-samples", type=int, help="samples (default: 5 x training-set size, as the paper)")
+    g.add_argument("--fisher-batch-size", type=int, default=64)
+
+
+def _add_unlearn_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("unlearning")
+    g.add_argument("--preset", choices=["mscoco", "custom"], default="mscoco",
+                   help="the paper's settings: mscoco (1 step, alpha 0.01, 50000 draws) or custom "
+                        "(100 steps, alpha 0.1, 160 draws)")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--alpha", type=float)
+    g.add_argument("--draws", type=int, help="(noise, timestep) draws per step")
+    g.add_argument("--micro-batch", type=int)
+    g.add_argument("--damping", type=float, help="lambda = damping x mean(F) per layer (default 0)")
+    g.add_argument("--method", choices=["newton", "sgd"])
+    g.add_argument("--reduce", choices=["max", "mean"], default="max", help="over flips (default: max)")
+    g.add_argument("--region", help="unlearn only a box of the query: x0,y0,x1,y1 in pixels")
+
+
+def _plan(args: argparse.Namespace):
+    from .attribution import ScoringPlan
+    common = dict(captions=args.captions, flips=not args.no_flips, seed=args.seed)
+    if args.timesteps:
+        try:
+            ts = tuple(int(t) for t in args.timesteps.split(","))
+        except ValueError:
+            raise ValueError(f"--timesteps: {args.timesteps!r} is not a comma-separated list of integers") from None
+        return ScoringPlan(timesteps=ts, **common)
+    return ScoringPlan.with_stride(args.timestep_stride, **common)
+
+
+def _attributor(args: argparse.Namespace):
+    from .attribution import Attributor
+    return Attributor.load(args.model, args.train, plan=_plan(args), weights=args.weights, cache_dir=args.cache,
+                           batch_size=args.batch_size, backend=args.backend, device=args.device, resize=args.resize)
+
+
+def _config(args: argparse.Namespace):
+    from .attribution import preset
+    over = {k: getattr(args, k) for k in ("steps", "alpha", "draws", "micro_batch", "damping", "method")
+            if getattr(args, k) is not None}
+    return preset(args.preset, seed=args.seed, **over)
+
+
+def _region(text: str | None):
+    if not text:
+        return None
+    try:
+        box = [int(v) for v in text.split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4:
+        raise ValueError(f"--region: {text!r} is not x0,y0,x1,y1")
+    return box
+
+
+def _print_timings(att, started: float) -> None:
+    print("\ntime per stage:")
+    for line in att.timings.lines():
+        print(line)
+    print(f"  {'total':<16} {time.perf_counter() - started:8.1f} s")
+
+
+# --- subcommands ------------------------------------------------------------------------------
+def _info(args: argparse.Namespace) -> int:
+    from .info import report
+    text, ok = report(run_self_test=not args.no_self_test)
+    print(text)
+    return 0 if ok else 1
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    att = _attributor(args)
+    data = att.prepare()
+    print(f"prepared {data.n} images into {data.dir}")
+    _print_timings(att, started)
+    return 0
+
+
+def _fisher(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    att = _attributor(args)
+    fisher = att.fisher(args.fisher_samples, batch_size=args.fisher_batch_size)
+    total = sum(f.numel() for f in fisher.values())
+    print(f"Fisher of {len(fisher)} tensors ({total:,} weights); mean per tensor "
+          f"{min(float(f.mean()) for f in fisher.values()):.2e} .. {max(float(f.mean()) for f in fisher.values()):.2e}")
+    _print_timings(att, started)
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    att = _attributor(args)
+    before = att.before_losses()
+    print(f"before-unlearning losses of {before.shape[0]} images x {before.shape[1]} version(s): "
+          f"mean {before.mean():.4e}; cached in {att.cache_dir}")
+    _print_timings(att, started)
+    return 0
+
+
+def _attribute(args: argparse.Namespace) -> int:
+    from .attribution.results import check_output_dir
+    started = time.perf_counter()
+    check_output_dir(Path(args.out), args.overwrite)
+    att = _attributor(args)
+    if (args.query is None) == (args.generate_seed is None):
+        raise ValueError("--query/--generate-seed: give exactly one: an image file, or a seed to generate the "
+                         "query from the prompt")
+    query = args.query if args.query else att.generate(args.prompt, args.generate_seed)
+    result = att.attribute(query, args.prompt, k=args.topk, config=_config(args), region=_region(args.region),
+                           reduce=args.reduce, fisher_samples=args.fisher_samples)
+    result.save(args.out, train_dir=args.train, k=args.topk, overwrite=args.overwrite)
+    _print_top(result, args.topk)
+    print(f"\nresults in {args.out}/ (attribution.json, scores.npy, gallery.png, report.html)")
+    _print_timings(att, started)
+    return 0
+
+
+def _print_top(result, k: int) -> None:
+    print(f"\ntop {k} training images for {result.prompt!r}:")
+    for rec in result.top_records(k):
+        print(f"  {rec['rank']:>3}. {rec['file_name']:<16} score {rec['score']:+.4e}  {rec['captions'][0]}")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .attribution.results import redraw
+
+    result, k = redraw(args.out, args.topk)
+    _print_top(result, k)
+    print(f"\nrewrote {args.out}/gallery.png and {args.out}/report.html")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forgetscore",
+        description="Find which training images a text-to-image diffusion model drew on to make a picture, "
+                    "by unlearning the picture and measuring whose training loss rises.",
+        epilog="Start with `forgetscore demo --out demo-run`. Each command has --help.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help_: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, epilog=EPILOGS[name],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("info", "versions, kernel backends and a self-test of each against the PyTorch reference", _info)
+    p.add_argument("--no-self-test", action="store_true", help="only list versions and backends")
+
+    p = add("demo", "run the whole method on the embedded digits model (trained on first use, then cached)",
+            _demo)
+    p.add_argument("--out", required=True, help="output directory (must not hold results already)")
+    p.add_argument("--prompt", default=None, help="the query prompt (default: a slanted seven)")
+    p.add_argument("--query-seed", type=int, default=0, help="seed of the generated query (default: 0)")
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.add_argument("--retrain", action="store_true", help="train the digits model again even if cached")
+
+    p = add("prepare", "encode the training images (and flips) and captions once, into the cache", _prepare)
+    _add_model_args(p)
+    p = add("fisher", "compute the diagonal Fisher of the selected weights over the training data", _fisher)
+    _add_model_args(p)
+    _add_fisher_args(p)
+    p = add("score", "compute the original model's per-image losses under the plan (cached)", _score)
+    _add_model_args(p)
+    p = add("attribute", "unlearn a query image and rank the training set by loss increase", _attribute)
+    _add_model_args(p)
+    _add_fisher_args(p)
+    _add_unlearn_args(p)
+    g = p.add_argument_group("query and output")
+    g.add_argument("--prompt", required=True, help="the query's prompt")
+    g.add_argument("--query", help="query image file (the model's image size)")
+    g.add_argument("--generate-seed", type=int, help="instead of --query: generate the query from --prompt")
+    g.add_argument("--topk", type=int, default=10)
+    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p = add("report", "redraw gallery.png and report.html of a result directory", _report)
+    p.add_argument("--out", required=True, help="a directory written by attribute or demo")
+    p.add_argument("--topk", type=int, help="how many images to show (default: as saved)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"forgetscore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished stages are cached and a rerun resumes from them", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Fused kernels for attribution by unlearning.
+
+Four public kernels, each with a plain-PyTorch reference (``reference``), a
+C++/OpenMP CPU kernel, a Triton kernel and a CUDA kernel:
+
+- :func:`normal` — counter-based standard normals keyed by (seed, sample id, draw id);
+- :func:`add_noise` — the forward diffusion step with that noise made in-kernel;
+- :func:`diffusion_loss` — per-row diffusion loss with the target regenerated in-kernel;
+- :func:`fisher_accumulate` — diagonal-Fisher accumulation for a linear layer
+  from its inputs and output gradients, without per-sample gradients.
+
+Every function takes ``backend="auto" | "torch" | "cpu" | "triton" | "cuda"``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from . import reference
+from . import validate as _v
+from .dispatch import available_backends, resolve, status
+
+__all__ = ["normal", "random_bits", "add_noise", "diffusion_loss", "fisher_accumulate",
+           "available_backends", "status", "reference"]
+
+IdsLike = torch.Tensor | Sequence[int] | int
+
+
+def _ids(sample_ids: IdsLike, draw_ids: IdsLike, device: torch.device | None,
+         batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    if batch is None:
+        if isinstance(sample_ids, int):
+            raise ValueError("sample_ids: expected one id per row (a 1-D tensor or list), got a single int; "
+                             "wrap it in a list")
+        sample_ids = _v.id_vector("sample_ids", sample_ids, _v.MAX_SAMPLE_ID, device)
+        batch = sample_ids.shape[0]
+    else:
+        sample_ids = _v.id_vector("sample_ids", sample_ids, _v.MAX_SAMPLE_ID, device, length=batch)
+    draw_ids = _v.id_vector("draw_ids", draw_ids, _v.MAX_DRAW_ID, device, length=batch)
+    return sample_ids, draw_ids
+
+
+def _shape(shape: int | Sequence[int]) -> tuple[int, ...]:
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise ValueError(f"shape: expected non-negative ints, got {shape!r}; pass e.g. (4, 16, 16)")
+    return shape
+
+
+def random_bits(seed: int, sample_ids: IdsLike, draw_ids: IdsLike, numel: int, *,
+                device: torch.device | str | None = None, backend: str = "auto") -> torch.Tensor:
+    """The raw uint32 stream behind :func:`normal`, as int64 values in [0, 2**32): shape [B, numel]."""
+    seed = _v.seed(seed)
+    (numel,) = _shape(numel)
+    device = torch.device(device) if device is not None else (
+        sample_ids.device if isinstance(sample_ids, torch.Tensor) else torch.device("cpu"))
+    sids, dids = _ids(sample_ids, draw_ids, device)
+    return resolve(backend, device).bits(seed, sids, dids, numel)
+
+
+def normal(seed: int, sample_ids: IdsLike, draw_ids: IdsLike, shape: int | Sequence[int], *,
+           dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+           backend: str = "auto") -> torch.Tensor:
+    """Standard normals [B, *shape]; row b depends only on (seed, sample_ids[b], draw_ids[b]).
+
+    The same row comes out whatever the batch size, the row's position, the device
+    or the backend, which is what keeps the noise of a (training image, draw)
+    fixed between the before- and after-unlearning passes however the data is batched.
+    `draw_ids` may be a single int shared by all rows.
+    """
+    seed = _v.seed(seed)
+    shape = _shape(shape)
+    if dtype not in _v.FLOAT_DTYPES + (torch.float64,):
+        raise ValueError(f"dtype: {dtype} is not a floating type; use float32, float64, float16 or bfloat16")
+    device = torch.device(device) if device is not None else (
+        sample_ids.device if isinstance(sample_ids, torch.Tensor) else torch.device("cpu"))
+    sids, dids = _ids(sample_ids, draw_ids, device)
+    out = resolve(backend, device).normal(seed, sids, dids, math.prod(shape))
+    return out.view(sids.shape[0], *shape).to(dtype)
+
+
+def _noising_args(x0: torch.Tensor, timesteps: object, alphas_cumprod: torch.Tensor, seed: int,
+                  sample_ids: IdsLike, draw_ids: IdsLike):
+    seed = _v.seed(seed)
+    acp = _v.alphas_cumprod(alphas_cumprod)
+    batch = x0.shape[0]
+    ts = _v.timesteps(timesteps, acp, batch, x0.device)
+    sids, dids = _ids(sample_ids, draw_ids, x0.device, batch)
+    coef_signal, coef_noise = reference.noise_coefficients(acp, ts)
+    return seed, sids, dids, coef_signal, coef_noise
+
+
+def add_noise(x0: torch.Tensor, timesteps: torch.Tensor | Sequence[int], alphas_cumprod: torch.Tensor,
+              seed: int, sample_ids: IdsLike, draw_ids: IdsLike, *, backend: str = "auto") -> torch.Tensor:
+    """x_t = sqrt(abar[t_b]) x0[b] + sqrt(1 - abar[t_b]) eps[b], eps = normal(seed, sample_ids, draw_ids).
+
+    The noise is generated inside the kernel and never stored. Returns x0's shape and dtype;
+    the arithmetic is float32.
+    """
+    x0 = _v.float_tensor("x0", x0)
+    seed, sids, dids, a, b = _noising_args(x0, timesteps, alphas_cumprod, seed, sample_ids, draw_ids)
+    _v.finite_rows("x0", x0)
+    flat = x0.reshape(x0.shape[0], -1).contiguous()
+    out = resolve(backend, x0.device).add_noise(flat, a, b, seed, sids, dids)
+    return out.view(x0.shape)
+
+
+def _mask_rows(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A float32 [1 or B, D] view of a mask broadcastable to `shape`."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask: expected a tensor, got {type(mask).__name__}; pass a bool or float tensor")
+    try:
+        full = torch.broadcast_shapes(mask.shape, shape)
+    except RuntimeError:
+        full = None
+    if full != torch.Size(shape):
+        raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to the model output's "
+                         f"{tuple(shape)}; give e.g. [H, W], [1, 1, H, W] or [B, 1, H, W]")
+    m = mask.float()
+    if not bool(torch.isfinite(m).all()) or bool((m < 0).any()):
+        raise ValueError("mask: values must be finite and non-negative; use a 0/1 or weight mask")
+    if m.dim() == len(shape) and m.shape[0] == shape[0] and shape[0] > 1:
+        rows = torch.broadcast_to(m, shape).reshape(shape[0], -1)
+    else:
+        # Constant along the batch: one row serves every row (stride 0 in the kernels).
+        rows = torch.broadcast_to(m, shape)[:1].reshape(1, -1)
+    rows = rows.contiguous()
+    empty = rows.sum(dim=1) <= 0
+    if bool(empty.any()):
+        raise ValueError(f"mask: selects no element in rows {empty.nonzero().flatten().tolist()[:10]}; "
+                         "every row needs a non-empty region")
+    return rows
+
+
+def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, timesteps: torch.Tensor | Sequence[int],
+                   alphas_cumprod: torch.Tensor, seed: int, sample_ids: IdsLike, draw_ids: IdsLike, *,
+                   prediction_type: str = "epsilon", mask: torch.Tensor | None = None,
+                   backend: str = "auto") -> torch.Tensor:
+    """Per-row mean squared error between the model output and its regenerated target, float32 [B].
+
+    The target is eps (``"epsilon"``), v = sqrt(abar) eps - sqrt(1 - abar) x0 (``"v_prediction"``)
+    or x0 (``"sample"``), with eps regenerated from (seed, sample_ids, draw_ids) exactly as
+    :func:`add_noise` made it. With `mask` (broadcastable to the output), the mean runs over
+    the masked elements only: sum(m (o - y)^2) / sum(m).
+    """
+    model_output = _v.float_tensor("model_output", model_output)
+    x0 = _v.float_tensor("x0", x0)
+    if model_output.shape != x0.shape:
+        raise ValueError(f"model_output: shape {tuple(model_output.shape)} differs from x0's {tuple(x0.shape)}; "
+                         "pass the UNet output for exactly these rows")
+    _v.same_device(model_output=model_output, x0=x0, mask=mask)
+    prediction_type = _v.prediction_type(prediction_type, reference.PREDICTION_TYPES)
+    seed, sids, dids, a, b = _noising_args(x0, timesteps, alphas_cumprod, seed, sample_ids, draw_ids)
+    rows = None if mask is None else _mask_rows(mask, model_output.shape)
+    out = resolve(backend, x0.device).diffusion_loss(
+        model_output.reshape(x0.shape[0], -1).contiguous(), x0.reshape(x0.shape[0], -1).contiguous(),
+        a, b, seed, sids, dids, prediction_type, rows)
+    if not bool(torch.isfinite(out).all()):
+        # A non-finite loss can only come from a non-finite input row: say which.
+        _v.finite_rows("model_output", model_output)
+        _v.finite_rows("x0", x0)
+        raise ValueError("model_output: squared error overflowed float32 in rows "
+                         f"{(~torch.isfinite(out)).nonzero().flatten().tolist()[:10]}; the model output is diverging")
+    return out
+
+
+def fisher_accumulate(fisher: torch.Tensor, inputs: torch.Tensor, grad_outputs: torch.Tensor, *,
+                      backend: str = "auto") -> torch.Tensor:
+    """fisher += sum_b (G_b^T X_b)**2 for a linear layer y = x W^T, in place; returns `fisher`.
+
+    inputs X [B, L, d_in] (or [B, d_in]), grad_outputs G [B, L, d_out] (or [B, d_out]) hold each
+    sample's layer inputs and the gradients of that sample's own loss w.r.t. the layer outputs;
+    G_b^T X_b is that sample's weight gradient, never materialised.
+    """
+    if not isinstance(fisher, torch.Tensor) or fisher.dtype not in (torch.float32, torch.float64) or fisher.dim() != 2:
+        raise ValueError("fisher: expected a 2-D float32 or float64 tensor [d_out, d_in]; "
+                         "create it with torch.zeros(d_out, d_in, dtype=torch.float64)")
+    inputs = _v.float_tensor("inputs", inputs, min_dim=2)
+    grad_outputs = _v.float_tensor("grad_outputs", grad_outputs, min_dim=2)
+    if inputs.dim() > 3 or grad_outputs.dim() != inputs.dim():
+        raise ValueError(f"grad_outputs: shapes {tuple(inputs.shape)} (inputs) and {tuple(grad_outputs.shape)} "
+                         "(grad_outputs) must both be [B, L, d] or both [B, d]")
+    if inputs.dim() == 2:
+        inputs, grad_outputs = inputs[:, None], grad_outputs[:, None]
+    if inputs.shape[:2] != grad_outputs.shape[:2]:
+        raise ValueError(f"grad_outputs: batch/token dims {tuple(grad_outputs.shape[:2])} differ from inputs' "
+                         f"{tuple(inputs.shape[:2])}; capture both from the same forward/backward pass")
+    if tuple(fisher.shape) != (grad_outputs.shape[2], inputs.shape[2]):
+        raise ValueError(f"fisher: shape {tuple(fisher.shape)} does not match (d_out, d_in) = "
+                         f"({grad_outputs.shape[2]}, {inputs.shape[2]}); allocate it as [d_out, d_in] like the weight")
+    _v.same_device(fisher=fisher, inputs=inputs, grad_outputs=grad_outputs)
+    _v.finite_rows("inputs", inputs)
+    _v.finite_rows("grad_outputs", grad_outputs)
+    if inputs.dtype != grad_outputs.dtype:
+        inputs, grad_outputs = inputs.float(), grad_outputs.float()
+    target = fisher if fisher.is_contiguous() else fisher.contiguous()
+    resolve(backend, fisher.device).fisher_accumulate(target, inputs.contiguous(), grad_outputs.contiguous())
+    if target is not fisher:
+        fisher.copy_(target)
+    return fisher

@@ -1,0 +1,176 @@
+"""Build script for forgetscore and its optional native extension forgetscore._C.
+
+torch is not a build requirement: install torch first, then
+
+    pip install --no-build-isolation .
+
+Environment:
+    FORGETSCORE_BUILD_CUDA   auto (default): CUDA kernels when torch has CUDA and
+                             nvcc is found; 1: always; 0: never.
+    FORGETSCORE_BUILD_NATIVE 0 skips the extension entirely (pure Python install).
+    FORGETSCORE_STRICT_BUILD 1 makes an extension build failure fatal (for CI);
+                             by default the install continues without it.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+import traceback
+
+from setuptools import find_packages, setup
+from setuptools.command.build_ext import build_ext as _setuptools_build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
+
+
+def _warn(message: str) -> None:
+    bar = "=" * 78
+    print(f"\n{bar}\nforgetscore: WARNING: {message}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+def _env_flag(name: str, default: str) -> str:
+    return os.environ.get(name, default).strip().lower()
+
+
+def _rel(pattern: str) -> list[str]:
+    # setuptools wants source paths relative to setup.py.
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def _find_nvcc(cuda_home: str | None) -> str | None:
+    if cuda_home:
+        candidate = os.path.join(cuda_home, "bin", "nvcc")
+        if os.path.exists(candidate):
+            return candidate
+    return shutil.which("nvcc")
+
+
+def _openmp_flags() -> tuple[list[str], list[str]]:
+    if sys.platform == "win32":
+        return ["/openmp"], []
+    if sys.platform == "darwin":
+        # Apple clang has no -fopenmp; the kernels then run single-threaded.
+        return [], []
+    return ["-fopenmp"], ["-fopenmp"]
+
+
+def _native_extensions():
+    """(ext_modules, build_ext class) for forgetscore._C, or ([], None)."""
+    if _env_flag("FORGETSCORE_BUILD_NATIVE", "1") in ("0", "false", "no", "off"):
+        print("forgetscore: FORGETSCORE_BUILD_NATIVE=0, skipping the native extension", file=sys.stderr)
+        return [], None
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as exc:  # noqa: BLE001 - any import failure means "no extension"
+        _warn(f"torch is not importable ({exc!r}); installing without the native extension forgetscore._C. "
+              "Install torch first and reinstall with `pip install --no-build-isolation .` to build it.")
+        return [], None
+
+    mode = _env_flag("FORGETSCORE_BUILD_CUDA", "auto")
+    nvcc = _find_nvcc(cpp_extension.CUDA_HOME)
+    if mode in ("1", "true", "yes", "on"):
+        with_cuda = True
+    elif mode in ("0", "false", "no", "off"):
+        with_cuda = False
+    else:
+        with_cuda = torch.version.cuda is not None and nvcc is not None
+    print(f"forgetscore: building forgetscore._C with{'' if with_cuda else 'out'} CUDA "
+          f"(FORGETSCORE_BUILD_CUDA={mode}, torch CUDA {torch.version.cuda}, nvcc {nvcc})", file=sys.stderr)
+
+    omp_compile, omp_link = _openmp_flags()
+    # -fno-math-errno lets sqrt compile to one instruction, so the Box-Muller
+    # loop vectorises; nothing in the kernels reads errno.
+    cxx_flags = ["-O3", "-fno-math-errno"] + omp_compile if sys.platform != "win32" else ["/O2"] + omp_compile
+    sources = _rel("csrc/bindings.cpp") + _rel("csrc/cpu/*.cpp")
+    depends = _rel("csrc/*.h") + _rel("csrc/cuda/*.cuh") + _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp")
+    if with_cuda:
+        sources += _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp")
+        ext = cpp_extension.CUDAExtension(
+            "forgetscore._C",
+            sources,
+            depends=depends,
+            define_macros=[("FORGETSCORE_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=omp_link,
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "forgetscore._C",
+            sources,
+            depends=depends,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=omp_link,
+        )
+
+    base = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+
+    class TolerantBuildExt(base):
+        """Installs without forgetscore._C when it cannot be compiled.
+
+        The pure-PyTorch (and Triton) backends work without it, so a missing
+        compiler should cost speed, not the installation.
+        """
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001
+                self._give_up(exc)
+
+        def build_extension(self, ext_):
+            try:
+                super().build_extension(ext_)
+            except Exception as exc:  # noqa: BLE001
+                self._give_up(exc)
+
+        def _give_up(self, exc: BaseException) -> None:
+            if _env_flag("FORGETSCORE_STRICT_BUILD", "0") in ("1", "true", "yes", "on"):
+                raise exc
+            traceback.print_exc()
+            _warn(f"could not build the native extension forgetscore._C ({exc}). forgetscore is installed "
+                  "without it; the native cpu/cuda backends are unavailable (the torch backend still works). "
+                  "Set FORGETSCORE_STRICT_BUILD=1 to make this an error.")
+
+    return [ext], TolerantBuildExt
+
+
+def _readme() -> str:
+    path = os.path.join(HERE, "README.md")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    return ""
+
+
+ext_modules, build_ext_cls = _native_extensions()
+cmdclass = {"build_ext": build_ext_cls} if build_ext_cls is not None else {"build_ext": _setuptools_build_ext}
+
+setup(
+    name="forgetscore",
+    version=VERSION,
+    description="Data attribution for text-to-image diffusion models by unlearning, with fused kernels",
+    long_description=_readme(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["forgetscore", "forgetscore.*"]),
+    include_package_data=True,
+    package_data={"forgetscore": ["**/*.md", "py.typed"]},
+    install_requires=[
+        "numpy",
+        "safetensors",
+        "diffusers",
+        "transformers",
+        "scikit-learn",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"]},
+    entry_points={"console_scripts": ["forgetscore = forgetscore.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)

@@ -1,0 +1,43 @@
+import os
+
+# Set before anything imports triton or transformers.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from forgetscore import kernels  # noqa: E402
+
+# Backends checked against the reference; CUDA ones only where a GPU is present.
+NATIVE_BACKENDS = [b for b in ("cpu", "triton", "cuda") if b in kernels.available_backends()]
+ALL_BACKENDS = ["torch"] + NATIVE_BACKENDS
+
+
+def backend_device(backend: str) -> torch.device:
+    if backend in ("cuda",) or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@pytest.fixture
+def rng(request) -> torch.Generator:
+    """A fresh random generator per test; the seed is printed on failure."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    request.node.user_properties.append(("rng_seed", seed))
+    print(f"rng seed {seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def poison_heap(numel: int) -> None:
+    """Leave freed NaN-filled memory of about `numel` floats for the next allocation to reuse.
+
+    A kernel that skips elements then returns NaN (or stale values) there instead of
+    coincidentally correct zeros, and the comparison with the reference catches it.
+    """
+    for n in (numel, numel * 2, max(numel // 2, 1)):
+        t = torch.full((n,), float("nan"))
+        del t

@@ -1,0 +1,60 @@
+"""Backend selection, graceful degradation, and the `forgetscore info` report."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from forgetscore import kernels
+from forgetscore.kernels import dispatch, reference
+
+
+def test_torch_backend_always_available():
+    assert "torch" in kernels.available_backends()
+
+
+def test_native_cpu_backend_was_built():
+    # CI builds the C++ extension; a silent fallback to the reference would hide a broken build.
+    if os.environ.get("FORGETSCORE_ALLOW_NO_NATIVE") == "1":
+        pytest.skip("FORGETSCORE_ALLOW_NO_NATIVE=1")
+    assert "cpu" in kernels.available_backends(), {s.name: s.detail for s in kernels.status()}
+
+
+def test_auto_uses_native_cpu_when_built():
+    if "cpu" not in kernels.available_backends():
+        pytest.skip("native CPU kernels not built")
+    assert dispatch.resolve("auto", torch.device("cpu")) is not reference
+
+
+def test_auto_falls_back_with_one_warning(monkeypatch):
+    fake = tuple(dispatch.BackendStatus(s.name, s.name == "torch", s.devices, s.detail) for s in kernels.status())
+    monkeypatch.setattr(dispatch, "status", lambda: fake)
+    monkeypatch.setattr(dispatch, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="slow PyTorch reference"):
+        assert dispatch.resolve("auto", torch.device("cpu")) is reference
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.resolve("auto", torch.device("cpu")) is reference
+    with pytest.raises(ValueError, match="^backend: 'cpu' is not available"):
+        dispatch.resolve("cpu", torch.device("cpu"))
+
+
+def test_backend_on_the_wrong_device_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    with pytest.raises(ValueError, match="^backend"):
+        dispatch.resolve("cuda", torch.device("cpu"))
+
+
+def test_info_command_reports_every_backend_passing():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "forgetscore", "info"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "self-test against the PyTorch reference" in proc.stdout
+    for name in kernels.available_backends():
+        row = next(line for line in proc.stdout.splitlines() if line.strip().startswith(name + " ")
+                   and "pass" in line)
+        assert row.count("pass") == 4, proc.stdout

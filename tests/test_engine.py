@@ -1,0 +1,144 @@
+"""The attribution engine against a brute-force version written plainly here."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import tiny
+from forgetscore import kernels
+from forgetscore.attribution import Attributor, DiffusionModel, ScoringPlan, TrainingSet, UnlearnConfig
+from forgetscore.attribution import fisher as fisher_mod
+from forgetscore.attribution import unlearning as unlearn_mod
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return tiny.build_model(root / "model"), tiny.build_train(root / "train", n=9)
+
+
+PLAN = ScoringPlan(timesteps=(3, 250, 700, 999), captions="all", flips=True, seed=11)
+CONFIG = UnlearnConfig(steps=2, alpha=0.05, draws=6, micro_batch=4, damping=0.1, seed=5)
+
+
+def _attributor(dirs, cache, **kw):
+    model_dir, train_dir = dirs
+    kw.setdefault("plan", PLAN)
+    return Attributor.load(model_dir, train_dir, cache_dir=cache, progress=False, **kw)
+
+
+def _mse(model, unet, x0, ctx, t, seed, sid, did):
+    acp = model.alphas_cumprod
+    eps = kernels.normal(seed, [sid], [did], x0.shape, backend="torch")[0].double()
+    a, b = acp[t].sqrt(), (1 - acp[t]).sqrt()
+    x_t = (a * x0.double() + b * eps).float()
+    out = unet(x_t[None], torch.tensor([t]), encoder_hidden_states=ctx[None]).sample[0].double()
+    target = eps if model.prediction_type == "epsilon" else a * eps - b * x0.double()
+    return ((out - target) ** 2).mean()
+
+
+def _brute_losses(model, unet, train, plan):
+    """[n, versions] losses, one UNet call per (image, version, caption, timestep)."""
+    out = np.zeros((len(train), plan.versions))
+    with torch.no_grad():
+        for i in range(len(train)):
+            img = train.load_pixels(i, model.image_shape)
+            caps = train.captions[i] if plan.captions == "all" else train.captions[i][:1]
+            for v in range(plan.versions):
+                x0 = img.flip(-1) if v else img
+                vals = [_mse(model, unet, x0, model.encode_text([c])[0], t, plan.seed, i,
+                             ScoringPlan.draw_id(v, ci, t)).item()
+                        for ci, c in enumerate(caps) for t in plan.timesteps]
+                out[i, v] = np.mean(vals)
+    return out
+
+
+def _brute_unlearn(model, names, fisher, x0, ctx, config, n):
+    unet = copy.deepcopy(model.unet)
+    ps = dict(unet.named_parameters())
+    for step in range(config.steps):
+        grads = {nm: torch.zeros_like(ps[nm], dtype=torch.float64) for nm in names}
+        for micro, lo in enumerate(range(0, config.draws, config.micro_batch)):
+            count = min(config.micro_batch, config.draws - lo)
+            ts = unlearn_mod._timesteps(config.seed, step, micro, count, 1000)
+            for j in range(count):
+                for p in ps.values():
+                    p.grad = None
+                    p.requires_grad_(True)
+                loss = _mse(model, unet, x0, ctx, int(ts[j]), config.seed ^ unlearn_mod.QUERY_STREAM, 0,
+                            step * config.draws + lo + j)
+                loss.backward()
+                for nm in names:
+                    grads[nm] += ps[nm].grad.double()
+        with torch.no_grad():
+            for nm in names:
+                f = fisher[nm].double()
+                ps[nm] += ((config.alpha / n) * (grads[nm] / config.draws) / (f + config.damping * f.mean())).float()
+    return unet
+
+
+def test_scores_equal_brute_force(tiny_dirs, tmp_path):
+    att = _attributor(tiny_dirs, tmp_path / "cache")
+    model, train = att.model, att.train
+    query = torch.rand(1, 8, 8) * 2 - 1
+    prompt = "a red square"
+    result = att.attribute(query, prompt, k=3, config=CONFIG, fisher_samples=12)
+
+    fisher = att.fisher(12)
+    unet_after = _brute_unlearn(model, att.names, fisher, query, model.encode_text([prompt])[0], CONFIG, len(train))
+    before = _brute_losses(model, model.unet, train, PLAN)
+    after = _brute_losses(model, unet_after, train, PLAN)
+    tau = after - before
+    np.testing.assert_allclose(result.tau, tau, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(result.scores, tau.max(axis=1), rtol=1e-4, atol=1e-7)
+    assert list(result.top(3)) == list(np.argsort(-tau.max(axis=1), kind="stable")[:3])
+
+
+def test_fisher_equals_per_sample_gradients(tiny_dirs, tmp_path):
+    att = _attributor(tiny_dirs, tmp_path / "cache", weights="cross-attn")
+    data = att.prepare()
+    samples = 7
+    got = att.fisher(samples, batch_size=3)
+    model = att.model
+    draws = fisher_mod.sample_draws(0, 0, samples, data, 1000, True)
+    ps = dict(model.unet.named_parameters())
+    want = {n: torch.zeros_like(ps[n], dtype=torch.float64) for n in att.names}
+    for s in range(samples):
+        i, v = int(draws["image"][s]), int(draws["version"][s])
+        x0 = att.train.load_pixels(i, model.image_shape)
+        x0 = x0.flip(-1) if v else x0
+        ctx = model.encode_text([att.train.captions[i][int(draws["caption"][s])]])[0]
+        for n in att.names:
+            ps[n].requires_grad_(True)
+            ps[n].grad = None
+        _mse(model, model.unet, x0, ctx, int(draws["timestep"][s]), 0 ^ fisher_mod.FISHER_STREAM, s, 1).backward()
+        for n in att.names:
+            want[n] += ps[n].grad.double() ** 2
+            ps[n].requires_grad_(False)
+    assert any(n.endswith(".bias") for n in att.names)  # to_out.0.bias: the bias path is checked too
+    for n in att.names:
+        torch.testing.assert_close(got[n], want[n] / samples, rtol=1e-4, atol=1e-14)
+
+
+def test_scores_do_not_depend_on_batching_order_or_subsets(tiny_dirs, tmp_path):
+    att = _attributor(tiny_dirs, tmp_path / "cache", batch_size=500)
+    weights = att.unlearn(torch.rand(1, 8, 8), "a blue circle", CONFIG, fisher_samples=12)
+    full = att.sweep().run([None, weights], progress=False)
+    for batch_size in (5, 33):
+        small = _attributor(tiny_dirs, tmp_path / "cache", batch_size=batch_size)
+        np.testing.assert_allclose(small.sweep().run([None, weights], progress=False), full, rtol=1e-6, atol=1e-9)
+    order = np.array([5, 0, 8, 3])
+    np.testing.assert_allclose(att.sweep().run([weights], order, progress=False)[0], full[1][order],
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_before_losses_are_cached_and_reused(tiny_dirs, tmp_path):
+    att = _attributor(tiny_dirs, tmp_path / "cache")
+    first = att.before_losses()
+    again = _attributor(tiny_dirs, tmp_path / "cache")
+    assert "score before" not in again.timings.stages
+    np.testing.assert_array_equal(again.before_losses(), first)
+    assert "score before" not in again.timings.stages
+    other_plan = _attributor(tiny_dirs, tmp_path / "cache", plan=ScoringPlan(timesteps=(10, 20), flips=False))
+    assert other_plan.before_losses().shape == (9, 1)

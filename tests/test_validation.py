@@ -1,0 +1,127 @@
+"""Bad input gives a ValueError naming the argument, before any kernel runs."""
+import pytest
+import torch
+
+from conftest import ALL_BACKENDS, backend_device
+from forgetscore import kernels
+
+ACP = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+
+
+def _loss_args(dev="cpu", b=3):
+    return dict(model_output=torch.randn(b, 2, 4, 4, device=dev), x0=torch.randn(b, 2, 4, 4, device=dev),
+                timesteps=torch.tensor([1, 500, 999][:b], device=dev), alphas_cumprod=ACP.to(dev), seed=7,
+                sample_ids=torch.arange(b, device=dev), draw_ids=torch.zeros(b, dtype=torch.long, device=dev))
+
+
+def _loss(**over):
+    args = _loss_args()
+    args.update(over)
+    kw = {k: args.pop(k) for k in ("prediction_type", "mask", "backend") if k in args}
+    return kernels.diffusion_loss(*args.values(), **kw)
+
+
+@pytest.mark.parametrize("over,name", [
+    (dict(model_output=torch.randn(3, 2, 4, 5)), "model_output"),
+    (dict(model_output=torch.randn(3, 2, 4, 4).double()), "model_output"),
+    (dict(x0=torch.randint(0, 3, (3, 2, 4, 4))), "x0"),
+    (dict(timesteps=torch.tensor([1, 2])), "timesteps"),
+    (dict(timesteps=torch.tensor([1, 2, 1000])), "timesteps"),
+    (dict(timesteps=torch.tensor([1, -1, 3])), "timesteps"),
+    (dict(timesteps=torch.tensor([1.0, 2.0, 3.0])), "timesteps"),
+    (dict(alphas_cumprod=ACP.clone().fill_(float("nan"))), "alphas_cumprod"),
+    (dict(alphas_cumprod=ACP.view(10, 100)), "alphas_cumprod"),
+    (dict(seed=-1), "seed"),
+    (dict(seed=2 ** 64), "seed"),
+    (dict(seed=1.5), "seed"),
+    (dict(sample_ids=torch.arange(4)), "sample_ids"),
+    (dict(sample_ids=torch.tensor([0, -3, 1])), "sample_ids"),
+    (dict(sample_ids=torch.zeros(3, 1, dtype=torch.long)), "sample_ids"),
+    (dict(draw_ids=torch.tensor([0, 0, 2 ** 32])), "draw_ids"),
+    (dict(draw_ids=torch.tensor([0, 1])), "draw_ids"),
+    (dict(prediction_type="flow"), "prediction_type"),
+    (dict(mask=torch.ones(3, 3)), "mask"),
+    (dict(mask=torch.ones(2, 2, 4, 4)), "mask"),
+    (dict(mask=torch.zeros(4, 4)), "mask"),
+    (dict(mask=-torch.ones(4, 4)), "mask"),
+    (dict(backend="gpu"), "backend"),
+])
+def test_diffusion_loss_rejects(over, name):
+    with pytest.raises(ValueError, match=f"^{name}"):
+        _loss(**over)
+
+
+def test_empty_row_of_a_per_row_mask_is_named():
+    mask = torch.ones(3, 1, 4, 4)
+    mask[1] = 0
+    with pytest.raises(ValueError, match=r"mask: selects no element in rows \[1\]"):
+        _loss(mask=mask)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("which", ["model_output", "x0"])
+def test_non_finite_rows_are_named(backend, which):
+    dev = backend_device(backend)
+    args = _loss_args(dev)
+    args[which] = args[which].clone()
+    args[which][2, 1, 0, 3] = float("nan")
+    args[which][0, 0, 0, 0] = float("inf")
+    # x0 enters the loss of v- and sample-prediction (an epsilon target ignores it).
+    with pytest.raises(ValueError, match=rf"^{which}: .*rows \[0, 2\]"):
+        kernels.diffusion_loss(*args.values(), prediction_type="v_prediction", backend=backend)
+
+
+def test_add_noise_rejects_non_finite_x0_and_bad_shapes():
+    x0 = torch.randn(4, 3)
+    x0[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"^x0: .*rows \[3\]"):
+        kernels.add_noise(x0, [0, 1, 2, 3], ACP, 0, [0, 1, 2, 3], 0)
+    with pytest.raises(ValueError, match="^timesteps"):
+        kernels.add_noise(torch.randn(4, 3), [0, 1, 2], ACP, 0, [0, 1, 2, 3], 0)
+    with pytest.raises(ValueError, match="^x0"):
+        kernels.add_noise(torch.tensor(1.0), [0], ACP, 0, [0], 0)
+    with pytest.raises(ValueError, match="^x0"):
+        kernels.add_noise([[1.0]], [0], ACP, 0, [0], 0)
+
+
+def test_mixed_devices_are_named():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a second device")
+    args = _loss_args()
+    args["x0"] = args["x0"].cuda()
+    with pytest.raises(ValueError, match="^x0"):
+        kernels.diffusion_loss(*args.values())
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda: kernels.fisher_accumulate(torch.zeros(4, 5, dtype=torch.float16), torch.randn(2, 3, 5),
+                                       torch.randn(2, 3, 4)), "fisher"),
+    (lambda: kernels.fisher_accumulate(torch.zeros(4, 5), torch.randn(2, 3, 6), torch.randn(2, 3, 4)), "fisher"),
+    (lambda: kernels.fisher_accumulate(torch.zeros(4, 5), torch.randn(2, 3, 5), torch.randn(2, 2, 4)),
+     "grad_outputs"),
+    (lambda: kernels.fisher_accumulate(torch.zeros(4, 5), torch.randn(2, 3, 5), torch.randn(2, 4)),
+     "grad_outputs"),
+    (lambda: kernels.fisher_accumulate(torch.zeros(4, 5), torch.randn(5), torch.randn(4)), "inputs"),
+    (lambda: kernels.fisher_accumulate(torch.zeros(4, 5), torch.randn(2, 3, 5).long(), torch.randn(2, 3, 4)),
+     "inputs"),
+    (lambda: kernels.fisher_accumulate(torch.zeros(4, 5), torch.randn(2, 3, 5),
+                                       torch.full((2, 3, 4), float("inf"))), "grad_outputs"),
+    (lambda: kernels.normal(1, [1, 2], [0], 3), "draw_ids"),
+    (lambda: kernels.normal(1, 5, 0, 3), "sample_ids"),
+    (lambda: kernels.normal(1, [1], 0, (2, -1)), "shape"),
+    (lambda: kernels.normal(1, [1], 0, 3, dtype=torch.int32), "dtype"),
+    (lambda: kernels.random_bits(2 ** 65, [1], 0, 3), "seed"),
+])
+def test_other_kernels_reject(call, name):
+    with pytest.raises(ValueError, match=f"^{name}"):
+        call()
+
+
+def test_fisher_is_untouched_when_input_is_rejected():
+    fisher = torch.rand(4, 5, dtype=torch.float64)
+    before = fisher.clone()
+    g = torch.randn(2, 3, 4)
+    g[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"^grad_outputs: .*rows \[1\]"):
+        kernels.fisher_accumulate(fisher, torch.randn(2, 3, 5), g)
+    assert torch.equal(fisher, before)
