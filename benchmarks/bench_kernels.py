@@ -67,7 +67,7 @@ FISHER_SHAPES = (
 )
 # The plain-PyTorch reference backend emulates Philox with int64 tensor ops: tens of
 # temporaries per element.  Above this many noise elements it is skipped.
-REFERENCE_MAX_NUMEL = {"cpu": 1 << 21, "cuda": 1 << 25}
+REFERENCE_MAX_NUMEL = {"cpu": 1 << 17, "cuda": 1 << 25}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 
@@ -194,6 +194,8 @@ def kernel_backends(device: torch.device) -> list[tuple[str, str]]:
     for s in kernels.status():
         if not s.available or device.type not in s.devices:
             continue
+        if s.name == "triton" and device.type == "cpu":
+            continue  # the interpreter: exact but orders of magnitude slower than eager
         rows.append((f"kernels {s.name}", s.name))
     return rows
 
@@ -208,95 +210,101 @@ def skipped_backends(device: torch.device) -> list[str]:
     return out
 
 
-def bench_noise_loss(r: Runner, emit: Callable[[str, dict], None], scheduler, sched_desc: str) -> None:
+def noise_shapes(r: Runner) -> list[tuple[str, tuple[int, ...], int]]:
+    batches = [b for b in BATCHES if not r.args.quick or b <= 512]
+    if r.args.batches:
+        batches = [int(b) for b in r.args.batches.split(",")]
+    return [(lname, shape, B) for lname, shape in LATENTS.items() for B in batches]
+
+
+def bench_noise_loss(r: Runner, emit: Callable[[str, dict], None], scheduler, sched_desc: str,
+                     compile_pass: bool = False) -> None:
+    """Time every method per shape; with compile_pass, only torch.compile of the eager way.
+
+    The compiled variant runs as a separate, last pass: compiling costs tens of seconds
+    per shape family, and with a time budget the other rows should not wait for it.
+    """
     dev = r.device
     gen = torch.Generator(device=dev)
     noise_fn, loss_fn = eager_fns(scheduler, gen)
-    compiled: tuple | None | str = None
-    if not r.args.no_compile:
+    compiled: tuple | str | None = None
+    if compile_pass:
         try:
             compiled = (torch.compile(noise_fn), torch.compile(loss_fn))
         except Exception as exc:  # noqa: BLE001
             compiled = f"n/a ({type(exc).__name__})"
     acp = scheduler.alphas_cumprod.to(dev, torch.float32)
-    batches = [b for b in BATCHES if not r.args.quick or b <= 512]
-    if r.args.batches:
-        batches = [int(b) for b in r.args.batches.split(",")]
-    backends = kernel_backends(dev)
-    for lname, shape in LATENTS.items():
-        for B in batches:
-            D = math.prod(shape)
-            numel = B * D
-            base = {"latent": lname, "batch": B, "numel": numel}
-            if r.over_budget():
-                emit("noise_loss", {**base, "method": "all", "skipped": "time budget exhausted"})
-                continue
-            g = torch.Generator().manual_seed(B)
-            x0 = torch.randn(B, *shape, generator=g).to(dev)
-            out = torch.randn(B, *shape, generator=g).to(dev)
-            t = torch.randint(0, 1000, (B,), generator=g).to(dev)
-            sids = (torch.arange(B, dtype=torch.int64) + 10_000).to(dev)
-            dids = torch.zeros(B, dtype=torch.int64, device=dev)
-            # bytes a fused kernel must move: add_noise reads x0, writes x_t; the loss reads out and x0.
-            bytes_noise = 2 * numel * x0.element_size()
-            bytes_loss = 2 * numel * x0.element_size() + 4 * B
+    backends = [] if compile_pass else kernel_backends(dev)
+    for lname, shape, B in noise_shapes(r):
+        D = math.prod(shape)
+        numel = B * D
+        base = {"latent": lname, "batch": B, "numel": numel}
+        if r.over_budget():
+            emit("noise_loss", {**base, "method": "torch.compile(eager)" if compile_pass else "all",
+                                "skipped": "time budget exhausted"})
+            continue
+        if isinstance(compiled, str):
+            emit("noise_loss", {**base, "method": "torch.compile(eager)", "skipped": compiled})
+            continue
+        g = torch.Generator().manual_seed(B)
+        x0 = torch.randn(B, *shape, generator=g).to(dev)
+        out = torch.randn(B, *shape, generator=g).to(dev)
+        t = torch.randint(0, 1000, (B,), generator=g).to(dev)
+        sids = (torch.arange(B, dtype=torch.int64) + 10_000).to(dev)
+        dids = torch.zeros(B, dtype=torch.int64, device=dev)
+        # bytes a fused kernel must move: add_noise reads x0, writes x_t; the loss reads out and x0.
+        bytes_noise = 2 * numel * x0.element_size()
+        bytes_loss = 2 * numel * x0.element_size() + 4 * B
+        _, eps = noise_fn(x0, t)
 
-            methods: list[tuple[str, Callable, Callable, Callable | None, Callable | None]] = []
-            _, eps = noise_fn(x0, t)
+        methods: list[tuple[str, Callable, Callable, Callable | None, Callable | None]] = []
+        if compile_pass:
+            cn, cl = compiled  # type: ignore[misc]
+            methods.append(("torch.compile(eager)", lambda: cn(x0, t), lambda: cl(out, eps), None, None))
+        else:
             methods.append(("eager", lambda: noise_fn(x0, t), lambda: loss_fn(out, eps), None, None))
-            if isinstance(compiled, tuple):
-                cn, cl = compiled
-                methods.append(("torch.compile(eager)", lambda: cn(x0, t), lambda: cl(out, eps), None, None))
-            elif isinstance(compiled, str):
-                emit("noise_loss", {**base, "method": "torch.compile(eager)", "skipped": compiled})
-            for label, be in backends:
-                if be == "torch" and numel > REFERENCE_MAX_NUMEL[dev.type]:
-                    emit("noise_loss", {**base, "method": label,
-                                        "skipped": f"reference backend above {REFERENCE_MAX_NUMEL[dev.type]} elements"})
-                    continue
-                mod = dispatch.resolve(be, dev)
-                flat_x0, flat_out = x0.reshape(B, -1), out.reshape(B, -1)
-                a, b = reference.noise_coefficients(acp, t)
-                methods.append((
-                    label,
-                    lambda be=be: kernels.add_noise(x0, t, acp, SEED, sids, dids, backend=be),
-                    lambda be=be: kernels.diffusion_loss(out, x0, t, acp, SEED, sids, dids, backend=be),
-                    # the backend function alone: no argument checks, coefficients precomputed
-                    None if r.args.no_raw else (lambda m=mod, a=a, b=b: m.add_noise(flat_x0, a, b, SEED, sids, dids)),
-                    None if r.args.no_raw else (lambda m=mod, a=a, b=b: m.diffusion_loss(
-                        flat_out, flat_x0, a, b, SEED, sids, dids, "epsilon", None)),
-                ))
-            eager_total = None
-            for label, fn_noise, fn_loss, raw_noise, raw_loss in methods:
-                row = {**base, "method": label}
-                if label == "eager":
-                    row["scheduler"] = sched_desc
-                try:
-                    tn, tl = r.time(fn_noise), r.time(fn_loss)
-                except Exception as exc:  # noqa: BLE001 - report and go on
-                    row["skipped"] = f"n/a ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
-                    if label.startswith("torch.compile"):
-                        row["skipped"] = f"n/a ({type(exc).__name__})"
-                    emit("noise_loss", row)
-                    continue
-                row.update(noise_ms=tn["median_s"] * 1e3, loss_ms=tl["median_s"] * 1e3,
-                           total_ms=(tn["median_s"] + tl["median_s"]) * 1e3,
-                           noise_timing=tn, loss_timing=tl,
-                           noise_GBps=bytes_noise / tn["median_s"] / 1e9, loss_GBps=bytes_loss / tl["median_s"] / 1e9)
-                if raw_noise is not None:
-                    try:
-                        row["noise_kernel_only_ms"] = r.time(raw_noise)["median_s"] * 1e3
-                        row["loss_kernel_only_ms"] = r.time(raw_loss)["median_s"] * 1e3
-                    except Exception as exc:  # noqa: BLE001
-                        row["kernel_only_error"] = f"{type(exc).__name__}: {exc}"
-                if label == "eager":
-                    eager_total = row["total_ms"]
-                if eager_total:
-                    row["speedup_vs_eager"] = eager_total / row["total_ms"]
+        for label, be in backends:
+            if be == "torch" and numel > REFERENCE_MAX_NUMEL[dev.type]:
+                emit("noise_loss", {**base, "method": label,
+                                    "skipped": f"reference backend above {REFERENCE_MAX_NUMEL[dev.type]} elements"})
+                continue
+            mod = dispatch.resolve(be, dev)
+            flat_x0, flat_out = x0.reshape(B, -1), out.reshape(B, -1)
+            a, b = reference.noise_coefficients(acp, t)
+            methods.append((
+                label,
+                lambda be=be: kernels.add_noise(x0, t, acp, SEED, sids, dids, backend=be),
+                lambda be=be: kernels.diffusion_loss(out, x0, t, acp, SEED, sids, dids, backend=be),
+                # the backend function alone: no argument checks, coefficients precomputed
+                None if r.args.no_raw else (lambda m=mod, a=a, b=b: m.add_noise(flat_x0, a, b, SEED, sids, dids)),
+                None if r.args.no_raw else (lambda m=mod, a=a, b=b: m.diffusion_loss(
+                    flat_out, flat_x0, a, b, SEED, sids, dids, "epsilon", None)),
+            ))
+        for label, fn_noise, fn_loss, raw_noise, raw_loss in methods:
+            row = {**base, "method": label}
+            if label == "eager":
+                row["scheduler"] = sched_desc
+            try:
+                tn, tl = r.time(fn_noise), r.time(fn_loss)
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                first = (str(exc).splitlines() or [""])[0][:120]
+                row["skipped"] = f"n/a ({type(exc).__name__}{': ' + first if not compile_pass else ''})"
                 emit("noise_loss", row)
-            del x0, out, eps, methods
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+                continue
+            row.update(noise_ms=tn["median_s"] * 1e3, loss_ms=tl["median_s"] * 1e3,
+                       total_ms=(tn["median_s"] + tl["median_s"]) * 1e3,
+                       noise_timing=tn, loss_timing=tl,
+                       noise_GBps=bytes_noise / tn["median_s"] / 1e9, loss_GBps=bytes_loss / tl["median_s"] / 1e9)
+            if raw_noise is not None:
+                try:
+                    row["noise_kernel_only_ms"] = r.time(raw_noise)["median_s"] * 1e3
+                    row["loss_kernel_only_ms"] = r.time(raw_loss)["median_s"] * 1e3
+                except Exception as exc:  # noqa: BLE001
+                    row["kernel_only_error"] = f"{type(exc).__name__}: {exc}"
+            emit("noise_loss", row)
+        del x0, out, eps, methods
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------- fisher
@@ -453,10 +461,36 @@ def fmt_bytes(v: int | None) -> str:
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()
     out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    out += ["  ".join(c.rjust(w) if 3 <= i < len(r) - 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            .rstrip() for r in rows]
     return "\n".join(out)
+
+
+METHOD_ORDER = ("eager", "torch.compile", "naive", "kernels auto", "kernels")
+
+
+def _method_rank(method: str) -> int:
+    return next((i for i, m in enumerate(METHOD_ORDER) if method.startswith(m)), len(METHOD_ORDER))
+
+
+def add_ratios(result: dict) -> None:
+    """speedup_vs_eager / speedup_vs_naive on every timed row, and rows in a stable order."""
+    latent_rank = {k: i for i, k in enumerate(LATENTS)}
+    eager = {(r["latent"], r["batch"]): r["total_ms"] for r in result["noise_loss"]
+             if r["method"] == "eager" and "total_ms" in r}
+    for r in result["noise_loss"]:
+        base = eager.get((r["latent"], r["batch"]))
+        if base and "total_ms" in r:
+            r["speedup_vs_eager"] = base / r["total_ms"]
+    result["noise_loss"].sort(key=lambda r: (latent_rank.get(r["latent"], 99), r["batch"], _method_rank(r["method"])))
+    naive = {(r["model"], r["d_out"], r["d_in"], r["batch"], r["input_dtype"]): r["ms"] for r in result["fisher"]
+             if r["method"] == "naive einsum" and "ms" in r}
+    for r in result["fisher"]:
+        base = naive.get((r["model"], r["d_out"], r["d_in"], r["batch"], r["input_dtype"]))
+        if base and "ms" in r:
+            r["speedup_vs_naive"] = base / r["ms"]
 
 
 def report(result: dict) -> str:
@@ -474,49 +508,52 @@ def report(result: dict) -> str:
     for s in meta["backends_not_timed"]:
         lines.append(f"not timed: {s}")
     lines.append("")
-    lines.append("Noising + loss (times in ms per call, median; x eager = eager total / this total)")
-    hdr = ["latent", "batch", "method", "add_noise", "loss", "total", "x eager"]
-    if not meta.get("no_raw"):
-        hdr += ["kernel-only n+l"]
-    hdr += ["noise GB/s", "loss GB/s"] + (["noise %copy", "loss %copy"] if cuda else [])
-    rows = []
-    for r in result["noise_loss"]:
-        if "skipped" in r:
-            rows.append([r["latent"], str(r["batch"]), r["method"], "-", "-", "-", r["skipped"]]
-                        + [""] * (len(hdr) - 7))
-            continue
-        row = [r["latent"], str(r["batch"]), r["method"], fmt_ms(r["noise_ms"]), fmt_ms(r["loss_ms"]),
-               fmt_ms(r["total_ms"]), f"{r['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in r else "-"]
+    if result["noise_loss"]:
+        lines.append("Noising + loss (ms per call, median; x eager = eager total / this total)")
+        hdr = ["latent", "batch", "method", "add_noise", "loss", "total", "x eager"]
         if not meta.get("no_raw"):
-            ko = (r["noise_kernel_only_ms"] + r["loss_kernel_only_ms"]) if "noise_kernel_only_ms" in r else None
-            row.append(fmt_ms(ko))
-        row += [f"{r['noise_GBps']:.1f}", f"{r['loss_GBps']:.1f}"]
-        if cuda:
-            bw = rates.get("copy_GBps")
-            row += [f"{100 * r['noise_GBps'] / bw:.0f}%", f"{100 * r['loss_GBps'] / bw:.0f}%"] if bw else ["-", "-"]
-        rows.append(row)
-    lines.append(table(hdr, rows))
-    lines.append("")
-    lines.append(f"Fisher accumulation (fisher {meta['fisher_dtype']}; ms per call, median; "
-                 "x naive = naive time / this time; extra mem = peak bytes allocated during the call)")
-    hdr = ["layer", "B", "method", "ms", "x naive"]
-    if not meta.get("no_raw"):
-        hdr += ["kernel-only"]
-    hdr += ["TFLOP/s", "%GEMM", "extra mem", "naive analytic"]
-    rows = []
-    for r in result["fisher"]:
-        layer = f"{r['model']} {r['d_out']}x{r['d_in']} L{r['L']} {r['input_dtype']}"
-        if "skipped" in r:
-            rows.append([layer, str(r["batch"]), r["method"], "-", r["skipped"]] + [""] * (len(hdr) - 5))
-            continue
-        row = [layer, str(r["batch"]), r["method"], fmt_ms(r["ms"]),
-               f"{r['speedup_vs_naive']:.2f}x" if "speedup_vs_naive" in r else "-"]
+            hdr += ["kernel-only n+l"]
+        hdr += ["noise GB/s", "loss GB/s"] + (["noise %copy", "loss %copy"] if cuda else []) + ["note"]
+        rows = []
+        for r in result["noise_loss"]:
+            if "skipped" in r:
+                rows.append([r["latent"], str(r["batch"]), r["method"]] + ["-"] * (len(hdr) - 4) + [r["skipped"]])
+                continue
+            row = [r["latent"], str(r["batch"]), r["method"], fmt_ms(r["noise_ms"]), fmt_ms(r["loss_ms"]),
+                   fmt_ms(r["total_ms"]), f"{r['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in r else "-"]
+            if not meta.get("no_raw"):
+                ko = (r["noise_kernel_only_ms"] + r["loss_kernel_only_ms"]) if "noise_kernel_only_ms" in r else None
+                row.append(fmt_ms(ko))
+            row += [f"{r['noise_GBps']:.1f}", f"{r['loss_GBps']:.1f}"]
+            if cuda:
+                bw = rates.get("copy_GBps")
+                row += ([f"{100 * r['noise_GBps'] / bw:.0f}%", f"{100 * r['loss_GBps'] / bw:.0f}%"] if bw
+                        else ["-", "-"])
+            row.append("")
+            rows.append(row)
+        lines.append(table(hdr, rows))
+        lines.append("")
+    if result["fisher"]:
+        lines.append(f"Fisher accumulation (fisher {meta['fisher_dtype']}; ms per call, median; "
+                     "x naive = naive time / this time; extra mem = peak bytes allocated during the call)")
+        hdr = ["layer", "B", "method", "ms", "x naive"]
         if not meta.get("no_raw"):
-            row.append(fmt_ms(r.get("kernel_only_ms")))
-        row += [f"{r['TFLOPs']:.3f}", f"{r['pct_of_gemm']:.0f}%" if "pct_of_gemm" in r else "-",
-                fmt_bytes(r.get("peak_extra_bytes")), fmt_bytes(r.get("analytic_extra_bytes"))]
-        rows.append(row)
-    lines.append(table(hdr, rows))
+            hdr += ["kernel-only"]
+        hdr += ["TFLOP/s", "%GEMM", "extra mem", "naive analytic", "note"]
+        rows = []
+        for r in result["fisher"]:
+            layer = f"{r['model']} {r['d_out']}x{r['d_in']} L{r['L']} {r['input_dtype']}"
+            if "skipped" in r:
+                rows.append([layer, str(r["batch"]), r["method"]] + ["-"] * (len(hdr) - 4) + [r["skipped"]])
+                continue
+            row = [layer, str(r["batch"]), r["method"], fmt_ms(r["ms"]),
+                   f"{r['speedup_vs_naive']:.2f}x" if "speedup_vs_naive" in r else "-"]
+            if not meta.get("no_raw"):
+                row.append(fmt_ms(r.get("kernel_only_ms")))
+            row += [f"{r['TFLOPs']:.3f}", f"{r['pct_of_gemm']:.0f}%" if "pct_of_gemm" in r else "-",
+                    fmt_bytes(r.get("peak_extra_bytes")), fmt_bytes(r.get("analytic_extra_bytes")), ""]
+            rows.append(row)
+        lines.append(table(hdr, rows))
     if cuda:
         lines.append("")
         lines.append("Targets (CUDA): add_noise / loss >= 80% of copy bandwidth; fisher >= 50% of the matmul rate "
@@ -540,10 +577,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the eager way")
     p.add_argument("--no-raw", action="store_true",
                    help="skip the kernel-only timings (backend function without argument checks)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch.set_num_threads(N) first (also the C++ kernels' thread count); 0: torch's default")
     p.add_argument("--budget-s", type=float, default=0,
                    help="stop starting new shapes after this many seconds (0: no limit)")
     args = p.parse_args(argv)
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here", file=sys.stderr)
@@ -579,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def emit(section: str, row: dict) -> None:
         result[section].append(row)
+        add_ratios(result)
         short = {k: v for k, v in row.items() if not isinstance(v, dict)}
         print(f"[{section}] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in short.items()), flush=True)
@@ -589,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         steps.append(("noise_loss", lambda: bench_noise_loss(r, emit, scheduler, sched_desc)))
     if args.only != "noise":
         steps.append(("fisher", lambda: bench_fisher(r, emit, result["rates"])))
+    if args.only != "fisher" and not args.no_compile:
+        steps.append(("noise_loss compile", lambda: bench_noise_loss(r, emit, scheduler, sched_desc, compile_pass=True)))
     for name_, step in steps:
         try:
             step()
@@ -598,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
     result["meta"]["elapsed_s"] = time.perf_counter() - r.start
     result["meta"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    add_ratios(result)
     save()
     print()
     print(report(result))

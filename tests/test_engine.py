@@ -142,3 +142,21 @@ def test_before_losses_are_cached_and_reused(tiny_dirs, tmp_path):
     assert "score before" not in again.timings.stages
     other_plan = _attributor(tiny_dirs, tmp_path / "cache", plan=ScoringPlan(timesteps=(10, 20), flips=False))
     assert other_plan.before_losses().shape == (9, 1)
+
+
+def test_dattri_adapter_matches_the_attributor(tiny_dirs, tmp_path):
+    from forgetscore.attribution.dattri import DattriAttributor
+
+    att = _attributor(tiny_dirs, tmp_path / "cache")
+    train = att.train
+    pixels = torch.stack([train.load_pixels(i, att.model.image_shape) for i in range(len(train))])
+    loader = [{"image": pixels[i:i + 4], "text": train.captions[i:i + 4]} for i in range(0, len(train), 4)]
+    queries = torch.rand(2, 1, 8, 8) * 2 - 1
+    prompts = ["a red square", "a small dot"]
+    adapter = DattriAttributor(att.model, plan=PLAN, config=CONFIG, fisher_samples=12)
+    adapter.cache(loader)
+    scores = adapter.attribute(loader, [(queries, prompts)])
+    assert scores.shape == (len(train), 2)
+    want = att.attribute_many(list(zip(queries, prompts)), config=CONFIG, fisher_samples=12)
+    for j in range(2):
+        np.testing.assert_allclose(scores[:, j].numpy(), want[j].scores, rtol=1e-5, atol=1e-8)

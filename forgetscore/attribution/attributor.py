@@ -77,7 +77,8 @@ class Attributor:
     @classmethod
     def load(cls, model_dir: str | os.PathLike, train_dir: str | os.PathLike, **kw) -> "Attributor":
         device = kw.pop("device", "cpu")
-        return cls(DiffusionModel.load(model_dir, device=device), TrainingSet.load(train_dir), **kw)
+        train = TrainingSet.load(train_dir)  # cheap checks first: a bad folder fails before a model load
+        return cls(DiffusionModel.load(model_dir, device=device), train, **kw)
 
     # --- stages --------------------------------------------------------------------------
     def prepare(self) -> PreparedData:
@@ -126,6 +127,8 @@ class Attributor:
         """[n_train, versions] losses of the original model under the plan (computed once, then cached)."""
         path = self._before_path()
         if path.is_file():
+            if not path.with_suffix(".json").is_file():
+                raise ValueError(f"cache: {str(path)!r} has no metadata beside it; delete it to recompute")
             meta = read_json(path.with_suffix(".json"))
             if meta["plan"] != self.plan.to_dict() or meta["unet_id"] != self.model.unet_id():
                 raise ValueError(f"cache: {str(path)!r} was made under another plan or model; delete it")
@@ -181,7 +184,7 @@ class Attributor:
         _, h, w = self.model.input_shape
         mask = torch.nn.functional.adaptive_avg_pool2d(mask[None, None], (h, w))[0]
         if not bool((mask > 0).any()):
-            raise ValueError("region: selects no pixel")
+            raise ValueError("region: selects no pixel; give a box or mask with at least one pixel > 0")
         return mask.to(self.model.device)
 
     # --- attribution ---------------------------------------------------------------------
@@ -213,6 +216,8 @@ class Attributor:
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce: {reduce!r} is not one of {list(REDUCTIONS)}")
         config = config or UnlearnConfig()
+        queries = [(self.query_inputs(q), p) for q, p in queries]  # bad queries fail before any long stage
+        self.region_mask(region)
         data = self.prepare()
         unlearned = [self.unlearn(q, p, config, region, fisher_samples) for q, p in queries]
         before_path = self._before_path()
@@ -262,6 +267,11 @@ def load_fisher(path: str | os.PathLike, model: DiffusionModel, names: list[str]
     from .unlearning import check_fisher
 
     with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("forgetscore", "{}"))
         fisher = {k: f.get_tensor(k) for k in f.keys()}
+    saved = meta.get("unet_id")
+    if saved is not None and saved != model.unet_id():
+        raise ValueError(f"fisher: {str(path)!r} was computed for another model (unet_id {saved}, this model's "
+                         f"{model.unet_id()}); compute it for this model (forgetscore fisher)")
     check_fisher(fisher, model.unet, names, damping=1.0)
     return fisher

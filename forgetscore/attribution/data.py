@@ -41,7 +41,7 @@ class TrainingSet:
         if not meta.is_file():
             raise ValueError(f"train: {str(meta)!r} not found; the training folder needs a metadata.jsonl with "
                              'lines like {"file_name": "0001.png", "text": ["a caption", ...]}')
-        names, caps, extra = [], [], []
+        names, caps, extra, seen = [], [], [], {}
         with open(meta) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -49,25 +49,33 @@ class TrainingSet:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"train: metadata.jsonl line {lineno} is not JSON ({exc})") from None
+                    raise ValueError(f"train: metadata.jsonl line {lineno} is not JSON ({exc}); write one JSON "
+                                     'object per line, like {"file_name": "0001.png", "text": "a caption"}') from None
+                if not isinstance(rec, dict):
+                    raise ValueError(f"train: metadata.jsonl line {lineno} is a JSON {type(rec).__name__}, not an "
+                                     'object; write it like {"file_name": "0001.png", "text": "a caption"}')
                 name, text = rec.get("file_name"), rec.get("text")
                 if not isinstance(name, str) or not name:
-                    raise ValueError(f"train: metadata.jsonl line {lineno} has no \"file_name\"")
+                    raise ValueError(f"train: metadata.jsonl line {lineno} has no \"file_name\"; give the name of "
+                                     "its image in the folder, like \"0001.png\"")
                 if isinstance(text, str):
                     text = [text]
                 if not isinstance(text, list) or not text or not all(isinstance(t, str) and t.strip() for t in text):
                     raise ValueError(f"train: metadata.jsonl line {lineno} ({name}) has no caption; give \"text\" "
                                      "as a non-empty string or list of strings")
+                if name in seen:
+                    raise ValueError(f"train: metadata.jsonl line {lineno} lists {name!r} again (first on line "
+                                     f"{seen[name]}); each image must appear once: merge the captions into one "
+                                     "\"text\" list")
                 if not (root / name).is_file():
                     raise ValueError(f"train: image {name!r} (metadata.jsonl line {lineno}) is missing from "
-                                     f"{str(root)!r}")
+                                     f"{str(root)!r}; add the file or remove its line")
+                seen[name] = lineno
                 names.append(name)
                 caps.append(text)
                 extra.append({k: v for k, v in rec.items() if k not in ("file_name", "text")})
         if not names:
-            raise ValueError(f"train: {str(meta)!r} lists no images")
-        if len(set(names)) != len(names):
-            raise ValueError("train: metadata.jsonl lists a file_name twice; each image must appear once")
+            raise ValueError(f"train: {str(meta)!r} lists no images; add a line per image")
         return cls(root, names, caps, extra)
 
     def __len__(self) -> int:
@@ -102,7 +110,8 @@ def load_image(path: str | os.PathLike, shape: tuple[int, int, int], resize: boo
                 im = im.resize((w, h), Image.BICUBIC)
             arr = np.asarray(im, dtype=np.float32)
     except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{argument}: cannot read image {str(path)!r} ({exc})") from None
+        raise ValueError(f"{argument}: cannot read image {str(path)!r} ({exc}); give a path to a valid image "
+                         "file (PNG, JPEG, ...)") from None
     t = torch.from_numpy(arr / 127.5 - 1.0)
     return t[None] if c == 1 else t.permute(2, 0, 1)
 
@@ -172,6 +181,7 @@ def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, 
     header = {"format": CACHE_FORMAT, "encoders_id": model.encoders_id(), "data_id": data.identity(),
               "n_images": len(data), "input_shape": list(model.input_shape), "shard_size": shard_size,
               "text_dtype": text_dtype, "train_dir": str(data.root), "model": model.source}
+    finished: set[str] = set()  # shards a matching manifest vouches for; any other shard file is redone
     if manifest_path.is_file():
         old = read_json(manifest_path)
         for key in ("format", "encoders_id", "data_id", "input_shape", "shard_size", "text_dtype"):
@@ -180,6 +190,7 @@ def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, 
                                  f"{header[key]!r}); use a fresh cache directory")
         if old.get("complete"):
             return PreparedData(cache)
+        finished = {s["inputs"] for s in old.get("shards", [])}
     counts = np.array([len(c) for c in data.captions], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])
     write_npy(cache / "caption_offsets.npy", offsets)
@@ -189,7 +200,7 @@ def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, 
     for s in range(n_shards):
         lo, hi = s * shard_size, min(len(data), (s + 1) * shard_size)
         entry = {"inputs": f"inputs-{s:05d}.npy", "text": f"text-{s:05d}.npy", "images": [lo, hi]}
-        if (cache / entry["inputs"]).is_file() and (cache / entry["text"]).is_file():
+        if entry["inputs"] in finished and (cache / entry["inputs"]).is_file() and (cache / entry["text"]).is_file():
             shards.append(entry)  # finished by an earlier run: shards are written atomically
             bar.update(hi - lo)
             continue

@@ -52,19 +52,33 @@ class DiffusionModel:
         from transformers.utils import logging as tlog
 
         levels = dlog.get_verbosity(), tlog.get_verbosity()
+        bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
         dlog.set_verbosity_error()  # loading chatter (no accelerate, progress bars) is not the user's concern
         tlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
+        loaders = {"tokenizer": AutoTokenizer, "text_encoder": CLIPTextModel, "unet": UNet2DConditionModel,
+                   "scheduler": DDPMScheduler, "vae": AutoencoderKL}
+        parts = {}
         try:
-            tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-            text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
-            unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True)
-            scheduler = DDPMScheduler.from_pretrained(root / "scheduler", local_files_only=True)
-            vae = (AutoencoderKL.from_pretrained(root / "vae", local_files_only=True)
-                   if (root / "vae").is_dir() else None)
+            for name, loader in loaders.items():
+                if name == "vae" and not (root / name).is_dir():
+                    parts[name] = None
+                    continue
+                try:
+                    parts[name] = loader.from_pretrained(root / name, local_files_only=True)
+                except (OSError, ValueError) as exc:
+                    raise ValueError(f"model: cannot load {name}/ of {str(root)!r} ({exc}); save the pipeline "
+                                     "again with save_pretrained") from None
         finally:
             dlog.set_verbosity(levels[0])
             tlog.set_verbosity(levels[1])
-        model = cls(tokenizer, text_encoder, unet, scheduler, vae, source=str(root))
+            if bars[0]:
+                dlog.enable_progress_bar()
+            if bars[1]:
+                tlog.enable_progress_bar()
+        model = cls(parts["tokenizer"], parts["text_encoder"], parts["unet"], parts["scheduler"], parts["vae"],
+                    source=str(root))
         return model.to(device, dtype)
 
     def to(self, device: str | torch.device, dtype: torch.dtype = torch.float32) -> "DiffusionModel":

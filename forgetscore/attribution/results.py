@@ -13,7 +13,7 @@ import torch
 
 from .io import read_json, write_bytes, write_json, write_npy
 
-RESULT_FILES = ("attribution.json", "scores.npy", "gallery.png", "report.html")
+RESULT_FILES = ("attribution.json", "scores.npy", "tau.npy", "query.png", "gallery.png", "report.html")
 
 
 @dataclass
@@ -43,15 +43,19 @@ class Attribution:
         """Write attribution.json, scores.npy, gallery.png, report.html into `out` (each atomically)."""
         out = Path(out)
         check_output_dir(out, overwrite)
-        out.mkdir(parents=True, exist_ok=True)
-        write_npy(out / "scores.npy", self.scores)
-        write_npy(out / "tau.npy", self.tau)
+        # Everything that can fail (reading the training images) happens before the first write.
         record = {"prompt": self.prompt, "top": self.top_records(k), "n_train": int(len(self.scores)),
                   **self.metadata}
         images = _top_images(self, train_dir, k) if train_dir is not None else None
-        write_bytes(out / "query.png", _png(self.query, scale=1))  # native size: can be attributed again
-        write_bytes(out / "gallery.png", gallery(self, images, k))
-        write_bytes(out / "report.html", report_html(self, record, images, k).encode())
+        pictures = {"query.png": _png(self.query, scale=1),  # native size: can be attributed again
+                    "gallery.png": gallery(self, images, k),
+                    "report.html": report_html(self, record, images, k).encode()}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "attribution.json").unlink(missing_ok=True)  # an interrupted overwrite is then not a result
+        write_npy(out / "scores.npy", self.scores)
+        write_npy(out / "tau.npy", self.tau)
+        for name, data in pictures.items():
+            write_bytes(out / name, data)
         write_json(out / "attribution.json", record)  # last: its presence marks a complete result
         return out
 
@@ -90,8 +94,13 @@ def _top_images(result: Attribution, train_dir, k: int) -> list[torch.Tensor]:
     c = result.query.shape[0]
     out = []
     for i in result.top(k):
-        with Image.open(Path(train_dir) / result.file_names[i]) as im:
-            arr = np.asarray(im.convert("L" if c == 1 else "RGB"), dtype=np.float32) / 127.5 - 1
+        path = Path(train_dir) / result.file_names[i]
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("L" if c == 1 else "RGB"), dtype=np.float32) / 127.5 - 1
+        except OSError as exc:  # includes a missing file and PIL's UnidentifiedImageError
+            raise ValueError(f"train_dir: cannot read {str(path)!r} ({exc}); pass the training folder the "
+                             "result was made from") from None
         t = torch.from_numpy(arr)
         out.append(t[None] if c == 1 else t.permute(2, 0, 1))
     return out
@@ -177,7 +186,8 @@ def redraw(out: str | os.PathLike, k: int | None = None) -> tuple[Attribution, i
                          train.captions, meta)
     k = k or len(rec["top"])
     images = _top_images(result, train.root, k)
-    write_bytes(out / "gallery.png", gallery(result, images, k))
     record = {**{key: v for key, v in rec.items() if key != "scores"}, "top": result.top_records(k)}
-    write_bytes(out / "report.html", report_html(result, record, images, k).encode())
+    picture, page = gallery(result, images, k), report_html(result, record, images, k).encode()
+    write_bytes(out / "gallery.png", picture)
+    write_bytes(out / "report.html", page)
     return result, k

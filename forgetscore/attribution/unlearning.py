@@ -114,10 +114,14 @@ def check_fisher(fisher: dict[str, torch.Tensor], unet: torch.nn.Module, names: 
     for n in names:
         if tuple(fisher[n].shape) != tuple(ps[n].shape):
             raise ValueError(f"fisher: {n} has shape {tuple(fisher[n].shape)}, the model's weight "
-                             f"{tuple(ps[n].shape)}; it belongs to another model")
+                             f"{tuple(ps[n].shape)}; it belongs to another model: compute the Fisher for this "
+                             "model (forgetscore fisher)")
         if not bool(torch.isfinite(fisher[n]).all()) or bool((fisher[n] < 0).any()):
             raise ValueError(f"fisher: {n} holds negative or non-finite values; recompute it")
         zeros = int((fisher[n] == 0).sum())
+        if zeros == fisher[n].numel():
+            raise ValueError(f"fisher: {n} is all zeros, so damping (a multiple of its mean) cannot help; "
+                             "use more Fisher samples or leave this weight out of --weights")
         if zeros and damping == 0:
             raise ValueError(f"fisher: {n} has {zeros} zero entries and damping is 0, so the Newton step divides "
                              "by zero; use more Fisher samples or pass damping > 0 (e.g. 0.1)")

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# One-shot check of forgetscore on a CUDA machine, in one call of a few minutes:
+#   env -> [diffusers wheel] -> build with CUDA -> forgetscore info -> kernel tests on the GPU
+#   -> kernel benchmark (JSON) -> large-shape cross-check -> summary.
+#
+#   bash benchmarks/gpu_check.sh            # from anywhere; runs in the repository root
+#
+# Environment:
+#   OUT                 folder for logs and results (default: a fresh temporary folder)
+#   GPU_CHECK_BUDGET_S  wall-clock budget for the whole script, seconds (default 450)
+#   PYTHON              interpreter (default: python)
+#
+# Every step runs under `timeout` with its own cap, cut down to what is left of the
+# budget, and its output goes to $OUT/<step>.log.  A failing step does not stop the
+# others; the summary at the end says what each step did.  If a folder .whl/ exists
+# in the repository root, the wheels in it (e.g. diffusers, for the eager baseline)
+# are installed without network into /tmp/site and put on PYTHONPATH.
+set -u
+cd "$(dirname "$0")/.." || exit 1
+
+PYTHON=${PYTHON:-python}
+OUT=${OUT:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+mkdir -p "$OUT"
+BUDGET=${GPU_CHECK_BUDGET_S:-450}
+RESERVE=20  # seconds kept back for the summary
+START=$(date +%s)
+STEPS="$OUT/gpu_check_steps.tsv"
+: > "$STEPS"
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}
+
+left() { echo $(( BUDGET - ($(date +%s) - START) - RESERVE )); }
+
+# run_step NAME CAP_S QUIET NOTE -- CMD...: run CMD under timeout; QUIET=1 keeps its output in the log only.
+STEP_RC=0
+run_step() {
+  local name=$1 cap=$2 quiet=$3 note=$4
+  shift 5
+  local avail limit t0 rc
+  avail=$(left)
+  limit=$(( cap < avail ? cap : avail ))
+  if (( limit < 10 )); then
+    printf '%s\tskipped\t0\tno time left in the %ss budget\n' "$name" "$BUDGET" >> "$STEPS"
+    echo "=== [$name] skipped: no time left"
+    STEP_RC=125
+    return
+  fi
+  echo
+  echo "=== [$name] limit ${limit}s: $*"
+  t0=$(date +%s)
+  if [[ $quiet == 1 ]]; then
+    timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    rc=$?
+    if (( rc != 0 )); then echo "--- last lines of $OUT/$name.log:"; tail -n 25 "$OUT/$name.log"; fi
+  else
+    timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    rc=${PIPESTATUS[0]}
+  fi
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$note" >> "$STEPS"
+  echo "=== [$name] rc=$rc in $(( $(date +%s) - t0 ))s"
+  STEP_RC=$rc
+}
+
+# 1. Versions.
+run_step env 30 0 "versions" -- bash -c '
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>&1 || echo "nvidia-smi failed"
+  (nvcc --version 2>/dev/null || echo "nvcc not on PATH") | tail -n 2
+  '"$PYTHON"' -c "import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"| triton\", triton.__version__)" 2>&1
+  '"$PYTHON"' benchmarks/gpu_check.py env'
+
+# 2. Carried wheels (no network on the GPU machine).
+if compgen -G ".whl/*.whl" > /dev/null; then
+  run_step wheels 60 0 "pip install .whl/*.whl -> /tmp/site" -- \
+    "$PYTHON" -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl
+  if [[ $STEP_RC == 0 ]]; then export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"; fi
+fi
+
+# 3. Build the extension with the CUDA kernels (strict: a failed CUDA build is an error here).
+run_step build 240 1 "FORGETSCORE_BUILD_CUDA=1 pip install -e . (log: build.log)" -- \
+  env FORGETSCORE_BUILD_CUDA=1 FORGETSCORE_STRICT_BUILD=1 \
+  "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
+if [[ $STEP_RC != 0 ]]; then
+  echo "!!! CUDA build failed: the remaining steps run with whatever backends load (Triton, torch)"
+fi
+
+# 4. Versions, backends and the self-test of every backend.
+run_step info 60 0 "python -m forgetscore info" -- "$PYTHON" -m forgetscore info
+
+# 5. Kernel tests; conftest picks the CUDA backends when a GPU is present.
+run_step tests 150 0 "kernel tests" -- "$PYTHON" -m pytest -q -x -p no:cacheprovider \
+  tests/test_noise.py tests/test_add_noise.py tests/test_diffusion_loss.py tests/test_fisher.py tests/test_validation.py
+
+# 6. Benchmark; it writes its JSON after every row, so a timeout still leaves results.
+avail=$(left)
+bench_cap=$(( avail < 240 ? avail : 240 ))
+bench_cap=$(( bench_cap > 60 ? bench_cap - 10 : bench_cap ))   # leave the crosscheck a little
+run_step bench "$bench_cap" 0 "bench_kernels.py --device cuda" -- \
+  "$PYTHON" benchmarks/bench_kernels.py --device cuda --json "$OUT/bench_gpu.json" \
+  --budget-s $(( bench_cap > 60 ? bench_cap - 45 : bench_cap / 2 ))
+
+# 7. Large-shape cross-checks (rows past 2**31 elements, bit-exact noise), with what time is left.
+avail=$(left)
+run_step crosscheck 90 0 "large shapes" -- "$PYTHON" benchmarks/gpu_check.py crosscheck \
+  --max-s $(( avail > 40 ? avail - 30 : 10 ))
+
+# 8. Summary (steps, failing test lines, headline benchmark figures vs targets).
+echo
+"$PYTHON" benchmarks/gpu_check.py summary "$OUT" 2>&1 || { echo "summary failed; steps:"; cat "$STEPS"; }
+echo "logs and results: $OUT ($(( $(date +%s) - START ))s in all)"

@@ -1,0 +1,121 @@
+"""An adapter with the shape of dattri's ``BaseAttributor``, usable without dattri installed.
+
+    attributor = DattriAttributor(model)                     # a DiffusionModel or a model directory
+    attributor.cache(full_train_loader)                      # Fisher over the full training data
+    scores = attributor.attribute(train_loader, test_loader) # Tensor [n_train, n_test]
+
+Loaders yield batches as dicts ``{"image": pixels in [-1, 1] [B, C, H, W], "text": [caption or
+[captions...] per row]}`` or as ``(image, text)`` tuples; for the test loader the text is each
+query's prompt. Rows are numbered in loader order, which keys their noise.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from .data import PreparedData
+from .fisher import compute_fisher
+from .losses import LossSweep
+from .model import DiffusionModel
+from .params import select
+from .plan import ScoringPlan
+from .unlearning import UnlearnConfig, unlearn
+
+
+class ArrayData(PreparedData):
+    """Prepared data held in memory (one shard), for data that comes from a loader instead of a folder."""
+
+    def __init__(self, inputs: np.ndarray, text: np.ndarray, caption_offsets: np.ndarray, encoders_id: str):
+        h = hashlib.sha256(inputs.tobytes())
+        h.update(text.tobytes())
+        h.update(caption_offsets.tobytes())
+        self.dir = None
+        self.manifest = {"encoders_id": encoders_id, "data_id": h.hexdigest()[:16], "complete": True}
+        self.n = inputs.shape[0]
+        self.input_shape = tuple(inputs.shape[2:])
+        self.caption_offsets = caption_offsets
+        self._inputs, self._text = [inputs], [text]
+        self.shard_size = max(1, self.n)
+
+
+def _rows(loader: Iterable) -> Iterable[tuple[torch.Tensor, list]]:
+    for batch in loader:
+        if isinstance(batch, dict):
+            image, text = batch.get("image"), batch.get("text")
+        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+            image, text = batch
+        else:
+            raise ValueError("loader: batches must be {'image': tensor, 'text': [...]} dicts or (image, text) tuples")
+        if not isinstance(image, torch.Tensor) or image.dim() != 4:
+            raise ValueError("loader: 'image' must be a [B, C, H, W] tensor of pixels in [-1, 1]")
+        text = [text] if isinstance(text, str) else list(text)
+        if len(text) != image.shape[0]:
+            raise ValueError(f"loader: a batch has {image.shape[0]} images but {len(text)} texts")
+        yield image, text
+
+
+def collect(model: DiffusionModel, loader: Iterable) -> ArrayData:
+    """Encode a loader's images (and flips) and captions, in memory."""
+    inputs, states, counts = [], [], []
+    for image, text in _rows(loader):
+        if tuple(image.shape[1:]) != tuple(model.image_shape):
+            raise ValueError(f"loader: images are {tuple(image.shape[1:])}, the model makes {model.image_shape}")
+        enc = model.encode_images(torch.cat([image, image.flip(-1)])).float().cpu()
+        n = image.shape[0]
+        inputs.append(torch.stack([enc[:n], enc[n:]], dim=1).numpy())
+        for caps in text:
+            caps = [caps] if isinstance(caps, str) else list(caps)
+            if not caps:
+                raise ValueError("loader: an image has no caption")
+            states.append(model.encode_text(caps).float().cpu().numpy())
+            counts.append(len(caps))
+    if not inputs:
+        raise ValueError("loader: yielded no data")
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return ArrayData(np.concatenate(inputs), np.concatenate(states), offsets, model.encoders_id())
+
+
+class DattriAttributor:
+    """Attribution by unlearning behind dattri's ``cache`` / ``attribute`` interface."""
+
+    def __init__(self, model: DiffusionModel | str | os.PathLike, *, plan: ScoringPlan | None = None,
+                 config: UnlearnConfig | None = None, weights: str = "kv", fisher_samples: int | None = None,
+                 reduce: str = "max", batch_size: int = 256, backend: str = "auto", progress: bool = False):
+        self.model = model if isinstance(model, DiffusionModel) else DiffusionModel.load(model)
+        self.plan = plan or ScoringPlan()
+        self.config = config or UnlearnConfig()
+        self.names = select(self.model.unet, weights)
+        self.fisher_samples, self.reduce = fisher_samples, reduce
+        self.batch_size, self.backend, self.progress = batch_size, backend, progress
+        self.fisher: dict[str, torch.Tensor] | None = None
+        self.n_train: int | None = None
+
+    def cache(self, full_train_dataloader: Iterable) -> None:
+        """The Fisher of the full training data (the unlearning's regulariser)."""
+        data = collect(self.model, full_train_dataloader)
+        self.n_train = data.n
+        self.fisher = compute_fisher(self.model, data, self.names, samples=self.fisher_samples or 5 * data.n,
+                                     flips=self.plan.flips, captions=self.plan.captions, backend=self.backend,
+                                     progress=self.progress)
+
+    def attribute(self, train_dataloader: Iterable, test_dataloader: Iterable) -> torch.Tensor:
+        """Scores [n_train, n_test]: the rise of each training row's loss when each test row is unlearned."""
+        if self.config.method == "newton" and self.fisher is None:
+            raise ValueError("cache: call cache(full_train_dataloader) first; the Newton step needs the Fisher")
+        train = collect(self.model, train_dataloader)
+        variants = []
+        for image, prompts in _rows(test_dataloader):
+            for img, prompt in zip(image, prompts):
+                x0 = self.model.encode_images(img[None])[0].float()
+                ctx = self.model.encode_text([prompt if isinstance(prompt, str) else prompt[0]])[0]
+                variants.append(unlearn(self.model, self.names, self.fisher, x0, ctx, self.config,
+                                        self.n_train or train.n, backend=self.backend))
+        sweep = LossSweep(self.model, train, self.plan, batch_size=self.batch_size, backend=self.backend)
+        losses = sweep.run([None] + variants, progress=self.progress)
+        tau = losses[1:] - losses[0][None]
+        scores = tau.max(axis=2) if self.reduce == "max" else tau.mean(axis=2)
+        return torch.from_numpy(scores.T.copy())

@@ -1,0 +1,445 @@
+"""The engine on bad input: a ValueError that names the argument and says how to fix it,
+and nothing already on disk overwritten or left half-written."""
+import json
+import re
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tiny
+from forgetscore import cli
+from forgetscore.attribution import (Attribution, Attributor, DiffusionModel, LossSweep, PreparedData, ScoringPlan,
+                                     TrainingSet, UnlearnConfig, load_fisher, prepare, select_weights, unlearn)
+from forgetscore.attribution.results import redraw
+from forgetscore.attribution.unlearning import check_fisher
+
+N = 6
+PLAN = ScoringPlan(timesteps=(5, 500), flips=False)
+CONFIG = UnlearnConfig(draws=4, micro_batch=4)
+FISHER_SAMPLES = 8
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return tiny.build_model(root / "model"), tiny.build_train(root / "train", n=N)
+
+
+@pytest.fixture(scope="module")
+def model(dirs):
+    return DiffusionModel.load(dirs[0])
+
+
+@pytest.fixture(scope="module")
+def train(dirs):
+    return TrainingSet.load(dirs[1])
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    """Same architecture, other weights: another text encoder and another UNet."""
+    return DiffusionModel.load(tiny.build_model(tmp_path_factory.mktemp("other") / "model", seed=1))
+
+
+@pytest.fixture(scope="module")
+def wide_model(model):
+    """The tiny model with twice the UNet's channel widths: same parameter names, other shapes."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(2)
+    unet = UNet2DConditionModel.from_config({**model.unet.config, "block_out_channels": (16, 32)})
+    return DiffusionModel(model.tokenizer, model.text_encoder, unet.eval().requires_grad_(False), model.scheduler)
+
+
+@pytest.fixture(scope="module")
+def fishers(model, train, tmp_path_factory):
+    """Fisher files saved by the Attributor for the 'kv' and the 'cross-attn' presets."""
+    cache = tmp_path_factory.mktemp("fisher-cache")
+    paths = {}
+    for weights in ("kv", "cross-attn"):
+        path = cache / f"{weights}.safetensors"
+        Attributor(model, train, plan=PLAN, weights=weights, cache_dir=cache, progress=False).fisher(
+            FISHER_SAMPLES, path=path)
+        paths[weights] = path
+    return paths
+
+
+# --- helpers ----------------------------------------------------------------------------------
+def raises(argument: str, fix: str, fn, *args, **kw) -> str:
+    """Call fn; it must raise a ValueError starting with 'argument: ' whose message matches the regex `fix`."""
+    with pytest.raises(ValueError) as info:
+        fn(*args, **kw)
+    msg = str(info.value)
+    assert msg.startswith(f"{argument}: "), msg
+    assert re.search(fix, msg), f"no fix in: {msg}"
+    return msg
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root with its bytes (half-written temporaries included)."""
+    root = Path(root)
+    if not root.exists():
+        return {}
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def no_temporaries(root: Path) -> bool:
+    return not [p for p in Path(root).rglob("*") if p.name.endswith(".tmp")]
+
+
+def copy_train(dirs, dest: Path) -> Path:
+    return Path(shutil.copytree(dirs[1], dest))
+
+
+def write_meta(folder: Path, lines: list[str]) -> None:
+    (folder / "metadata.jsonl").write_text("".join(line + "\n" for line in lines))
+
+
+# --- training folder --------------------------------------------------------------------------
+GOOD = '{"file_name": "000.png", "text": "a red dot"}'
+FOLDER_CASES = {
+    "no metadata": (None, r"needs a metadata\.jsonl with lines like"),
+    "empty metadata": ([], r"lists no images; add a line per image"),
+    "not json": ([GOOD, '{"file_name": "001.png", "text": "a"'], r"line 2 is not JSON .*one JSON object per line"),
+    "not an object": ([GOOD, '["001.png", "a blue line"]'], r"line 2 is a JSON list, not an object; write it like"),
+    "no file_name": ([GOOD, '{"text": "a blue line"}'], r'line 2 has no "file_name"; give the name of its image'),
+    "no text": ([GOOD, '{"file_name": "001.png"}'], r'line 2 \(001\.png\) has no caption; give "text"'),
+    "empty text": ([GOOD, '{"file_name": "001.png", "text": []}'], r"line 2 .*no caption; give"),
+    "blank caption": ([GOOD, '{"file_name": "001.png", "text": ["a dot", " "]}'], r"line 2 .*no caption; give"),
+    "missing image": ([GOOD, '{"file_name": "nope.png", "text": "a dot"}'],
+                      r"image 'nope\.png' \(metadata\.jsonl line 2\) is missing .*; add the file or remove its line"),
+    "listed twice": ([GOOD, '{"file_name": "001.png", "text": "a dot"}', GOOD],
+                     r"line 3 lists '000\.png' again \(first on line 1\); each image must appear once"),
+}
+
+
+@pytest.mark.parametrize("case", list(FOLDER_CASES))
+def test_bad_training_folder(dirs, tmp_path, case):
+    lines, fix = FOLDER_CASES[case]
+    folder = copy_train(dirs, tmp_path / "train")
+    if lines is None:
+        (folder / "metadata.jsonl").unlink()
+    else:
+        write_meta(folder, lines)
+    before = snapshot(folder)
+    raises("train", fix, TrainingSet.load, folder)
+    assert snapshot(folder) == before
+
+
+def test_unreadable_image_is_named_at_prepare(dirs, model, tmp_path):
+    folder = copy_train(dirs, tmp_path / "train")
+    (folder / "002.png").write_bytes(b"\x89PNG but not really" + bytes(range(256)))
+    train = TrainingSet.load(folder)  # listed and present: only decoding finds the problem
+    att = Attributor(model, train, plan=PLAN, cache_dir=tmp_path / "cache", progress=False)
+    raises("train", rf"cannot read image '{re.escape(str(folder / '002.png'))}' .*give a path to a valid image",
+           att.prepare)
+    cache = tmp_path / "cache" / "prepared"
+    assert not (cache / "manifest.json").exists() and no_temporaries(cache)
+    shutil.copy(dirs[1] / "002.png", folder / "002.png")  # repaired: prepare now goes through
+    data = Attributor(model, TrainingSet.load(folder), plan=PLAN, cache_dir=tmp_path / "cache",
+                      progress=False).prepare()
+    assert data.n == N and data.manifest["complete"]
+
+
+def test_image_of_another_size_needs_resize(dirs, model, tmp_path):
+    folder = copy_train(dirs, tmp_path / "train")
+    Image.fromarray(np.full((16, 12), 200, dtype=np.uint8)).save(folder / "003.png")
+    train = TrainingSet.load(folder)
+    raises("train", r"'.*003\.png' is 12x16 but the model takes 8x8; resize the images or pass resize=True",
+           prepare, model, train, tmp_path / "cache", progress=False)
+    assert not (tmp_path / "cache" / "manifest.json").exists()
+    data = prepare(model, train, tmp_path / "cache", resize=True, progress=False)
+    got = data.inputs(np.array([3]))[0, 0]
+    torch.testing.assert_close(got, torch.full_like(got, 200 / 127.5 - 1))
+
+
+# --- model directory --------------------------------------------------------------------------
+def test_model_path_that_is_not_a_directory(dirs, tmp_path):
+    for path in (tmp_path / "absent", dirs[1] / "metadata.jsonl"):
+        raises("model", r"is not a directory; pass a folder saved with save_pretrained", DiffusionModel.load, path)
+
+
+def test_model_directory_without_unet(dirs, tmp_path):
+    bad = Path(shutil.copytree(dirs[0], tmp_path / "model", ignore=shutil.ignore_patterns("unet")))
+    raises("model", r"lacks unet/; save the pipeline with save_pretrained", DiffusionModel.load, bad)
+    shutil.rmtree(bad / "scheduler")
+    raises("model", r"lacks unet/, scheduler/", DiffusionModel.load, bad)
+
+
+@pytest.mark.parametrize("part", ["unet", "text_encoder"])
+def test_model_part_without_its_files(dirs, tmp_path, part):
+    bad = Path(shutil.copytree(dirs[0], tmp_path / "model"))
+    for f in (bad / part).iterdir():
+        f.unlink()
+    raises("model", rf"cannot load {part}/ .*save the pipeline again", DiffusionModel.load, bad)
+
+
+def test_model_with_unsupported_prediction_type(dirs, tmp_path):
+    bad = Path(shutil.copytree(dirs[0], tmp_path / "model"))
+    cfg = bad / "scheduler" / "scheduler_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "prediction_type": "sample"}))
+    raises("scheduler", r"'sample' is not supported; use a model trained with 'epsilon'", DiffusionModel.load, bad)
+
+
+# --- a Fisher from another model --------------------------------------------------------------
+def test_fisher_lacking_the_selected_weights(model, fishers):
+    raises("fisher", r"has no entry for .*attn2\.to_q.*compute it for this model and preset",
+           load_fisher, fishers["kv"], model, select_weights(model.unet, "cross-attn"))
+
+
+def test_fisher_of_a_wider_preset_serves_a_narrower_one(model, fishers):
+    # A diagonal Fisher's entry depends only on its own weight, so the kv entries of a cross-attn
+    # Fisher are the kv Fisher: using it for "kv" is right, not a mix-up.
+    kv = select_weights(model.unet, "kv")
+    wide, narrow = load_fisher(fishers["cross-attn"], model, kv), load_fisher(fishers["kv"], model, kv)
+    for n in kv:
+        torch.testing.assert_close(wide[n], narrow[n], rtol=1e-6, atol=0)
+
+
+def test_fisher_of_other_widths(wide_model, fishers, model):
+    # The saved model identity catches it first; without it, the shapes do.
+    raises("fisher", r"another model.*compute",
+           load_fisher, fishers["kv"], wide_model, select_weights(wide_model.unet, "kv"))
+    f = load_fisher(fishers["kv"], model, select_weights(model.unet, "kv"))
+    raises("fisher", r"has shape \(8, 16\), the model's weight \(16, 16\).*compute",
+           check_fisher, f, wide_model.unet, select_weights(wide_model.unet, "kv"), 0.0)
+
+
+def test_fisher_of_a_model_with_the_same_shapes(other_model, fishers):
+    raises("fisher", r"another model.*compute", load_fisher, fishers["kv"], other_model,
+           select_weights(other_model.unet, "kv"))
+
+
+def _unlearn(model, train, fisher, damping):
+    x0 = torch.rand(model.input_shape) * 2 - 1
+    ctx = model.encode_text(["a red dot"])[0]
+    return unlearn(model, list(fisher), fisher, x0, ctx, replace(CONFIG, damping=damping), len(train))
+
+
+def test_zero_fisher_entry_needs_damping(model, train, fishers):
+    kv = select_weights(model.unet, "kv")
+    fisher = load_fisher(fishers["kv"], model, kv)  # loading checks with damping, so zeros pass here
+    fisher = {n: f.clone() for n, f in fisher.items() if n in kv}
+    fisher[kv[0]][0, 0] = 0
+    raises("fisher", r"1 zero entries and damping is 0.*pass damping > 0", check_fisher, fisher, model.unet, kv, 0.0)
+    raises("fisher", r"pass damping > 0", _unlearn, model, train, fisher, 0.0)
+    original = {n: model.unet.get_parameter(n).clone() for n in kv}
+    out = _unlearn(model, train, fisher, 0.1)
+    assert all(bool(torch.isfinite(v).all()) for v in out.values())
+    for n in kv:  # the model itself is left as it was
+        assert torch.equal(model.unet.get_parameter(n), original[n])
+
+
+def test_all_zero_fisher_layer_is_refused_even_with_damping(model, train, fishers):
+    kv = select_weights(model.unet, "kv")
+    fisher = {n: f.clone() for n, f in load_fisher(fishers["kv"], model, kv).items() if n in kv}
+    fisher[kv[0]].zero_()
+    raises("fisher", r"zero", _unlearn, model, train, fisher, 0.1)
+
+
+# --- query and region -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def att(model, train, tmp_path_factory):
+    return Attributor(model, train, plan=PLAN, cache_dir=tmp_path_factory.mktemp("att-cache"), progress=False)
+
+
+def test_query_with_nan(att):
+    query = torch.zeros(1, 8, 8)
+    query[0, 3, 4] = float("nan")
+    raises("query", r"NaN or inf; pass a finite image", att.query_inputs, query)
+
+
+def test_query_of_the_wrong_shape(att):
+    raises("query", r"shape \(3, 8, 8\) is neither the model's input \(1, 8, 8\) nor its image shape",
+           att.query_inputs, torch.zeros(3, 8, 8))
+    raises("query", r"expected a tensor or an image path", att.query_inputs, [[0.0]])
+
+
+def test_query_file_missing_unreadable_or_of_another_size(att, tmp_path):
+    raises("query", r"cannot read image .*absent\.png.*give a path to a valid image", att.query_inputs,
+           tmp_path / "absent.png")
+    (tmp_path / "junk.png").write_bytes(b"junk")
+    raises("query", r"cannot read image .*junk\.png.*give a path to a valid image", att.query_inputs,
+           tmp_path / "junk.png")
+    Image.fromarray(np.zeros((10, 10), dtype=np.uint8)).save(tmp_path / "big.png")
+    raises("query", r"is 10x10 but the model takes 8x8; .*resize=True", att.query_inputs, tmp_path / "big.png")
+
+
+@pytest.mark.parametrize("box", [(0, 0, 9, 8), (-1, 0, 4, 4), (4, 4, 4, 6), (0, 0, 4), (6, 6, 2, 2)])
+def test_region_box_outside_the_image(att, box):
+    raises("region", r"is not a box x0,y0,x1,y1 inside the 8x8 image", att.region_mask, box)
+
+
+def test_region_mask_of_the_wrong_shape(att):
+    raises("region", r"mask shape \(4, 4\) is not the image's \(8, 8\)", att.region_mask, torch.ones(4, 4))
+
+
+def test_region_mask_selecting_nothing(att):
+    raises("region", r"selects no pixel; ", att.region_mask, torch.zeros(8, 8))
+
+
+# --- caches made under other models, data or plans --------------------------------------------
+def test_prepared_cache_of_another_text_encoder(model, other_model, train, tmp_path):
+    data = prepare(model, train, tmp_path / "prepared", progress=False)
+    before = snapshot(tmp_path)
+    raises("cache", r"another encoders_id .*use a fresh cache directory",
+           Attributor(other_model, train, plan=PLAN, cache_dir=tmp_path, progress=False).prepare)
+    raises("cache", r"another tokenizer, text encoder or VAE .*prepare again for this model",
+           LossSweep, other_model, data, PLAN)
+    assert snapshot(tmp_path) == before
+
+
+def test_prepared_cache_of_other_data_or_shards(model, train, tmp_path):
+    prepare(model, train, tmp_path / "prepared", progress=False)
+    before = snapshot(tmp_path)
+    other = TrainingSet.load(tiny.build_train(tmp_path / "other-train", n=N, seed=1))
+    raises("cache", r"another data_id .*use a fresh cache directory", prepare, model, other, tmp_path / "prepared")
+    raises("cache", r"another shard_size .*use a fresh cache directory", prepare, model, train, tmp_path / "prepared",
+           shard_size=2)
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("other-train/")} == before
+
+
+def test_prepared_inputs_of_another_shape(model, train, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    data = prepare(model, train, tmp_path / "prepared", progress=False)
+    unet = UNet2DConditionModel.from_config({**model.unet.config, "sample_size": 4})
+    small = DiffusionModel(model.tokenizer, model.text_encoder, unet, model.scheduler)
+    raises("cache", r"shape \(1, 8, 8\), the UNet takes \(1, 4, 4\); prepare again", LossSweep, small, data, PLAN)
+
+
+@pytest.mark.parametrize("key", ["plan", "unet_id"])
+def test_before_losses_made_under_another_plan_or_model(model, train, tmp_path, key):
+    att = Attributor(model, train, plan=PLAN, cache_dir=tmp_path, progress=False)
+    att.before_losses()
+    (meta,) = tmp_path.glob("before-*.json")
+    rec = json.loads(meta.read_text())
+    rec[key] = {"plan": {**rec["plan"], "timesteps": [1, 2]}, "unet_id": "0123456789abcdef"}[key]
+    meta.write_text(json.dumps(rec))
+    before = snapshot(tmp_path)
+    again = Attributor(model, train, plan=PLAN, cache_dir=tmp_path, progress=False)
+    raises("cache", r"was made under another plan or model; delete it", again.before_losses)
+    assert snapshot(tmp_path) == before
+
+
+def _arrays(data: PreparedData):
+    ids = np.arange(data.n)
+    return data.inputs(ids).numpy(), data.text(ids, "all")[0].numpy(), np.asarray(data.caption_offsets)
+
+
+def _counting(monkeypatch, model, fail_at: int | None = None) -> list[int]:
+    calls, real = [], DiffusionModel.encode_images.__get__(model)  # the method, not an earlier patch
+
+    def encode_images(pixels):
+        calls.append(len(pixels))
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return real(pixels)
+
+    monkeypatch.setattr(model, "encode_images", encode_images)
+    return calls
+
+
+def test_interrupted_prepare_resumes_to_the_same_arrays(model, train, tmp_path, monkeypatch):
+    kw = dict(shard_size=2, batch_size=2, progress=False)  # 3 shards, one encoder call each
+    full = prepare(model, train, tmp_path / "full", **kw)
+    cut = tmp_path / "cut"
+    _counting(monkeypatch, model, fail_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(model, train, cut, **kw)
+    manifest = json.loads((cut / "manifest.json").read_text())
+    assert manifest["complete"] is False and len(manifest["shards"]) == 2 and no_temporaries(cut)
+    raises("cache", r"unfinished prepare; run prepare again to resume it", PreparedData, cut)
+    calls = _counting(monkeypatch, model)
+    resumed = prepare(model, train, cut, **kw)
+    assert calls == [4]  # only the third shard (2 images and their flips) was encoded again
+    for a, b in zip(_arrays(resumed), _arrays(full)):
+        np.testing.assert_array_equal(a, b)
+    assert resumed.manifest == full.manifest
+
+
+def test_prepare_redoes_shard_files_no_manifest_vouches_for(model, train, tmp_path):
+    """Shard files without a matching manifest (a crash before its write, or another run's) are not trusted."""
+    kw = dict(shard_size=2, batch_size=2, progress=False)
+    full = prepare(model, train, tmp_path / "full", **kw)
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    np.save(stale / "inputs-00000.npy", np.zeros((2, 2, *model.input_shape), dtype=np.float32))
+    np.save(stale / "text-00000.npy", np.zeros((3, 8, 16), dtype=np.float32))
+    for a, b in zip(_arrays(prepare(model, train, stale, **kw)), _arrays(full)):
+        np.testing.assert_array_equal(a, b)
+
+
+# --- the output directory ---------------------------------------------------------------------
+def _result(train, seed: int) -> Attribution:
+    rng = np.random.default_rng(seed)
+    scores = rng.random(len(train))
+    return Attribution(scores, scores[:, None], "a red dot", torch.rand(1, 8, 8) * 2 - 1, train.file_names,
+                       train.captions, {"train_dir": str(train.root)})
+
+
+def test_output_directory_holding_results(train, tmp_path):
+    out = tmp_path / "out"
+    _result(train, 0).save(out, train_dir=train.root, k=3)
+    before = snapshot(out)
+    raises("out", r"already holds results .*choose a new directory or pass overwrite=True",
+           _result(train, 1).save, out, train_dir=train.root, k=3)
+    assert snapshot(out) == before
+    new = _result(train, 1)
+    new.save(out, train_dir=train.root, k=3, overwrite=True)
+    np.testing.assert_array_equal(np.load(out / "scores.npy"), new.scores)
+    assert json.loads((out / "attribution.json").read_text())["top"] == new.top_records(3)
+    assert no_temporaries(out)
+
+
+def test_output_directory_holding_a_users_query_png(train, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "query.png").write_bytes(b"the user's own query")
+    raises("out", r"already holds results \(query\.png\)", _result(train, 0).save, out, train_dir=train.root)
+    assert snapshot(out) == {"query.png": b"the user's own query"}
+
+
+def test_output_path_that_is_a_file(train, tmp_path):
+    (tmp_path / "out").write_text("x")
+    raises("out", r"exists and is not a directory; choose another path", _result(train, 0).save, tmp_path / "out")
+    assert (tmp_path / "out").read_text() == "x"
+
+
+def test_unreadable_training_image_writes_no_result(dirs, train, tmp_path):
+    folder = copy_train(dirs, tmp_path / "train")
+    (folder / "004.png").unlink()
+    result = _result(train, 0)
+    raises("train_dir", r"cannot read .*004\.png.*pass the training folder the result was made from",
+           result.save, tmp_path / "new", train_dir=folder, k=N)
+    assert snapshot(tmp_path / "new") == {}
+    out = tmp_path / "out"
+    _result(train, 1).save(out, train_dir=train.root, k=3)
+    before = snapshot(out)
+    raises("train_dir", r"cannot read", result.save, out, train_dir=folder, k=N, overwrite=True)
+    assert snapshot(out) == before
+
+
+def test_redraw_of_a_directory_without_results(tmp_path):
+    raises("out", r"holds no attribution\.json; run `forgetscore attribute` first", redraw, tmp_path)
+
+
+# --- the command line -------------------------------------------------------------------------
+def test_cli_attribute_with_a_missing_train_folder(dirs, tmp_path, capsys):
+    query = dirs[1] / "000.png"
+    code = cli.main(["attribute", "--model", str(dirs[0]), "--train", str(tmp_path / "nowhere"),
+                     "--cache", str(tmp_path / "cache"), "--prompt", "a red dot", "--query", str(query),
+                     "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.match(r"forgetscore attribute: error: train: '.*nowhere/metadata\.jsonl' not found; the training "
+                    r"folder needs a metadata\.jsonl", err), err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
