@@ -86,8 +86,11 @@ fi
 # 4. Versions, backends and the self-test of every backend.
 run_step info 60 0 "python -m forgetscore info" -- "$PYTHON" -m forgetscore info
 
-# 5. Kernel tests; conftest picks the CUDA backends when a GPU is present.
-run_step tests 150 0 "kernel tests" -- "$PYTHON" -m pytest -q -x -p no:cacheprovider \
+# 5. Kernel tests; conftest picks the CUDA backends when a GPU is present.  At most 150 s,
+#    and at least 120 s of the budget stay for the benchmark and the cross-check.
+tests_cap=$(( $(left) - 120 ))
+tests_cap=$(( tests_cap > 150 ? 150 : (tests_cap < 45 ? 45 : tests_cap) ))
+run_step tests "$tests_cap" 0 "kernel tests" -- "$PYTHON" -m pytest -q -x -p no:cacheprovider \
   tests/test_noise.py tests/test_add_noise.py tests/test_diffusion_loss.py tests/test_fisher.py tests/test_validation.py
 
 # 6. Benchmark; it writes its JSON after every row, so a timeout still leaves results.
@@ -99,9 +102,9 @@ run_step bench "$bench_cap" 0 "bench_kernels.py --device cuda" -- \
   --budget-s $(( bench_cap > 60 ? bench_cap - 45 : bench_cap / 2 ))
 
 # 7. Large-shape cross-checks (rows past 2**31 elements, bit-exact noise), with what time is left.
-avail=$(left)
-run_step crosscheck 90 0 "large shapes" -- "$PYTHON" benchmarks/gpu_check.py crosscheck \
-  --max-s $(( avail > 40 ? avail - 30 : 10 ))
+cc_cap=$(( $(left) < 90 ? $(left) : 90 ))
+run_step crosscheck "$cc_cap" 0 "large shapes" -- "$PYTHON" benchmarks/gpu_check.py crosscheck \
+  --max-s $(( cc_cap > 40 ? cc_cap - 30 : 10 ))
 
 # 8. Summary (steps, failing test lines, headline benchmark figures vs targets).
 echo

@@ -33,6 +33,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton", "cuda"],
                    help="kernel backend (default: auto)")
     g.add_argument("--batch-size", type=int, default=256, help="UNet rows per forward pass (default: 256)")
+    g.add_argument("--chunk-size", type=int, default=4096,
+                   help="images per resumable chunk of a sweep; torchrun ranks share chunks (default: 4096)")
     g.add_argument("--resize", action="store_true", help="resize images that do not match the model's size")
     g = p.add_argument_group("scoring plan")
     g.add_argument("--timestep-stride", type=int, default=50, help="score timesteps 0, s, 2s, ... (default: 50)")
@@ -78,7 +80,15 @@ def _plan(args: argparse.Namespace):
 def _attributor(args: argparse.Namespace):
     from .attribution import Attributor
     return Attributor.load(args.model, args.train, plan=_plan(args), weights=args.weights, cache_dir=args.cache,
-                           batch_size=args.batch_size, backend=args.backend, device=args.device, resize=args.resize)
+                           batch_size=args.batch_size, backend=args.backend, device=_device(args.device),
+                           resize=args.resize, chunk_size=args.chunk_size)
+
+
+def _device(name: str) -> str:
+    """Under torchrun each rank takes its own GPU: `cuda` means cuda:$LOCAL_RANK."""
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return name
 
 
 def _config(args: argparse.Namespace):
@@ -119,8 +129,9 @@ def _prepare(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     att = _attributor(args)
     data = att.prepare()
-    print(f"prepared {data.n} images into {data.dir}")
-    _print_timings(att, started)
+    if att.rank == 0:
+        print(f"prepared {data.n} images into {data.dir}")
+        _print_timings(att, started)
     return 0
 
 
@@ -128,6 +139,8 @@ def _fisher(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     att = _attributor(args)
     fisher = att.fisher(args.fisher_samples, batch_size=args.fisher_batch_size)
+    if att.rank:
+        return 0
     total = sum(f.numel() for f in fisher.values())
     print(f"Fisher of {len(fisher)} tensors ({total:,} weights); mean per tensor "
           f"{min(float(f.mean()) for f in fisher.values()):.2e} .. {max(float(f.mean()) for f in fisher.values()):.2e}")
@@ -139,6 +152,8 @@ def _score(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     att = _attributor(args)
     before = att.before_losses()
+    if att.rank:
+        return 0
     print(f"before-unlearning losses of {before.shape[0]} images x {before.shape[1]} version(s): "
           f"mean {before.mean():.4e}; cached in {att.cache_dir}")
     _print_timings(att, started)
@@ -156,6 +171,8 @@ def _attribute(args: argparse.Namespace) -> int:
     query = args.query if args.query else att.generate(args.prompt, args.generate_seed)
     result = att.attribute(query, args.prompt, k=args.topk, config=_config(args), region=_region(args.region),
                            reduce=args.reduce, fisher_samples=args.fisher_samples)
+    if att.rank:
+        return 0
     result.save(args.out, train_dir=args.train, k=args.topk, overwrite=args.overwrite)
     _print_top(result, args.topk)
     print(f"\nresults in {args.out}/ (attribution.json, scores.npy, gallery.png, report.html)")

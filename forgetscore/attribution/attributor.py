@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cache import cache_root
 from . import params
 from .data import PreparedData, TrainingSet, load_image, prepare
 from .fisher import compute_fisher
@@ -32,13 +34,12 @@ from .losses import LossSweep
 from .model import DiffusionModel
 from .plan import ScoringPlan
 from .results import Attribution
+from .sweep import barrier, indices_id, init_distributed, run_sweep, variant_id
+from .train_loss import row_losses
 from .unlearning import UnlearnConfig, unlearn
 
 REDUCTIONS = ("max", "mean")
-
-
-def default_cache_root() -> Path:
-    return Path(os.environ.get("FORGETSCORE_CACHE", Path.home() / ".cache" / "forgetscore"))
+QUERY_LOSS_STREAM = 0x514C4F53
 
 
 @dataclass
@@ -62,14 +63,18 @@ class Attributor:
 
     def __init__(self, model: DiffusionModel, train: TrainingSet, *, plan: ScoringPlan | None = None,
                  weights: str = "kv", cache_dir: str | os.PathLike | None = None, batch_size: int = 256,
-                 backend: str = "auto", progress: bool = True, resize: bool = False):
+                 backend: str = "auto", progress: bool = True, resize: bool = False, chunk_size: int = 4096):
         self.model, self.train = model, train
         self.plan = plan or ScoringPlan()
         self.plan.check_model(model.num_train_timesteps)
         self.names = params.select(model.unet, weights)
         self.weights = weights
-        self.batch_size, self.backend, self.progress, self.resize = batch_size, backend, progress, resize
-        root = Path(cache_dir) if cache_dir is not None else default_cache_root() / "runs"
+        self.batch_size, self.backend, self.resize = batch_size, backend, resize
+        self.chunk_size = chunk_size
+        # Under torchrun every rank runs the same calls; rank 0 writes what is shared.
+        self.rank, self.world = init_distributed(model.device)
+        self.progress = progress and self.rank == 0
+        root = Path(cache_dir) if cache_dir is not None else cache_root() / "runs"
         self.cache_dir = root / f"{model.encoders_id()}-{train.identity()}" if cache_dir is None else root
         self.timings = Timings()
         self._data: PreparedData | None = None
@@ -84,8 +89,12 @@ class Attributor:
     def prepare(self) -> PreparedData:
         if self._data is None:
             t = time.perf_counter()
-            self._data = prepare(self.model, self.train, self.cache_dir / "prepared", resize=self.resize,
-                                 progress=self.progress)
+            if self.rank == 0:
+                self._data = prepare(self.model, self.train, self.cache_dir / "prepared", resize=self.resize,
+                                     progress=self.progress)
+            barrier()
+            if self._data is None:
+                self._data = PreparedData(self.cache_dir / "prepared")
             self.timings.add("prepare", time.perf_counter() - t, len(self.train), "img")
         return self._data
 
@@ -102,19 +111,19 @@ class Attributor:
         meta = {"unet_id": self.model.unet_id(), "data_id": data.data_id, "names": self.names,
                 "samples": samples, "seed": seed, "flips": self.plan.flips, "captions": self.plan.captions}
         path = Path(path) if path else self.cache_dir / f"fisher-{self._key(meta)}.safetensors"
-        if path.is_file():
-            return load_fisher(path, self.model, self.names)
-        t = time.perf_counter()
-        fisher = compute_fisher(self.model, data, self.names, samples=samples, seed=seed, batch_size=batch_size,
-                                flips=self.plan.flips, captions=self.plan.captions, backend=self.backend,
-                                progress=self.progress)
-        self.timings.add("fisher", time.perf_counter() - t, samples, "samples")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({n: f.cpu().contiguous() for n, f in fisher.items()}, str(tmp),
-                  metadata={"forgetscore": json.dumps(meta)})
-        os.replace(tmp, path)
-        return fisher
+        if not path.is_file() and self.rank == 0:
+            t = time.perf_counter()
+            fisher = compute_fisher(self.model, data, self.names, samples=samples, seed=seed,
+                                    batch_size=batch_size, flips=self.plan.flips, captions=self.plan.captions,
+                                    backend=self.backend, progress=self.progress)
+            self.timings.add("fisher", time.perf_counter() - t, samples, "samples")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({n: f.cpu().contiguous() for n, f in fisher.items()}, str(tmp),
+                      metadata={"forgetscore": json.dumps(meta)})
+            os.replace(tmp, path)
+        barrier()
+        return load_fisher(path, self.model, self.names)
 
     def sweep(self) -> LossSweep:
         return LossSweep(self.model, self.prepare(), self.plan, batch_size=self.batch_size, backend=self.backend)
@@ -134,16 +143,33 @@ class Attributor:
                 raise ValueError(f"cache: {str(path)!r} was made under another plan or model; delete it")
             return np.load(path)
         t = time.perf_counter()
-        before = self.sweep().run([None], progress=self.progress, desc="score (before)")[0]
+        before = self._run([None], None, desc="score (before)")[0]
         self.timings.add("score before", time.perf_counter() - t, len(before), "img")
         self._save_before(before)
         return before
 
+    def _run(self, variants: list, indices: np.ndarray | None, desc: str) -> np.ndarray:
+        """A resumable, sharded sweep (chunks in the cache; ranks share them under torchrun)."""
+        data = self.prepare()
+        sel = np.arange(data.n) if indices is None else np.asarray(indices, dtype=np.int64)
+        ids = [variant_id(w) for w in variants]
+        key = self._key(self.model.unet_id(), data.data_id, self.plan.to_dict(), self.batch_size, self.chunk_size,
+                        ids, indices_id(sel))
+        out_dir = self.cache_dir / "sweeps" / key
+        losses = run_sweep(self.sweep(), variants, out_dir, indices=sel, chunk_size=self.chunk_size,
+                           variant_ids=ids, progress=self.progress, desc=desc)
+        barrier()
+        if self.rank == 0:  # the chunks only serve a resume; the caller keeps what it needs
+            shutil.rmtree(out_dir, ignore_errors=True)
+        return losses
+
     def _save_before(self, before: np.ndarray) -> None:
-        path = self._before_path()
-        write_json(path.with_suffix(".json"), {"unet_id": self.model.unet_id(), "data_id": self.prepare().data_id,
-                                               "plan": self.plan.to_dict()})
-        write_npy(path, before)
+        if self.rank == 0:
+            path = self._before_path()
+            write_json(path.with_suffix(".json"), {"unet_id": self.model.unet_id(),
+                                                   "data_id": self.prepare().data_id, "plan": self.plan.to_dict()})
+            write_npy(path, before)
+        barrier()
 
     # --- queries -------------------------------------------------------------------------
     def generate(self, prompt: str, seed: int = 0, *, steps: int = 50, guidance_scale: float = 3.0) -> torch.Tensor:
@@ -188,6 +214,23 @@ class Attributor:
         return mask.to(self.model.device)
 
     # --- attribution ---------------------------------------------------------------------
+    @torch.no_grad()
+    def query_loss(self, query: torch.Tensor, prompt: str, weights: dict[str, torch.Tensor] | None = None,
+                   draws_per_timestep: int = 16) -> float:
+        """The query's mean loss over the plan's timesteps (fixed noise), under `weights` (None: original)."""
+        x0 = self.query_inputs(query)
+        ts = torch.tensor(self.plan.timesteps, device=x0.device).repeat_interleave(draws_per_timestep)
+        n = ts.shape[0]
+        ctx = self.model.encode_text([prompt])[0]
+        with params.swapped(self.model.unet, weights):
+            losses = torch.cat([
+                row_losses(self.model, x0[None].expand(len(chunk), *x0.shape), ctx[None].expand(len(chunk), *ctx.shape),
+                           chunk, self.plan.seed ^ QUERY_LOSS_STREAM, torch.zeros(len(chunk), dtype=torch.int64,
+                                                                                  device=x0.device),
+                           torch.arange(lo, lo + len(chunk), device=x0.device), backend=self.backend)
+                for lo in range(0, n, self.batch_size) for chunk in [ts[lo:lo + self.batch_size]]])
+        return float(losses.double().mean())
+
     def unlearn(self, query: torch.Tensor, prompt: str, config: UnlearnConfig | None = None,
                 region: Sequence[int] | torch.Tensor | None = None, fisher_samples: int | None = None
                 ) -> dict[str, torch.Tensor]:
@@ -229,7 +272,7 @@ class Attributor:
             before = self.before_losses()
             variants = unlearned
         t = time.perf_counter()
-        losses = self.sweep().run(variants, sel, progress=self.progress, desc="score (after)")
+        losses = self._run(variants, sel, desc="score (after)")
         self.timings.add("score after", time.perf_counter() - t, len(sel) * len(variants), "img")
         if before is None:
             before = losses[0]
@@ -238,14 +281,19 @@ class Attributor:
         else:
             before = before[sel]
         results = []
-        for (q, prompt), after in zip(queries, losses):
+        for (q, prompt), after, weights in zip(queries, losses, unlearned):
             tau = after - before
             scores = tau.max(axis=1) if reduce == "max" else tau.mean(axis=1)
+            q_before, q_after = (self.query_loss(q, prompt, w) for w in (None, weights))
             meta = {"plan": self.plan.to_dict(), "unlearn": config.to_dict(), "weights": self.weights,
                     "n_weights": int(sum(self.model.unet.get_parameter(n).numel() for n in self.names)),
                     "reduce": reduce, "model": self.model.source, "unet_id": self.model.unet_id(),
                     "data_id": data.data_id, "train_dir": str(self.train.root),
-                    "region": None if region is None or isinstance(region, torch.Tensor) else list(region)}
+                    "region": None if region is None or isinstance(region, torch.Tensor) else list(region),
+                    # How selective the forgetting was: the query's own loss should rise far more.
+                    "query_loss_before": q_before, "query_loss_after": q_after,
+                    "query_loss_rise": (q_after - q_before) / q_before,
+                    "train_loss_rise_mean": float(np.mean(tau) / np.mean(before))}
             full_scores = scores if indices is None else _scatter(scores, sel, data.n)
             full_tau = tau if indices is None else _scatter(tau, sel, data.n)
             pixels = self.model.decode(self.query_inputs(q)[None])[0].cpu()

@@ -7,7 +7,7 @@ Why these choices
 * ``UNet2DConditionModel`` with two levels, 32 and 64 channels, one ResNet layer
   per block, and cross-attention only at the 4x4 level (down block 2, mid block,
   up block 1).  On two CPU cores this is dominated by convolutions and attention
-  kernels rather than Python overhead at batch 128; attention at 8x8 (64 tokens)
+  kernels rather than Python overhead even at batch 32; attention at 8x8 (64 tokens)
   cost about twice as much per step for no visible gain.  The model still has the
   ``attn2.to_k`` / ``attn2.to_v`` cross-attention weights the attribution method
   unlearns (8 tensors, see :func:`cross_attention_kv_names`).

@@ -1,0 +1,266 @@
+"""Resumable, sharded loss sweeps: a :class:`LossSweep` run chunk by chunk into a directory.
+
+    losses = run_sweep(sweep, [None, weights], "out/sweep", chunk_size=1024,
+                       variant_ids=[variant_id(None), variant_id(weights)])
+
+The image ids are cut by position into fixed chunks (chunk ``k`` holds
+``ids[k * chunk_size:(k + 1) * chunk_size]``). Each chunk's losses
+``[n_variants, len(chunk), versions]`` are written atomically to
+``chunk-{k:06d}.npy`` beside a ``sweep.json`` manifest of everything the numbers
+depend on, so an interrupted sweep resumes where it stopped and a directory made
+under another model, data set, plan or set of variants is refused.
+
+Under ``torch.distributed`` (e.g. launched with ``torchrun``) the unfinished chunks
+are dealt round-robin to the ranks, which write into the same directory (it must be
+on a filesystem every rank sees); after a barrier every rank assembles the full
+array from the chunk files. A chunk is always computed the same way — the same
+``image_batches`` split of the same ids, so the same UNet batches — whichever rank
+computes it, so a sharded sweep gives exactly the numbers of a single-process one
+(with the same batch size, device kind and intra-op thread count).
+Only one sweep (one process, or one group of ranks) may write into a directory at a time.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .io import read_json, write_json, write_npy
+from .losses import LossSweep
+
+SWEEP_FORMAT = 1
+MANIFEST = "sweep.json"
+# The identities a directory's chunks were computed under; all must match for reuse.
+IDENTITY_KEYS = ("format", "unet_id", "encoders_id", "data_id", "plan", "batch_size", "chunk_size",
+                 "variant_ids", "n_images", "indices_id")
+
+
+def chunk_name(k: int) -> str:
+    return f"chunk-{k:06d}.npy"
+
+
+def variant_id(weights: dict[str, torch.Tensor] | None) -> str:
+    """A short hash of a set of replacement weights (names, dtypes, shapes and bytes); None or {} is "original"."""
+    if not weights:
+        return "original"
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        t = weights[name].detach()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def indices_id(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()[:16]
+
+
+def distributed_env() -> tuple[int, int]:
+    """(rank, world_size) of the running process group, or of the torchrun environment, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and "RANK" in os.environ:
+        return int(os.environ["RANK"]), world
+    return 0, 1
+
+
+def init_distributed(device: torch.device | str = "cpu", timeout: timedelta = timedelta(hours=6)) -> tuple[int, int]:
+    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on CUDA), if any.
+
+    Does nothing when a group is already running or the environment names no several ranks.
+    The long timeout covers the barrier where ranks that finished their chunks wait for the rest.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    rank, world = distributed_env()
+    if world <= 1:
+        return rank, world
+    device = torch.device(device)
+    if device.type == "cuda":
+        backend = "nccl"
+        if device.index is None:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _dist_group_active() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast(obj: object) -> object:
+    """`obj` as rank 0 has it, on every rank (the identity without a process group)."""
+    import torch.distributed as dist
+
+    if not _dist_group_active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather(obj: object) -> list:
+    """`obj` of every rank, in rank order, on every rank."""
+    import torch.distributed as dist
+
+    if not _dist_group_active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if _dist_group_active():
+        dist.barrier()
+
+
+def _chunk_ok(path: Path, shape: tuple[int, ...]) -> bool:
+    """Whether `path` holds a finished chunk of the expected shape (reads the header only)."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return False
+    return arr.shape == shape and arr.dtype == np.float64
+
+
+def _clean_temporaries(out_dir: Path) -> None:
+    """Remove the temporary files of writes that a killed run left behind (never read as results)."""
+    for p in out_dir.glob(".*.tmp"):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _open(out_dir: Path, header: dict) -> str | None:
+    """Check or write the manifest; the error message if the directory belongs to another sweep."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / MANIFEST
+    if path.is_file():
+        try:
+            old = read_json(path)
+        except (OSError, ValueError) as exc:
+            return f"cache: {str(path)!r} cannot be read ({exc}); use a fresh directory"
+        for key in IDENTITY_KEYS:
+            if old.get(key) != header[key]:
+                return (f"cache: {str(out_dir)!r} was made under another model/data/plan or set of variants "
+                        f"({key}: {old.get(key)!r} there, {header[key]!r} here); use a fresh directory")
+    else:
+        stray = sorted(p.name for p in out_dir.glob("chunk-*.npy"))
+        if stray:
+            return (f"cache: {str(out_dir)!r} holds chunk files ({stray[0]}, ...) but no {MANIFEST}, so they "
+                    "cannot be trusted; use a fresh directory")
+        write_json(path, header)
+    _clean_temporaries(out_dir)
+    return None
+
+
+def run_sweep(sweep: LossSweep, variants: Sequence[dict[str, torch.Tensor] | None], out_dir: str | os.PathLike, *,
+              indices: np.ndarray | None = None, chunk_size: int = 1024, variant_ids: Sequence[str] | None = None,
+              progress: bool = True, desc: str = "score") -> np.ndarray:
+    """[len(variants), len(indices), versions] float64 losses, computed chunk by chunk into `out_dir`.
+
+    Bitwise equal to ``sweep.run(variants, indices)`` whenever that run's image batches fall on
+    chunk boundaries, and to any other ``run_sweep`` with the same chunk size and batch size on the
+    same kind of device and intra-op thread count, however many ranks share it (the thread count
+    can change the last bits of a convolution). Finished chunks in `out_dir` are reused.
+    `variant_ids` name the variants in the manifest (default: :func:`variant_id` of each).
+    Under torch.distributed every rank must call it with the same arguments, and every rank
+    returns the whole array.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: {chunk_size!r} must be an int >= 1")
+    variants = list(variants)
+    if not variants:
+        raise ValueError("variants: give at least one (None for the original weights)")
+    variant_ids = [variant_id(w) for w in variants] if variant_ids is None else [str(v) for v in variant_ids]
+    if len(variant_ids) != len(variants):
+        raise ValueError(f"variant_ids: {len(variant_ids)} ids for {len(variants)} variants; give one per variant")
+    data = sweep.data
+    ids = np.arange(data.n, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+    if len(ids) and (ids.min() < 0 or ids.max() >= data.n):
+        raise ValueError(f"indices: must lie in [0, {data.n}), got values in [{ids.min()}, {ids.max()}]")
+    out_dir = Path(out_dir)
+    n_var, versions = len(variants), sweep.plan.versions
+    n_chunks = (len(ids) + chunk_size - 1) // chunk_size
+
+    def chunk_ids(k: int) -> np.ndarray:
+        return ids[k * chunk_size:(k + 1) * chunk_size]
+
+    def chunk_shape(k: int) -> tuple[int, int, int]:
+        return n_var, len(chunk_ids(k)), versions
+
+    header = {"format": SWEEP_FORMAT, "unet_id": sweep.model.unet_id(), "encoders_id": data.model_id,
+              "data_id": data.data_id, "plan": sweep.plan.to_dict(), "batch_size": sweep.batch_size,
+              "chunk_size": chunk_size, "variant_ids": variant_ids, "n_images": int(len(ids)),
+              "indices_id": indices_id(ids), "n_chunks": n_chunks}
+
+    rank, world = init_distributed(sweep.model.device)
+    headers = all_gather(header)
+    for r, other in enumerate(headers):
+        diff = [key for key in IDENTITY_KEYS if other[key] != headers[0][key]]
+        if diff:  # e.g. unlearned weights that came out differently on two ranks: every rank raises
+            raise ValueError(f"run_sweep: rank {r} was called with another {diff[0]} than rank 0 "
+                             f"({other[diff[0]]!r} vs {headers[0][diff[0]]!r}); every rank must sweep the same "
+                             "model, data, plan, variants and indices (compute the variants on rank 0 and "
+                             "broadcast them)")
+    # Rank 0 alone checks the directory and lists the unfinished chunks, before any rank writes;
+    # every rank then raises the same error or deals itself the same share of the same list.
+    failure: BaseException | None = None
+    if rank == 0:
+        try:
+            error = _open(out_dir, header)
+            todo = [] if error else [k for k in range(n_chunks)
+                                     if not _chunk_ok(out_dir / chunk_name(k), chunk_shape(k))]
+        except Exception as exc:  # e.g. an unwritable directory: the other ranks must not wait for rank 0
+            failure, error, todo = exc, f"rank 0 could not open {str(out_dir)!r}: {exc!r}", []
+        decision = (error, todo, failure is not None)
+    else:
+        decision = None
+    error, todo, crashed = broadcast(decision)
+    if failure is not None:
+        raise failure
+    if error:
+        raise (RuntimeError if crashed else ValueError)(error)
+
+    mine = todo[rank::world]
+    with tqdm(total=sum(len(chunk_ids(k)) for k in mine), unit="img", disable=not progress or rank != 0,
+              desc=desc if world == 1 else f"{desc} (rank 0 of {world})") as bar:
+        for k in mine:
+            losses = sweep.run(variants, chunk_ids(k), progress=False)
+            write_npy(out_dir / chunk_name(k), losses)
+            del losses
+            bar.update(len(chunk_ids(k)))
+    barrier()
+
+    out = np.empty((n_var, len(ids), versions), dtype=np.float64)
+    for k in range(n_chunks):
+        path = out_dir / chunk_name(k)
+        if not _chunk_ok(path, chunk_shape(k)):
+            raise ValueError(f"cache: {str(path)!r} is missing or damaged after the sweep"
+                             + ("; with several ranks the directory must be on a filesystem all of them share"
+                                if world > 1 else "; run again to recompute it"))
+        out[:, k * chunk_size:k * chunk_size + len(chunk_ids(k))] = np.load(path, allow_pickle=False)
+    return out

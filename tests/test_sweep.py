@@ -1,0 +1,248 @@
+"""Resumable, chunked and sharded loss sweeps (run_sweep) against plain LossSweep.run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tiny
+from forgetscore.attribution import Attributor, ScoringPlan
+from forgetscore.attribution import sweep as sweep_mod
+from forgetscore.attribution.losses import LossSweep
+from forgetscore.attribution.sweep import chunk_name, distributed_env, run_sweep, variant_id
+
+REPO = Path(__file__).resolve().parents[1]
+PLAN = ScoringPlan(timesteps=(5, 500), flips=True, seed=3)
+CHUNK = 3
+# Every image has at least 4 rows (2 versions x 2 timesteps x 1-3 captions), so with batches of 4
+# rows plain run() makes the same UNet batches as the chunks (one image each, split in 4-row calls)
+# and the two agree bitwise; with other batch sizes only up to rounding.
+BATCH = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every process here runs the UNet on one thread (OMP_NUM_THREADS=1 in the subprocesses): the
+    intra-op thread count can change the last bits of a convolution, and sharding must be the only
+    difference between the runs compared bitwise."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    model_dir, train_dir = tiny.build_model(root / "model"), tiny.build_train(root / "train", n=9)
+    att = Attributor.load(model_dir, train_dir, cache_dir=root / "cache", plan=PLAN, batch_size=BATCH,
+                          progress=False)
+    att.prepare()  # subprocesses below find the prepared data in the cache and only read it
+    g = torch.Generator().manual_seed(0)
+    name = att.names[0]
+    p = att.model.unet.get_parameter(name)
+    weights = {name: p.detach() + 0.05 * torch.randn(p.shape, generator=g)}
+    torch.save(weights, root / "weights.pt")
+    return {"root": root, "model": model_dir, "train": train_dir, "cache": root / "cache", "att": att,
+            "weights": weights}
+
+
+def _variants(setup):
+    return [None, setup["weights"]]
+
+
+def _ids(setup):
+    return [variant_id(w) for w in _variants(setup)]
+
+
+def test_variant_id():
+    w = {"a": torch.ones(2, 3), "b": torch.zeros(4, dtype=torch.bfloat16)}
+    assert variant_id(None) == variant_id({}) == "original"
+    assert variant_id(w) == variant_id(dict(reversed(list(w.items()))))
+    assert variant_id(w) != variant_id({**w, "a": torch.ones(3, 2)})
+    assert variant_id(w) != variant_id({**w, "a": torch.ones(2, 3, dtype=torch.float64)})
+    w2 = {**w, "a": w["a"].clone()}
+    w2["a"][1, 2] = 1.0000001
+    assert variant_id(w) != variant_id(w2)
+
+
+def test_chunked_equals_unchunked_and_resumes(setup, tmp_path, monkeypatch):
+    sweep = setup["att"].sweep()
+    variants = _variants(setup)
+    want = sweep.run(variants, progress=False)
+    out = tmp_path / "sweep"
+    got = run_sweep(sweep, variants, out, chunk_size=CHUNK, variant_ids=_ids(setup), progress=False)
+    assert got.shape == (2, 9, 2) and got.dtype == np.float64
+    np.testing.assert_array_equal(got, want)
+    assert sorted(p.name for p in out.iterdir()) == [chunk_name(k) for k in range(3)] + ["sweep.json"]
+    assert distributed_env() == (0, 1)
+    big = LossSweep(sweep.model, sweep.data, PLAN, batch_size=256)
+    np.testing.assert_allclose(run_sweep(big, variants, tmp_path / "big", chunk_size=CHUNK, progress=False),
+                               big.run(variants, progress=False), rtol=1e-6, atol=0)
+
+    calls = []
+    real = LossSweep.run
+
+    def counting(self, variants, indices=None, **kw):
+        calls.append(list(indices))
+        return real(self, variants, indices, **kw)
+
+    monkeypatch.setattr(LossSweep, "run", counting)
+    (out / chunk_name(1)).unlink()
+    again = run_sweep(sweep, variants, out, chunk_size=CHUNK, variant_ids=_ids(setup), progress=False)
+    assert calls == [[3, 4, 5]]
+    np.testing.assert_array_equal(again, want)
+    calls.clear()
+    np.testing.assert_array_equal(run_sweep(sweep, variants, out, chunk_size=CHUNK, variant_ids=_ids(setup),
+                                            progress=False), want)
+    assert calls == []
+
+    # A subset in any order, with a last chunk shorter than the others.
+    order = np.array([8, 2, 5, 0, 7])
+    sub = run_sweep(sweep, variants, tmp_path / "sub", indices=order, chunk_size=CHUNK, variant_ids=_ids(setup),
+                    progress=False)
+    np.testing.assert_array_equal(sub, want[:, order])
+
+
+def test_sigkill_then_resume(setup, tmp_path):
+    out = tmp_path / "sweep"
+    script = tmp_path / "slow_sweep.py"
+    script.write_text(textwrap.dedent(f"""
+        import time
+        import torch
+        from forgetscore.attribution import Attributor, ScoringPlan
+        from forgetscore.attribution import sweep
+        from forgetscore.attribution.sweep import run_sweep, variant_id
+
+        real = sweep.write_npy
+        def slow(*a, **kw):
+            real(*a, **kw)
+            time.sleep(60)  # long enough to be killed before the next chunk
+        sweep.write_npy = slow
+        att = Attributor.load({str(setup["model"])!r}, {str(setup["train"])!r}, cache_dir={str(setup["cache"])!r},
+                              plan=ScoringPlan.from_dict({PLAN.to_dict()!r}), batch_size={BATCH},
+                              progress=False)
+        w = torch.load({str(setup["root"] / "weights.pt")!r})
+        run_sweep(att.sweep(), [None, w], {str(out)!r}, chunk_size={CHUNK},
+                  variant_ids=[variant_id(None), variant_id(w)], progress=False)
+        """))
+    proc = subprocess.Popen([sys.executable, str(script)], env=_env(), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while not (out / chunk_name(0)).exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the first chunk never appeared"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / chunk_name(2)).exists()
+    # What a kill in the middle of a write leaves: a temporary file, never read as a chunk.
+    (out / f".{chunk_name(2)}.abc123.tmp").write_bytes(b"\x93NUMPY half")
+
+    sweep = setup["att"].sweep()
+    got = run_sweep(sweep, _variants(setup), out, chunk_size=CHUNK, variant_ids=_ids(setup), progress=False)
+    np.testing.assert_array_equal(got, sweep.run(_variants(setup), progress=False))
+    assert sorted(p.name for p in out.iterdir()) == [chunk_name(k) for k in range(3)] + ["sweep.json"]
+
+
+def test_directory_of_another_sweep_is_refused(setup, tmp_path):
+    sweep = setup["att"].sweep()
+    out = tmp_path / "sweep"
+    run_sweep(sweep, [None], out, chunk_size=CHUNK, variant_ids=["original"], progress=False)
+    other_plan = LossSweep(sweep.model, sweep.data, ScoringPlan(timesteps=(5, 501), flips=True, seed=3),
+                           batch_size=BATCH)
+    with pytest.raises(ValueError, match="cache: .*another model/data/plan.*plan.*fresh directory"):
+        run_sweep(other_plan, [None], out, chunk_size=CHUNK, variant_ids=["original"], progress=False)
+    with pytest.raises(ValueError, match="cache: .*chunk_size"):
+        run_sweep(sweep, [None], out, chunk_size=4, variant_ids=["original"], progress=False)
+    with pytest.raises(ValueError, match="cache: .*variant_ids"):
+        run_sweep(sweep, [setup["weights"]], out, chunk_size=CHUNK, progress=False)
+    with pytest.raises(ValueError, match="cache: .*indices_id"):
+        run_sweep(sweep, [None], out, indices=np.arange(9)[::-1], chunk_size=CHUNK, variant_ids=["original"],
+                  progress=False)
+    manifest = json.loads((out / "sweep.json").read_text())
+    manifest["unet_id"] = "0" * 16  # as if made with other UNet weights
+    (out / "sweep.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="cache: .*another model.*unet_id"):
+        run_sweep(sweep, [None], out, chunk_size=CHUNK, variant_ids=["original"], progress=False)
+    orphan = tmp_path / "orphan"
+    orphan.mkdir()
+    (orphan / chunk_name(0)).write_bytes(b"")
+    with pytest.raises(ValueError, match="cache: .*no sweep.json"):
+        run_sweep(sweep, [None], orphan, chunk_size=CHUNK, variant_ids=["original"], progress=False)
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def test_two_rank_gloo_sweep_equals_single_process(setup, tmp_path):
+    out, result, computed_log = tmp_path / "sweep", tmp_path / "result-{rank}.npy", tmp_path / "computed-{rank}.json"
+    script = tmp_path / "dist_sweep.py"
+    script.write_text(textwrap.dedent(f"""
+        import json
+
+        import numpy as np
+        import torch
+        import torch.distributed as dist
+        from forgetscore.attribution import Attributor, ScoringPlan
+        from forgetscore.attribution.losses import LossSweep
+        from forgetscore.attribution.sweep import distributed_env, run_sweep, variant_id
+
+        computed = []
+        real = LossSweep.run
+        def logged(self, variants, indices=None, **kw):
+            computed.append([int(i) for i in indices])
+            return real(self, variants, indices, **kw)
+        LossSweep.run = logged
+        rank, world = distributed_env()
+        assert world == 2, world
+        att = Attributor.load({str(setup["model"])!r}, {str(setup["train"])!r}, cache_dir={str(setup["cache"])!r},
+                              plan=ScoringPlan.from_dict({PLAN.to_dict()!r}), batch_size={BATCH},
+                              progress=False)
+        w = torch.load({str(setup["root"] / "weights.pt")!r})
+        got = run_sweep(att.sweep(), [None, w], {str(out)!r}, chunk_size={CHUNK},
+                        variant_ids=[variant_id(None), variant_id(w)], progress=False)
+        assert dist.is_initialized() and dist.get_backend() == "gloo"
+        np.save({str(result)!r}.format(rank=rank), got)
+        try:  # ranks that disagree on what to sweep: all of them raise, none hangs
+            run_sweep(att.sweep(), [None], {str(tmp_path / "other")!r}, indices=np.arange(rank + 1),
+                      chunk_size={CHUNK}, variant_ids=["original"], progress=False)
+            error = None
+        except ValueError as exc:
+            error = str(exc)
+        with open({str(computed_log)!r}.format(rank=rank), "w") as f:
+            json.dump({{"computed": computed, "error": error}}, f)
+        dist.destroy_process_group()
+        """))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    logs = [json.loads(Path(str(computed_log).format(rank=rank)).read_text()) for rank in range(2)]
+    # chunks 0 and 2 on rank 0, chunk 1 on rank 1
+    assert [log["computed"] for log in logs] == [[[0, 1, 2], [6, 7, 8]], [[3, 4, 5]]]
+    for log in logs:
+        assert "rank 1 was called with another n_images" in log["error"]
+    assert not (tmp_path / "other").exists()
+
+    want = run_sweep(setup["att"].sweep(), _variants(setup), tmp_path / "single", chunk_size=CHUNK,
+                     variant_ids=_ids(setup), progress=False)
+    for rank in range(2):
+        np.testing.assert_array_equal(np.load(str(result).format(rank=rank)), want)
+    assert sorted(p.name for p in out.iterdir()) == [chunk_name(k) for k in range(3)] + ["sweep.json"]
+    assert sweep_mod.read_json(out / "sweep.json")["variant_ids"] == _ids(setup)
