@@ -110,6 +110,29 @@ def _region(text: str | None):
     return box
 
 
+def _subset(path: str | None, file_names: list[str]):
+    if not path:
+        return None
+    import numpy as np
+    position = {name: i for i, name in enumerate(file_names)}
+    try:
+        lines = [line.strip() for line in open(path) if line.strip()]
+    except OSError as exc:
+        raise ValueError(f"--subset: cannot read {path!r} ({exc})") from None
+    ids = []
+    for line in lines:
+        if line in position:
+            ids.append(position[line])
+        elif line.isdigit() and int(line) < len(file_names):
+            ids.append(int(line))
+        else:
+            raise ValueError(f"--subset: {line!r} is neither a file name of the training set nor a position "
+                             f"below {len(file_names)}")
+    if not ids:
+        raise ValueError(f"--subset: {path!r} lists no image")
+    return np.array(ids, dtype=np.int64)
+
+
 def _print_timings(att, started: float) -> None:
     print("\ntime per stage:")
     for line in att.timings.lines():
@@ -170,7 +193,8 @@ def _attribute(args: argparse.Namespace) -> int:
                          "query from the prompt")
     query = args.query if args.query else att.generate(args.prompt, args.generate_seed)
     result = att.attribute(query, args.prompt, k=args.topk, config=_config(args), region=_region(args.region),
-                           reduce=args.reduce, fisher_samples=args.fisher_samples)
+                           reduce=args.reduce, fisher_samples=args.fisher_samples,
+                           indices=_subset(args.subset, att.train.file_names))
     if att.rank:
         return 0
     result.save(args.out, train_dir=args.train, k=args.topk, overwrite=args.overwrite)
@@ -243,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--query", help="query image file (the model's image size)")
     g.add_argument("--generate-seed", type=int, help="instead of --query: generate the query from --prompt")
     g.add_argument("--topk", type=int, default=10)
+    g.add_argument("--subset", help="score only these training images: a file with one file name (or "
+                                    "position in metadata.jsonl) per line, e.g. the top-M of a cheaper ranking")
     g.add_argument("--out", required=True, help="output directory")
     g.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p = add("report", "redraw gallery.png and report.html of a result directory", _report)

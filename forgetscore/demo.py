@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .attribution.io import write_dir
+
 DEFAULT_PROMPT = "a thick right slanted wide handwritten seven"
 # The demo's settings, sized to run in about a minute on two CPU cores once the model is
 # cached. The paper's MSCOCO plan (20 timesteps, all captions, flips) is `forgetscore attribute`'s
@@ -28,13 +30,8 @@ DEMO_SAMPLING_STEPS = 25
 
 
 def _copy_dir(src: Path, dst: Path) -> None:
-    """Copy a folder so that `dst` appears whole or not at all."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
+    """Copy a folder (keeping modification times) so that `dst` appears whole or not at all."""
+    write_dir(dst, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
 
 
 def run_demo(args: argparse.Namespace) -> int:

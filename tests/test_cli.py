@@ -47,6 +47,13 @@ def test_commands_end_to_end(dirs, capsys, tmp_path):
     assert "out:" in capsys.readouterr().err
     assert cli.main(["report", "--out", str(out), "--topk", "5"]) == 0
     assert "<td>5</td>" in (out / "report.html").read_text()
+    # A candidate subset, by file name or position.
+    (tmp_path / "subset.txt").write_text("003.png\n5\n")
+    sub = tmp_path / "sub"
+    assert cli.main([a if a != str(out) else str(sub) for a in args] + ["--subset", str(tmp_path / "subset.txt")]) == 0
+    sub_scores = np.load(sub / "scores.npy")
+    assert np.isfinite(sub_scores[[3, 5]]).all() and np.isneginf(np.delete(sub_scores, [3, 5])).all()
+    np.testing.assert_allclose(sub_scores[[3, 5]], scores[[3, 5]], rtol=1e-6)
 
 
 def test_bad_arguments_exit_with_one_line(dirs, capsys):

@@ -7,7 +7,7 @@ import torch
 
 import tiny
 from forgetscore import kernels
-from forgetscore.attribution import Attributor, DiffusionModel, ScoringPlan, TrainingSet, UnlearnConfig
+from forgetscore.attribution import Attributor, ScoringPlan, UnlearnConfig
 from forgetscore.attribution import fisher as fisher_mod
 from forgetscore.attribution import unlearning as unlearn_mod
 
@@ -160,3 +160,64 @@ def test_dattri_adapter_matches_the_attributor(tiny_dirs, tmp_path):
     want = att.attribute_many(list(zip(queries, prompts)), config=CONFIG, fisher_samples=12)
     for j in range(2):
         np.testing.assert_allclose(scores[:, j].numpy(), want[j].scores, rtol=1e-5, atol=1e-8)
+
+
+def test_model_identity_does_not_depend_on_where_it_was_loaded_from(tiny_dirs, tmp_path):
+    import shutil
+
+    from forgetscore.attribution import DiffusionModel
+
+    model_dir, _ = tiny_dirs
+    shutil.copytree(model_dir, tmp_path / "copy")
+    a, b = DiffusionModel.load(model_dir), DiffusionModel.load(tmp_path / "copy")
+    assert a.unet_id() == b.unet_id() and a.encoders_id() == b.encoders_id()
+    with torch.no_grad():
+        next(b.unet.parameters()).add_(1e-3)
+    b.forget_unet_id()
+    assert a.unet_id() != b.unet_id()
+
+
+@pytest.mark.parametrize("prediction_type,latent", [("v_prediction", False), ("epsilon", True)])
+def test_other_model_kinds_equal_brute_force(prediction_type, latent, tmp_path):
+    """v-prediction models, and latent models whose inputs come from a VAE (scaled by its factor)."""
+    model_dir = tiny.build_model(tmp_path / "model", prediction_type=prediction_type, latent=latent)
+    train_dir = tiny.build_train(tmp_path / "train", n=4)
+    plan = ScoringPlan(timesteps=(7, 600), captions="first", flips=True, seed=4)
+    att = Attributor.load(model_dir, train_dir, plan=plan, cache_dir=tmp_path / "cache", progress=False)
+    got = att.before_losses()
+    model = att.model
+    assert model.prediction_type == prediction_type and (model.vae is not None) == latent
+    want = np.zeros_like(got)
+    with torch.no_grad():
+        for i in range(4):
+            pixels = att.train.load_pixels(i, model.image_shape)
+            ctx = model.encode_text([att.train.captions[i][0]])[0]
+            for v in range(2):
+                img = pixels.flip(-1) if v else pixels
+                x0 = (model.vae.encode(img[None]).latent_dist.mean[0] * model.vae.config.scaling_factor
+                      if latent else img)
+                want[i, v] = np.mean([_mse(model, model.unet, x0, ctx, t, plan.seed, i,
+                                           ScoringPlan.draw_id(v, 0, t)).item() for t in plan.timesteps])
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    # A query given as an image file goes through the same encoder.
+    from PIL import Image
+    Image.fromarray((np.random.default_rng(0).random((8, 8)) * 255).astype(np.uint8)).save(tmp_path / "q.png")
+    result = att.attribute(tmp_path / "q.png", "a red dot", k=2, fisher_samples=6,
+                           config=UnlearnConfig(draws=4, micro_batch=4, damping=0.1))
+    assert np.isfinite(result.scores).all() and result.query.shape == (1, 8, 8)
+
+
+def test_candidate_subset_reuses_the_cached_before_losses(tiny_dirs, tmp_path):
+    att = _attributor(tiny_dirs, tmp_path / "cache")
+    query = torch.rand(1, 8, 8) * 2 - 1
+    full = att.attribute(query, "a green line", config=CONFIG, fisher_samples=12)
+    subset = np.array([7, 2, 4])
+    part = att.attribute(query, "a green line", config=CONFIG, fisher_samples=12, indices=subset)
+    np.testing.assert_allclose(part.scores[subset], full.scores[subset], rtol=1e-6, atol=1e-10)
+    assert np.isneginf(np.delete(part.scores, subset)).all()
+    assert set(part.top(3)) == set(subset)
+    # Without a cache, a subset is scored on its own and caches nothing partial.
+    fresh = _attributor(tiny_dirs, tmp_path / "cache2")
+    alone = fresh.attribute(query, "a green line", config=CONFIG, fisher_samples=12, indices=subset)
+    np.testing.assert_allclose(alone.scores[subset], full.scores[subset], rtol=1e-6, atol=1e-10)
+    assert not fresh._before_path().is_file()

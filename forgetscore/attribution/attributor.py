@@ -104,7 +104,7 @@ class Attributor:
     def fisher(self, samples: int | None = None, *, seed: int = 0, batch_size: int = 64,
                path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
         """The diagonal Fisher of the selected weights (default: 5 epochs' worth of samples, the paper)."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
 
         data = self.prepare()
         samples = samples or 5 * data.n
@@ -263,23 +263,23 @@ class Attributor:
         self.region_mask(region)
         data = self.prepare()
         unlearned = [self.unlearn(q, p, config, region, fisher_samples) for q, p in queries]
-        before_path = self._before_path()
-        have_before = before_path.is_file()
-        before = self.before_losses() if have_before else None
-        variants = unlearned if have_before else [None] + unlearned
         sel = np.arange(data.n) if indices is None else np.asarray(indices, dtype=np.int64)
-        if not have_before and indices is not None:
-            before = self.before_losses()
-            variants = unlearned
+        if sel.size == 0 or sel.min() < 0 or sel.max() >= data.n:
+            raise ValueError(f"indices: need ids in [0, {data.n}) (positions in the training set)")
+        # Before-losses come from the cache when there is one: the noise is keyed per image, so the
+        # cached numbers are exactly those of any subset. Otherwise they are computed in the same
+        # pass as the after-losses (and cached when the pass covers the whole set).
+        cached = self.before_losses() if self._before_path().is_file() else None
+        variants = unlearned if cached is not None else [None] + unlearned
         t = time.perf_counter()
         losses = self._run(variants, sel, desc="score (after)")
         self.timings.add("score after", time.perf_counter() - t, len(sel) * len(variants), "img")
-        if before is None:
-            before = losses[0]
-            self._save_before(before)
-            losses = losses[1:]
+        if cached is not None:
+            before = cached[sel]
         else:
-            before = before[sel]
+            before, losses = losses[0], losses[1:]
+            if indices is None:
+                self._save_before(before)
         results = []
         for (q, prompt), after, weights in zip(queries, losses, unlearned):
             tau = after - before

@@ -45,3 +45,28 @@ def write_npy(path: Path, array: np.ndarray) -> None:
 def read_json(path: Path) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+def write_dir(out: Path, fill) -> Path:
+    """Create directory `out` whole or not at all: `fill(tmp)` writes into a temporary sibling, then it is renamed.
+
+    An existing `out` is replaced only once the new one is complete.
+    """
+    import shutil
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        fill(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -149,7 +149,9 @@ class DiffusionModel:
         """What the before-losses depend on: the UNet's weights and config and the noise schedule."""
         if self._unet_id is None:
             h = hashlib.sha256()
-            h.update(json.dumps(dict(self.unet.config), sort_keys=True, default=str).encode())
+            # Private keys such as _name_or_path say where the model was loaded from, not what it is.
+            config = {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
+            h.update(json.dumps(config, sort_keys=True, default=str).encode())
             h.update(self.alphas_cumprod.cpu().numpy().tobytes())
             h.update(self.prediction_type.encode())
             _hash_module(h, self.unet)

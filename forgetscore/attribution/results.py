@@ -32,7 +32,8 @@ class Attribution:
         if k < 1:
             raise ValueError(f"k: {k} must be >= 1")
         order = np.argsort(-self.scores, kind="stable")
-        return order[:k]
+        scored = np.isfinite(self.scores[order])  # images outside a scored subset hold -inf
+        return order[scored][:k]
 
     def top_records(self, k: int = 10) -> list[dict]:
         return [{"rank": r + 1, "id": int(i), "file_name": self.file_names[i], "captions": self.captions[i],
@@ -138,7 +139,8 @@ def report_html(result: Attribution, record: dict, images: list[torch.Tensor] | 
         rows.append(f"<tr><td>{rec['rank']}</td><td>{pic}</td><td>{html.escape(rec['file_name'])}</td>"
                     f"<td>{rec['score']:.4e}</td><td>{caps}</td></tr>")
     meta = html.escape(str({k_: v for k_, v in record.items() if k_ not in ("top",)}))
-    hist = np.histogram(result.scores, bins=40)
+    scored = result.scores[np.isfinite(result.scores)]
+    hist = np.histogram(scored, bins=40)
     peak = max(1, int(hist[0].max()))
     bars = "".join(f'<div style="display:inline-block;width:6px;margin-right:1px;background:#469;'
                    f'height:{max(1, int(80 * c / peak))}px"></div>' for c in hist[0])
@@ -150,10 +152,10 @@ text-align:left}}img{{image-rendering:pixelated;border:1px solid #ccc}}</style><
 <h2>Top {len(record['top'])} training images</h2>
 <table><tr><th>rank</th><th>image</th><th>file</th><th>score (loss rise)</th><th>captions</th></tr>
 {''.join(rows)}</table>
-<h2>Score distribution over {len(result.scores)} training images</h2>
+<h2>Score distribution over {len(scored)} scored training images</h2>
 <div style="display:flex;align-items:flex-end;height:84px">{bars}</div>
-<p>min {result.scores.min():.3e} &middot; median {np.median(result.scores):.3e} &middot;
-max {result.scores.max():.3e}</p>
+<p>min {scored.min():.3e} &middot; median {np.median(scored):.3e} &middot;
+max {scored.max():.3e}</p>
 <h2>Settings</h2><pre style="white-space:pre-wrap">{meta}</pre>
 </body></html>
 """

@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..attribution.io import write_dir
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 THICKNESS_WORDS = ("thin", "regular", "thick")
@@ -187,8 +187,7 @@ def write_image_folder(out_dir: str | os.PathLike, data: DigitsData | None = Non
         return out
     data = data if data is not None else load_data()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def fill(tmp: Path) -> None:
         pixels = to_uint8(data.images)
         with open(tmp / "metadata.jsonl", "w", encoding="utf-8") as f:
             for i in range(len(data)):
@@ -196,14 +195,5 @@ def write_image_folder(out_dir: str | os.PathLike, data: DigitsData | None = Non
                 Image.fromarray(pixels[i]).save(tmp / name)
                 f.write(json.dumps({"file_name": name, "text": list(data.captions[i]),
                                     "label": int(data.labels[i])}) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_dir(out, fill)

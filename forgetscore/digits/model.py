@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..attribution.io import write_dir
 
 from .tokenizer import MAX_LENGTH, build_tokenizer
 
@@ -127,10 +127,7 @@ def cross_attention_kv_names(unet: torch.nn.Module) -> list[str]:
 
 def save_model(model: DigitsModel, path: str | os.PathLike) -> Path:
     """Write the model directory atomically (temp dir, then rename); returns it."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def fill(tmp: Path) -> None:
         model.tokenizer.save_pretrained(tmp / "tokenizer")
         model.text_encoder.save_pretrained(tmp / "text_encoder")
         model.unet.save_pretrained(tmp / "unet")
@@ -139,17 +136,8 @@ def save_model(model: DigitsModel, path: str | os.PathLike) -> Path:
         info["format"] = FORMAT
         info["model_config"] = model.config.to_dict()
         (tmp / MODEL_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_dir(Path(path), fill)
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
