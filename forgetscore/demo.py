@@ -22,8 +22,8 @@ DEFAULT_PROMPT = "a thick right slanted wide handwritten seven"
 # cached. The paper's MSCOCO plan (20 timesteps, all captions, flips) is `forgetscore attribute`'s
 # default; digits are not flip-symmetric and the model is not trained with flips.
 DEMO_STRIDE = 200
-DEMO_FISHER_SAMPLES = 2000
-DEMO_DRAWS = 2000
+DEMO_FISHER_SAMPLES = 5 * 1797  # five epochs of the training set, as the paper
+DEMO_DRAWS = 5000
 # The digits model follows its prompt best at low guidance (see forgetscore.digits.sample).
 DEMO_GUIDANCE = 1.5
 DEMO_SAMPLING_STEPS = 25

@@ -9,12 +9,37 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "scheduler")
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Silence diffusers' and transformers' loading chatter (no accelerate, progress bars) for a while."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    levels = dlog.get_verbosity(), tlog.get_verbosity()
+    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
 
 
 @dataclass
@@ -47,20 +72,12 @@ class DiffusionModel:
             raise ValueError(f"model: {str(root)!r} lacks {', '.join(s + '/' for s in missing)}; "
                              "save the pipeline with save_pretrained or pass components")
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from diffusers.utils import logging as dlog
         from transformers import AutoTokenizer, CLIPTextModel
-        from transformers.utils import logging as tlog
 
-        levels = dlog.get_verbosity(), tlog.get_verbosity()
-        bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-        dlog.set_verbosity_error()  # loading chatter (no accelerate, progress bars) is not the user's concern
-        tlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-        tlog.disable_progress_bar()
         loaders = {"tokenizer": AutoTokenizer, "text_encoder": CLIPTextModel, "unet": UNet2DConditionModel,
                    "scheduler": DDPMScheduler, "vae": AutoencoderKL}
         parts = {}
-        try:
+        with quiet_loading():
             for name, loader in loaders.items():
                 if name == "vae" and not (root / name).is_dir():
                     parts[name] = None
@@ -70,13 +87,6 @@ class DiffusionModel:
                 except (OSError, ValueError) as exc:
                     raise ValueError(f"model: cannot load {name}/ of {str(root)!r} ({exc}); save the pipeline "
                                      "again with save_pretrained") from None
-        finally:
-            dlog.set_verbosity(levels[0])
-            tlog.set_verbosity(levels[1])
-            if bars[0]:
-                dlog.enable_progress_bar()
-            if bars[1]:
-                tlog.enable_progress_bar()
         model = cls(parts["tokenizer"], parts["text_encoder"], parts["unet"], parts["scheduler"], parts["vae"],
                     source=str(root))
         return model.to(device, dtype)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..attribution.io import write_dir
+from ..attribution.model import quiet_loading
 
 from .tokenizer import MAX_LENGTH, build_tokenizer
 
@@ -155,10 +156,11 @@ def load_model(path: str | os.PathLike) -> DigitsModel:
         raise FileNotFoundError(f"not a model directory (needs tokenizer/, text_encoder/, unet/, scheduler/): {p}")
     info = json.loads((p / MODEL_FILE).read_text()) if (p / MODEL_FILE).exists() else {}
     config = ModelConfig.from_dict(info.get("model_config", {}))
-    tok = PreTrainedTokenizerFast.from_pretrained(p / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(p / "text_encoder")
-    unet = UNet2DConditionModel.from_pretrained(p / "unet")
-    scheduler = DDPMScheduler.from_pretrained(p / "scheduler")
+    with quiet_loading():
+        tok = PreTrainedTokenizerFast.from_pretrained(p / "tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(p / "text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(p / "unet")
+        scheduler = DDPMScheduler.from_pretrained(p / "scheduler")
     return DigitsModel(tok, text_encoder, unet, scheduler, config, info).eval()
 
 
