@@ -36,6 +36,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chunk-size", type=int, default=4096,
                    help="images per resumable chunk of a sweep; torchrun ranks share chunks (default: 4096)")
     g.add_argument("--resize", action="store_true", help="resize images that do not match the model's size")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="UNet precision of the scoring sweeps (autocast; losses stay float32). Default fp32")
     g = p.add_argument_group("scoring plan")
     g.add_argument("--timestep-stride", type=int, default=50, help="score timesteps 0, s, 2s, ... (default: 50)")
     g.add_argument("--timesteps", help="explicit comma-separated timesteps (overrides --timestep-stride)")
@@ -81,7 +83,7 @@ def _attributor(args: argparse.Namespace):
     from .attribution import Attributor
     return Attributor.load(args.model, args.train, plan=_plan(args), weights=args.weights, cache_dir=args.cache,
                            batch_size=args.batch_size, backend=args.backend, device=_device(args.device),
-                           resize=args.resize, chunk_size=args.chunk_size)
+                           resize=args.resize, chunk_size=args.chunk_size, precision=args.precision)
 
 
 def _device(name: str) -> str:

@@ -63,7 +63,8 @@ class Attributor:
 
     def __init__(self, model: DiffusionModel, train: TrainingSet, *, plan: ScoringPlan | None = None,
                  weights: str = "kv", cache_dir: str | os.PathLike | None = None, batch_size: int = 256,
-                 backend: str = "auto", progress: bool = True, resize: bool = False, chunk_size: int = 4096):
+                 backend: str = "auto", progress: bool = True, resize: bool = False, chunk_size: int = 4096,
+                 precision: str = "fp32"):
         self.model, self.train = model, train
         self.plan = plan or ScoringPlan()
         self.plan.check_model(model.num_train_timesteps)
@@ -71,6 +72,7 @@ class Attributor:
         self.weights = weights
         self.batch_size, self.backend, self.resize = batch_size, backend, resize
         self.chunk_size = chunk_size
+        self.precision = precision
         # Under torchrun every rank runs the same calls; rank 0 writes what is shared.
         self.rank, self.world = init_distributed(model.device)
         self.progress = progress and self.rank == 0
@@ -126,11 +128,13 @@ class Attributor:
         return load_fisher(path, self.model, self.names)
 
     def sweep(self) -> LossSweep:
-        return LossSweep(self.model, self.prepare(), self.plan, batch_size=self.batch_size, backend=self.backend)
+        return LossSweep(self.model, self.prepare(), self.plan, batch_size=self.batch_size, backend=self.backend,
+                         precision=self.precision)
 
     def _before_path(self) -> Path:
         data = self.prepare()
-        return self.cache_dir / f"before-{self._key(self.model.unet_id(), data.data_id, self.plan.to_dict())}.npy"
+        key = self._key(self.model.unet_id(), data.data_id, self.plan.to_dict(), self.precision)
+        return self.cache_dir / f"before-{key}.npy"
 
     def before_losses(self) -> np.ndarray:
         """[n_train, versions] losses of the original model under the plan (computed once, then cached)."""
@@ -154,7 +158,7 @@ class Attributor:
         sel = np.arange(data.n) if indices is None else np.asarray(indices, dtype=np.int64)
         ids = [variant_id(w) for w in variants]
         key = self._key(self.model.unet_id(), data.data_id, self.plan.to_dict(), self.batch_size, self.chunk_size,
-                        ids, indices_id(sel))
+                        self.precision, ids, indices_id(sel))
         out_dir = self.cache_dir / "sweeps" / key
         losses = run_sweep(self.sweep(), variants, out_dir, indices=sel, chunk_size=self.chunk_size,
                            variant_ids=ids, progress=self.progress, desc=desc)
@@ -167,7 +171,8 @@ class Attributor:
         if self.rank == 0:
             path = self._before_path()
             write_json(path.with_suffix(".json"), {"unet_id": self.model.unet_id(),
-                                                   "data_id": self.prepare().data_id, "plan": self.plan.to_dict()})
+                                                   "data_id": self.prepare().data_id, "plan": self.plan.to_dict(),
+                                                   "precision": self.precision})
             write_npy(path, before)
         barrier()
 
@@ -287,7 +292,8 @@ class Attributor:
             q_before, q_after = (self.query_loss(q, prompt, w) for w in (None, weights))
             meta = {"plan": self.plan.to_dict(), "unlearn": config.to_dict(), "weights": self.weights,
                     "n_weights": int(sum(self.model.unet.get_parameter(n).numel() for n in self.names)),
-                    "reduce": reduce, "model": self.model.source, "unet_id": self.model.unet_id(),
+                    "reduce": reduce, "precision": self.precision, "model": self.model.source,
+                    "unet_id": self.model.unet_id(),
                     "data_id": data.data_id, "train_dir": str(self.train.root),
                     "region": None if region is None or isinstance(region, torch.Tensor) else list(region),
                     # How selective the forgetting was: the query's own loss should rise far more.

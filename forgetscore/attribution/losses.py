@@ -7,6 +7,7 @@ so several queries share the loading and noising of the data.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,11 @@ from . import params
 from .data import PreparedData
 from .model import DiffusionModel
 from .plan import ScoringPlan
+
+
+# UNet precision of a sweep: scores are small differences of two losses, so this matters
+# (see benchmarks/RESULTS.md, "Precision").
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -56,7 +62,7 @@ class LossSweep:
     """Computes per-(image, version) losses under `plan` for one or more weight variants."""
 
     def __init__(self, model: DiffusionModel, data: PreparedData, plan: ScoringPlan, *,
-                 batch_size: int = 256, backend: str = "auto"):
+                 batch_size: int = 256, backend: str = "auto", precision: str = "fp32"):
         if data.model_id != model.encoders_id():
             raise ValueError("cache: the prepared data was made with another tokenizer, text encoder or VAE "
                              "than this model's; prepare again for this model")
@@ -66,10 +72,20 @@ class LossSweep:
         plan.check_model(model.num_train_timesteps)
         if batch_size < 1:
             raise ValueError(f"batch_size: {batch_size} must be >= 1")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: {precision!r} is not one of {list(PRECISIONS)}")
+        self.precision = precision
         self.model, self.data, self.plan = model, data, plan
         self.batch_size = batch_size
         self.backend = backend
         self.acp = model.alphas_cumprod.to(model.device)
+
+    def _autocast(self):
+        """Mixed precision for the UNet only; noising and the loss stay in float32 (the kernels)."""
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.model.device.type, dtype=dtype)
 
     def rows_per_image(self, caption_count: int) -> int:
         return self.plan.versions * caption_count * len(self.plan.timesteps)
@@ -110,7 +126,8 @@ class LossSweep:
                 losses = torch.empty(len(rows), dtype=torch.float32, device=dev)
                 for lo in range(0, len(rows), self.batch_size):
                     hi = min(len(rows), lo + self.batch_size)
-                    pred = m.unet(x_t[lo:hi], ts[lo:hi], encoder_hidden_states=ctx[lo:hi]).sample
+                    with self._autocast():
+                        pred = m.unet(x_t[lo:hi], ts[lo:hi], encoder_hidden_states=ctx[lo:hi]).sample
                     losses[lo:hi] = kernels.diffusion_loss(pred, x0[lo:hi], ts[lo:hi], self.acp, self.plan.seed,
                                                            sids[lo:hi], dids[lo:hi],
                                                            prediction_type=m.prediction_type, backend=self.backend)
