@@ -51,6 +51,8 @@ if ROOT not in sys.path:  # run from a checkout without installing
 from forgetscore import kernels  # noqa: E402
 from forgetscore.kernels import dispatch, reference  # noqa: E402
 
+from _common import fmt_bytes, make_sync, table
+
 SEED = 1234
 LATENTS = {"4x16x16": (4, 16, 16), "4x64x64": (4, 64, 64)}
 BATCHES = (64, 512, 2048, 8000)
@@ -76,12 +78,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class Skip(Exception):
     """A measurement that was not taken; the message says why."""
-
-
-def make_sync(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return torch.cuda.synchronize
-    return lambda: None
 
 
 def measure(fn: Callable[[], Any], sync: Callable[[], None], *, repeats: int, block_s: float,
@@ -514,24 +510,6 @@ def fmt_ms(v: float | None) -> str:
     if v is None:
         return "-"
     return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:.0f}"
-
-
-def fmt_bytes(v: int | None) -> str:
-    if v is None:
-        return "-"
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(v) >= scale:
-            return f"{v / scale:.1f} {unit}"
-    return f"{v} B"
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.rjust(w) if 3 <= i < len(r) - 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-            .rstrip() for r in rows]
-    return "\n".join(out)
 
 
 METHOD_ORDER = ("eager", "torch.compile", "naive", "kernels auto", "kernels")

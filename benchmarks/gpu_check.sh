@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check of forgetscore on a CUDA machine, in one call of a few minutes:
 #   env -> [diffusers wheel] -> build with CUDA -> forgetscore info -> kernel tests on the GPU
-#   -> kernel benchmark (JSON) -> large-shape cross-check -> summary.
+#   -> kernel benchmark (JSON) -> large-shape cross-check -> sweep benchmark (JSON) -> summary.
 #
 #   bash benchmarks/gpu_check.sh            # from anywhere; runs in the repository root
 #
@@ -106,7 +106,17 @@ cc_cap=$(( $(left) < 90 ? $(left) : 90 ))
 run_step crosscheck "$cc_cap" 0 "large shapes" -- "$PYTHON" benchmarks/gpu_check.py crosscheck \
   --max-s $(( cc_cap > 40 ? cc_cap - 30 : 10 ))
 
-# 8. Summary (steps, failing test lines, headline benchmark figures vs targets).
+# 8. Sweep benchmark on the MSCOCO-scale UNet (needs diffusers and transformers: carry them as
+#    wheels in .whl/ where the machine lacks them), with what time is left: the full sizes when at
+#    least 150 s remain, else --quick.  It writes its JSON after every row, so a timeout keeps results.
+sweep_cap=$(( $(left) < 240 ? $(left) : 240 ))
+sweep_quick=""
+if (( sweep_cap < 150 )); then sweep_quick=1; fi
+run_step sweep "$sweep_cap" 0 "bench_sweep.py --device cuda --dtype bfloat16${sweep_quick:+ --quick}" -- \
+  "$PYTHON" benchmarks/bench_sweep.py --device cuda --dtype bfloat16 ${sweep_quick:+--quick} \
+  --json "$OUT/bench_sweep_gpu.json" --fisher-timeout-s $(( sweep_cap > 60 ? sweep_cap / 3 : 20 ))
+
+# 9. Summary (steps, failing test lines, headline benchmark figures vs targets).
 echo
 "$PYTHON" benchmarks/gpu_check.py summary "$OUT" 2>&1 || { echo "summary failed; steps:"; cat "$STEPS"; }
 echo "logs and results: $OUT ($(( $(date +%s) - START ))s in all)"

@@ -1,0 +1,627 @@
+#!/usr/bin/env python
+"""Time the scoring sweep and the Fisher on the MSCOCO-scale UNet against plain PyTorch.
+
+The UNet is built from the configuration of the paper's MSCOCO model (block channels
+128/256/256/256, 2 layers per block, 4x16x16 latents, cross-attention dim 1024) with
+random weights; the text states are random 77x1024 tensors and the prepared set is
+synthetic and in memory. Speed does not depend on what the weights are.
+
+Four comparisons, each side by side in one run:
+
+1. Sweep overhead: ``LossSweep.run([None], ids)`` against bare ``unet(x_t, t, ctx)``
+   forwards of the same rows in the same batch size, inputs made in advance.
+2. The published way: a plain loop as the reference implementation writes it (fp32,
+   ``torch.randn`` noise from a generator seeded with seed + batch index,
+   ``scheduler.add_noise``, ``F.mse_loss(reduction="none").mean(dim=(1, 2, 3))``, batches
+   laid out images x captions x timesteps) against ``LossSweep`` on identical work, with
+   a projection to a full MSCOCO query from the measured rows/s.
+3. Several queries in one sweep (``run([None, w1, w2, w3])``) against one ``run`` each.
+4. Fisher: ``compute_fisher`` (hooks + ``kernels.fisher_accumulate`` on the K/V weights)
+   against per-sample gradients of all UNet weights with ``torch.func`` (``vmap(grad(...))``
+   over ``functional_call``, attention without fused SDPA), each in its own subprocess
+   so that their peak memory does not mix.
+
+Timed calls of one comparison are interleaved (round k times one call of each method)
+and the median over the rounds is reported, after one warm-up call of each method.
+
+    python benchmarks/bench_sweep.py --device cpu [--quick] [--json out.json] [--threads 2]
+    python benchmarks/bench_sweep.py --device cuda --dtype bfloat16 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from _common import fmt_bytes, make_sync, table
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SEED = 1234
+CAPTIONS = 5                      # MSCOCO: five captions per image
+TEXT_LEN, TEXT_DIM = 77, 1024     # CLIP-style text states of the MSCOCO model
+MSCOCO_IMAGES = 118_287
+MSCOCO_ROWS = MSCOCO_IMAGES * 2 * CAPTIONS * 20  # flips x captions x timesteps (stride 50)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# Work sizes per device: images per comparison and rows per UNet batch.
+#   part12_images: images of the flip plan (1. overhead); the published comparison uses twice as
+#     many images without flips, so both have the same rows.
+#   published_images: images per batch of the published loop (the paper's batch: 80).
+SIZES = {
+    "cpu": dict(batch_rows=200, part12_images=1, published_images=2, timesteps=20,
+                part3_images=1, part3_timesteps=4, rounds=3, fisher_samples=16, fisher_chunk=16,
+                warm_all=False),
+    "cuda": dict(batch_rows=2000, part12_images=80, published_images=80, timesteps=20,
+                 part3_images=40, part3_timesteps=20, rounds=5, fisher_samples=64, fisher_chunk=16, warm_all=True),
+}
+QUICK = {
+    "cpu": dict(batch_rows=40, part12_images=1, published_images=2, timesteps=4,
+                part3_images=1, part3_timesteps=2, rounds=3, fisher_samples=4, fisher_chunk=4, warm_all=False),
+    "cuda": dict(batch_rows=1000, part12_images=20, published_images=20, timesteps=20,
+                 part3_images=10, part3_timesteps=20, rounds=3, fisher_samples=16, fisher_chunk=16, warm_all=True),
+}
+
+
+# --------------------------------------------------------------------------- the model and data
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    # attention_head_dim=8 is diffusers' (historically named) number of heads: 8 heads of
+    # 16/32 channels in the 128/256-channel blocks.
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(128, 256, 256, 256),
+        layers_per_block=2, cross_attention_dim=TEXT_DIM,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=8)
+
+
+def build_model(device: torch.device):
+    """A DiffusionModel around the MSCOCO-scale UNet (random weights) with a tiny text side.
+
+    The text encoder and tokenizer only give the model its identity (``encoders_id``): the
+    sweep reads prepared text states, which are random 77x1024 tensors here.
+    """
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from forgetscore.attribution import DiffusionModel
+    from forgetscore.attribution.model import quiet_loading
+    from forgetscore.digits.tokenizer import build_tokenizer
+
+    torch.manual_seed(SEED)
+    with quiet_loading():
+        tok = build_tokenizer(words=["a", "photo", "of", "cat", "dog"], max_length=8)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=8,
+                                            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                            eos_token_id=tok.eos_token_id))
+        unet = build_unet()
+    return DiffusionModel(tok, text, unet, DDPMScheduler()).to(device)
+
+
+def build_data(model, n: int):
+    """A synthetic in-memory prepared set: n images (and flips), five captions each."""
+    from forgetscore.attribution.dattri import ArrayData
+
+    g = np.random.default_rng(SEED)
+    inputs = g.standard_normal((n, 2, *model.input_shape), dtype=np.float32)
+    text = g.standard_normal((n * CAPTIONS, TEXT_LEN, TEXT_DIM), dtype=np.float32)
+    offsets = (np.arange(n + 1) * CAPTIONS).astype(np.int64)
+    return ArrayData(inputs, text, offsets, model.encoders_id())
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def kv_variants(model, k: int, scale: float = 1e-3) -> list[dict[str, torch.Tensor]]:
+    """k sets of slightly perturbed K/V weights (stand-ins for unlearned queries)."""
+    from forgetscore.attribution import params
+
+    names = params.select(model.unet, "kv")
+    base = params.get(model.unet, names)
+    g = torch.Generator().manual_seed(SEED + 7)
+    out = []
+    for _ in range(k):
+        out.append({n: w + scale * w.std() * torch.randn(w.shape, generator=g).to(w.device)
+                    for n, w in base.items()})
+    return out
+
+
+# --------------------------------------------------------------------------- timing
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], sync: Callable[[], None], rounds: int,
+                     log: Callable[[str], None], warm_all: bool = True) -> dict[str, dict | str]:
+    """Warm-up calls, then `rounds` rounds of one timed call of each; median seconds per call.
+
+    With `warm_all` every function gets one warm-up call; without, only the first one does
+    (for calls of many seconds whose shapes the first one already ran), and the others'
+    first timed round counts as a sample like the rest.
+    """
+    out: dict[str, dict | str] = {}
+    live: dict[str, float | None] = {}
+    for k, (name, fn) in enumerate(fns.items()):
+        if k and not warm_all:
+            live[name] = None
+            continue
+        try:
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            live[name] = time.perf_counter() - t0
+            log(f"  warm-up {name}: {live[name]:.2f} s")
+        except Exception as exc:  # noqa: BLE001 - report, keep the others
+            traceback.print_exc()
+            out[name] = f"n/a ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})"
+    samples: dict[str, list[float]] = {n: [] for n in live}
+    for k in range(rounds):
+        for name in list(samples):
+            try:
+                t0 = time.perf_counter()
+                fns[name]()
+                sync()
+                samples[name].append(time.perf_counter() - t0)
+            except Exception as exc:  # noqa: BLE001 - a function never warmed up may fail here
+                traceback.print_exc()
+                out[name] = f"n/a ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})"
+                del samples[name]
+        log(f"  round {k + 1}/{rounds}: " + ", ".join(f"{n} {xs[-1]:.2f} s" for n, xs in samples.items()))
+    for name, xs in samples.items():
+        out[name] = {"median_s": statistics.median(xs), "min_s": min(xs), "max_s": max(xs), "rounds": len(xs),
+                     "warm_up_s": live[name]}
+    return out
+
+
+# --------------------------------------------------------------------------- 1 + 2: sweep, bare, published
+
+def bare_batches(sweep, ids: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The (x_t, t, ctx) UNet batches the sweep runs for `ids`, made in advance."""
+    from forgetscore import kernels
+    from forgetscore.attribution.losses import expand_rows
+
+    dev, out = sweep.model.device, []
+    for batch in sweep.image_batches(ids):
+        inputs = sweep.data.inputs(batch)[:, :sweep.plan.versions]
+        text, counts = sweep.data.text(batch, sweep.plan.captions)
+        rows = expand_rows(batch, counts, sweep.plan)
+        x0 = inputs[rows.image, rows.version].to(dev)
+        ts = rows.timestep.to(dev)
+        x_t = kernels.add_noise(x0, ts, sweep.acp, sweep.plan.seed, rows.sample_id.to(dev), rows.draw_id.to(dev))
+        ctx = text[rows.text_row].to(dev)
+        for lo in range(0, len(rows), sweep.batch_size):
+            hi = min(len(rows), lo + sweep.batch_size)
+            out.append((x_t[lo:hi].contiguous(), ts[lo:hi].contiguous(), ctx[lo:hi].contiguous()))
+    return out
+
+
+def published_loop(model, data, ids: np.ndarray, images_per_batch: int, timesteps: list[int],
+                   seed: int = SEED) -> torch.Tensor:
+    """Per-row losses the way the reference implementation computes them (fp32, eager).
+
+    Each batch holds `images_per_batch` images x all captions x all timesteps, noise from
+    torch.randn with a generator seeded seed + batch index, the scheduler's add_noise and
+    an element-wise MSE averaged per row. Inputs and text states come from the same
+    prepared tensors the sweep reads.
+    """
+    unet, sched, dev = model.unet, model.scheduler, model.device
+    t_all = torch.tensor(timesteps, dtype=torch.int64)
+    losses = []
+    with torch.no_grad():
+        for b, lo in enumerate(range(0, len(ids), images_per_batch)):
+            batch = ids[lo:lo + images_per_batch]
+            x0 = data.inputs(batch)[:, 0]                             # [n, C, H, W], unflipped
+            text, counts = data.text(batch, "all")                    # [n * caps, L, D]
+            n, caps, nt = len(batch), counts[0], len(timesteps)
+            x0 = x0.repeat_interleave(caps * nt, dim=0).to(dev)       # images x captions x timesteps
+            ctx = text.repeat_interleave(nt, dim=0).to(dev)
+            t = t_all.repeat(n * caps).to(dev)
+            gen = torch.Generator(device=dev).manual_seed(seed + b)
+            noise = torch.randn(x0.shape, generator=gen, device=dev)
+            x_t = sched.add_noise(x0, noise, t)
+            pred = unet(x_t, t, encoder_hidden_states=ctx).sample
+            losses.append(F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)))
+    return torch.cat(losses)
+
+
+def bench_sweep_parts(args, model, data, sizes: dict, emit, log) -> None:
+    from forgetscore.attribution import LossSweep, ScoringPlan
+
+    dev, dtype, sync = model.device, DTYPES[args.dtype], make_sync(model.device)
+    ts = tuple(range(0, 1000, 1000 // sizes["timesteps"]))
+    B = sizes["batch_rows"]
+    flip_plan = ScoringPlan(timesteps=ts, seed=SEED)
+    noflip_plan = ScoringPlan(timesteps=ts, flips=False, seed=SEED)
+    n1 = sizes["part12_images"]
+    ids1 = np.arange(n1)
+    ids2 = np.arange(2 * n1)  # same rows without flips
+    rows = n1 * 2 * CAPTIONS * len(ts)
+    sweep1 = LossSweep(model, data, flip_plan, batch_size=B)
+    sweep2 = LossSweep(model, data, noflip_plan, batch_size=B)
+    pre = bare_batches(sweep1, ids1)
+    pub_images = sizes["published_images"]
+    pub_rows_per_batch = pub_images * CAPTIONS * len(ts)
+
+    def bare():
+        with torch.inference_mode(), autocast(dev, dtype):
+            for x_t, t, ctx in pre:
+                model.unet(x_t, t, encoder_hidden_states=ctx)
+
+    def ours_flip():
+        with autocast(dev, dtype):
+            sweep1.run([None], ids1, progress=False)
+
+    def ours_noflip():
+        with autocast(dev, dtype):
+            sweep2.run([None], ids2, progress=False)
+
+    def published():
+        published_loop(model, data, ids2, pub_images, list(ts))
+
+    log(f"[1+2] {rows} rows per call ({n1} images x 2 flips x {CAPTIONS} captions x {len(ts)} timesteps, "
+        f"or {2 * n1} images without flips); UNet batches of {B} rows; published batches of {pub_rows_per_batch} rows")
+    times = time_interleaved({"bare": bare, "sweep_flips": ours_flip, "sweep_noflip": ours_noflip,
+                              "published": published}, sync, sizes["rounds"], log, warm_all=sizes["warm_all"])
+    work1 = f"{n1} img x 2 flips x {CAPTIONS} cap x {len(ts)} t"
+    work2 = f"{2 * n1} img x {CAPTIONS} cap x {len(ts)} t"
+    labels = {"bare": ("1 overhead", f"bare unet forwards ({args.dtype})", work1, B),
+              "sweep_flips": ("1 overhead", f"LossSweep.run ({args.dtype})", work1, B),
+              "sweep_noflip": ("2 published", f"LossSweep.run ({args.dtype})", work2, B),
+              "published": ("2 published", "published loop (fp32)", work2, pub_rows_per_batch)}
+    for key, (part, method, work, batch) in labels.items():
+        tm = times[key]
+        row = {"part": part, "method": method, "work": work, "rows": rows, "batch_rows": batch}
+        if isinstance(tm, str):
+            row["skipped"] = tm
+        else:
+            row.update(median_s=tm["median_s"], rows_per_s=rows / tm["median_s"], timing=tm)
+        emit(row)
+    ok = all(isinstance(times[k], dict) for k in ("bare", "sweep_flips"))
+    if ok:
+        emit({"part": "1 overhead", "method": "ratio sweep / bare", "work": work1, "rows": rows,
+              "ratio": times["sweep_flips"]["median_s"] / times["bare"]["median_s"], "target": "<= 1.10x"})
+    if all(isinstance(times[k], dict) for k in ("sweep_noflip", "published")):
+        speed = times["published"]["median_s"] / times["sweep_noflip"]["median_s"]
+        emit({"part": "2 published", "method": "speedup published / sweep", "work": work2, "rows": rows,
+              "ratio": speed, "target": ">= 10x on GPU"})
+        for key, method in (("sweep_noflip", f"LossSweep ({args.dtype})"), ("published", "published loop (fp32)")):
+            rps = rows / times[key]["median_s"]
+            emit({"part": "2 projection", "method": method, "work": f"full MSCOCO query: {MSCOCO_ROWS:,} rows",
+                  "rows": MSCOCO_ROWS, "rows_per_s": rps, "projected_h": MSCOCO_ROWS / rps / 3600,
+                  "note": "projected from the measured rows/s, one process on this device"})
+
+
+# --------------------------------------------------------------------------- 3: several queries
+
+def bench_variants(args, model, data, sizes: dict, emit, log) -> None:
+    from forgetscore.attribution import LossSweep, ScoringPlan
+
+    dev, dtype, sync = model.device, DTYPES[args.dtype], make_sync(model.device)
+    ts = tuple(range(0, 1000, 1000 // sizes["part3_timesteps"]))
+    plan = ScoringPlan(timesteps=ts, seed=SEED)
+    n = sizes["part3_images"]
+    ids = np.arange(n)
+    sweep = LossSweep(model, data, plan, batch_size=sizes["batch_rows"])
+    ws = kv_variants(model, 3)
+    variants = [None] + ws
+    rows_each = n * 2 * CAPTIONS * len(ts)
+
+    def together():
+        with autocast(dev, dtype):
+            return sweep.run(variants, ids, progress=False)
+
+    def separately():
+        with autocast(dev, dtype):
+            return [sweep.run([v], ids, progress=False) for v in variants]
+
+    a, b = together(), np.concatenate(separately())
+    same = bool(np.array_equal(a, b))
+    log(f"[3] 4 variants x {rows_each} rows; one sweep equals four runs bitwise: {same}")
+    # both were just run once (the bitwise check above): that was their warm-up
+    times = time_interleaved({"together": together, "separately": separately}, sync, sizes["rounds"], log,
+                             warm_all=False)
+    work = f"4 variants x {n} img x 2 flips x {CAPTIONS} cap x {len(ts)} t"
+    for key, method in (("together", "run([None, w1, w2, w3])"), ("separately", "4 x run([w])")):
+        tm = times[key]
+        row = {"part": "3 queries", "method": method, "work": work, "rows": 4 * rows_each,
+               "batch_rows": sizes["batch_rows"], "bitwise_equal": same}
+        if isinstance(tm, str):
+            row["skipped"] = tm
+        else:
+            row.update(median_s=tm["median_s"], rows_per_s=4 * rows_each / tm["median_s"], timing=tm)
+        emit(row)
+    if all(isinstance(times[k], dict) for k in times):
+        emit({"part": "3 queries", "method": "speedup separately / together", "work": work, "rows": 4 * rows_each,
+              "ratio": times["separately"]["median_s"] / times["together"]["median_s"]})
+
+
+# --------------------------------------------------------------------------- 4: Fisher (subprocesses)
+
+def proc_status() -> dict[str, int]:
+    """VmRSS / VmHWM of this process in bytes (Linux), {} elsewhere."""
+    out = {}
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key = line.split(":", 1)[0]
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def fisher_child(args) -> dict:
+    """Run one Fisher method in this process; returns time and peak memory."""
+    from forgetscore.attribution import compute_fisher, select_weights
+    from forgetscore.attribution.fisher import sample_draws
+
+    dev = torch.device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    sizes = (QUICK if args.quick else SIZES)[dev.type]
+    S = args.fisher_samples or sizes["fisher_samples"]
+    model = build_model(dev)
+    data = build_data(model, max(8, S))
+    names = select_weights(model.unet, "kv")
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    status0 = proc_status()
+    sync = make_sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        mem0 = torch.cuda.memory_allocated()
+    info: dict[str, Any] = {"samples": S}
+    if args.child == "fisher-kernel":
+        def run():
+            with autocast(dev, DTYPES[args.dtype]):
+                return compute_fisher(model, data, names, samples=S, batch_size=S, progress=False)
+        info["weights"] = f"{len(names)} K/V tensors, {sum(model.unet.get_parameter(n).numel() for n in names):,} weights"
+    else:
+        from diffusers.models.attention_processor import AttnProcessor
+        from torch.func import functional_call, grad, vmap
+
+        unet, sched = model.unet, model.scheduler
+        unet.set_attn_processor(AttnProcessor())  # vmap cannot go through fused SDPA here
+        chunk = min(S, args.fisher_chunk or sizes["fisher_chunk"])
+        d = sample_draws(SEED, 0, S, data, model.num_train_timesteps, True)
+        x0_all = data.inputs(d["image"].numpy())[torch.arange(S), d["version"]].to(dev)
+        text, counts = data.text(d["image"].numpy(), "all")
+        first = torch.cumsum(torch.as_tensor([0] + counts[:-1]), 0)
+        ctx_all = text[first + d["caption"]].to(dev)
+        t_all = d["timestep"].to(dev)
+        params = {k: v.detach() for k, v in unet.named_parameters()}
+        buffers = {k: v.detach() for k, v in unet.named_buffers()}
+        info["weights"] = f"all {len(params)} tensors, {sum(p.numel() for p in params.values()):,} weights"
+        info["vmap_chunk"] = chunk
+
+        def loss_one(p, x_t, t, ctx, noise):
+            pred = functional_call(unet, (p, buffers), (x_t[None], t[None]),
+                                   {"encoder_hidden_states": ctx[None]}).sample
+            return F.mse_loss(pred, noise[None])
+
+        per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0, 0, 0))
+
+        def run():
+            fisher = {k: torch.zeros(v.shape, dtype=torch.float64, device=dev) for k, v in params.items()}
+            for b, lo in enumerate(range(0, S, chunk)):
+                hi = min(S, lo + chunk)
+                gen = torch.Generator(device=dev).manual_seed(SEED + b)
+                noise = torch.randn(x0_all[lo:hi].shape, generator=gen, device=dev)
+                x_t = sched.add_noise(x0_all[lo:hi], noise, t_all[lo:hi])
+                grads = per_sample(params, x_t, t_all[lo:hi], ctx_all[lo:hi], noise)
+                for k, g in grads.items():
+                    fisher[k] += g.double().square().sum(0)
+                del grads
+            return {k: f / S for k, f in fisher.items()}
+    t0 = time.perf_counter()
+    run()
+    sync()
+    info["seconds"] = time.perf_counter() - t0
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    info["peak_rss_bytes"] = rss1 * 1024
+    info["baseline_rss_bytes"] = rss0 * 1024
+    status1 = proc_status()
+    if status0 and status1:  # Linux: the current RSS before the call and this process's own peak (VmHWM)
+        info["rss_before_call_bytes"], info["vm_hwm_bytes"] = status0["VmRSS"], status1["VmHWM"]
+    if dev.type == "cuda":
+        info["peak_cuda_extra_bytes"] = torch.cuda.max_memory_allocated() - mem0
+    return info
+
+
+def bench_fisher(args, sizes: dict, emit, log) -> None:
+    S = args.fisher_samples or sizes["fisher_samples"]
+    methods = (("fisher-kernel", "compute_fisher: hooks + kernel, K/V weights"),
+               ("fisher-func", "torch.func vmap(grad) per-sample, all weights"))
+    for key, method in methods:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", key, "--device", args.device,
+               "--dtype", args.dtype if key == "fisher-kernel" else "float32", "--threads", str(args.threads),
+               "--fisher-samples", str(S)] + (["--fisher-chunk", str(args.fisher_chunk)] if args.fisher_chunk else []) \
+            + (["--quick"] if args.quick else [])
+        log(f"[4] {method}: {S} samples in a subprocess")
+        row: dict[str, Any] = {"part": "4 fisher", "method": method, "rows": S,
+                               "dtype": args.dtype if key == "fisher-kernel" else "float32"}
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.fisher_timeout_s)
+            lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+            if p.returncode != 0 or not lines:
+                tail = (p.stderr.strip().splitlines() or ["?"])[-1][:160]
+                row["skipped"] = f"n/a (child exited {p.returncode}: {tail})"
+            else:
+                info = json.loads(lines[-1])
+                row.update(info, median_s=info["seconds"], rows_per_s=S / info["seconds"],
+                           work=f"{S} samples ({info['weights']})")
+        except subprocess.TimeoutExpired:
+            row["skipped"] = f"n/a (over {args.fisher_timeout_s} s)"
+        emit(row)
+
+
+# --------------------------------------------------------------------------- report
+
+def fmt_s(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:.0f}"
+
+
+def report(result: dict) -> str:
+    meta = result["meta"]
+    lines = [f"forgetscore sweep benchmark — {meta['device_name']}, torch {meta['torch']}, diffusers "
+             f"{meta['diffusers']}, {meta['threads']} threads, {meta['dtype']}, {meta['date']}",
+             f"UNet: MSCOCO config, {format(meta['unet_params'], ',') if 'unet_params' in meta else '57.4 M'} weights (random), text 77x1024, "
+             "latents 4x16x16",
+             ""]
+    hdr = ["part", "method", "work", "batch", "rows", "median s", "rows/s", "ratio", "peak mem", "note"]
+    rows = []
+    for r in result["rows"]:
+        mem = "-"
+        if "peak_cuda_extra_bytes" in r:
+            mem = fmt_bytes(r["peak_cuda_extra_bytes"]) + " (cuda extra)"
+        elif "peak_rss_bytes" in r:
+            before = r.get("rss_before_call_bytes", r["baseline_rss_bytes"])
+            mem = f"{fmt_bytes(r['peak_rss_bytes'])} (+{fmt_bytes(r['peak_rss_bytes'] - before)})"
+        note = r.get("skipped") or r.get("note") or (f"target {r['target']}" if "target" in r else "")
+        if "bitwise_equal" in r and not note:
+            note = f"bitwise equal: {r['bitwise_equal']}"
+        if "projected_h" in r:
+            note = f"projected {r['projected_h']:.1f} h " + note
+        rows.append([r["part"], r["method"], r.get("work", ""), str(r.get("batch_rows", "-")), f"{r['rows']:,}",
+                     fmt_s(r.get("median_s")), f"{r['rows_per_s']:.1f}" if "rows_per_s" in r else "-",
+                     f"{r['ratio']:.2f}x" if "ratio" in r else "-", mem, note])
+    lines.append(table(hdr, rows, first_numeric=4))
+    lines.append("")
+    lines.append("rows: UNet rows (image x version x caption x timestep) per call, or Fisher samples; ratio: see "
+                 "each line's method; peak mem: peak RSS (ru_maxrss) of the subprocess (+ over its RSS just before "
+                 "the call) on CPU, max_memory_allocated beyond the start on CUDA")
+    return "\n".join(lines)
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            name = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({os.cpu_count()} CPUs)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="autocast dtype of the sweep, the bare forwards and compute_fisher (the published loop "
+                        "and the torch.func Fisher stay fp32, as published)")
+    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    p.add_argument("--json", metavar="OUT", help="write all measurements as JSON (rewritten after every row)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads(N) first; 0: torch's default")
+    p.add_argument("--only", choices=("sweep", "queries", "fisher"), help="run one part (sweep: parts 1 and 2)")
+    p.add_argument("--rounds", type=int, default=0, help="timed rounds per comparison (default 3 CPU, 5 CUDA)")
+    p.add_argument("--fisher-samples", type=int, default=0, help="samples per Fisher method (default 16 CPU, 64 CUDA)")
+    p.add_argument("--fisher-chunk", type=int, default=0, help="samples per vmap call of the torch.func Fisher")
+    p.add_argument("--fisher-timeout-s", type=int, default=600, help="give up on a Fisher subprocess after this")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.child:
+        print(json.dumps(fisher_child(args)), flush=True)
+        return 0
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here", file=sys.stderr)
+        return 2
+    sizes = dict((QUICK if args.quick else SIZES)[dev.type])
+    if args.rounds:
+        sizes["rounds"] = args.rounds
+    import diffusers
+
+    start = time.perf_counter()
+    # A child's ru_maxrss starts at the RSS its parent had when it was spawned (fork + exec keep
+    # the old peak), so the Fisher subprocesses run first, while this process is still small.
+    fisher_first = args.only in (None, "fisher")
+    model = data = None
+    result: dict[str, Any] = {}
+    result.update({
+        "meta": {"device": dev.type, "device_name": device_name(dev), "torch": torch.__version__,
+                 "diffusers": diffusers.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
+                 "dtype": args.dtype, "argv": sys.argv, "quick": args.quick, "sizes": sizes, "seed": SEED,
+                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                 "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        "rows": [], "errors": []})
+
+    def save() -> None:
+        if args.json:
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump(result, fh, indent=1, default=str)
+            os.replace(tmp, args.json)
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)
+
+    def emit(row: dict) -> None:
+        result["rows"].append(row)
+        short = {k: v for k, v in row.items() if not isinstance(v, dict)}
+        log(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in short.items()))
+        save()
+
+    def setup() -> None:
+        nonlocal model, data
+        model = build_model(dev)
+        data = build_data(model, max(2 * sizes["part12_images"], sizes["part3_images"]))
+        result["meta"]["unet_params"] = sum(p.numel() for p in model.unet.parameters())
+
+    steps = []
+    if fisher_first:
+        steps.append(("fisher", lambda: bench_fisher(args, sizes, emit, log)))
+    if args.only in (None, "sweep", "queries"):
+        steps.append(("setup", setup))
+    if args.only in (None, "sweep"):
+        steps.append(("sweep", lambda: bench_sweep_parts(args, model, data, sizes, emit, log)))
+    if args.only in (None, "queries"):
+        steps.append(("queries", lambda: bench_variants(args, model, data, sizes, emit, log)))
+    for name, step in steps:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - keep what the other parts measure
+            traceback.print_exc()
+            result["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
+        save()
+    result["meta"]["elapsed_s"] = time.perf_counter() - start
+    result["meta"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    save()
+    print()
+    print(report(result))
+    if result["errors"]:
+        print("\nerrors:\n  " + "\n  ".join(result["errors"]))
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
