@@ -80,6 +80,18 @@ class Skip(Exception):
     """A measurement that was not taken; the message says why."""
 
 
+def _warm_up(fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[float, float]:
+    """Seconds of a first call (compilation, first-touch costs included) and of a second one."""
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return first, max(time.perf_counter() - t0, 1e-7)
+
+
 def measure(fn: Callable[[], Any], sync: Callable[[], None], *, repeats: int, block_s: float,
             max_s: float) -> dict[str, float]:
     """Median seconds per call of fn after two warm-up calls.
@@ -88,14 +100,7 @@ def measure(fn: Callable[[], Any], sync: Callable[[], None], *, repeats: int, bl
     kernels are not lost in timer and launch noise), with at most `repeats` and at
     least 3 blocks, fewer when a call is so slow that `max_s` would be exceeded.
     """
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    first = time.perf_counter() - t0  # includes compilation / first-touch costs
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    one = max(time.perf_counter() - t0, 1e-7)
+    first, one = _warm_up(fn, sync)
     inner = max(1, min(10_000, int(block_s / one)))
     n = max(3, min(repeats, int(max_s / (one * inner))))
     samples = []
@@ -121,14 +126,7 @@ def measure_group(fns: dict[str, Callable[[], Any]], sync: Callable[[], None], *
     plan: dict[str, tuple[int, float]] = {}
     for name, fn in fns.items():
         try:
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            first = time.perf_counter() - t0  # includes compilation / first-touch costs
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            one = max(time.perf_counter() - t0, 1e-7)
+            first, one = _warm_up(fn, sync)
         except Exception as exc:  # noqa: BLE001
             first_line = (str(exc).splitlines() or [""])[0][:120]
             out[name] = f"n/a ({type(exc).__name__}: {first_line})"
