@@ -35,7 +35,6 @@ def _copy_dir(src: Path, dst: Path) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import torch
 
     from .attribution import Attributor, ScoringPlan, UnlearnConfig
     from .cache import cache_root
@@ -98,7 +97,6 @@ def run_demo(args: argparse.Namespace) -> int:
     for line in att.timings.lines():
         print(line)
     print(f"  {'total':<16} {time.perf_counter() - started:8.1f} s")
-    del torch
     return 0
 
 
