@@ -35,7 +35,6 @@ def _copy_dir(src: Path, dst: Path) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-
     from .attribution import Attributor, ScoringPlan, UnlearnConfig
     from .cache import cache_root
     from .attribution.results import check_output_dir
