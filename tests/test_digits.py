@@ -164,3 +164,31 @@ def test_generate_shapes(small):
     assert x.shape == (2, 1, 8, 8) and x.abs().max() <= 1
     y = generate(model, ["a thick handwritten one"], seeds=[1], num_inference_steps=4)
     assert torch.allclose(x[1], y[0], atol=1e-5)
+
+
+def test_uncoupled_plan_shifts_everything_coupled_plan_does_not():
+    recipe = T.TrainRecipe(epochs=2, batch_size=64)
+    ids = torch.arange(300)
+    full = list(T.uncoupled_steps(recipe, ids, [], 4, 1000))
+    again = list(T.uncoupled_steps(recipe, ids, [], 4, 1000))
+    assert all(torch.equal(a.ids, b.ids) and torch.equal(da.noise, db.noise) for (a, da), (b, db) in zip(full, again))
+    assert len(full) == 2 * 5 and sum(len(s.ids) for s, _ in full) == 600
+    less = list(T.uncoupled_steps(recipe, ids, [7], 4, 1000))
+    assert sum(len(s.ids) for s, _ in less) == 598
+    # the draws of an image that stays are no longer its draws in the full run
+    def draws_of(steps, image):
+        return [d.noise[(s.ids == image).nonzero()[0, 0]] for s, d in steps if bool((s.ids == image).any())]
+    kept = int(ids[ids != 7][0])
+    assert not all(torch.equal(a, b) for a, b in zip(draws_of(full, kept), draws_of(less, kept)))
+    coupled_full = list(T.coupled_steps(recipe, ids, [], 4, 1000))
+    coupled_less = list(T.coupled_steps(recipe, ids, [7], 4, 1000))
+    assert all(torch.equal(a, b) for a, b in zip(draws_of(coupled_full, kept), draws_of(coupled_less, kept)))
+
+
+def test_uncoupled_training_is_deterministic(small):
+    a = T.train(TINY, data=small, coupled=False)
+    b = T.train(TINY, data=small, coupled=False, exclude_ids=[])
+    assert all(torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), b.unet.state_dict().values()))
+    c = T.train(TINY, data=small)
+    assert not all(torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), c.unet.state_dict().values()))
+    assert a.info["coupled"] is False and c.info["coupled"] is True

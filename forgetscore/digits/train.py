@@ -32,26 +32,27 @@ text encoder trained jointly with the UNet.  What was measured on two CPU cores:
 
 * The model learns to denoise first and to follow the caption late: after 150
   updates samples ignore the prompt entirely, whatever the guidance.  The number
-  of *updates* matters more than the number of epochs, and at this size a step's
-  cost is nearly proportional to the batch (0.11 CPU-s at batch 32, 0.3 at 128),
-  so small batches (32) win: 10 epochs at batch 32 (570 updates) follow the
-  prompt better (88 % vs 84 % of samples classified as the prompted digit) than
-  20 epochs at batch 128 (300 updates), for 30 % less compute.
+  of *updates* matters more than the number of epochs, and a step's cost grows
+  nearly in proportion to the batch, so small batches (32) win.  Measured on the
+  earlier 32/64-channel model: 10 epochs at batch 32 (570 updates) followed the
+  prompt better (88 % vs 84 %) than 20 epochs at batch 128 (300 updates).
 * One thread per training run (``recipe.threads = 1``).  Two threads are ~1.5x
   faster on an idle machine but many times slower when anything else runs
   (OpenMP barriers spin), and a leave-K-out evaluation is better served by
   running one single-threaded retrain per core.  The thread count is part of the
   recipe because results are only bit-exact for a fixed count.
+* Fused AdamW (the per-tensor optimizer was 12 % of a step) and plain attention
+  while training (at 16 tokens the math path beats the CPU flash kernel).
 
 Presets (:data:`RECIPES`), measured with one thread on a 2-core machine that
-other jobs were also using (CPU seconds are what an idle core would take):
+other jobs were also using heavily (load ~8; CPU seconds):
 
-* ``default``: 25 epochs, batch 32, 1425 updates, 160 CPU-s (~0.11 s/update);
-  98.5 % of 200 samples classified as the prompted digit (guidance 1.5, 25 DDIM
-  steps); the attribute words move ink mass, slant and width the right way.
-* ``light``: 10 epochs, batch 32, 570 updates, 61-66 CPU-s; 84 %.  Two such
-  retrains run side by side on two cores.  Fewer updates than this and the
-  model ignores the prompt (7 epochs: 29 %, 5 epochs: 13 %).
+* ``default``: 12 epochs, batch 32, lr 3e-3, 684 updates, 36 CPU-s (an idle core
+  takes ~23 s); 93 % of 200 samples classified as the prompted digit (guidance
+  1.5, 25 DDIM steps); the attribute words move ink mass (302 vs 367 for thin vs
+  thick), slant and width the right way.  Same model at 10 epochs: 86 %, the
+  thickness words barely work (333 vs 338); at 8 epochs 59 %.
+* ``smoke``: one epoch at batch 128; not a usable model, for end-to-end checks.
 
 The default model is cached under ``$FORGETSCORE_CACHE`` (else
 ``~/.cache/forgetscore``) in ``digits-<recipe hash>``; it is trained on first
@@ -77,7 +78,7 @@ from .data import DigitsData, NUM_CAPTIONS, load_data
 from .model import DigitsModel, ModelConfig, build_model, is_model_dir, save_model
 from .tokenizer import encode
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: fused AdamW, plain attention while training, uncoupled mode
 DRAWS_PER_EPOCH = 16
 PURPOSE_ORDER, PURPOSE_TIMESTEP, PURPOSE_NOISE, PURPOSE_CAPTION, PURPOSE_DROPOUT = range(5)
 
@@ -86,9 +87,9 @@ PURPOSE_ORDER, PURPOSE_TIMESTEP, PURPOSE_NOISE, PURPOSE_CAPTION, PURPOSE_DROPOUT
 class TrainRecipe:
     seed: int = 0
     init_seed: int = 0
-    epochs: int = 25
+    epochs: int = 12
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 3e-3
     warmup_frac: float = 0.05
     final_lr_frac: float = 0.0
     weight_decay: float = 0.01
@@ -120,7 +121,8 @@ class TrainRecipe:
 
 RECIPES: dict[str, TrainRecipe] = {
     "default": TrainRecipe(),
-    "light": TrainRecipe(epochs=10),
+    # Not a usable model: one epoch in a few seconds, for checking that a pipeline runs end to end.
+    "smoke": TrainRecipe(epochs=1, batch_size=128),
 }
 
 
@@ -217,6 +219,41 @@ def num_steps(recipe: TrainRecipe, n_total: int) -> int:
     return recipe.epochs * len(slot_bounds(n_total, recipe.batch_size))
 
 
+def coupled_steps(recipe: TrainRecipe, ids: torch.Tensor, exclude_ids: Iterable[int], numel: int,
+                  num_train_timesteps: int):
+    """(slot, draws) of every optimizer step with coupled randomness (draws None for an empty slot)."""
+    for slot in batch_plan(recipe, ids, exclude_ids):
+        draws = (example_draws(recipe.seed, slot.epoch, slot.ids, numel, num_train_timesteps,
+                               recipe.caption_dropout) if len(slot.ids) else None)
+        yield slot, draws
+
+
+def uncoupled_steps(recipe: TrainRecipe, ids: torch.Tensor, exclude_ids: Iterable[int], numel: int,
+                    num_train_timesteps: int):
+    """(slot, draws) the usual way: one generator seeded with the seed, consumed in order.
+
+    Shuffles the remaining images each epoch, cuts consecutive batches, draws each
+    batch's timesteps, noise, captions and dropout in turn.  Removing an image shifts
+    every later batch and draw, so a retrain "with the same seed" differs from the
+    original run everywhere; kept to measure what coupling buys.
+    """
+    ids = torch.as_tensor(ids, dtype=torch.int64)
+    keep = ids[~torch.isin(ids, torch.as_tensor(sorted(exclude_ids), dtype=torch.int64))]
+    g = torch.Generator().manual_seed(recipe.seed)
+    step = 0
+    for epoch in range(recipe.epochs):
+        order = keep[torch.randperm(len(keep), generator=g)]
+        for lo in range(0, len(order), recipe.batch_size):
+            batch = order[lo:lo + recipe.batch_size]
+            n = len(batch)
+            draws = ExampleDraws(torch.randint(num_train_timesteps, (n,), generator=g),
+                                 torch.randn(n, numel, generator=g),
+                                 torch.randint(NUM_CAPTIONS, (n,), generator=g),
+                                 torch.rand(n, generator=g) < recipe.caption_dropout)
+            yield Slot(step, epoch, batch, n), draws
+            step += 1
+
+
 def lr_factor(step: int, total: int, warmup_frac: float, final_frac: float = 0.0) -> float:
     warm = max(1, round(warmup_frac * total))
     if step < warm:
@@ -250,9 +287,10 @@ def caption_tokens(model: DigitsModel, data: DigitsData) -> tuple[torch.Tensor, 
 
 def train(recipe: str | TrainRecipe | None = None, out_dir: str | os.PathLike | None = None,
           exclude_ids: Iterable[int] | None = None, data: DigitsData | None = None,
-          log: Callable[[str], None] | None = None, log_every: int = 100) -> DigitsModel:
+          log: Callable[[str], None] | None = None, log_every: int = 100, coupled: bool = True) -> DigitsModel:
     """Train a model with ``recipe`` on the digits, leaving out ``exclude_ids``.
 
+    ``coupled=False`` draws the randomness the usual way (:func:`uncoupled_steps`).
     Returns the model (eval mode); also saves it to ``out_dir`` if given.
     """
     recipe = get_recipe(recipe)
@@ -274,8 +312,21 @@ def train(recipe: str | TrainRecipe | None = None, out_dir: str | os.PathLike | 
         params += list(text_encoder.parameters())
     else:
         text_encoder.requires_grad_(False)
-    opt = torch.optim.AdamW(params, lr=recipe.lr, betas=recipe.adam_betas, weight_decay=recipe.weight_decay)
-    total = num_steps(recipe, n_total)
+    # Fused AdamW: one kernel instead of ~10 per tensor (the optimizer was 12 % of a step).
+    opt = torch.optim.AdamW(params, lr=recipe.lr, betas=recipe.adam_betas, weight_decay=recipe.weight_decay,
+                            fused=True)
+    # Plain attention: at 16 tokens the math path beats the CPU flash kernel; training only.
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet.set_attn_processor(AttnProcessor())
+    numel = x_all.shape[1]
+    if coupled:
+        total = num_steps(recipe, n_total)
+        steps = coupled_steps(recipe, data.ids, exclude, numel, T)
+    else:
+        n_keep = n_total - len(exclude)
+        total = recipe.epochs * math.ceil(n_keep / recipe.batch_size)
+        steps = uncoupled_steps(recipe, data.ids, exclude, numel, T)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total, recipe.warmup_frac, recipe.final_lr_frac))
 
@@ -284,12 +335,11 @@ def train(recipe: str | TrainRecipe | None = None, out_dir: str | os.PathLike | 
     t0, c0 = time.perf_counter(), time.process_time()
     running, seen = 0.0, 0
     with _threads(recipe.threads):
-        for slot in batch_plan(recipe, data.ids, exclude):
+        for slot, dr in steps:
             opt.zero_grad(set_to_none=False)
             ids = slot.ids
             rows = row_of[ids]
             if len(ids):
-                dr = example_draws(recipe.seed, slot.epoch, ids, x_all.shape[1], T, recipe.caption_dropout)
                 tok = tokens[rows, dr.caption_index]
                 tok = torch.where(dr.dropped[:, None], empty[None, :], tok)
                 with torch.set_grad_enabled(recipe.train_text_encoder):
@@ -313,7 +363,7 @@ def train(recipe: str | TrainRecipe | None = None, out_dir: str | os.PathLike | 
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     model.eval()
     model.info.update({
-        "recipe": recipe.to_dict(), "recipe_hash": recipe.hash(), "excluded_ids": exclude,
+        "recipe": recipe.to_dict(), "recipe_hash": recipe.hash(), "excluded_ids": exclude, "coupled": coupled,
         "train_seconds": round(elapsed, 2), "train_cpu_seconds": round(cpu, 2), "steps": total, "n_train": n_total - len(exclude),
         "torch": torch.__version__, "dataset": "sklearn.datasets.load_digits",
     })

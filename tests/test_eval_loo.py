@@ -1,0 +1,173 @@
+"""The leave-K-out machinery: removal sets, retrain bookkeeping and caching, aggregation, the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from forgetscore.evaluation import base, loo
+from forgetscore.evaluation.retrain import MeasureSettings, RetrainJob
+
+from tiny import build_model, build_train
+
+
+def test_top_k_order_and_ties():
+    s = np.array([0.5, 2.0, 2.0, -1.0, 3.0])
+    assert base.top_k(s, 3).tolist() == [4, 1, 2]  # tie 1/2 broken by the lower index
+    rng = np.random.default_rng()
+    x = rng.normal(size=50)
+    assert base.top_k(x, 7).tolist() == np.argsort(-x, kind="stable")[:7].tolist()
+    with pytest.raises(ValueError, match="k:"):
+        base.top_k(s, 0)
+    with pytest.raises(ValueError, match="k:"):
+        base.top_k(s, 6)
+
+
+def test_removal_jobs_share_random_sets_and_dedupe():
+    rng = np.random.default_rng()
+    n, q = 40, 3
+    scores = {"a": rng.normal(size=(q, n)), "b": rng.normal(size=(q, n))}
+    scores["b"][1] = scores["a"][1]  # the same ranking for query 1: one retrain
+    cfg = loo.LooConfig(ks=(2, 5), methods=("a", "b", "random"), random_sets=2)
+    jobs = loo.removal_jobs(scores, cfg, n)
+    for k in cfg.ks:
+        for qi in range(q):
+            want = sorted(np.argsort(-scores["a"][qi], kind="stable")[:k].tolist())
+            assert list(jobs[("a", k, qi)].exclude) == want
+        assert jobs[("a", k, 1)].key == jobs[("b", k, 1)].key
+        assert jobs[("a", k, 0)].key != jobs[("b", k, 0)].key
+        sets = [jobs[("random", k, r)].exclude for r in range(2)]
+        assert all(len(set(s)) == k and max(s) < n for s in sets) and sets[0] != sets[1]
+    assert ("random", 2, 2) not in jobs  # random sets are per K, not per query
+    # the same seed draws the same random sets; another seed other ones
+    again = loo.removal_jobs(scores, cfg, n)
+    assert again[("random", 5, 1)].key == jobs[("random", 5, 1)].key
+    other = loo.removal_jobs(scores, loo.LooConfig(ks=(5,), methods=("a",), seed=1), n)
+    assert other[("random", 5, 0)].key != jobs[("random", 5, 0)].key
+    # the protocol is part of the identity
+    assert RetrainJob((1, 2), True).key != RetrainJob((1, 2), False).key
+    assert RetrainJob((2, 1), True).key == RetrainJob((1, 2), True).key
+
+
+def test_aggregate_against_hand_formulas():
+    rng = np.random.default_rng()
+    q, k = 4, 3
+    cfg = loo.LooConfig(ks=(k,), methods=("m",), random_sets=2)
+    scores = {"m": rng.normal(size=(q, 20))}
+    jobs = loo.removal_jobs(scores, cfg, 20)
+    original = {"losses": torch.tensor(rng.random(q)), "images": torch.rand(q, 1, 4, 4) * 2 - 1}
+    measured = {j.key: {"losses": original["losses"] + torch.tensor(rng.normal(size=q) * 1e-3),
+                        "images": torch.rand(q, 1, 4, 4) * 2 - 1} for j in jobs.values()}
+    feat = lambda x: x.flatten(1).numpy() + 2.0  # noqa: E731
+    res = loo.aggregate(jobs, measured, original, ["random", "m"], cfg, feat)
+    base_l = original["losses"].numpy()
+    dl = [measured[jobs[("m", k, i)].key]["losses"][i].item() - base_l[i] for i in range(q)]
+    cell = res["m"][str(k)]
+    assert cell["delta_loss"]["mean"] == pytest.approx(np.mean(dl), rel=1e-12)
+    assert cell["delta_loss"]["se"] == pytest.approx(np.std(dl, ddof=1) / np.sqrt(q), rel=1e-12)
+    img = measured[jobs[("m", k, 2)].key]["images"][2].double()
+    mse2 = float((img - original["images"][2].double()).square().mean())
+    assert cell["regen_mse"]["mean"] == pytest.approx(
+        np.mean([float((measured[jobs[("m", k, i)].key]["images"][i].double()
+                        - original["images"][i].double()).square().mean()) for i in range(q)]), rel=1e-9)
+    assert mse2 > 0
+    a, b = feat(img[None].float())[0], feat(original["images"][2:3])[0]
+    want_sim = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+    sims = cell["delta_loss_per_query"]
+    assert len(sims) == q
+    others = [np.mean([measured[jobs[("m", k, i)].key]["losses"][j].item() - base_l[j] for j in range(q) if j != i])
+              for i in range(q)]
+    assert cell["delta_loss_other_queries"]["mean"] == pytest.approx(np.mean(others), rel=1e-12)
+    rnd = [np.mean([measured[jobs[("random", k, r)].key]["losses"][i].item() - base_l[i] for r in range(2)])
+           for i in range(q)]
+    assert res["random"][str(k)]["delta_loss"]["mean"] == pytest.approx(np.mean(rnd), rel=1e-12)
+    every = [measured[jobs[("random", k, r)].key]["losses"][i].item() - base_l[i] for r in range(2) for i in range(q)]
+    assert res["random"][str(k)]["noise_floor_std"] == pytest.approx(np.std(every, ddof=1), rel=1e-12)
+    from forgetscore.evaluation.counterfactual import feature_similarity
+    assert feature_similarity(img[None].float(), original["images"][2:3], feat)[0] == pytest.approx(want_sim)
+
+
+class FakeTrainer:
+    """'Retrains' the tiny model by moving one bias by an amount set by the removed ids; counts calls."""
+
+    def __init__(self, src, log):
+        self.src, self.log = src, log
+
+    def __call__(self, exclude, out_dir, coupled=True):
+        from forgetscore.attribution.io import write_dir
+
+        with open(self.log, "a") as f:
+            f.write(json.dumps(sorted(int(i) for i in exclude)) + "\n")
+
+        def fill(tmp):
+            shutil.copytree(self.src, tmp, dirs_exist_ok=True)
+            from diffusers import UNet2DConditionModel
+            unet = UNet2DConditionModel.from_pretrained(tmp / "unet")
+            with torch.no_grad():
+                unet.conv_out.bias += 1e-2 * sum((i + 1) ** 0.5 for i in exclude)
+            unet.save_pretrained(tmp / "unet")
+        write_dir(out_dir, fill)
+
+
+def test_run_loo_end_to_end_and_resume(tmp_path):
+    model_dir = build_model(tmp_path / "model")
+    train_dir = build_train(tmp_path / "train", n=12)
+    calls = tmp_path / "calls.jsonl"
+    setup = loo.LooSetup(FakeTrainer(model_dir, calls), train_dir,
+                         [loo.QuerySpec("a red square", seed=1), loo.QuerySpec("a big blue circle", seed=2)],
+                         features=lambda x: x.flatten(1).numpy())
+    cfg = loo.LooConfig(ks=(2, 4), methods=("pixel", "random"), random_sets=2, workers=1,
+                        measure=MeasureSettings(loss_stride=100, loss_draws=1, gen_steps=3),
+                        effectiveness=False)
+    out = tmp_path / "run"
+    res = loo.run_loo(out, setup, cfg, log=None)
+    trained = [json.loads(line) for line in calls.read_text().splitlines()]
+    jobs = loo.removal_jobs({"pixel": np.load(out / "scores" / "pixel.npy")}, cfg, 12)
+    assert len(trained) == 1 + len({j.key for j in jobs.values()}) == res["retrains"] + 1
+    assert trained[0] == []
+    assert sorted(map(tuple, trained[1:])) == sorted({j.exclude for j in jobs.values()})
+    # ΔL is the retrained query loss minus the original's, under the same draws
+    from forgetscore.attribution.model import DiffusionModel
+    from forgetscore.evaluation.counterfactual import query_losses
+    from forgetscore.evaluation.retrain import load_measurement
+    qs = loo.make_queries(DiffusionModel.load(out / "retrains" / RetrainJob(()).key), setup.queries, cfg.measure,
+                          out / "queries.pt")
+    j = jobs[("pixel", 4, 1)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # measurements run on one thread; bits depend on the count
+    try:
+        lo = query_losses(DiffusionModel.load(out / "retrains" / RetrainJob(()).key), qs, stride=100, draws=1)
+        lr = query_losses(DiffusionModel.load(out / "retrains" / j.key), qs, stride=100, draws=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert load_measurement(out / "retrains", j)["losses"].numpy() == pytest.approx(lr, rel=1e-12)
+    assert res["methods"]["pixel"]["4"]["delta_loss_per_query"][1] == pytest.approx(lr[1] - lo[1], rel=1e-9,
+                                                                                     abs=1e-15)
+    for name in ("results.json", "table.md", "delta_loss.png"):
+        assert (out / name).is_file()
+    assert "| pixel |" in (out / "table.md").read_text()
+    # a second run redoes nothing
+    again = loo.run_loo(out, setup, cfg, log=None)
+    assert len(calls.read_text().splitlines()) == len(trained)
+    assert again["methods"] == res["methods"]
+    # losing one measurement redoes only that retrain's measurement (the model is on disk)
+    (out / "retrains" / f"{j.key}.pt").unlink()
+    loo.run_loo(out, setup, cfg, log=None)
+    assert len(calls.read_text().splitlines()) == len(trained)
+    assert (out / "retrains" / f"{j.key}.pt").is_file()
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="ks:"):
+        loo.LooConfig(ks=(), methods=("pixel",))
+    with pytest.raises(ValueError, match="random_sets:"):
+        loo.LooConfig(ks=(1,), methods=("pixel",), random_sets=0)
+    with pytest.raises(ValueError, match="method:"):
+        from forgetscore.evaluation.methods import build
+        build("nope")
