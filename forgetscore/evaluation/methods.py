@@ -87,7 +87,8 @@ def _baseline(name: str):
         "caption": baselines.CaptionSimilarity,
         "feature": baselines.FeatureSimilarity,
         "dtrak": gradients.DTrak,
-        "influence": gradients.FirstOrderInfluence,
+        # the limit of our own step: the same query draws as `unlearning`
+        "influence": lambda: gradients.FirstOrderInfluence(config=DEFAULT_UNLEARN),
     }[name]()
 
 
