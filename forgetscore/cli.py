@@ -1,4 +1,4 @@
-"""The `forgetscore` command: info, demo, prepare, fisher, score, attribute, report."""
+"""The `forgetscore` command: info, demo, prepare, fisher, score, attribute, report, evaluate."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,19 @@ EPILOGS = {
 }
 
 
+def _batch_size(text: str) -> int | str:
+    """--batch-size: rows per UNet call, or `auto`."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an int >= 1 nor 'auto'")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", required=True, help="model directory (diffusers save_pretrained layout)")
@@ -32,18 +45,34 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     g.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton", "cuda"],
                    help="kernel backend (default: auto)")
-    g.add_argument("--batch-size", type=int, default=256, help="UNet rows per forward pass (default: 256)")
+    g.add_argument("--batch-size", type=_batch_size, default=256,
+                   help="UNet rows per forward pass, or auto: the largest power of two that fits in free GPU "
+                        "memory (probed, at most 4096), 256 on the CPU (default: 256)")
     g.add_argument("--chunk-size", type=int, default=4096,
                    help="images per resumable chunk of a sweep; torchrun ranks share chunks (default: 4096)")
     g.add_argument("--resize", action="store_true", help="resize images that do not match the model's size")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="UNet precision of the scoring sweeps (autocast; losses stay float32). Default fp32")
+    g.add_argument("--no-prefetch", action="store_true",
+                   help="do not prepare the next batch's inputs in a background thread during the current one")
+    g.add_argument("--compile", nargs="?", const="auto", default=None,
+                   choices=["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="run the sweeps' UNet under torch.compile with this mode; auto (the default when given "
+                        "without a mode): max-autotune (with CUDA graphs) on CUDA, default on the CPU")
     g = p.add_argument_group("scoring plan")
     g.add_argument("--timestep-stride", type=int, default=50, help="score timesteps 0, s, 2s, ... (default: 50)")
     g.add_argument("--timesteps", help="explicit comma-separated timesteps (overrides --timestep-stride)")
     g.add_argument("--captions", choices=["all", "first"], default="all", help="captions per image (default: all)")
     g.add_argument("--no-flips", action="store_true", help="do not score horizontal flips")
     g.add_argument("--seed", type=int, default=0, help="noise seed of the plan (default: 0)")
+    g.add_argument("--noise", choices=["keyed", "reference"], default="keyed",
+                   help="keyed: noise per (seed, image, draw), independent of batching (default); reference: "
+                        "the published implementation's torch.randn per batch, seeded seed + batch index")
+    g.add_argument("--reference-batch", type=int,
+                   help="with --noise reference: images per batch of the published loop (its --batch_size / "
+                        "(captions x timesteps); MSCOCO: 80)")
+    g.add_argument("--noise-device", choices=["cpu", "cuda"],
+                   help="with --noise reference: the generator's device kind (default: cuda, as published)")
 
 
 def _add_fisher_args(p: argparse.ArgumentParser) -> None:
@@ -69,7 +98,8 @@ def _add_unlearn_args(p: argparse.ArgumentParser) -> None:
 
 def _plan(args: argparse.Namespace):
     from .attribution import ScoringPlan
-    common = dict(captions=args.captions, flips=not args.no_flips, seed=args.seed)
+    common = {"captions": args.captions, "flips": not args.no_flips, "seed": args.seed, "noise": args.noise,
+              "reference_batch": args.reference_batch, "noise_device": args.noise_device}
     if args.timesteps:
         try:
             ts = tuple(int(t) for t in args.timesteps.split(","))
@@ -83,7 +113,8 @@ def _attributor(args: argparse.Namespace):
     from .attribution import Attributor
     return Attributor.load(args.model, args.train, plan=_plan(args), weights=args.weights, cache_dir=args.cache,
                            batch_size=args.batch_size, backend=args.backend, device=_device(args.device),
-                           resize=args.resize, chunk_size=args.chunk_size, precision=args.precision)
+                           resize=args.resize, chunk_size=args.chunk_size, precision=args.precision,
+                           prefetch=not args.no_prefetch, compile=args.compile)
 
 
 def _device(name: str) -> str:
@@ -276,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("report", "redraw gallery.png and report.html of a result directory", _report)
     p.add_argument("--out", required=True, help="a directory written by attribute or demo")
     p.add_argument("--topk", type=int, help="how many images to show (default: as saved)")
+    from .evaluation.cli import add_parser as add_evaluate
+    add_evaluate(sub)
     return parser
 
 

@@ -171,3 +171,19 @@ def test_config_errors():
     with pytest.raises(ValueError, match="method:"):
         from forgetscore.evaluation.methods import build
         build("nope")
+
+
+def test_cli_evaluate_loo_smoke(tmp_path, capsys):
+    from forgetscore import cli
+
+    out = tmp_path / "run"
+    args = ["evaluate", "loo", "--out", str(out), "--recipe", "smoke", "--queries", "2", "--ks", "3",
+            "--methods", "pixel,random-class", "--random-sets", "1", "--workers", "1"]
+    assert cli.main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["methods"]) == {"random", "pixel", "random-class"}
+    assert [q["label"] for q in res["queries"]] == [7, 1]
+    assert res["config"]["coupled"] is True and res["retrains"] == 5
+    assert "| pixel |" in capsys.readouterr().out
+    assert cli.main(["evaluate", "loo", "--out", str(out), "--methods", "nope"]) == 2
+    assert "--methods" in capsys.readouterr().err

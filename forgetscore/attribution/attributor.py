@@ -62,19 +62,30 @@ class Attributor:
     """Attribution by unlearning for one model, one training set and one scoring plan."""
 
     def __init__(self, model: DiffusionModel, train: TrainingSet, *, plan: ScoringPlan | None = None,
-                 weights: str = "kv", cache_dir: str | os.PathLike | None = None, batch_size: int = 256,
+                 weights: str = "kv", cache_dir: str | os.PathLike | None = None, batch_size: int | str = 256,
                  backend: str = "auto", progress: bool = True, resize: bool = False, chunk_size: int = 4096,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", prefetch: bool = True, compile: str | None = None):
+        from .losses import auto_batch_size, compile_mode
+        from .sweep import all_gather
+
         self.model, self.train = model, train
         self.plan = plan or ScoringPlan()
         self.plan.check_model(model.num_train_timesteps)
         self.names = params.select(model.unet, weights)
         self.weights = weights
-        self.batch_size, self.backend, self.resize = batch_size, backend, resize
+        self.backend, self.resize = backend, resize
         self.chunk_size = chunk_size
         self.precision = precision
+        # Sweep options that leave the numbers as they are (prefetch) or change only their last bits (compile).
+        self.prefetch, self.compile = bool(prefetch), compile_mode(compile, model.device)
         # Under torchrun every rank runs the same calls; rank 0 writes what is shared.
         self.rank, self.world = init_distributed(model.device)
+        if isinstance(batch_size, str) and batch_size == "auto":
+            # Each rank probes its own GPU; the ranks must sweep alike, so all take the smallest.
+            batch_size = min(all_gather(auto_batch_size(model, precision)))
+        elif not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size: {batch_size!r} must be an int >= 1 or 'auto'")
+        self.batch_size = batch_size
         self.progress = progress and self.rank == 0
         root = Path(cache_dir) if cache_dir is not None else cache_root() / "runs"
         self.cache_dir = root / f"{model.encoders_id()}-{train.identity()}" if cache_dir is None else root
@@ -129,7 +140,7 @@ class Attributor:
 
     def sweep(self) -> LossSweep:
         return LossSweep(self.model, self.prepare(), self.plan, batch_size=self.batch_size, backend=self.backend,
-                         precision=self.precision)
+                         precision=self.precision, prefetch=self.prefetch, compile=self.compile)
 
     def _before_path(self) -> Path:
         data = self.prepare()
@@ -306,6 +317,16 @@ class Attributor:
             results.append(Attribution(full_scores, full_tau, prompt, pixels, self.train.file_names,
                                        self.train.captions, meta))
         return results
+
+
+    def score_variants(self, variants: Sequence[dict[str, torch.Tensor]], *, reduce: str = "max") -> np.ndarray:
+        """Scores [len(variants), n_train] of arbitrary values of the selected weights (e.g. an ablation's
+        own update), against the cached before-losses, in one pass over the data."""
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce: {reduce!r} is not one of {list(REDUCTIONS)}")
+        before = self.before_losses()
+        tau = self._run(list(variants), None, desc="score (after)") - before[None]
+        return tau.max(axis=2) if reduce == "max" else tau.mean(axis=2)
 
 
 def _scatter(values: np.ndarray, sel: np.ndarray, n: int) -> np.ndarray:

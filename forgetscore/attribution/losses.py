@@ -1,18 +1,27 @@
 """Per-image diffusion losses under a scoring plan: the sweep every score is made of.
 
 A batch of images is expanded into rows (image x version x caption x timestep),
-noised once through the fused kernel, and run through the UNet once per model
-variant (the original weights, or the unlearned weights of one or more queries),
-so several queries share the loading and noising of the data.
+noised once, and run through the UNet once per model variant (the original weights,
+or the unlearned weights of one or more queries), so several queries share the
+loading and noising of the data.
+
+The host side of a batch (memory-mapped reads, text gather, row expansion, pinned
+copies on CUDA) is prepared in a background thread while the previous batch runs on
+the device (``prefetch``); it is the same work in the same order, so the numbers are
+identical either way. ``batch_size="auto"`` sizes the UNet calls to the free GPU
+memory, ``compile`` runs the UNet under ``torch.compile``.
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import kernels
 from . import params
@@ -20,10 +29,21 @@ from .data import PreparedData
 from .model import DiffusionModel
 from .plan import ScoringPlan
 
-
 # UNet precision of a sweep: scores are small differences of two losses, so this matters
 # (see benchmarks/RESULTS.md, "Precision").
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# batch_size="auto" off CUDA: CPU throughput stops growing long before a few hundred rows,
+# and there is no out-of-memory error to probe for (the machine would swap instead).
+AUTO_BATCH_CPU = 256
+# batch_size="auto" on CUDA never goes above this: past it a GPU is saturated anyway, and
+# a larger batch only delays the first finished chunk.
+AUTO_BATCH_CAP = 4096
+# torch.compile modes; "auto" is "max-autotune" (autotuned kernels and CUDA graphs) on CUDA,
+# "default" elsewhere.
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Reference noise batches kept made: a sweep walks the unflipped and the flipped half of the
+# published pass side by side, each touching one or two batches at a time.
+REFERENCE_CACHE_BATCHES = 4
 
 
 @dataclass
@@ -35,6 +55,8 @@ class Rows:
     timestep: torch.Tensor
     sample_id: torch.Tensor  # the image's id in the training set: keys the noise
     draw_id: torch.Tensor
+    caption: torch.Tensor    # the caption's index among its image's
+    step: torch.Tensor       # the timestep's index in the plan
 
     def __len__(self) -> int:
         return self.image.shape[0]
@@ -51,18 +73,192 @@ def expand_rows(ids: np.ndarray, caption_counts: Sequence[int], plan: ScoringPla
     span = caps[image] * n_t
     version = local // span
     caption = (local // n_t) % caps[image]
-    timestep = torch.tensor(plan.timesteps, dtype=torch.int64)[local % n_t]
+    step = local % n_t
+    timestep = torch.tensor(plan.timesteps, dtype=torch.int64)[step]
     text_base = torch.cumsum(caps, 0) - caps
     return Rows(image, version, text_base[image] + caption, timestep,
                 torch.as_tensor(np.asarray(ids, dtype=np.int64))[image],
-                ScoringPlan.draw_id(version, caption, timestep))
+                ScoringPlan.draw_id(version, caption, timestep), caption, step)
+
+
+class ReferenceNoise:
+    """The published implementation's noise for any row, under a ``noise="reference"`` plan.
+
+    The published loop walks items ``q = 0 .. versions * n - 1``: image ``q % n``, flipped when
+    ``q >= n`` (every image as is, then every flip), in batches of ``plan.reference_batch`` items.
+    Batch ``b`` lays its rows out item-major, then caption, then timestep, and draws them all
+    with one ``torch.randn(rows, *shape)`` from a generator seeded ``plan.seed + b``. The layout
+    is that of the whole data set, whatever subset or order a sweep scores, so a row's noise
+    is a fixed function of (plan, data set); batches are made whole (torch's stream for a
+    tensor depends on its size) and the last few are kept for the rows that follow.
+    """
+
+    def __init__(self, plan: ScoringPlan, data: PreparedData, device: torch.device):
+        if plan.noise != "reference":
+            raise ValueError(f"plan: noise={plan.noise!r}; ReferenceNoise needs noise='reference'")
+        dev = torch.device(plan.noise_device)
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError("noise_device: 'cuda' reference noise needs a CUDA device (torch's CPU and CUDA "
+                                 "generators give different numbers); run on a GPU or use noise_device='cpu'")
+            # An explicit index: the prefetch thread has its own current device (cuda:0).
+            dev = device if device.type == "cuda" and device.index is not None else \
+                torch.device("cuda", torch.cuda.current_device())
+        self.device = dev
+        self.n, self.n_t = data.n, len(plan.timesteps)
+        self.batch, self.seed = plan.reference_batch, plan.seed
+        self.shape = tuple(data.input_shape)
+        self.n_items = plan.versions * data.n
+        # First row of each image within one version's pass (in caption rows; x n_t for rows).
+        self.offsets = (np.asarray(data.caption_offsets, dtype=np.int64) if plan.captions == "all"
+                        else np.arange(data.n + 1, dtype=np.int64))
+        self._made: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def item_row(self, q: np.ndarray) -> np.ndarray:
+        """First row of item(s) `q` in the whole published pass (``q == n_items``: the row count)."""
+        version, image = np.divmod(np.asarray(q, dtype=np.int64), self.n)
+        return (version * self.offsets[self.n] + self.offsets[image]) * self.n_t
+
+    def locate(self, sample_id: np.ndarray, version: np.ndarray, caption: np.ndarray,
+               step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(batch index, row within that batch) of each row."""
+        q = np.asarray(version, dtype=np.int64) * self.n + np.asarray(sample_id, dtype=np.int64)
+        b = q // self.batch
+        row = self.item_row(q) + np.asarray(caption, dtype=np.int64) * self.n_t + np.asarray(step, dtype=np.int64)
+        return b, row - self.item_row(b * self.batch)
+
+    def batch_noise(self, b: int) -> torch.Tensor:
+        """All the noise of published batch `b`: [rows, *shape] float32 on the noise device."""
+        if b in self._made:
+            self._made.move_to_end(b)
+            return self._made[b]
+        lo, hi = b * self.batch, min((b + 1) * self.batch, self.n_items)
+        if not 0 <= lo < hi:
+            raise ValueError(f"reference noise: batch {b} is outside the {self.n_items}-item pass")
+        rows = int(self.item_row(hi) - self.item_row(lo))
+        gen = torch.Generator(device=self.device).manual_seed(self.seed + b)
+        noise = torch.randn((rows, *self.shape), generator=gen, device=self.device)
+        self._made[b] = noise
+        while len(self._made) > REFERENCE_CACHE_BATCHES:
+            self._made.popitem(last=False)
+        return noise
+
+    def rows(self, sample_id: np.ndarray, version: np.ndarray, caption: np.ndarray,
+             step: np.ndarray) -> torch.Tensor:
+        """[len(rows), *shape] noise of the given rows (one gather per published batch they touch)."""
+        b, row = self.locate(sample_id, version, caption, step)
+        out = torch.empty((len(b), *self.shape), dtype=torch.float32, device=self.device)
+        for batch in np.unique(b):
+            sel = np.flatnonzero(b == batch)
+            out[torch.from_numpy(sel).to(self.device)] = \
+                self.batch_noise(int(batch))[torch.from_numpy(row[sel]).to(self.device)]
+        return out
+
+
+def largest_fitting(fits: Callable[[int], None], cap: int) -> int:
+    """The largest power of two <= `cap` for which ``fits(n)`` returns without running out of CUDA memory.
+
+    Halves from the top: a try that does not fit fails at its first large allocation, so
+    the probe costs little more than the forward that fits.
+    """
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+        raise ValueError(f"cap: {cap!r} must be an int >= 1")
+    n = 1 << (cap.bit_length() - 1)
+    while True:
+        try:
+            fits(n)
+            return n
+        except torch.cuda.OutOfMemoryError:
+            pass  # retried below, outside the handler, once the failed try's tensors are released
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if n == 1:
+            raise ValueError("batch_size: 'auto' found nothing that fits: one UNet row runs out of device memory; "
+                             "free GPU memory, use --precision bf16, or use a larger GPU")
+        n //= 2
+
+
+def _autocast(device: torch.device, precision: str):
+    """Mixed precision for the UNet only; noising and the loss stay in float32."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.inference_mode()
+def probe_batch_size(model: DiffusionModel, precision: str = "fp32", *, cap: int = AUTO_BATCH_CAP) -> int:
+    """The largest power-of-two row batch up to `cap` whose UNet forward fits on the model's device.
+
+    Each try runs one forward of random inputs and text states of the prepared shapes, under
+    the sweep's precision, the way the sweep calls the UNet; an out-of-memory error halves it.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: {precision!r} is not one of {list(PRECISIONS)}")
+    dev = model.device
+    dtype = next(model.unet.parameters()).dtype
+    states = model.encode_text([""])[0].to(dtype)  # [L, D]: the shape of every prepared caption
+
+    def fits(n: int) -> None:
+        x = torch.randn((n, *model.input_shape), device=dev).to(dtype)
+        t = torch.full((n,), model.num_train_timesteps - 1, dtype=torch.int64, device=dev)
+        ctx = states.expand(n, *states.shape).contiguous()  # the sweep passes a gathered copy too
+        with _autocast(dev, precision):
+            model.unet(x, t, encoder_hidden_states=ctx, return_dict=False)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    return largest_fitting(fits, cap)
+
+
+def auto_batch_size(model: DiffusionModel, precision: str = "fp32", *, cap: int = AUTO_BATCH_CAP) -> int:
+    """Rows per UNet call for ``batch_size="auto"``: probed on CUDA, :data:`AUTO_BATCH_CPU` elsewhere."""
+    if model.device.type == "cuda":
+        return probe_batch_size(model, precision, cap=cap)
+    return AUTO_BATCH_CPU
+
+
+def compile_mode(mode: str | None, device: torch.device) -> str | None:
+    """The torch.compile mode a sweep on `device` uses for `mode` (None: no compilation)."""
+    if mode is None:
+        return None
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile: {mode!r} is not one of {list(COMPILE_MODES)} (or None: no compilation)")
+    if mode == "auto":
+        return "max-autotune" if device.type == "cuda" else "default"
+    return mode
+
+
+@dataclass
+class _Batch:
+    """The host side of one image batch, made ready for the device (pinned on CUDA)."""
+    n_images: int
+    rows: Rows
+    x0: torch.Tensor            # [rows, C, H, W] float32
+    ctx: torch.Tensor           # [rows, L, D] in the UNet's dtype
+    noise: torch.Tensor | None  # reference noise of the rows; None: keyed noise, made in-kernel
 
 
 class LossSweep:
-    """Computes per-(image, version) losses under `plan` for one or more weight variants."""
+    """Computes per-(image, version) losses under `plan` for one or more weight variants.
+
+    Keyed noise is made inside the fused kernels; under a ``noise="reference"`` plan each row takes
+    its published noise (:class:`ReferenceNoise`), the scheduler's ``add_noise`` and a per-row MSE,
+    as the published code computes them.
+
+    batch_size: UNet rows per call, or ``"auto"`` (:func:`auto_batch_size`).
+    prefetch: prepare the next batch's inputs in a background thread while the current one runs
+        (identical numbers; False does everything in the calling thread).
+    compile: None, or a torch.compile mode of :data:`COMPILE_MODES` for the UNet forward. Every call is
+        then padded to `batch_size` rows so that one graph (and on CUDA one CUDA graph) serves the sweep;
+        compiled kernels change the last bits of the losses, as a different batch size does.
+    compile_backend: torch.compile's backend (tests use a cheap one).
+    """
 
     def __init__(self, model: DiffusionModel, data: PreparedData, plan: ScoringPlan, *,
-                 batch_size: int = 256, backend: str = "auto", precision: str = "fp32"):
+                 batch_size: int | str = 256, backend: str = "auto", precision: str = "fp32",
+                 prefetch: bool = True, compile: str | None = None,
+                 compile_backend: str | Callable = "inductor"):
         if data.model_id != model.encoders_id():
             raise ValueError("cache: the prepared data was made with another tokenizer, text encoder or VAE "
                              "than this model's; prepare again for this model")
@@ -70,71 +266,145 @@ class LossSweep:
             raise ValueError(f"cache: prepared inputs have shape {data.input_shape}, the UNet takes "
                              f"{model.input_shape}; prepare again for this model")
         plan.check_model(model.num_train_timesteps)
-        if batch_size < 1:
-            raise ValueError(f"batch_size: {batch_size} must be >= 1")
         if precision not in PRECISIONS:
             raise ValueError(f"precision: {precision!r} is not one of {list(PRECISIONS)}")
+        if isinstance(batch_size, str):
+            if batch_size != "auto":
+                raise ValueError(f"batch_size: {batch_size!r} must be an int >= 1 or 'auto'")
+            batch_size = auto_batch_size(model, precision)
+        elif not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size: {batch_size!r} must be >= 1 (an int, or 'auto')")
         self.precision = precision
         self.model, self.data, self.plan = model, data, plan
         self.batch_size = batch_size
         self.backend = backend
+        self.prefetch = bool(prefetch)
+        self.compile = compile_mode(compile, model.device)
         self.acp = model.alphas_cumprod.to(model.device)
+        self._dtype = next(model.unet.parameters()).dtype
+        self._noise = ReferenceNoise(plan, data, model.device) if plan.noise == "reference" else None
+        # dynamo keeps compiled code with the UNet's forward, so a new wrapper per sweep compiles nothing again.
+        self._unet = model.unet if self.compile is None else torch.compile(
+            model.unet, mode=None if self.compile == "default" else self.compile, backend=compile_backend,
+            dynamic=False)
 
     def _autocast(self):
-        """Mixed precision for the UNet only; noising and the loss stay in float32 (the kernels)."""
-        dtype = PRECISIONS[self.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.model.device.type, dtype=dtype)
+        return _autocast(self.model.device, self.precision)
 
     def rows_per_image(self, caption_count: int) -> int:
         return self.plan.versions * caption_count * len(self.plan.timesteps)
 
     def image_batches(self, indices: np.ndarray) -> list[np.ndarray]:
-        """Split the image ids so that each batch expands to about `batch_size` rows (at least one image)."""
-        caps = 1 if self.plan.captions == "first" else None
-        out, cur, rows = [], [], 0
-        for i in indices:
-            r = self.rows_per_image(caps or self.data.n_captions(int(i)))
-            if cur and rows + r > self.batch_size:
-                out.append(np.asarray(cur))
-                cur, rows = [], 0
-            cur.append(int(i))
-            rows += r
-        if cur:
-            out.append(np.asarray(cur))
+        """Split the image ids so that each batch expands to at most `batch_size` rows (at least one image).
+
+        Greedy in order, found with a cumulative sum and one search per batch rather than a
+        Python step per image.
+        """
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self.plan.captions == "first":
+            caps = np.ones(len(indices), dtype=np.int64)
+        else:
+            offsets = np.asarray(self.data.caption_offsets, dtype=np.int64)
+            caps = offsets[indices + 1] - offsets[indices]
+        ends = np.cumsum(caps * (self.plan.versions * len(self.plan.timesteps)))
+        out, start, done = [], 0, 0
+        while start < len(indices):
+            stop = max(int(np.searchsorted(ends, done + self.batch_size, side="right")), start + 1)
+            out.append(indices[start:stop])
+            done, start = int(ends[stop - 1]), stop
         return out
 
-    @torch.inference_mode()
-    def batch_losses(self, ids: np.ndarray, variants: Sequence[dict[str, torch.Tensor] | None]) -> torch.Tensor:
-        """[len(variants), len(ids), versions] float64 mean losses of one batch of images."""
-        m, dev = self.model, self.model.device
+    def _load(self, ids: np.ndarray) -> _Batch:
+        """Everything one batch needs before the device: memory-mapped inputs, text rows, reference noise."""
         inputs = self.data.inputs(ids)[:, :self.plan.versions]
         text, counts = self.data.text(ids, self.plan.captions)
         rows = expand_rows(ids, counts, self.plan)
-        dtype = next(m.unet.parameters()).dtype
-        x0 = inputs[rows.image, rows.version].to(dev)
-        ctx = text[rows.text_row].to(dev, dtype)
+        x0 = inputs[rows.image, rows.version]
+        ctx = text[rows.text_row].to(self._dtype)
+        noise = None
+        if self._noise is not None:
+            noise = self._noise.rows(rows.sample_id.numpy(), rows.version.numpy(), rows.caption.numpy(),
+                                     rows.step.numpy())
+        if self.model.device.type == "cuda":  # pinned, so that the copies to the GPU can be asynchronous
+            x0, ctx = x0.pin_memory(), ctx.pin_memory()
+            if noise is not None and noise.device.type == "cpu":
+                noise = noise.pin_memory()
+        return _Batch(len(ids), rows, x0, ctx, noise)
+
+    def _loaded(self, batches: list[np.ndarray]) -> Iterator[_Batch]:
+        """The batches made ready in order; with prefetch, batch k + 1 is made while batch k is used."""
+        if not self.prefetch or len(batches) < 2:
+            for ids in batches:
+                yield self._load(ids)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgetscore-prefetch") as pool:
+            pending = pool.submit(self._load, batches[0])
+            for k in range(len(batches)):
+                ready = pending.result()
+                if k + 1 < len(batches):
+                    pending = pool.submit(self._load, batches[k + 1])
+                yield ready
+
+    def _forward(self, x_t: torch.Tensor, ts: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        n = x_t.shape[0]
+        if self.compile is not None:
+            # One static shape: a compiled graph (and a CUDA graph) per shape would recompile and
+            # re-record for nearly every image batch, whose row counts vary with the captions. The
+            # copy also makes every input a fresh inference tensor, as dynamo's guards expect.
+            pad = self.batch_size - n
+            x_t, ts, ctx = (torch.cat([a, a[-1:].expand(pad, *a.shape[1:])]) for a in (x_t, ts, ctx))
+        with self._autocast():
+            return self._unet(x_t, ts, encoder_hidden_states=ctx, return_dict=False)[0][:n]
+
+    def _reference_target(self, x0: torch.Tensor, noise: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        kind = self.model.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.model.scheduler.get_velocity(x0, noise, ts)
+        return x0
+
+    @torch.inference_mode()
+    def _compute(self, batch: _Batch, variants: Sequence[dict[str, torch.Tensor] | None]) -> torch.Tensor:
+        m, dev = self.model, self.model.device
+        rows, async_copy = batch.rows, dev.type == "cuda"
+        x0 = batch.x0.to(dev, non_blocking=async_copy)
+        ctx = batch.ctx.to(dev, non_blocking=async_copy)
         ts = rows.timestep.to(dev)
-        sids, dids = rows.sample_id.to(dev), rows.draw_id.to(dev)
-        x_t = kernels.add_noise(x0, ts, self.acp, self.plan.seed, sids, dids, backend=self.backend).to(dtype)
+        if batch.noise is None:
+            sids, dids = rows.sample_id.to(dev), rows.draw_id.to(dev)
+            x_t = kernels.add_noise(x0, ts, self.acp, self.plan.seed, sids, dids, backend=self.backend)
+            target = None
+        else:  # as the published code: the scheduler's add_noise and an MSE against the drawn noise
+            noise = batch.noise.to(dev, non_blocking=async_copy)
+            x_t = m.scheduler.add_noise(x0, noise, ts)
+            target = self._reference_target(x0, noise, ts)
+        x_t = x_t.to(self._dtype)
         group = (rows.image * self.plan.versions + rows.version).to(dev)
-        n_groups = len(ids) * self.plan.versions
-        out = torch.empty(len(variants), len(ids), self.plan.versions, dtype=torch.float64)
+        n_groups = batch.n_images * self.plan.versions
+        cnt = torch.bincount(group, minlength=n_groups).double()
+        out = torch.empty(len(variants), batch.n_images, self.plan.versions, dtype=torch.float64)
         for v, weights in enumerate(variants):
             with params.swapped(m.unet, weights):
                 losses = torch.empty(len(rows), dtype=torch.float32, device=dev)
                 for lo in range(0, len(rows), self.batch_size):
                     hi = min(len(rows), lo + self.batch_size)
-                    with self._autocast():
-                        pred = m.unet(x_t[lo:hi], ts[lo:hi], encoder_hidden_states=ctx[lo:hi]).sample
-                    losses[lo:hi] = kernels.diffusion_loss(pred, x0[lo:hi], ts[lo:hi], self.acp, self.plan.seed,
-                                                           sids[lo:hi], dids[lo:hi],
-                                                           prediction_type=m.prediction_type, backend=self.backend)
+                    pred = self._forward(x_t[lo:hi], ts[lo:hi], ctx[lo:hi])
+                    if target is None:
+                        losses[lo:hi] = kernels.diffusion_loss(pred, x0[lo:hi], ts[lo:hi], self.acp,
+                                                               self.plan.seed, sids[lo:hi], dids[lo:hi],
+                                                               prediction_type=m.prediction_type,
+                                                               backend=self.backend)
+                    else:
+                        losses[lo:hi] = F.mse_loss(pred.float(), target[lo:hi], reduction="none").mean(
+                            dim=tuple(range(1, pred.dim())))
             sums = torch.zeros(n_groups, dtype=torch.float64, device=dev).index_add_(0, group, losses.double())
-            cnt = torch.bincount(group, minlength=n_groups).double()
-            out[v] = (sums / cnt).view(len(ids), self.plan.versions).cpu()
+            out[v] = (sums / cnt).view(batch.n_images, self.plan.versions).cpu()
         return out
+
+    def batch_losses(self, ids: np.ndarray, variants: Sequence[dict[str, torch.Tensor] | None]) -> torch.Tensor:
+        """[len(variants), len(ids), versions] float64 mean losses of one batch of images."""
+        return self._compute(self._load(np.asarray(ids, dtype=np.int64)), variants)
 
     def run(self, variants: Sequence[dict[str, torch.Tensor] | None], indices: np.ndarray | None = None, *,
             progress: bool = True, desc: str = "score") -> np.ndarray:
@@ -143,10 +413,12 @@ class LossSweep:
 
         indices = np.arange(self.data.n) if indices is None else np.asarray(indices, dtype=np.int64)
         out = np.empty((len(variants), len(indices), self.plan.versions), dtype=np.float64)
+        batches = self.image_batches(indices)
         pos = 0
-        with tqdm(total=len(indices), desc=desc, unit="img", disable=not progress) as bar:
-            for ids in self.image_batches(indices):
-                out[:, pos:pos + len(ids)] = self.batch_losses(ids, variants).numpy()
+        with tqdm(total=len(indices), desc=desc, unit="img", disable=not progress) as bar, \
+                contextlib.closing(self._loaded(batches)) as loaded:  # closing: an error stops the prefetch
+            for ids, batch in zip(batches, loaded):
+                out[:, pos:pos + len(ids)] = self._compute(batch, variants).numpy()
                 pos += len(ids)
                 bar.update(len(ids))
         return out

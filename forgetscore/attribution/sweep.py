@@ -18,6 +18,13 @@ array from the chunk files. A chunk is always computed the same way — the same
 computes it, so a sharded sweep gives exactly the numbers of a single-process one
 (with the same batch size, device kind and intra-op thread count).
 Only one sweep (one process, or one group of ranks) may write into a directory at a time.
+
+Chunks need no alignment with anything for the noise: keyed noise depends on the draw
+alone, and a ``noise="reference"`` plan places every image at its position in the whole
+data set's published pass (see :class:`~forgetscore.attribution.losses.ReferenceNoise`),
+so a chunk, a rank or a subset that cuts a published batch still gives each of its images
+the published noise. The plan (noise mode and reference batch included) is part of the
+manifest, so chunks made under another noise are refused.
 """
 from __future__ import annotations
 
@@ -214,7 +221,7 @@ def run_sweep(sweep: LossSweep, variants: Sequence[dict[str, torch.Tensor] | Non
 
     header = {"format": SWEEP_FORMAT, "unet_id": sweep.model.unet_id(), "encoders_id": data.model_id,
               "data_id": data.data_id, "plan": sweep.plan.to_dict(), "batch_size": sweep.batch_size,
-              "chunk_size": chunk_size, "variant_ids": variant_ids, "n_images": int(len(ids)),
+              "chunk_size": chunk_size, "variant_ids": variant_ids, "n_images": len(ids),
               "indices_id": indices_id(ids), "n_chunks": n_chunks}
 
     rank, world = init_distributed(sweep.model.device)
@@ -234,7 +241,8 @@ def run_sweep(sweep: LossSweep, variants: Sequence[dict[str, torch.Tensor] | Non
             error = _open(out_dir, header)
             todo = [] if error else [k for k in range(n_chunks)
                                      if not _chunk_ok(out_dir / chunk_name(k), chunk_shape(k))]
-        except Exception as exc:  # e.g. an unwritable directory: the other ranks must not wait for rank 0
+        # Any failure (e.g. an unwritable directory) is passed on: the other ranks must not wait for rank 0.
+        except Exception as exc:  # noqa: BLE001
             failure, error, todo = exc, f"rank 0 could not open {str(out_dir)!r}: {exc!r}", []
         decision = (error, todo, failure is not None)
     else:

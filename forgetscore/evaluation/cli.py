@@ -75,7 +75,7 @@ def _loo(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers: {args.workers} must be >= 1")
     config = LooConfig(ks=args.ks or quick.get("ks", DEFAULT_KS), methods=tuple(methods),
                        random_sets=args.random_sets or quick.get("random_sets", 3), coupled=not args.uncoupled,
-                       workers=args.workers)
+                       workers=args.workers, effectiveness="unlearning" in methods)
     out = Path(args.out)
     train_dir = out / "train"
     if not (train_dir / "metadata.jsonl").is_file():
