@@ -52,14 +52,21 @@ class Unlearning:
         return np.stack([r.scores for r in results]).astype(np.float64)
 
     def _sgd_as_long_as_newton(self, a: Attributor, q: Query) -> dict[str, torch.Tensor]:
-        newton = a.unlearn(q.image, q.prompt, replace(self.config, method="newton"))
+        if self.config.steps != 1:
+            raise ValueError("config: matching the Newton step's length needs steps=1")
+        fisher = a.fisher()
         x0 = a.query_inputs(q.image)
         ctx = a.model.encode_text([q.prompt])[0]
         grad = query_gradient(a.model, a.names, x0, ctx, self.config, backend=a.backend)
-        ps = dict(a.model.unet.named_parameters())
-        step_sq = sum(float((newton[n].double() - ps[n].double()).square().sum()) for n in a.names)
-        grad_sq = sum(float(grad[n].square().sum()) for n in a.names)
+        n_train = self.config.n_train or len(a.train)
+        step_sq = grad_sq = 0.0
+        for n in a.names:  # the Newton step (alpha / N) g / (F + lambda) of the same gradient, as unlearn() takes it
+            f = fisher[n].to(grad[n].device, torch.float64)
+            newton = (self.config.alpha / n_train) * grad[n] / (f + self.config.damping * float(f.mean()))
+            step_sq += float(newton.square().sum())
+            grad_sq += float(grad[n].square().sum())
         scale = (step_sq / grad_sq) ** 0.5 if grad_sq > 0 else 0.0
+        ps = dict(a.model.unet.named_parameters())
         return {n: (ps[n].double() + scale * grad[n]).to(ps[n].dtype) for n in a.names}
 
 
