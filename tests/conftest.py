@@ -23,6 +23,19 @@ def backend_device(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a whole module (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    Tiny tensors gain nothing from more threads, waiting for them on a busy machine takes ten
+    times longer, and results compared bitwise with other processes need one fixed count.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def rng(request) -> torch.Generator:
     """A fresh random generator per test; the seed is printed on failure."""

@@ -25,13 +25,8 @@ CONFIG = UnlearnConfig(draws=6, micro_batch=4, damping=0.1, seed=5)
 FISHER_SAMPLES = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy machine waiting for them takes 10x longer."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One thread: see conftest.one_thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,8 @@ PLAN = ScoringPlan(timesteps=(100, 600), captions="all", flips=False, seed=3)
 CONFIG = UnlearnConfig(draws=8, micro_batch=4, damping=0.1, seed=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One thread: see conftest.one_thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,15 +27,9 @@ CHUNK = 3
 BATCH = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Every process here runs the UNet on one thread (OMP_NUM_THREADS=1 in the subprocesses): the
-    intra-op thread count can change the last bits of a convolution, and sharding must be the only
-    difference between the runs compared bitwise."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Every process here runs the UNet on one thread (OMP_NUM_THREADS=1 in the subprocesses): the
+# thread count can change the last bits, and sharding must be the only difference compared bitwise.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
