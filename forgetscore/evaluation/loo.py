@@ -207,7 +207,9 @@ def run_loo(out_dir: str | Path, setup: LooSetup, config: LooConfig, log: Log | 
     ctx = EvalContext(attributor, labels=setup.labels, features=setup.features, seed=config.seed)
     scores = method_scores(ctx, queries, config.methods, out / "scores", log)
     jobs = removal_jobs(scores, config, ctx.n_train)
-    measured = run_retrains(list(jobs.values()), setup.train_fn, retrain_root, queries, config.measure,
+    # Largest K first: its effects are the largest, so a run stopped early has its most telling rows.
+    ordered = sorted(jobs.values(), key=lambda j: -len(j.exclude))
+    measured = run_retrains(ordered, setup.train_fn, retrain_root, queries, config.measure,
                             workers=config.workers, log=log)
     results = {
         "config": config.to_dict(),
