@@ -187,3 +187,11 @@ def test_cli_evaluate_loo_smoke(tmp_path, capsys):
     assert "| pixel |" in capsys.readouterr().out
     assert cli.main(["evaluate", "loo", "--out", str(out), "--methods", "nope"]) == 2
     assert "--methods" in capsys.readouterr().err
+
+
+def test_cli_evaluate_custom_refuses_unknown_methods(tmp_path, capsys):
+    from forgetscore import cli
+
+    assert cli.main(["evaluate", "custom", "--out", str(tmp_path / "c"), "--methods", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "results.json").exists()
