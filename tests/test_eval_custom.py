@@ -18,13 +18,8 @@ from forgetscore.evaluation import custom
 from forgetscore.evaluation.metrics import average_precision, recall_at_k
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads; on a busy machine waiting for them costs 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One thread: see conftest.one_thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_digits_vocab_model(root: Path, seed: int = 0) -> Path:

@@ -19,14 +19,12 @@ from typing import Sequence
 
 import torch
 
+from ..threads import torch_threads
+
 from .model import DigitsModel, as_model
 from .tokenizer import encode
 
 
-def _threads(n: int | None):
-    from .train import _threads as t
-
-    return t(n)
 
 
 @torch.no_grad()
@@ -58,7 +56,7 @@ def generate(model_or_dir, prompts: Sequence[str] | str, seeds: Sequence[int] | 
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     noise0 = torch.stack([torch.randn(1, res, res, generator=g) for g in gens])
     out = torch.empty_like(noise0)
-    with _threads(threads):
+    with torch_threads(threads):
         uncond = encode_prompts(model, [""])
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)

@@ -65,7 +65,6 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -73,6 +72,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..cache import cache_root
+from ..threads import torch_threads
 from ..kernels import reference as _rng
 from .data import DigitsData, NUM_CAPTIONS, load_data
 from .model import DigitsModel, ModelConfig, build_model, is_model_dir, save_model
@@ -262,15 +262,6 @@ def lr_factor(step: int, total: int, warmup_frac: float, final_frac: float = 0.0
     return final_frac + (1.0 - final_frac) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-@contextmanager
-def _threads(n: int | None):
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 # ----------------------------------------------------------------------------------------
@@ -334,7 +325,7 @@ def train(recipe: str | TrainRecipe | None = None, out_dir: str | os.PathLike | 
     text_encoder.train(recipe.train_text_encoder)
     t0, c0 = time.perf_counter(), time.process_time()
     running, seen = 0.0, 0
-    with _threads(recipe.threads):
+    with torch_threads(recipe.threads):
         for slot, dr in steps:
             opt.zero_grad(set_to_none=False)
             ids = slot.ids

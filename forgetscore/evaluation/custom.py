@@ -71,8 +71,7 @@ import io
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -87,6 +86,7 @@ from ..attribution.model import DiffusionModel, quiet_loading
 from ..attribution.plan import ScoringPlan
 from ..attribution.unlearning import UnlearnConfig
 from .base import EvalContext, FeatureFn, Query
+from ..threads import torch_threads
 from .metrics import average_precision, mean_se, recall_at_k
 
 Log = Callable[[str], None]
@@ -711,7 +711,7 @@ def run_custom(out_dir: str | Path, *, methods: Sequence[str] | None = None, qui
     model_dir, train_dir = _base(model_dir, train_dir, log)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with _threads(settings.threads):
+    with torch_threads(settings.threads):
         runs = [run_concept(out, c, settings, methods, model_dir=model_dir, train_dir=train_dir, log=log,
                             features=features) for c in settings.concepts]
     results = {"settings": settings.to_dict(), "methods": list(methods), "base_model": str(model_dir),
@@ -732,17 +732,6 @@ def run_custom(out_dir: str | Path, *, methods: Sequence[str] | None = None, qui
     return results
 
 
-@contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """Run with `n` torch threads.  Why: on two shared cores, two threads made the Fisher 60x slower
-    than one (1000 samples: 86 s vs 1.4 s, load ~6; OpenMP threads spin at barriers)."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _base(model_dir: str | Path | None, train_dir: str | Path | None, log: Log) -> tuple[Path, Path]:

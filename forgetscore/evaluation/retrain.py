@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..attribution.io import write_bytes
+from ..threads import torch_threads
 from .base import Query
 
 TrainFn = Callable[[Sequence[int], Path, bool], None]
@@ -59,15 +60,11 @@ def measure(model_dir: Path, queries: Sequence[Query], settings: MeasureSettings
     from ..attribution.model import DiffusionModel
     from .counterfactual import query_losses, regenerate
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
-    try:
+    with torch_threads(settings.threads):
         model = DiffusionModel.load(model_dir)
         losses = query_losses(model, queries, stride=settings.loss_stride, draws=settings.loss_draws,
                               seed=settings.loss_seed)
         images = regenerate(model, queries, steps=settings.gen_steps, guidance_scale=settings.guidance_scale)
-    finally:
-        torch.set_num_threads(old)
     return {"losses": torch.as_tensor(losses, dtype=torch.float64), "images": images}
 
 
