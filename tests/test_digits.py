@@ -11,6 +11,7 @@ import torch
 
 from forgetscore.digits import data as D
 from forgetscore.digits import train as T
+from forgetscore.threads import torch_threads
 from forgetscore.digits.model import ModelConfig, cross_attention_kv_names, load_model
 from forgetscore.digits.tokenizer import MAX_LENGTH, build_tokenizer, encode
 
@@ -149,7 +150,7 @@ def test_exclusion_keeps_other_gradients(small):
         return torch.cat([p.grad.flatten() for p in model.unet.parameters()])
 
     slot = next(iter(T.batch_plan(TINY, small.ids)))
-    with T._threads(1):
+    with torch_threads(1):
         g_full = grad(slot.ids, slot.full_size)
         g_rest = grad(slot.ids[2:], slot.full_size)
         g_two = grad(slot.ids[:2], slot.full_size)

@@ -13,6 +13,7 @@ import torch
 
 from forgetscore.evaluation import base, loo
 from forgetscore.evaluation.retrain import MeasureSettings, RetrainJob
+from forgetscore.threads import torch_threads
 
 from tiny import build_model, build_train
 
@@ -139,13 +140,9 @@ def test_run_loo_end_to_end_and_resume(tmp_path):
     qs = loo.make_queries(DiffusionModel.load(out / "retrains" / RetrainJob(()).key), setup.queries, cfg.measure,
                           out / "queries.pt")
     j = jobs[("pixel", 4, 1)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # measurements run on one thread; bits depend on the count
-    try:
+    with torch_threads(1):  # measurements run on one thread; bits depend on the count
         lo = query_losses(DiffusionModel.load(out / "retrains" / RetrainJob(()).key), qs, stride=100, draws=1)
         lr = query_losses(DiffusionModel.load(out / "retrains" / j.key), qs, stride=100, draws=1)
-    finally:
-        torch.set_num_threads(threads)
     assert load_measurement(out / "retrains", j)["losses"].numpy() == pytest.approx(lr, rel=1e-12)
     assert res["methods"]["pixel"]["4"]["delta_loss_per_query"][1] == pytest.approx(lr[1] - lo[1], rel=1e-9,
                                                                                      abs=1e-15)
