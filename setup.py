@@ -167,6 +167,7 @@ setup(
         "scikit-learn",
         "pillow",
         "tqdm",
+        "matplotlib",  # the evaluation's plots
     ],
     extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["forgetscore = forgetscore.cli:main"]},
