@@ -192,3 +192,32 @@ def test_cli_evaluate_custom_refuses_unknown_methods(tmp_path, capsys):
     assert cli.main(["evaluate", "custom", "--out", str(tmp_path / "c"), "--methods", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
     assert not (tmp_path / "c" / "results.json").exists()
+
+
+def test_unlearning_effectiveness_separates_target_and_others(tmp_path):
+    from forgetscore.attribution import Attributor, ScoringPlan, UnlearnConfig
+    from forgetscore.evaluation.counterfactual import regenerate
+
+    att = Attributor.load(build_model(tmp_path / "model"), build_train(tmp_path / "train", n=6),
+                          plan=ScoringPlan(timesteps=(100, 700), flips=False), cache_dir=tmp_path / "cache",
+                          progress=False)
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(2), "little"))
+    qs = [base.Query(torch.rand(1, 8, 8, generator=g) * 2 - 1, p, seed=i)
+          for i, p in enumerate(["a red square", "a big blue dot", "a small green line"])]
+    settings = MeasureSettings(gen_steps=3)
+    cfg = UnlearnConfig(draws=8, micro_batch=4, damping=0.1, alpha=1.0)
+    with torch_threads(1):
+        orig = regenerate(att.model, qs, steps=3, guidance_scale=settings.guidance_scale)
+    res = loo.unlearning_effectiveness(att, qs, orig, settings, cfg)
+    target, others = [], []
+    for qi, q in enumerate(qs):  # by hand: regenerate everything under query qi's unlearned weights
+        w = att.unlearn(q.image, q.prompt, cfg)
+        with torch_threads(1):
+            moved = regenerate(att.model, qs, steps=3, guidance_scale=settings.guidance_scale, weights=w)
+        err = (moved.double() - orig.double()).square().flatten(1).mean(1)
+        target.append(float(err[qi]))
+        others += [float(e) for i, e in enumerate(err) if i != qi]
+    assert res["target_mse"]["mean"] == pytest.approx(np.mean(target), rel=1e-9)
+    assert res["other_mse"]["mean"] == pytest.approx(np.mean(others), rel=1e-9)
+    assert res["target_mse"]["n"] == 3 and res["other_mse"]["n"] == 6
+    assert res["target_mse"]["mean"] > 0

@@ -162,21 +162,24 @@ def aggregate(jobs: dict[tuple[str, int, int], RetrainJob], measured: dict[str, 
     return out
 
 
-def unlearning_effectiveness(attributor: Attributor, queries: Sequence[Query], settings: MeasureSettings,
-                             log: Log | None) -> dict:
-    """The paper's check: after unlearning a query, its regeneration moves; other prompts' barely do."""
-    from .counterfactual import regenerate
-    from .methods import build
+def unlearning_effectiveness(attributor: Attributor, queries: Sequence[Query], base: torch.Tensor,
+                             settings: MeasureSettings, config=None, log: Log | None = None) -> dict:
+    """The paper's check: after unlearning a query, its regeneration moves; other prompts' barely do.
 
-    method = build("unlearning")
-    base = regenerate(attributor.model, queries, steps=settings.gen_steps, guidance_scale=settings.guidance_scale)
+    `base`: the original model's regenerations [Q, C, H, W] (its measurement, made with `settings`).
+    """
+    from ..threads import torch_threads
+    from .counterfactual import regenerate
+    from .methods import DEFAULT_UNLEARN
+
     target, others = [], []
     for qi, q in enumerate(queries):
         if log:
             log(f"unlearning effectiveness: query {qi + 1}/{len(queries)}")
-        weights = attributor.unlearn(q.image, q.prompt, method.config)
-        moved = regenerate(attributor.model, queries, steps=settings.gen_steps,
-                           guidance_scale=settings.guidance_scale, weights=weights)
+        weights = attributor.unlearn(q.image, q.prompt, config or DEFAULT_UNLEARN)
+        with torch_threads(settings.threads):  # as the original's measurement, so only the weights differ
+            moved = regenerate(attributor.model, queries, steps=settings.gen_steps,
+                               guidance_scale=settings.guidance_scale, weights=weights)
         mse = pixel_mse(moved, base)
         target.append(float(mse[qi]))
         others.extend(float(m) for i, m in enumerate(mse) if i != qi)
@@ -222,7 +225,8 @@ def run_loo(out_dir: str | Path, setup: LooSetup, config: LooConfig, log: Log | 
         "retrain_seconds_mean": float(np.mean([m["train_seconds"] for m in measured.values()])),
     }
     if config.effectiveness:
-        results["unlearning_effectiveness"] = unlearning_effectiveness(attributor, queries, config.measure, log)
+        results["unlearning_effectiveness"] = unlearning_effectiveness(attributor, queries, original["images"],
+                                                                       config.measure, log=log)
     write_json(out / "results.json", results)
     write_loo_report(out, results)
     return results
