@@ -160,6 +160,62 @@ def test_run_loo_end_to_end_and_resume(tmp_path):
     assert (out / "retrains" / f"{j.key}.pt").is_file()
 
 
+def test_more_queries_reuse_retrains_and_pictures(tmp_path):
+    """Adding a query to a finished run: old pictures kept, no removal trained twice, all re-measured."""
+    model_dir = build_model(tmp_path / "model")
+    train_dir = build_train(tmp_path / "train", n=12)
+    calls = tmp_path / "calls.jsonl"
+    specs = [loo.QuerySpec("a red square", seed=1), loo.QuerySpec("a big blue circle", seed=2)]
+    cfg = loo.LooConfig(ks=(3,), methods=("pixel", "random"), random_sets=2, workers=1,
+                        measure=MeasureSettings(loss_stride=100, loss_draws=1, gen_steps=3), effectiveness=False)
+    out = tmp_path / "run"
+    small = loo.run_loo(out, loo.LooSetup(FakeTrainer(model_dir, calls), train_dir, specs), cfg, log=None)
+    before = torch.load(out / "queries.pt", weights_only=False)["images"].clone()
+    big = loo.run_loo(out, loo.LooSetup(FakeTrainer(model_dir, calls), train_dir,
+                                        specs + [loo.QuerySpec("a small green square", seed=3)]), cfg, log=None)
+    trained = [tuple(json.loads(line)) for line in calls.read_text().splitlines()]
+    assert len(trained) == len(set(trained))  # nothing trained twice (the original included)
+    saved = torch.load(out / "queries.pt", weights_only=False)
+    assert torch.equal(saved["images"][:2], before)
+    assert len(big["queries"]) == 3
+    for key in ("random", "pixel"):
+        got = big["methods"][key]["3"]["delta_loss_per_query"]
+        assert got[:2] == pytest.approx(small["methods"][key]["3"]["delta_loss_per_query"], rel=1e-9, abs=1e-15)
+    from forgetscore.evaluation.retrain import load_measurement
+    for f in (out / "retrains").glob("*.pt"):
+        m = torch.load(f, weights_only=False)
+        assert len(m["losses"]) == 3 and len(m["queries"]) == 3
+    # a measurement of other queries is not returned for these
+    qs = [base.Query(torch.zeros(1, 4, 4), "x")]
+    assert load_measurement(out / "retrains", RetrainJob(()), qs) is None
+    assert load_measurement(out / "retrains", RetrainJob(())) is not None
+
+
+def test_query_fingerprint_and_cached_scores(tmp_path):
+    from forgetscore.evaluation.store import cached_scores
+
+    img = torch.randn(1, 4, 4)
+    q = base.Query(img, "a red square", seed=1, label=2)
+    assert q.fingerprint() == base.Query(img.clone(), "a red square", seed=1, label=2, name="other").fingerprint()
+    changed = img.clone()
+    changed[0, 0, 0] += 1e-6
+    for other in (base.Query(changed, "a red square", 1, 2), base.Query(img, "a red circle", 1, 2),
+                  base.Query(img, "a red square", 2, 2), base.Query(img, "a red square", 1, 3)):
+        assert other.fingerprint() != q.fingerprint()
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return np.random.default_rng().normal(size=(2, 5))
+
+    a, reused = cached_scores(tmp_path / "m.npy", {"method": "m", "queries": ["x"]}, compute)
+    assert not reused
+    b, reused = cached_scores(tmp_path / "m.npy", {"method": "m", "queries": ["x"]}, compute)
+    assert reused and np.array_equal(a, b) and len(calls) == 1
+    c, reused = cached_scores(tmp_path / "m.npy", {"method": "m", "queries": ["x", "y"]}, compute)
+    assert not reused and len(calls) == 2 and not np.array_equal(a, c)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="ks:"):
         loo.LooConfig(ks=(), methods=("pixel",))

@@ -10,7 +10,9 @@ import numpy as np
 from .data import DIGIT_WORDS
 from .train import TrainRecipe
 
-# Ten queries spread over the ten digits and the three attribute words of each kind.
+# Thirty query prompts, three per digit, with the attribute words spread over them; an evaluation
+# takes the first Q (the leave-K-out default: ten, one per digit).  Query i is generated with seed i,
+# and earlier entries never change, so a run with more queries reuses a smaller run's work.
 QUERY_PROMPTS = (
     "a thick right slanted wide handwritten seven",
     "a thin upright narrow handwritten one",
@@ -22,6 +24,26 @@ QUERY_PROMPTS = (
     "a thin left slanted wide handwritten six",
     "a thick upright narrow handwritten eight",
     "a regular right slanted narrow handwritten nine",
+    "a thick left slanted wide handwritten two",
+    "a thin left slanted medium handwritten three",
+    "a thin upright wide handwritten one",
+    "a thin upright narrow handwritten zero",
+    "a regular left slanted wide handwritten eight",
+    "a regular right slanted narrow handwritten seven",
+    "a thin right slanted medium handwritten six",
+    "a regular upright narrow handwritten five",
+    "a regular right slanted wide handwritten four",
+    "a thin upright narrow handwritten nine",
+    "a thin upright wide handwritten four",
+    "a thick right slanted narrow handwritten six",
+    "a thick right slanted medium handwritten seven",
+    "a thin left slanted wide handwritten two",
+    "a thin upright medium handwritten eight",
+    "a thick left slanted medium handwritten one",
+    "a thick left slanted medium handwritten five",
+    "a regular upright wide handwritten zero",
+    "a thin upright medium handwritten three",
+    "a thin upright medium handwritten nine",
 )
 
 

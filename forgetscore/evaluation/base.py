@@ -6,6 +6,9 @@ the leave-K-out and customized-model benchmarks treat them alike.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -33,6 +36,13 @@ class Query:
     seed: int = 0
     label: int | None = None
     name: str = ""
+
+    def fingerprint(self) -> str:
+        """Changes when the picture, prompt, seed or label changes (cached results are keyed on it)."""
+        h = hashlib.sha256(json.dumps([self.prompt, self.seed, self.label]).encode())
+        h.update(str(tuple(self.image.shape)).encode())
+        h.update(self.image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
 
 @dataclass

@@ -16,6 +16,7 @@ EPILOG = """examples:
 # the strongest baselines of each kind (pixels, image features, gradients) within an hour on two
 # cores; caption, influence and the weight-preset ablations are one --methods away.
 DEFAULT_KS = (9, 18, 54)
+DEFAULT_QUERIES = 10
 DEFAULT_METHODS = ("unlearning", "unlearning-sgd", "random", "random-class", "pixel", "feature", "dtrak")
 QUICK = {"ks": (54,), "methods": ("unlearning", "random", "random-class", "pixel"), "queries": 4,
          "random_sets": 2}
@@ -45,7 +46,8 @@ def add_parser(sub) -> None:
                      help="retrain the usual way: one generator consumed in order, so removals shift every batch")
     loo.add_argument("--methods", type=_csv(str), help=f"comma-separated (default: {','.join(DEFAULT_METHODS)})")
     loo.add_argument("--ks", type=_csv(int), help="comma-separated K values (default: 9,18,54)")
-    loo.add_argument("--queries", type=int, help="how many of the built-in query prompts (default: 10)")
+    loo.add_argument("--queries", type=int, help="how many of the 30 built-in query prompts (default: 10); "
+                                                        "a larger run reuses a smaller one's retrains in the same --out")
     loo.add_argument("--random-sets", type=int, help="random removals per K, shared by all queries (default: 3)")
     loo.add_argument("--workers", type=int, default=2, help="retrains in parallel, one thread each (default: 2)")
     loo.add_argument("--recipe", default="default", help="digits training recipe (default: default)")
@@ -70,7 +72,7 @@ def _loo(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
-    n_queries = args.queries or quick.get("queries", len(de.QUERY_PROMPTS))
+    n_queries = args.queries or quick.get("queries", DEFAULT_QUERIES)
     if not 1 <= n_queries <= len(de.QUERY_PROMPTS):
         raise ValueError(f"--queries: {n_queries} must be in [1, {len(de.QUERY_PROMPTS)}]")
     if args.workers < 1:

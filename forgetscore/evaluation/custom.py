@@ -81,11 +81,12 @@ import torch
 from ..attribution import params
 from ..attribution.attributor import Attributor
 from ..attribution.data import TrainingSet
-from ..attribution.io import read_json, write_bytes, write_dir, write_json, write_npy
+from ..attribution.io import read_json, write_bytes, write_dir, write_json
 from ..attribution.model import DiffusionModel, quiet_loading
 from ..attribution.plan import ScoringPlan
 from ..attribution.unlearning import UnlearnConfig
 from .base import EvalContext, FeatureFn, Query
+from .store import cached_scores
 from ..threads import torch_threads
 from .metrics import average_precision, mean_se, recall_at_k
 
@@ -493,17 +494,6 @@ class ConceptRun:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _scores_cached(path: Path, key: dict, compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, bool]:
-    """`compute()` saved at `path` beside its key; reused while the key matches.  (scores, reused?)"""
-    meta = path.with_suffix(".json")
-    if path.is_file() and meta.is_file() and read_json(meta) == json.loads(json.dumps(key, default=str)):
-        return np.load(path), True
-    s = np.asarray(compute(), dtype=np.float64)
-    write_npy(path, s)
-    write_json(meta, json.loads(json.dumps(key, default=str)))
-    return s, False
-
-
 def run_concept(out_dir: Path, concept_name: str, settings: CustomSettings, methods: Sequence[str], *,
                 model_dir: Path, train_dir: Path, log: Log, features: FeatureFn | None = None) -> ConceptRun:
     """One concept: customize, pool, queries, fidelity, every method's scores (each step cached)."""
@@ -594,7 +584,7 @@ def run_concept(out_dir: Path, concept_name: str, settings: CustomSettings, meth
                "encoders_id": model.encoders_id(), "pool": train.identity(), "plan": plan.to_dict(),
                "fisher_samples": settings.fisher_samples, "queries": fid_key}
         t = time.perf_counter()
-        s, reused = _scores_cached(root / "scores" / f"{name}.npy", key,
+        s, reused = cached_scores(root / "scores" / f"{name}.npy", key,
                                    lambda m=method, c=ctx: m.scores(c, queries))
         if s.shape != (len(queries), len(train)):
             raise ValueError(f"method {name}: returned scores of shape {s.shape}, expected "

@@ -12,6 +12,7 @@ interrupted run picks up where it stopped.
 """
 from __future__ import annotations
 
+import json
 import time
 
 from collections.abc import Callable, Sequence
@@ -22,11 +23,12 @@ import numpy as np
 import torch
 
 from ..attribution.attributor import Attributor
-from ..attribution.io import write_json, write_npy
+from ..attribution.io import write_json
 from ..attribution.plan import ScoringPlan
 from .base import EvalContext, FeatureFn, Query, top_k
 from .counterfactual import feature_similarity, pixel_mse
-from .retrain import MeasureSettings, RetrainJob, TrainFn, load_measurement, run_retrains
+from .retrain import MeasureSettings, RetrainJob, TrainFn, run_retrains
+from .store import cached_scores
 
 Log = Callable[[str], None]
 
@@ -86,21 +88,23 @@ def random_set(n: int, k: int, seed: int, r: int) -> tuple[int, ...]:
 
 def method_scores(ctx: EvalContext, queries: Sequence[Query], names: Sequence[str], root: Path,
                   log: Log | None) -> dict[str, np.ndarray]:
-    """[Q, N] scores of each method (cached as root/<name>.npy)."""
+    """[Q, N] scores of each method (cached as root/<name>.npy, keyed on the method, model, data, queries)."""
     from .methods import build
 
+    a = ctx.attributor
+    common = {"unet_id": a.model.unet_id(), "encoders_id": a.model.encoders_id(), "train": a.train.identity(),
+              "plan": a.plan.to_dict(), "seed": ctx.seed, "queries": [q.fingerprint() for q in queries]}
     out = {}
     for name in names:
-        path = root / f"{name}.npy"
-        if not path.is_file():
-            t = time.perf_counter()
-            s = np.asarray(build(name).scores(ctx, queries), dtype=np.float64)
-            if log:
-                log(f"scored with {name} ({time.perf_counter() - t:.0f} s)")
-            if s.shape != (len(queries), ctx.n_train):
-                raise RuntimeError(f"method {name} returned scores of shape {s.shape}")
-            write_npy(path, s)
-        out[name] = np.load(path)
+        method = build(name)
+        t = time.perf_counter()
+        s, reused = cached_scores(root / f"{name}.npy", {"method": name, "settings": repr(method), **common},
+                                  lambda m=method: m.scores(ctx, queries))
+        if s.shape != (len(queries), ctx.n_train):
+            raise RuntimeError(f"method {name} returned scores of shape {s.shape}")
+        if log and not reused:
+            log(f"scored with {name} ({time.perf_counter() - t:.0f} s)")
+        out[name] = s
     return out
 
 
@@ -205,8 +209,8 @@ def run_loo(out_dir: str | Path, setup: LooSetup, config: LooConfig, log: Log | 
     attributor = Attributor.load(original_dir, setup.train_dir, plan=config.plan, cache_dir=out / "cache",
                                  progress=False)
     queries = make_queries(attributor.model, setup.queries, config.measure, out / "queries.pt")
-    run_retrains([original_job], setup.train_fn, retrain_root, queries, config.measure, workers=1, log=None)
-    original = load_measurement(retrain_root, original_job)
+    original = run_retrains([original_job], setup.train_fn, retrain_root, queries, config.measure, workers=1,
+                            log=None)[original_job.key]
     ctx = EvalContext(attributor, labels=setup.labels, features=setup.features, seed=config.seed)
     scores = method_scores(ctx, queries, config.methods, out / "scores", log)
     jobs = removal_jobs(scores, config, ctx.n_train)
@@ -233,7 +237,11 @@ def run_loo(out_dir: str | Path, setup: LooSetup, config: LooConfig, log: Log | 
 
 
 def make_queries(model, specs: Sequence[QuerySpec], settings: MeasureSettings, path: Path) -> list[Query]:
-    """Generate the queries with the original model (cached in `path`, checked against the specs)."""
+    """Generate the queries with the original model (cached in `path`).
+
+    A query already in the cache (same prompt, seed, label, model and sampler settings) keeps
+    its picture; only new ones are generated, so adding queries leaves the others' work valid.
+    """
     import io
 
     from ..attribution.generate import generate
@@ -241,13 +249,19 @@ def make_queries(model, specs: Sequence[QuerySpec], settings: MeasureSettings, p
 
     want = [{"prompt": s.prompt, "seed": s.seed, "label": s.label} for s in specs]
     setting = {"steps": settings.gen_steps, "guidance_scale": settings.guidance_scale, "unet_id": model.unet_id()}
+    have: dict[str, torch.Tensor] = {}
     if path.is_file():
         saved = torch.load(path, weights_only=False)
-        if saved["specs"] == want and saved["settings"] == setting:
-            return [Query(img, **spec, name=f"q{i}") for i, (img, spec) in enumerate(zip(saved["images"], want))]
-    images = generate(model, [s.prompt for s in specs], [s.seed for s in specs], steps=settings.gen_steps,
-                      guidance_scale=settings.guidance_scale).cpu()
-    buf = io.BytesIO()
-    torch.save({"specs": want, "settings": setting, "images": images}, buf)
-    write_bytes(path, buf.getvalue())
-    return [Query(img, **spec, name=f"q{i}") for i, (img, spec) in enumerate(zip(images, want))]
+        if saved["settings"] == setting:
+            have = {json.dumps(sp, sort_keys=True): img for sp, img in zip(saved["specs"], saved["images"])}
+    keys = [json.dumps(sp, sort_keys=True) for sp in want]
+    missing = [i for i, k in enumerate(keys) if k not in have]
+    if missing:
+        new = generate(model, [specs[i].prompt for i in missing], [specs[i].seed for i in missing],
+                       steps=settings.gen_steps, guidance_scale=settings.guidance_scale).cpu()
+        have.update({keys[i]: img for i, img in zip(missing, new)})
+        buf = io.BytesIO()
+        torch.save({"specs": [json.loads(k) for k in have], "settings": setting,
+                    "images": torch.stack(list(have.values()))}, buf)
+        write_bytes(path, buf.getvalue())
+    return [Query(have[k], **spec, name=f"q{i}") for i, (k, spec) in enumerate(zip(keys, want))]

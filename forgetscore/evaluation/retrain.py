@@ -8,7 +8,9 @@ finished retrain (its measurements on disk) is never redone after an interruptio
 
 Right after training, the worker measures the retrained model on every query
 (:mod:`.counterfactual`): cheap next to training, and it lets the report show how a
-removal moves unrelated queries too.
+removal moves unrelated queries too.  A measurement records which queries it measured;
+when the queries change (more of them, or others), a retrained model still on disk is
+measured again rather than trained again.
 """
 from __future__ import annotations
 
@@ -65,7 +67,8 @@ def measure(model_dir: Path, queries: Sequence[Query], settings: MeasureSettings
         losses = query_losses(model, queries, stride=settings.loss_stride, draws=settings.loss_draws,
                               seed=settings.loss_seed)
         images = regenerate(model, queries, steps=settings.gen_steps, guidance_scale=settings.guidance_scale)
-    return {"losses": torch.as_tensor(losses, dtype=torch.float64), "images": images}
+    return {"losses": torch.as_tensor(losses, dtype=torch.float64), "images": images,
+            "queries": [q.fingerprint() for q in queries]}
 
 
 def _save(path: Path, obj: dict) -> None:
@@ -89,9 +92,15 @@ def _job(train_fn: TrainFn, job: RetrainJob, root: Path, queries: Sequence[Query
     return job.key, seconds
 
 
-def load_measurement(root: Path, job: RetrainJob) -> dict | None:
+def load_measurement(root: Path, job: RetrainJob, queries: Sequence[Query] | None = None) -> dict | None:
+    """The job's measurement, or None if there is none (or, given `queries`, it measured other queries)."""
     path = Path(root) / f"{job.key}.pt"
-    return torch.load(path, weights_only=False) if path.is_file() else None
+    if not path.is_file():
+        return None
+    m = torch.load(path, weights_only=False)
+    if queries is not None and m.get("queries") != [q.fingerprint() for q in queries]:
+        return None
+    return m
 
 
 def run_retrains(jobs: Sequence[RetrainJob], train_fn: TrainFn, root: Path, queries: Sequence[Query],
@@ -101,9 +110,12 @@ def run_retrains(jobs: Sequence[RetrainJob], train_fn: TrainFn, root: Path, quer
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     unique = list({j.key: j for j in jobs}.values())
-    todo = [j for j in unique if not (root / f"{j.key}.pt").is_file()]
+    done = {j.key: load_measurement(root, j, queries) for j in unique}
+    todo = [j for j in unique if done[j.key] is None]
     if log and todo:
-        log(f"retraining {len(todo)} of {len(unique)} models ({len(unique) - len(todo)} cached), {workers} at a time")
+        again = sum((root / j.key / "unet").is_dir() for j in todo)
+        log(f"retraining {len(todo) - again} and measuring {len(todo)} of {len(unique)} models "
+            f"({len(unique) - len(todo)} cached), {workers} at a time")
     if todo:
         t0 = time.perf_counter()
         if workers <= 1:
@@ -120,4 +132,6 @@ def run_retrains(jobs: Sequence[RetrainJob], train_fn: TrainFn, root: Path, quer
                     if log:
                         left = (time.perf_counter() - t0) / (i + 1) * (len(todo) - i - 1)
                         log(f"  retrain {i + 1}/{len(todo)} ({s:.0f} s; about {left / 60:.0f} min left)")
-    return {j.key: load_measurement(root, j) for j in unique}
+    for j in todo:
+        done[j.key] = load_measurement(root, j, queries)
+    return done
