@@ -167,7 +167,15 @@ def test_directory_of_another_sweep_is_refused(setup, tmp_path):
     with pytest.raises(ValueError, match="cache: .*indices_id"):
         run_sweep(sweep, [None], out, indices=np.arange(9)[::-1], chunk_size=CHUNK, variant_ids=["original"],
                   progress=False)
+    bf16 = LossSweep(sweep.model, sweep.data, sweep.plan, batch_size=BATCH, precision="bf16")
+    with pytest.raises(ValueError, match="cache: .*precision: 'fp32' there, 'bf16' here"):
+        run_sweep(bf16, [None], out, chunk_size=CHUNK, variant_ids=["original"], progress=False)
     manifest = json.loads((out / "sweep.json").read_text())
+    del manifest["precision"]  # a manifest from before precision was recorded: it meant fp32
+    (out / "sweep.json").write_text(json.dumps(manifest))
+    run_sweep(sweep, [None], out, chunk_size=CHUNK, variant_ids=["original"], progress=False)
+    with pytest.raises(ValueError, match="cache: .*precision"):
+        run_sweep(bf16, [None], out, chunk_size=CHUNK, variant_ids=["original"], progress=False)
     manifest["unet_id"] = "0" * 16  # as if made with other UNet weights
     (out / "sweep.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="cache: .*another model.*unet_id"):

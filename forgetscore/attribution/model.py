@@ -21,7 +21,7 @@ SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "scheduler")
 
 @contextmanager
 def quiet_loading() -> Iterator[None]:
-    """Silence diffusers' and transformers' loading chatter (no accelerate, progress bars) for a while."""
+    """Silence diffusers' and transformers' loading and saving chatter (no accelerate, progress bars)."""
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 

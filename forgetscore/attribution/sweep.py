@@ -43,8 +43,12 @@ from .losses import LossSweep
 SWEEP_FORMAT = 1
 MANIFEST = "sweep.json"
 # The identities a directory's chunks were computed under; all must match for reuse.
+# Precision changes the numbers, so it is part of the identity; compile mode, device and backend
+# only change the last bits (as the thread count does), so a sweep may be resumed across them.
 IDENTITY_KEYS = ("format", "unet_id", "encoders_id", "data_id", "plan", "batch_size", "chunk_size",
-                 "variant_ids", "n_images", "indices_id")
+                 "variant_ids", "n_images", "indices_id", "precision")
+# What a manifest written before a key existed meant by its absence.
+IDENTITY_DEFAULTS = {"precision": "fp32"}
 
 
 def chunk_name(k: int) -> str:
@@ -169,9 +173,10 @@ def _open(out_dir: Path, header: dict) -> str | None:
         except (OSError, ValueError) as exc:
             return f"cache: {str(path)!r} cannot be read ({exc}); use a fresh directory"
         for key in IDENTITY_KEYS:
-            if old.get(key) != header[key]:
+            if old.get(key, IDENTITY_DEFAULTS.get(key)) != header[key]:
                 return (f"cache: {str(out_dir)!r} was made under another model/data/plan or set of variants "
-                        f"({key}: {old.get(key)!r} there, {header[key]!r} here); use a fresh directory")
+                        f"({key}: {old.get(key, IDENTITY_DEFAULTS.get(key))!r} there, {header[key]!r} here); "
+                        "use a fresh directory")
     else:
         stray = sorted(p.name for p in out_dir.glob("chunk-*.npy"))
         if stray:
@@ -222,7 +227,7 @@ def run_sweep(sweep: LossSweep, variants: Sequence[dict[str, torch.Tensor] | Non
     header = {"format": SWEEP_FORMAT, "unet_id": sweep.model.unet_id(), "encoders_id": data.model_id,
               "data_id": data.data_id, "plan": sweep.plan.to_dict(), "batch_size": sweep.batch_size,
               "chunk_size": chunk_size, "variant_ids": variant_ids, "n_images": len(ids),
-              "indices_id": indices_id(ids), "n_chunks": n_chunks}
+              "indices_id": indices_id(ids), "n_chunks": n_chunks, "precision": sweep.precision}
 
     rank, world = init_distributed(sweep.model.device)
     headers = all_gather(header)

@@ -134,10 +134,11 @@ def cross_attention_kv_names(unet: torch.nn.Module) -> list[str]:
 def save_model(model: DigitsModel, path: str | os.PathLike) -> Path:
     """Write the model directory atomically (temp dir, then rename); returns it."""
     def fill(tmp: Path) -> None:
-        model.tokenizer.save_pretrained(tmp / "tokenizer")
-        model.text_encoder.save_pretrained(tmp / "text_encoder")
-        model.unet.save_pretrained(tmp / "unet")
-        model.scheduler.save_pretrained(tmp / "scheduler")
+        with quiet_loading():  # saving a text encoder draws a progress bar otherwise
+            model.tokenizer.save_pretrained(tmp / "tokenizer")
+            model.text_encoder.save_pretrained(tmp / "text_encoder")
+            model.unet.save_pretrained(tmp / "unet")
+            model.scheduler.save_pretrained(tmp / "scheduler")
         info = dict(model.info)
         info["format"] = FORMAT
         info["model_config"] = model.config.to_dict()
