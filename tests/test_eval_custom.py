@@ -2,7 +2,9 @@
 
 Everything runs on tiny random models (seconds); the real benchmark is measured by running it.
 """
+import importlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +186,34 @@ def test_pool_is_the_training_set_then_the_exemplars(dirs, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_plain_pool_captions_drop_only_the_token():
+    for c in CONCEPTS.values():
+        caps = c.captions(10)
+        assert custom.exemplar_pool_captions(caps, "fine-tuning", TOKEN) == caps
+        plain = custom.exemplar_pool_captions(caps, "plain", TOKEN)
+        assert len(plain) == len(caps)
+        for before, after in zip(caps, plain):
+            assert TOKEN not in after and after == after.strip() and "  " not in after
+            assert after.split() == [w for w in before.split() if w != TOKEN]
+    assert custom.exemplar_pool_captions(["a <new1>", "a <new1> handwritten three"], "plain", TOKEN) == [
+        "a", "a handwritten three"]
+    with pytest.raises(ValueError, match=r"pool_captions: 'none' is not one of \['fine-tuning', 'plain'\]"):
+        custom.exemplar_pool_captions(["a <new1>"], "none", TOKEN)
+
+
+def test_plain_pool_keeps_the_training_captions_and_drops_the_token_from_the_exemplars(dirs, tmp_path):
+    _, train_dir = dirs
+    c = get_concept("underlined")
+    ex, caps = c.exemplars(3), c.captions(3)
+    plain = custom.exemplar_pool_captions(caps, "plain", TOKEN)
+    pool = TrainingSet.load(custom.write_pool(tmp_path / "pool", train_dir, ex, plain))
+    train = TrainingSet.load(train_dir)
+    n = len(train)
+    assert pool.captions[:n] == train.captions
+    assert pool.captions[n:] == [[cap.replace(f"{TOKEN} ", "")] for cap in caps]
+    assert not any(TOKEN in cap for caps_ in pool.captions for cap in caps_)
+
+
 # --- metrics bookkeeping ----------------------------------------------------------------------
 def test_aggregate_pools_queries_per_kind_and_the_table_shows_them():
     pos = np.array([10, 11])  # a pool of 10 training images + 2 exemplars
@@ -272,7 +302,51 @@ def test_run_custom_bookkeeping_and_resume(dirs, tmp_path, monkeypatch):
     assert changed == {scores / "pixel.npy", scores / "pixel.json"}
 
 
+def test_switching_pool_captions_reuses_the_model_and_queries_and_rescores(dirs, tmp_path, monkeypatch):
+    # The module itself: the package re-exports its function under the same name.
+    gen = importlib.import_module("forgetscore.attribution.generate")
+    model_dir, train_dir = dirs
+    monkeypatch.setenv("FORGETSCORE_CACHE", str(tmp_path / "cache"))
+    out, root = tmp_path / "run", tmp_path / "run" / "concepts" / "segment"
+    kw = {"methods": ("pixel", "caption"), "settings": replace(TINY, concepts=("segment",)), "model_dir": model_dir,
+          "train_dir": train_dir, "features": _pixels_as_features, "log": None}
+    first = custom.run_custom(out, **kw)
+    assert first["settings"]["pool_captions"] == "fine-tuning"
+    assert "pool_captions: fine-tuning" in (out / "table.md").read_text()
+    kept = [p for p in (root / "model").rglob("*") if p.is_file()] + [
+        root / "model.key.json", root / "queries.pt", root / "fidelity.json"]
+    stamp = {p: p.stat().st_mtime_ns for p in kept}
+    caption_before = np.load(root / "scores" / "caption.npy")
+    work = {"customize": 0, "generate": 0}
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            work[name] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(custom, "customize", counted("customize", custom.customize))
+    monkeypatch.setattr(gen, "generate", counted("generate", gen.generate))
+    plain = custom.run_custom(out, pool_captions="plain", **kw)
+    assert work == {"customize": 0, "generate": 0}  # neither the model nor the queries nor fidelity redone
+    assert {p: p.stat().st_mtime_ns for p in kept} == stamp
+    assert plain["settings"]["pool_captions"] == "plain"
+    assert json.loads((out / "results.json").read_text())["settings"]["pool_captions"] == "plain"
+    assert "pool_captions: plain" in (out / "table.md").read_text()
+    pool, train = TrainingSet.load(root / "pool"), TrainingSet.load(train_dir)
+    n = len(train)
+    assert pool.captions[:n] == train.captions
+    assert pool.captions[n:] == [[custom.without_token(c, TOKEN)] for c in get_concept("segment").captions(3)]
+    for m in ("pixel", "caption"):  # the pool changed, so every score was recomputed under its new identity
+        assert json.loads((root / "scores" / f"{m}.json").read_text())["pool"] == pool.identity()
+    caption_after = np.load(root / "scores" / "caption.npy")
+    np.testing.assert_allclose(caption_after[:, :n], caption_before[:, :n], rtol=1e-6, atol=1e-9)
+    assert not np.allclose(caption_after[:, n:], caption_before[:, n:])  # the exemplars lost the token
+
+
 @pytest.mark.parametrize("kwargs, match", [
+    ({"pool_captions": "none"}, r"pool_captions: 'none' is not one of \['fine-tuning', 'plain'\]"),
+    ({"settings": replace(TINY, pool_captions="token-free")}, "pool_captions: 'token-free'"),
     ({"methods": ["random-class"]}, "need class labels"),
     ({"methods": ["nope"]}, r"methods: \['nope'\]"),
     ({"concepts": ["nope"]}, "concept: 'nope'"),

@@ -53,11 +53,17 @@ def add_parser(sub) -> None:
     loo.add_argument("--recipe", default="default", help="digits training recipe (default: default)")
     loo.set_defaults(func=_loo)
 
+    from .custom import POOL_CAPTIONS
+
     custom = which.add_parser("custom", help="fine-tune on new concepts, find their exemplars (Recall@10, mAP)",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     custom.add_argument("--out", required=True, help="output directory (resumes a run already there)")
     custom.add_argument("--quick", action="store_true", help="a few-minute version")
     custom.add_argument("--methods", type=_csv(str), help="comma-separated (default: every method without labels)")
+    custom.add_argument("--pool-captions", choices=POOL_CAPTIONS, default="fine-tuning",
+                        help="the exemplars' captions in the pool: their fine-tuning captions (default), or plain: "
+                             "the same without the new token, so no method finds the exemplars by the token in "
+                             "their captions (the model is still fine-tuned and queried with it)")
     custom.set_defaults(func=_custom)
 
 
@@ -98,6 +104,6 @@ def _loo(args: argparse.Namespace) -> int:
 def _custom(args: argparse.Namespace) -> int:
     from .custom import run_custom
 
-    run_custom(Path(args.out), methods=args.methods, quick=args.quick, log=print)
+    run_custom(Path(args.out), methods=args.methods, quick=args.quick, pool_captions=args.pool_captions, log=print)
     print((Path(args.out) / "table.md").read_text())
     return 0

@@ -62,7 +62,10 @@ A caveat the numbers carry: the exemplars are the only pool images whose caption
 new token, so the text alone points at them (caption similarity scores high), and every
 method that reads captions -- unlearning does, through each pool image's loss under its
 captions -- profits from it.  This follows the benchmark's definition (exemplar captions =
-fine-tuning captions).
+fine-tuning captions), the default.  ``CustomSettings(pool_captions="plain")`` (``--pool-captions
+plain``) removes the leak: the exemplars enter the pool with their fine-tuning captions minus the
+token ("a <new1> handwritten three" -> "a handwritten three"), while the model is still
+customized, and queried, with the token; only what the pool says about the exemplars changes.
 """
 from __future__ import annotations
 
@@ -96,6 +99,7 @@ CUSTOMIZATION_FILE = "customization.json"
 CARRIED_FILES = ("forgetscore.json", "model_index.json")  # model-level files that describe the architecture
 NEEDS_LABELS = ("random-class",)  # methods that need the class of every training image
 RECALL_K = 10
+POOL_CAPTIONS = ("fine-tuning", "plain")  # what the exemplars' pool captions are (CustomSettings.pool_captions)
 
 
 # ============================================================================================
@@ -286,6 +290,22 @@ def _batch_loss(model: DiffusionModel, x0: torch.Tensor, ids: torch.Tensor, g: t
 # ============================================================================================
 # the pool
 # ============================================================================================
+def without_token(text: str, token: str) -> str:
+    """`text` with every occurrence of `token` removed and whitespace collapsed ("a <new1> three" -> "a three")."""
+    return " ".join(text.replace(token, " ").split())
+
+
+def _check_pool_captions(how: str) -> None:
+    if how not in POOL_CAPTIONS:
+        raise ValueError(f"pool_captions: {how!r} is not one of {list(POOL_CAPTIONS)}")
+
+
+def exemplar_pool_captions(captions: Sequence[str], how: str, token: str) -> list[str]:
+    """The exemplars' captions in the pool: their fine-tuning `captions`, or with `how="plain"` without `token`."""
+    _check_pool_captions(how)
+    return list(captions) if how == "fine-tuning" else [without_token(c, token) for c in captions]
+
+
 def write_pool(out_dir: str | Path, train_dir: str | Path, exemplars: torch.Tensor,
                captions: Sequence[str | Sequence[str]], *, prefix: str = "exemplar",
                extra: dict | None = None) -> Path:
@@ -293,8 +313,9 @@ def write_pool(out_dir: str | Path, train_dir: str | Path, exemplars: torch.Tens
 
     Training images are copied with their modification times (the folder's identity, hence the
     engine's caches, is then the same each time it is rebuilt); exemplars are appended as
-    ``{prefix}-000.png ...`` with their fine-tuning captions and ``"exemplar": true`` (plus
-    `extra`), so they take pool indices ``len(train) ... len(train) + n - 1``.
+    ``{prefix}-000.png ...`` with `captions` (the benchmark gives :func:`exemplar_pool_captions`)
+    and ``"exemplar": true`` (plus `extra`), so they take pool indices ``len(train) ...
+    len(train) + n - 1``.
     """
     from PIL import Image
 
@@ -333,6 +354,8 @@ class CustomSettings:
     sizes and the unlearning configuration (``unlearn``: overrides of ``methods.DEFAULT_UNLEARN``,
     from which every unlearning variant is derived, e.g. ``asdict(unlearning.PRESETS["custom"])``)
     are this benchmark's choices at the digits' scale; the module docstring says what was measured.
+    ``pool_captions``: the exemplars' captions in the pool, "fine-tuning" (the benchmark's
+    definition) or "plain" (the same without the token: the caveat in the module docstring).
     """
 
     concepts: tuple[str, ...]
@@ -355,6 +378,7 @@ class CustomSettings:
     threads: int | None = 1  # torch threads for the run (None: leave as is)
     unlearn: dict | None = None  # overrides of the base unlearning config (see above)
     batch_size: int = 1024
+    pool_captions: str = "fine-tuning"  # one of POOL_CAPTIONS
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -525,11 +549,15 @@ def run_concept(out_dir: Path, concept_name: str, settings: CustomSettings, meth
 
     pool_dir = root / "pool"
     pool_key_path = root / "pool.key.json"
+    pool_caps = exemplar_pool_captions(captions, settings.pool_captions, TOKEN)
+    # Keyed on the captions written, so a fine-tuning-caption pool keeps the key it always had.  Everything
+    # downstream of the pool (the engine's cache, every scores key) is keyed on its identity, which hashes
+    # its metadata: a rewrite with other captions recomputes them, while model, queries and fidelity stay.
     pool_key = {"train": str(train_dir), "train_id": TrainingSet.load(train_dir).identity(),
-                "captions": captions, "exemplars": ex_hash}
+                "captions": pool_caps, "exemplars": ex_hash}
     if not (pool_dir / "metadata.jsonl").is_file() or not pool_key_path.is_file() or \
             read_json(pool_key_path) != pool_key:
-        write_pool(pool_dir, train_dir, exemplars, captions, extra={"concept": concept.name})
+        write_pool(pool_dir, train_dir, exemplars, pool_caps, extra={"concept": concept.name})
         write_json(pool_key_path, pool_key)
 
     plan = settings.plan()
@@ -622,10 +650,14 @@ def table_markdown(results: dict) -> str:
     """Rows = methods; columns Recall@10 and mAP for object-like and style-like concepts ("mean ± se")."""
     agg = results["aggregate"]
     n = {k: next((c[k]["n_queries"] for c in agg.values() if k in c), 0) for k in ("object", "style")}
+    how = results["settings"].get("pool_captions", "fine-tuning")  # results written before the setting existed
+    captioned = {"fine-tuning": "as in fine-tuning, token included",
+                 "plain": "as in fine-tuning minus the token"}.get(how, f"with {how} captions")
     head = (f"Customized-model benchmark: {results['n_concepts']['object']} object-like concept(s), "
             f"{n['object']} queries; {results['n_concepts']['style']} style-like, {n['style']} queries; pool = "
-            f"{results['n_train']} training images + {results['settings']['n_exemplars']} exemplars per concept "
-            "(mean ± standard error over queries; higher is better)")
+            f"{results['n_train']} training images + {results['settings']['n_exemplars']} exemplars per concept, "
+            f"captioned in the pool {captioned} (pool_captions: {how}; mean ± standard error over queries; "
+            "higher is better)")
     lines = [head, "",
              "| method | object R@10 | object mAP | style R@10 | style mAP |", "|---|---|---|---|---|"]
     for name, cells in agg.items():
@@ -663,16 +695,17 @@ def scatter_png(results: dict, path: Path) -> None:
 
 def run_custom(out_dir: str | Path, *, methods: Sequence[str] | None = None, quick: bool = False,
                concepts: Sequence[str] | None = None, queries_per_concept: int | None = None,
-               settings: CustomSettings | None = None, model_dir: str | Path | None = None,
-               train_dir: str | Path | None = None, features: FeatureFn | None = None,
-               log: Log | None = print) -> dict:
+               pool_captions: str | None = None, settings: CustomSettings | None = None,
+               model_dir: str | Path | None = None, train_dir: str | Path | None = None,
+               features: FeatureFn | None = None, log: Log | None = print) -> dict:
     """Run the benchmark into `out_dir`; returns (and writes) results.json's content.
 
     methods: names of :data:`methods.METHODS` (default: all but those needing class labels);
-    quick: the few-minute version (:data:`QUICK_SETTINGS`); concepts / queries_per_concept
-    override the settings'.  model_dir / train_dir: the base model and its training folder
-    (default: the cached digits model and folder, built on first use); features: the image
-    embedding of the feature baseline and the fidelity check (default: the digit classifier's).
+    quick: the few-minute version (:data:`QUICK_SETTINGS`); concepts / queries_per_concept /
+    pool_captions override the settings'.  model_dir / train_dir: the base model and its
+    training folder (default: the cached digits model and folder, built on first use); features:
+    the image embedding of the feature baseline and the fidelity check (default: the digit
+    classifier's).
     """
     from .methods import METHODS
 
@@ -683,10 +716,13 @@ def run_custom(out_dir: str | Path, *, methods: Sequence[str] | None = None, qui
         settings = replace(settings, concepts=tuple(concepts))
     if queries_per_concept is not None:
         settings = replace(settings, queries_per_concept=int(queries_per_concept))
+    if pool_captions is not None:
+        settings = replace(settings, pool_captions=pool_captions)
     if not settings.concepts:
         raise ValueError("concepts: empty; give at least one concept name")
     if settings.queries_per_concept < 1:
         raise ValueError(f"queries_per_concept: {settings.queries_per_concept} must be >= 1")
+    _check_pool_captions(settings.pool_captions)
     from ..digits.concepts import get_concept
 
     for c in settings.concepts:
