@@ -1,0 +1,61 @@
+"""Does a method's within-class ranking follow the query's stroke thickness, or a fixed bias?
+
+On the demo's query (a thick seven) the thinnest sevens scored highest.  This checks whether
+that is a bias of the method or a property of that query, on the queries of a finished
+`forgetscore evaluate loo` run: per query and method, the Spearman correlation between score
+and ink mass among the images of the query's digit, and whether the top-K's mean ink departs
+from the class mean in the same direction as the query's own ink does.
+
+    python benchmarks/ink_bias.py RUN_DIR [--k 18] [--methods unlearning,pixel,...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from forgetscore.digits.data import load_data, measure_attributes
+
+
+def ink(images: torch.Tensor) -> np.ndarray:
+    """Ink mass of images in [-1, 1] (the attribute behind the thin / regular / thick words)."""
+    x = ((images.float().clamp(-1, 1) + 1) * 8)[:, 0].numpy().astype(np.float64)
+    return measure_attributes(x)[:, 0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path, help="output directory of `forgetscore evaluate loo`")
+    p.add_argument("--k", type=int, default=18)
+    p.add_argument("--methods", default=None, help="comma-separated (default: every scored method)")
+    args = p.parse_args()
+    results = json.loads((args.run / "results.json").read_text())
+    queries = torch.load(args.run / "queries.pt", weights_only=False)
+    by_spec = {json.dumps(s, sort_keys=True): img for s, img in zip(queries["specs"], queries["images"])}
+    specs = [{k: q[k] for k in ("prompt", "seed", "label")} for q in results["queries"]]
+    q_ink = ink(torch.stack([by_spec[json.dumps(s, sort_keys=True)] for s in specs]))
+    data = load_data(8)
+    train_ink, labels = ink(data.images), data.labels.numpy()
+    names = args.methods.split(",") if args.methods else sorted(p.stem for p in (args.run / "scores").glob("*.npy"))
+    print(f"{len(specs)} queries; per query: Spearman(score, ink | query's digit); sign agreement of "
+          f"(top-{args.k} ink - class ink) with (query ink - class ink)")
+    for name in names:
+        scores = np.load(args.run / "scores" / f"{name}.npy")
+        rho, agree = [], []
+        for i, s in enumerate(specs):
+            cls = labels == s["label"]
+            rho.append(spearmanr(scores[i][cls], train_ink[cls]).statistic)
+            top = np.argsort(-scores[i], kind="stable")[:args.k]
+            agree.append(np.sign(train_ink[top].mean() - train_ink[cls].mean()) ==
+                         np.sign(q_ink[i] - train_ink[cls].mean()))
+        rho = np.asarray(rho)
+        print(f"{name:<16} rho mean {np.nanmean(rho):+.2f} (min {np.nanmin(rho):+.2f}, max {np.nanmax(rho):+.2f}); "
+              f"top-{args.k} ink on the query's side of its class mean: {int(np.sum(agree))}/{len(agree)}")
+
+
+if __name__ == "__main__":
+    main()
