@@ -231,15 +231,18 @@ def test_cli_evaluate_loo_smoke(tmp_path, capsys):
 
     out = tmp_path / "run"
     args = ["evaluate", "loo", "--out", str(out), "--recipe", "smoke", "--queries", "2", "--ks", "3",
-            "--methods", "pixel,random-class", "--random-sets", "1", "--workers", "1"]
+            "--methods", "pixel,random-class", "--random-sets", "1", "--workers", "1", "--plan-stride", "250"]
     assert cli.main(args) == 0
     res = json.loads((out / "results.json").read_text())
+    assert res["config"]["plan"]["timesteps"] == [0, 250, 500, 750]
     assert set(res["methods"]) == {"random", "pixel", "random-class"}
     assert [q["label"] for q in res["queries"]] == [7, 1]
     assert res["config"]["coupled"] is True and res["retrains"] == 5
     assert "| pixel |" in capsys.readouterr().out
     assert cli.main(["evaluate", "loo", "--out", str(out), "--methods", "nope"]) == 2
     assert "--methods" in capsys.readouterr().err
+    assert cli.main(["evaluate", "loo", "--out", str(out), "--plan-stride", "0"]) == 2
+    assert "--plan-stride" in capsys.readouterr().err
 
 
 def test_cli_evaluate_custom_refuses_unknown_methods(tmp_path, capsys):
