@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 EPILOG = """examples:
-  forgetscore evaluate loo --out loo-run                 # the full leave-K-out table (about an hour on 2 cores)
+  forgetscore evaluate loo --out loo-run                 # the full leave-K-out table (54 min on 2 cores)
   forgetscore evaluate loo --out loo-quick --quick       # a five-minute version
   forgetscore evaluate loo --out loo-unc --uncoupled     # retrain the usual way (randomness not coupled)
   forgetscore evaluate custom --out custom-run           # the customized-model benchmark (Recall@10, mAP)"""
