@@ -31,7 +31,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="output directory of `forgetscore evaluate loo`")
     p.add_argument("--k", type=int, default=18)
-    p.add_argument("--methods", default=None, help="comma-separated (default: every scored method)")
+    p.add_argument("--methods", default=None, help="comma-separated (default: the run's methods)")
     args = p.parse_args()
     results = json.loads((args.run / "results.json").read_text())
     queries = torch.load(args.run / "queries.pt", weights_only=False)
@@ -40,7 +40,7 @@ def main() -> None:
     q_ink = ink(torch.stack([by_spec[json.dumps(s, sort_keys=True)] for s in specs]))
     data = load_data(8)
     train_ink, labels = ink(data.images), data.labels.numpy()
-    names = args.methods.split(",") if args.methods else sorted(p.stem for p in (args.run / "scores").glob("*.npy"))
+    names = args.methods.split(",") if args.methods else results["config"]["methods"]
     print(f"{len(specs)} queries; per query: Spearman(score, ink | query's digit); sign agreement of "
           f"(top-{args.k} ink - class ink) with (query ink - class ink)")
     for name in names:
