@@ -4,6 +4,7 @@ Everything runs on tiny random models (seconds); the real benchmark is measured 
 """
 import importlib
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -300,6 +301,32 @@ def test_run_custom_bookkeeping_and_resume(dirs, tmp_path, monkeypatch):
     changed = {p for p, t in stamp.items() if not p.exists() or p.stat().st_mtime_ns != t}
     scores = out / "concepts" / "segment" / "scores"
     assert changed == {scores / "pixel.npy", scores / "pixel.json"}
+
+
+def test_customization_is_keyed_on_the_base_models_content(dirs, tmp_path, monkeypatch):
+    model_dir, train_dir = dirs
+    monkeypatch.setenv("FORGETSCORE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = custom.customize
+    monkeypatch.setattr(custom, "customize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    settings = replace(TINY, concepts=("triangle",))
+    kw = {"methods": ("pixel",), "settings": settings, "train_dir": train_dir, "features": _pixels_as_features,
+          "log": None}
+    out = tmp_path / "run"
+    custom.run_custom(out, model_dir=model_dir, **kw)
+    assert len(calls) == 1
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(model_dir, moved)
+    assert custom.model_digest(moved) == custom.model_digest(model_dir)
+    custom.run_custom(out, model_dir=moved, **kw)  # the same model at another path: reused
+    assert len(calls) == 1
+    weights = next(moved.glob("unet/*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # other weights at the same path: customized again
+    weights.write_bytes(bytes(data))
+    assert custom.model_digest(moved) != custom.model_digest(model_dir)
+    custom.run_custom(out, model_dir=moved, **kw)
+    assert len(calls) == 2
 
 
 def test_switching_pool_captions_reuses_the_model_and_queries_and_rescores(dirs, tmp_path, monkeypatch):

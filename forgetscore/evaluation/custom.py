@@ -518,9 +518,29 @@ class ConceptRun:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def model_digest(model_dir: str | Path) -> str:
+    """A hash of every file of a model folder (names and bytes): what a customization is keyed on.
+
+    Content, not the path: the same model elsewhere (another cache root) reuses the customized
+    models, and weights rewritten in place are not mistaken for the old ones.
+    """
+    h = hashlib.sha256()
+    root = Path(model_dir)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
 def run_concept(out_dir: Path, concept_name: str, settings: CustomSettings, methods: Sequence[str], *,
-                model_dir: Path, train_dir: Path, log: Log, features: FeatureFn | None = None) -> ConceptRun:
-    """One concept: customize, pool, queries, fidelity, every method's scores (each step cached)."""
+                model_dir: Path, train_dir: Path, log: Log, features: FeatureFn | None = None,
+                base_id: str | None = None) -> ConceptRun:
+    """One concept: customize, pool, queries, fidelity, every method's scores (each step cached).
+
+    base_id: :func:`model_digest` of `model_dir` (computed here if not given).
+    """
     from ..digits.concepts import TOKEN, get_concept
 
     concept = get_concept(concept_name)
@@ -535,7 +555,7 @@ def run_concept(out_dir: Path, concept_name: str, settings: CustomSettings, meth
     custom_key = {"concept": concept.name, "exemplars": ex_hash, "captions": captions, "init_word": concept.init_word,
                   "steps": settings.custom_steps, "lr": settings.custom_lr, "embedding_lr": settings.custom_embedding_lr,
                   "batch_size": settings.custom_batch, "reg_per_step": settings.reg_per_step,
-                  "seed": settings.custom_seed, "base": str(model_dir)}
+                  "seed": settings.custom_seed, "base": base_id or model_digest(model_dir)}
     model_out = root / "model"
     key_path = root / "model.key.json"
     if not (model_out / CUSTOMIZATION_FILE).is_file() or not key_path.is_file() or read_json(key_path) != custom_key:
@@ -737,9 +757,10 @@ def run_custom(out_dir: str | Path, *, methods: Sequence[str] | None = None, qui
     model_dir, train_dir = _base(model_dir, train_dir, log)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    base_id = model_digest(model_dir)
     with torch_threads(settings.threads):
         runs = [run_concept(out, c, settings, methods, model_dir=model_dir, train_dir=train_dir, log=log,
-                            features=features) for c in settings.concepts]
+                            features=features, base_id=base_id) for c in settings.concepts]
     results = {"settings": settings.to_dict(), "methods": list(methods), "base_model": str(model_dir),
                "train_dir": str(train_dir), "n_train": runs[0].n_train,
                "n_concepts": {k: sum(r.kind == k for r in runs) for k in ("object", "style")},
