@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -189,6 +190,9 @@ def test_more_queries_reuse_retrains_and_pictures(tmp_path):
     qs = [base.Query(torch.zeros(1, 4, 4), "x")]
     assert load_measurement(out / "retrains", RetrainJob(()), qs) is None
     assert load_measurement(out / "retrains", RetrainJob(())) is not None
+    # nor one made with other measurement settings
+    assert load_measurement(out / "retrains", RetrainJob(()), settings=cfg.measure) is not None
+    assert load_measurement(out / "retrains", RetrainJob(()), settings=replace(cfg.measure, loss_draws=2)) is None
 
 
 def test_query_fingerprint_and_cached_scores(tmp_path):

@@ -9,7 +9,7 @@ finished retrain (its measurements on disk) is never redone after an interruptio
 Right after training, the worker measures the retrained model on every query
 (:mod:`.counterfactual`): cheap next to training, and it lets the report show how a
 removal moves unrelated queries too.  A measurement records which queries it measured;
-when the queries change (more of them, or others), a retrained model still on disk is
+when the queries or the measurement settings change, a retrained model still on disk is
 measured again rather than trained again.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import multiprocessing as mp
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -68,7 +68,7 @@ def measure(model_dir: Path, queries: Sequence[Query], settings: MeasureSettings
                               seed=settings.loss_seed)
         images = regenerate(model, queries, steps=settings.gen_steps, guidance_scale=settings.guidance_scale)
     return {"losses": torch.as_tensor(losses, dtype=torch.float64), "images": images,
-            "queries": [q.fingerprint() for q in queries]}
+            "queries": [q.fingerprint() for q in queries], "settings": asdict(settings)}
 
 
 def _save(path: Path, obj: dict) -> None:
@@ -92,13 +92,17 @@ def _job(train_fn: TrainFn, job: RetrainJob, root: Path, queries: Sequence[Query
     return job.key, seconds
 
 
-def load_measurement(root: Path, job: RetrainJob, queries: Sequence[Query] | None = None) -> dict | None:
-    """The job's measurement, or None if there is none (or, given `queries`, it measured other queries)."""
+def load_measurement(root: Path, job: RetrainJob, queries: Sequence[Query] | None = None,
+                     settings: MeasureSettings | None = None) -> dict | None:
+    """The job's measurement, or None if there is none (or, given `queries` / `settings`, it measured
+    other queries or measured them otherwise)."""
     path = Path(root) / f"{job.key}.pt"
     if not path.is_file():
         return None
     m = torch.load(path, weights_only=False)
     if queries is not None and m.get("queries") != [q.fingerprint() for q in queries]:
+        return None
+    if settings is not None and m.get("settings") != asdict(settings):
         return None
     return m
 
@@ -110,7 +114,7 @@ def run_retrains(jobs: Sequence[RetrainJob], train_fn: TrainFn, root: Path, quer
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     unique = list({j.key: j for j in jobs}.values())
-    done = {j.key: load_measurement(root, j, queries) for j in unique}
+    done = {j.key: load_measurement(root, j, queries, settings) for j in unique}
     todo = [j for j in unique if done[j.key] is None]
     if log and todo:
         again = sum((root / j.key / "unet").is_dir() for j in todo)
@@ -133,5 +137,5 @@ def run_retrains(jobs: Sequence[RetrainJob], train_fn: TrainFn, root: Path, quer
                         left = (time.perf_counter() - t0) / (i + 1) * (len(todo) - i - 1)
                         log(f"  retrain {i + 1}/{len(todo)} ({s:.0f} s; about {left / 60:.0f} min left)")
     for j in todo:
-        done[j.key] = load_measurement(root, j, queries)
+        done[j.key] = load_measurement(root, j, queries, settings)
     return done
