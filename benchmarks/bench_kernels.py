@@ -363,7 +363,7 @@ def bench_noise_loss(r: Runner, emit: Callable[[str, dict], None], scheduler, sc
                 row["eager_same_pass_ms"] = eager_ms
                 row["speedup_vs_eager"] = eager_ms / row["total_ms"]
             emit("noise_loss", row)
-        del x0, out, eps, methods
+        x0 = out = eps = methods = None  # free device memory (the lambdas hold these names) before empty_cache
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -469,7 +469,7 @@ def bench_fisher(r: Runner, emit: Callable[[str, dict], None], rates: dict) -> N
                 if peak_rate:
                     row["pct_of_peak_matmul"] = 100 * row["TFLOPs"] / peak_rate
                 emit("fisher", row)
-            del X, G, G2, X2, fisher, methods
+            X = G = G2 = X2 = fisher = methods = None  # as above: free device memory
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -485,7 +485,7 @@ def device_rates(r: Runner) -> dict[str, float]:
     dst = torch.empty_like(src)
     tm = r.time(lambda: dst.copy_(src))
     rates["copy_GBps"] = 2 * src.numel() * 4 / tm["median_s"] / 1e9
-    del src, dst
+    src = dst = None
     size = 8192 if dev.type == "cuda" else 2048
     for dname in ("float32", "bfloat16"):
         dt = DTYPES[dname]

@@ -235,16 +235,26 @@ def test_aggregate_pools_queries_per_kind_and_the_table_shows_them():
     recalls = np.array([1.0, 1.0, 0.5])
     o = agg["m"]["object"]
     assert o["n_queries"] == 3 and agg["m"]["style"]["n_queries"] == 1
+    assert (o["n_concepts"], o["se_over"], agg["m"]["style"]["se_over"]) == (2, "concepts", "queries")
+
+    def clustered(v, groups=(0, 0, 1)):  # CR1 over concepts, written out
+        v = np.asarray(v)
+        sums = [sum(v[i] - v.mean() for i in range(3) if groups[i] == c) for c in (0, 1)]
+        return np.sqrt(2 * sum(x * x for x in sums)) / 3
+
     assert o["map"]["mean"] == pytest.approx(aps.mean())
-    assert o["map"]["se"] == pytest.approx(aps.std(ddof=1) / np.sqrt(3))
+    assert o["map"]["se"] == pytest.approx(clustered(aps))
+    assert o["map"]["se_queries"] == pytest.approx(aps.std(ddof=1) / np.sqrt(3))
     assert o["recall@10"]["mean"] == pytest.approx(recalls.mean())
-    assert o["recall@10"]["se"] == pytest.approx(recalls.std(ddof=1) / np.sqrt(3))
-    assert agg["m"]["style"]["map"] == {"mean": pytest.approx((1 + 2 / 12) / 2), "se": 0.0}
+    assert o["recall@10"]["se"] == pytest.approx(clustered(recalls))
+    assert agg["m"]["style"]["map"] == {"mean": pytest.approx((1 + 2 / 12) / 2), "se": 0.0, "se_queries": 0.0}
     results = {"aggregate": agg, "n_concepts": {"object": 2, "style": 1}, "n_train": 10,
                "settings": {"n_exemplars": 2}}
     table = custom.table_markdown(results)
-    row = f"| m | 0.833 ± 0.167 | {aps.mean():.3f} ± {aps.std(ddof=1) / np.sqrt(3):.3f} | 0.500 ± 0.000 | 0.583 ± 0.000 |"
+    row = (f"| m | 0.833 ± {clustered(recalls):.3f} | {aps.mean():.3f} ± {clustered(aps):.3f} | 0.500 ± 0.000 | "
+           "0.583 ± 0.000 |")
     assert row in table, table
+    assert "over concepts, or over queries where a kind has one concept" in table
 
 
 # --- run_custom -------------------------------------------------------------------------------

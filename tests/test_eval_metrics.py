@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from forgetscore.evaluation.metrics import average_precision, mean_se, recall_at_k
+from forgetscore.evaluation.metrics import average_precision, clustered_mean_se, mean_se, recall_at_k
 
 # Ranking of SCORES, best first: 0 (0.9), 2 (0.8), 4 (0.5), 3 (0.3), 1 (0.1).
 SCORES = [0.9, 0.1, 0.8, 0.3, 0.5]
@@ -96,7 +96,35 @@ def test_mean_se():
     assert mean_se(np.array([[2.0, 2.0], [2.0, 2.0]])) == (2.0, 0.0)
 
 
+def test_clustered_se_hand_computed():
+    # Groups a: (1, 2), b: (6,); mean 3; residual sums a: -3, b: 3; se^2 = 2/1 * (9 + 9) / 3^2 = 4.
+    assert clustered_mean_se([1.0, 2.0, 6.0], ["a", "a", "b"]) == (3.0, pytest.approx(2.0))
+
+
+def test_clustered_se_equals_the_se_of_group_means_when_balanced():
+    rng = np.random.default_rng()
+    v = rng.normal(size=(5, 4))  # 5 groups of 4
+    groups = np.repeat(np.arange(5), 4)
+    m, se = clustered_mean_se(v.reshape(-1), groups)
+    assert m == pytest.approx(v.mean())
+    assert se == pytest.approx(v.mean(1).std(ddof=1) / np.sqrt(5))
+
+
+def test_clustered_se_matches_a_plain_loop_on_unbalanced_groups():
+    rng = np.random.default_rng()
+    sizes = rng.integers(1, 6, size=4)
+    v = rng.normal(size=sizes.sum())
+    groups = rng.permutation(np.repeat(np.arange(4), sizes))
+    n, mean = len(v), sum(v) / len(v)
+    total = sum(sum(x - mean for x, g in zip(v, groups) if g == c) ** 2 for c in range(4))
+    assert clustered_mean_se(v, groups)[1] == pytest.approx(math.sqrt(4 / 3 * total) / n)
+    # One value per group is the plain per-query error.
+    assert clustered_mean_se(v, np.arange(len(v)))[1] == pytest.approx(mean_se(v)[1])
+
+
 @pytest.mark.parametrize("call, match", [
+    (lambda: clustered_mean_se([1.0, 2.0], [0, 0]), "groups: 1 distinct"),
+    (lambda: clustered_mean_se([1.0, 2.0], [0]), "groups: 1 labels for 2 values"),
     (lambda: average_precision([0.1, np.nan], [0]), "scores: hold NaN"),
     (lambda: average_precision([], [0]), "scores: shape"),
     (lambda: average_precision(np.zeros((2, 2, 2)), [0]), "scores: shape"),

@@ -91,7 +91,7 @@ from ..attribution.unlearning import UnlearnConfig
 from .base import EvalContext, FeatureFn, Query
 from .store import cached_scores
 from ..threads import torch_threads
-from .metrics import average_precision, mean_se, recall_at_k
+from .metrics import average_precision, clustered_mean_se, mean_se, recall_at_k
 
 Log = Callable[[str], None]
 DEFAULT_TOKEN = "<new1>"
@@ -646,7 +646,12 @@ def run_concept(out_dir: Path, concept_name: str, settings: CustomSettings, meth
 
 
 def aggregate(runs: Sequence[ConceptRun], methods: Sequence[str]) -> dict:
-    """Per method and concept kind: Recall@10 and AP over all queries of that kind, mean +- se."""
+    """Per method and concept kind: Recall@10 and AP over all queries of that kind, mean +- se.
+
+    The error counts concepts, not queries, as the independent draws (clustered over concepts;
+    the plain per-query error, which understates it, is kept as ``se_queries``); a kind with a
+    single concept can only give the per-query error (``se_over`` says which).
+    """
     out: dict = {}
     for name in methods:
         out[name] = {}
@@ -656,14 +661,27 @@ def aggregate(runs: Sequence[ConceptRun], methods: Sequence[str]) -> dict:
                 continue
             rec = np.concatenate([recall_at_k(r.scores[name], r.positives, RECALL_K) for r in mine])
             ap = np.concatenate([average_precision(r.scores[name], r.positives) for r in mine])
-            (rm, rse), (am, ase) = mean_se(rec), mean_se(ap)
-            out[name][kind] = {"recall@10": {"mean": rm, "se": rse}, "map": {"mean": am, "se": ase},
-                               "n_queries": len(ap)}
+            concept = np.concatenate([np.full(len(r.scores[name]), i) for i, r in enumerate(mine)])
+            cell: dict = {"n_queries": len(ap), "n_concepts": len(mine),
+                          "se_over": "concepts" if len(mine) > 1 else "queries"}
+            for metric, v in (("recall@10", rec), ("map", ap)):
+                m, se = clustered_mean_se(v, concept) if len(mine) > 1 else mean_se(v)
+                cell[metric] = {"mean": m, "se": se, "se_queries": mean_se(v)[1]}
+            out[name][kind] = cell
     return out
 
 
 def _cell(d: dict | None, key: str) -> str:
     return "—" if d is None else f"{d[key]['mean']:.3f} ± {d[key]['se']:.3f}"
+
+
+def _se_words(agg: dict) -> str:
+    over = {c.get("se_over", "queries") for cells in agg.values() for c in cells.values()}  # older: queries
+    if over == {"concepts"}:
+        return "standard error over concepts (a concept's queries share its model, so they are not independent)"
+    if over == {"queries"}:
+        return "standard error over queries"
+    return "standard error over concepts, or over queries where a kind has one concept"
 
 
 def table_markdown(results: dict) -> str:
@@ -676,7 +694,7 @@ def table_markdown(results: dict) -> str:
     head = (f"Customized-model benchmark: {results['n_concepts']['object']} object-like concept(s), "
             f"{n['object']} queries; {results['n_concepts']['style']} style-like, {n['style']} queries; pool = "
             f"{results['n_train']} training images + {results['settings']['n_exemplars']} exemplars per concept, "
-            f"captioned in the pool {captioned} (pool_captions: {how}; mean ± standard error over queries; "
+            f"captioned in the pool {captioned} (pool_captions: {how}; mean over queries ± {_se_words(agg)}; "
             "higher is better)")
     lines = [head, "",
              "| method | object R@10 | object mAP | style R@10 | style mAP |", "|---|---|---|---|---|"]

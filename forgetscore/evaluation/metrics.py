@@ -105,3 +105,26 @@ def mean_se(values: np.ndarray | Sequence) -> tuple[float, float]:
     if v.size == 1:
         return float(v[0]), 0.0
     return float(v.mean()), float(v.std(ddof=1) / np.sqrt(v.size))
+
+
+def clustered_mean_se(values: np.ndarray | Sequence, groups: np.ndarray | Sequence) -> tuple[float, float]:
+    """(mean over all values, standard error that treats each group as one independent draw).
+
+    Queries of one concept share its customized model and exemplars, so they are not independent:
+    the plain standard error over queries understates the spread between concepts.  This is the
+    cluster-robust (CR1) error, se^2 = C/(C-1) * sum_c (sum_{i in c} (v_i - mean))^2 / N^2 over C
+    groups; with equal group sizes it equals the standard error of the C group means.  Needs
+    at least two groups.
+    """
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    g = np.asarray(groups).reshape(-1)
+    if g.shape != v.shape:
+        raise ValueError(f"groups: {g.size} labels for {v.size} values; give one group label per value")
+    mean, _ = mean_se(v)
+    labels, inverse = np.unique(g, return_inverse=True)
+    if labels.size < 2:
+        raise ValueError(f"groups: {labels.size} distinct group(s); a between-group error needs at least two "
+                         "(use mean_se for one)")
+    sums = np.bincount(inverse, weights=v - mean)
+    c = labels.size
+    return mean, float(np.sqrt(c / (c - 1) * (sums ** 2).sum()) / v.size)

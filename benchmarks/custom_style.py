@@ -1,0 +1,75 @@
+"""Style-like concepts in the customized-model benchmark: does a method find the style or the digit?
+
+A style query ("a <new1> handwritten three") shows one digit in the new style; its exemplars
+show five different digits in that style.  Without the token in the pool's captions
+(`--pool-captions plain`), a method can only find all five by the style itself.  Per style
+concept, query and method this prints where the exemplar of the query's own digit ranks,
+the median rank of the other exemplars, and how much of the top-10 is training images of
+the query's digit -- read from a finished `forgetscore evaluate custom` run.
+
+    python benchmarks/custom_style.py RUN_DIR [--methods unlearning,pixel,...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from forgetscore.digits.classifier import get_classifier
+from forgetscore.digits.data import DIGIT_WORDS
+
+
+def digit_of(text: str) -> int:
+    """The digit a caption or prompt names (its last word), or -1."""
+    last = text.split()[-1] if text.split() else ""
+    return DIGIT_WORDS.index(last) if last in DIGIT_WORDS else -1
+
+
+def ranks(scores: np.ndarray) -> np.ndarray:
+    """1-based rank of every pool image, best first, ties to the lower index (as the metrics)."""
+    order = np.argsort(-scores, kind="stable")
+    r = np.empty(len(order), dtype=np.int64)
+    r[order] = np.arange(1, len(order) + 1)
+    return r
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path, help="output directory of `forgetscore evaluate custom`")
+    p.add_argument("--methods", default="unlearning,unlearning-attn,dtrak,influence,caption,pixel",
+                   help="comma-separated methods to read (default: %(default)s)")
+    args = p.parse_args()
+    results = json.loads((args.run / "results.json").read_text())
+    print(f"pool captions: {results['settings'].get('pool_captions', 'fine-tuning')}")
+    print("per query: rank of the same-digit exemplar / median rank of the other exemplars / "
+          "share of the top-10 that are the query's digit")
+    for name, concept in results["concepts"].items():
+        if concept["kind"] != "style":
+            continue
+        root = args.run / "concepts" / name
+        meta = [json.loads(line) for line in (root / "pool" / "metadata.jsonl").read_text().splitlines()]
+        digit = np.array([digit_of(m["text"][0]) for m in meta])
+        exemplar = np.array([bool(m.get("exemplar")) for m in meta])
+        q_digit = [digit_of(prompt) for prompt in concept["prompts"]]
+        images = torch.load(root / "queries.pt", weights_only=False)["images"]
+        seen = get_classifier(images.shape[-1]).predict(images)
+        print(f"\n{name}: queries {', '.join(DIGIT_WORDS[d] for d in q_digit)}; the classifier sees "
+              f"{', '.join(DIGIT_WORDS[int(d)] for d in seen)}")
+        for method in args.methods.split(","):
+            scores = np.load(root / "scores" / f"{method}.npy")
+            cells = []
+            for q, d in enumerate(q_digit):
+                r = ranks(scores[q])
+                same = r[exemplar & (digit == d)]
+                other = r[exemplar & (digit != d)]
+                top = np.argsort(-scores[q], kind="stable")[:10]
+                cells.append(f"{'/'.join(str(int(x)) for x in same) or '-'} / {int(np.median(other))} / "
+                             f"{np.mean(digit[top] == d):.1f}")
+            print(f"  {method:<16} " + " | ".join(f"{c:>16}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
