@@ -157,14 +157,29 @@ def test_exclusion_keeps_other_gradients(small):
     assert torch.allclose(g_full, g_rest + g_two, atol=1e-6, rtol=1e-4)
 
 
-def test_generate_shapes(small):
-    from forgetscore.digits.sample import generate
+def test_samples_and_digit_accuracy(small, tmp_path):
+    """The accuracy check samples as the queries are made, and lays its seeds out as documented."""
+    import numpy as np
 
-    model = T.train(T.TrainRecipe(epochs=1, batch_size=64, model=TINY_MODEL), data=small)
-    x = generate(model, ["a handwritten three", "a thick handwritten one"], seeds=[0, 1], num_inference_steps=4)
-    assert x.shape == (2, 1, 8, 8) and x.abs().max() <= 1
-    y = generate(model, ["a thick handwritten one"], seeds=[1], num_inference_steps=4)
-    assert torch.allclose(x[1], y[0], atol=1e-5)
+    from forgetscore.attribution.generate import generate
+    from forgetscore.attribution.model import DiffusionModel
+    from forgetscore.digits.classifier import digit_accuracy, get_classifier
+
+    T.train(TINY, data=small).save(tmp_path / "m")
+    model = DiffusionModel.load(tmp_path / "m")
+    x = generate(model, ["a handwritten three", "a thick handwritten one"], [0, 1], steps=4, guidance_scale=1.5)
+    assert x.shape == (2, 1, 8, 8) and bool(torch.isfinite(x).all())
+    alone = generate(model, ["a thick handwritten one"], [1], steps=4, guidance_scale=1.5)
+    assert torch.allclose(x[1], alone[0], atol=1e-5)  # a sample does not depend on its batch
+
+    acc = digit_accuracy(tmp_path / "m", n_per_digit=2, seed=5, steps=4, guidance_scale=1.5)
+    prompts = [f"a handwritten {w}" for w in D.DIGIT_WORDS for _ in range(2)]
+    images = model.decode(generate(model, prompts, [5, 6] * 10, steps=4, guidance_scale=1.5))
+    assert torch.allclose(acc["images"], images, atol=1e-5)
+    pred = get_classifier(8).predict(images).reshape(10, 2)
+    assert np.array_equal(acc["predictions"], pred)
+    assert acc["accuracy"] == pytest.approx(float(np.mean(pred == np.arange(10)[:, None])))
+    assert list(acc["per_digit"]) == list(D.DIGIT_WORDS)
 
 
 def test_uncoupled_plan_shifts_everything_coupled_plan_does_not():

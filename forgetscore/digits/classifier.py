@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .data import DIGIT_WORDS, measure_attributes, _raw_digits, to_model_range
+from .model import SAMPLE_GUIDANCE, SAMPLE_STEPS
 
 
 @dataclass
@@ -79,22 +80,32 @@ def heldout_accuracy(resolution: int = 8) -> float:
     return float((mlp.predict(x[perm[cut:]]) == labels[perm[cut:]]).mean())
 
 
-def digit_accuracy(model_or_dir, n_per_digit: int = 20, seed: int = 0, template: str = "a handwritten {digit}",
-                   **generate_kwargs) -> dict:
+def _samples(model_or_dir, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float) -> torch.Tensor:
+    """Pixels [n, 1, R, R] in [-1, 1], made as the queries are (``attribution.generate``)."""
+    from ..attribution.generate import generate
+    from ..attribution.model import DiffusionModel, quiet_loading
+
+    if isinstance(model_or_dir, DiffusionModel):
+        model = model_or_dir
+    else:
+        with quiet_loading():
+            model = DiffusionModel.load(model_or_dir)
+    return model.decode(generate(model, prompts, seeds, steps=steps, guidance_scale=guidance_scale)).float().cpu()
+
+
+def digit_accuracy(model_or_dir, n_per_digit: int = 20, seed: int = 0, template: str = "a handwritten {digit}", *,
+                   steps: int = SAMPLE_STEPS, guidance_scale: float = SAMPLE_GUIDANCE) -> dict:
     """Generate ``n_per_digit`` samples per digit and classify them.
 
-    Returns ``{"accuracy": float, "per_digit": {word: float}, "predictions": int array
-    [10, n_per_digit], "images": tensor [10 * n_per_digit, 1, R, R]}``; sample
-    ``(d, i)`` uses seed ``seed + i`` (the same noise for every digit).
+    ``model_or_dir``: a model directory or a loaded ``DiffusionModel``.  Returns
+    ``{"accuracy": float, "per_digit": {word: float}, "predictions": int array [10, n_per_digit],
+    "images": tensor [10 * n_per_digit, 1, R, R]}``; sample ``(d, i)`` uses seed ``seed + i``
+    (the same noise for every digit).
     """
-    from .model import as_model
-    from .sample import generate
-
-    model = as_model(model_or_dir)
     prompts = [template.format(digit=w) for w in DIGIT_WORDS for _ in range(n_per_digit)]
     seeds = [seed + i for _ in DIGIT_WORDS for i in range(n_per_digit)]
-    images = generate(model, prompts, seeds, **generate_kwargs)
-    pred = get_classifier(model.config.resolution).predict(images).reshape(10, n_per_digit)
+    images = _samples(model_or_dir, prompts, seeds, steps, guidance_scale)
+    pred = get_classifier(images.shape[-1]).predict(images).reshape(10, n_per_digit)
     hit = pred == np.arange(10)[:, None]
     return {"accuracy": float(hit.mean()),
             "per_digit": {w: float(hit[d].mean()) for d, w in enumerate(DIGIT_WORDS)},
@@ -107,17 +118,14 @@ def image_attributes(images: torch.Tensor) -> np.ndarray:
     return measure_attributes(x)
 
 
-def attribute_effect(model_or_dir, n_per_digit: int = 10, seed: int = 0, **generate_kwargs) -> dict:
+def attribute_effect(model_or_dir, n_per_digit: int = 10, seed: int = 0, *, steps: int = SAMPLE_STEPS,
+                     guidance_scale: float = SAMPLE_GUIDANCE) -> dict:
     """Mean measured attribute per prompted attribute word, over all digits, same seeds.
 
     Returns ``{"thickness": {"thin": mass, "thick": mass}, "slant": {...}, "width": {...}}``:
     if the words work, ``thick`` > ``thin``, ``right slanted`` > ``left slanted``,
     ``wide`` > ``narrow``.
     """
-    from .model import as_model
-    from .sample import generate
-
-    model = as_model(model_or_dir)
     pairs = {"thickness": (0, ("thin", "thick")), "slant": (1, ("left slanted", "right slanted")),
              "width": (2, ("narrow", "wide"))}
     prompts, seeds, keys = [], [], []
@@ -129,8 +137,7 @@ def attribute_effect(model_or_dir, n_per_digit: int = 10, seed: int = 0, **gener
                     prompts.append(f"{art} {word} handwritten {d}")
                     seeds.append(seed + i)
                     keys.append((name, word))
-    images = generate(model, prompts, seeds, **generate_kwargs)
-    meas = image_attributes(images)
+    meas = image_attributes(_samples(model_or_dir, prompts, seeds, steps, guidance_scale))
     out: dict = {}
     for name, (col, words) in pairs.items():
         out[name] = {}

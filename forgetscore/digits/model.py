@@ -92,6 +92,15 @@ class DigitsModel:
         return save_model(self, path)
 
 
+# How the digits model is sampled (queries, the demo, the accuracy check): DDIM, 25 steps,
+# classifier-free guidance 1.5.  This small model's unconditional branch is weak and strong
+# guidance overshoots: on the default model, 200 samples each, guidance 1 / 1.5 / 2 / 3 drew
+# the prompted digit 72 / 87 / 90 / 71 % of the time, and 50 steps were no better than 25
+# (82 %).  Which 20 noises are used moves the figure by several points (82-92 % at 1.5).
+SAMPLE_STEPS = 25
+SAMPLE_GUIDANCE = 1.5
+
+
 def make_scheduler(config: ModelConfig):
     from diffusers import DDPMScheduler
 
@@ -168,10 +177,3 @@ def load_model(path: str | os.PathLike) -> DigitsModel:
         unet = UNet2DConditionModel.from_pretrained(p / "unet")
         scheduler = DDPMScheduler.from_pretrained(p / "scheduler")
     return DigitsModel(tok, text_encoder, unet, scheduler, config, info).eval()
-
-
-def as_model(model_or_dir) -> DigitsModel:
-    """A :class:`DigitsModel` from itself or from a model directory."""
-    if isinstance(model_or_dir, DigitsModel):
-        return model_or_dir
-    return load_model(model_or_dir)
