@@ -327,6 +327,7 @@ def test_customization_is_keyed_on_the_base_models_content(dirs, tmp_path, monke
     assert len(calls) == 1
     moved = tmp_path / "elsewhere"
     shutil.copytree(model_dir, moved)
+    (moved / "digit_accuracy.json").write_text("{}")  # a record kept beside the model is not the model
     assert custom.model_digest(moved) == custom.model_digest(model_dir)
     custom.run_custom(out, model_dir=moved, **kw)  # the same model at another path: reused
     assert len(calls) == 1

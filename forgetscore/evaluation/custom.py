@@ -85,7 +85,7 @@ from ..attribution import params
 from ..attribution.attributor import Attributor
 from ..attribution.data import TrainingSet
 from ..attribution.io import read_json, write_bytes, write_dir, write_json
-from ..attribution.model import DiffusionModel, quiet_loading
+from ..attribution.model import SUBFOLDERS, DiffusionModel, quiet_loading
 from ..attribution.plan import ScoringPlan
 from ..attribution.unlearning import UnlearnConfig
 from .base import EvalContext, FeatureFn, Query
@@ -519,14 +519,17 @@ class ConceptRun:
 
 
 def model_digest(model_dir: str | Path) -> str:
-    """A hash of every file of a model folder (names and bytes): what a customization is keyed on.
+    """A hash of a model's component folders (names and bytes): what a customization is keyed on.
 
     Content, not the path: the same model elsewhere (another cache root) reuses the customized
-    models, and weights rewritten in place are not mistaken for the old ones.
+    models, and weights rewritten in place are not mistaken for the old ones.  Only what
+    ``DiffusionModel.load`` reads counts, so records kept beside the model (the demo's accuracy
+    check, training notes) do not make it a different model.
     """
     h = hashlib.sha256()
     root = Path(model_dir)
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    parts = [root / name for name in (*SUBFOLDERS, "vae") if (root / name).is_dir()]
+    for path in sorted(p for part in parts for p in part.rglob("*") if p.is_file()):
         h.update(str(path.relative_to(root)).encode() + b"\0")
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
