@@ -38,8 +38,12 @@ def one_thread():
 
 @pytest.fixture
 def rng(request) -> torch.Generator:
-    """A fresh random generator per test; the seed is printed on failure."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """A fresh random generator per test; the seed is printed on failure.
+
+    FORGETSCORE_TEST_SEED=<seed> replays a failure with the seed it printed.
+    """
+    replay = os.environ.get("FORGETSCORE_TEST_SEED")
+    seed = int(replay) if replay else int.from_bytes(os.urandom(4), "little")
     request.node.user_properties.append(("rng_seed", seed))
     print(f"rng seed {seed}")
     return torch.Generator().manual_seed(seed)
