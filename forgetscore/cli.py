@@ -51,8 +51,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chunk-size", type=int, default=4096,
                    help="images per resumable chunk of a sweep; torchrun ranks share chunks (default: 4096)")
     g.add_argument("--resize", action="store_true", help="resize images that do not match the model's size")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="UNet precision of the scoring sweeps (autocast; losses stay float32). Default fp32")
+    g.add_argument("--precision", choices=["fp32", "tf32", "bf16", "fp16"], default="fp32",
+                   help="UNet precision of the scoring sweeps: bf16/fp16 autocast, tf32 tensor cores (CUDA); "
+                        "losses stay float32. fp32 (the default) is IEEE float32, on CUDA too")
     g.add_argument("--no-prefetch", action="store_true",
                    help="do not prepare the next batch's inputs in a background thread during the current one")
     g.add_argument("--compile", nargs="?", const="auto", default=None,

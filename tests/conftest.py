@@ -36,16 +36,25 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def fresh_seed(what: str = "rng", nbytes: int = 4) -> int:
+    """A new random seed, printed as "<what> seed N" (pytest shows it on failure).
+
+    Replay a failure with the seeds it printed: FORGETSCORE_TEST_SEED=N sets every seed,
+    FORGETSCORE_TEST_SEED=data=N,test=M those named (the others stay random).
+    """
+    replay = os.environ.get("FORGETSCORE_TEST_SEED", "")
+    named = dict(item.split("=", 1) for item in replay.split(",") if "=" in item)
+    given = named.get(what) if named else (replay or None)
+    seed = int(given) if given else int.from_bytes(os.urandom(nbytes), "little")
+    print(f"{what} seed {seed}")
+    return seed
+
+
 @pytest.fixture
 def rng(request) -> torch.Generator:
-    """A fresh random generator per test; the seed is printed on failure.
-
-    FORGETSCORE_TEST_SEED=<seed> replays a failure with the seed it printed.
-    """
-    replay = os.environ.get("FORGETSCORE_TEST_SEED")
-    seed = int(replay) if replay else int.from_bytes(os.urandom(4), "little")
+    """A fresh random generator per test."""
+    seed = fresh_seed()
     request.node.user_properties.append(("rng_seed", seed))
-    print(f"rng seed {seed}")
     return torch.Generator().manual_seed(seed)
 
 

@@ -171,10 +171,17 @@ def test_model_identity_does_not_depend_on_where_it_was_loaded_from(tiny_dirs, t
     shutil.copytree(model_dir, tmp_path / "copy")
     a, b = DiffusionModel.load(model_dir), DiffusionModel.load(tmp_path / "copy")
     assert a.unet_id() == b.unet_id() and a.encoders_id() == b.encoders_id()
+    first = b.unet_id()
     with torch.no_grad():
-        next(b.unet.parameters()).add_(1e-3)
+        next(b.unet.parameters()).add_(1e-3)  # seen by the version counter: no call needed
+    changed = b.unet_id()
+    assert changed not in (first, a.unet_id())
+    b.unet.load_state_dict(a.unet.state_dict())
+    assert b.unet_id() == first
+    next(b.unet.parameters()).data.mul_(2)  # invisible to version counters
+    assert b.unet_id() == first
     b.forget_unet_id()
-    assert a.unet_id() != b.unet_id()
+    assert b.unet_id() not in (first, changed)
 
 
 @pytest.mark.parametrize("prediction_type,latent", [("v_prediction", False), ("epsilon", True)])

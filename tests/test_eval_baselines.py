@@ -3,12 +3,12 @@
 The tiny model and training folder are drawn afresh each run (the seed is printed).
 """
 import copy
-import os
 
 import numpy as np
 import pytest
 import tiny
 import torch
+from conftest import fresh_seed
 from PIL import Image
 
 from forgetscore import kernels
@@ -18,7 +18,6 @@ from forgetscore.evaluation import baselines as bl
 from forgetscore.evaluation import gradients as gr
 from forgetscore.evaluation.base import EvalContext, Query
 
-SEED = int.from_bytes(os.urandom(4), "little")
 N = 7
 PLAN = ScoringPlan(timesteps=(100, 500, 900), captions="all", flips=True, seed=7)
 CONFIG = UnlearnConfig(draws=6, micro_batch=4, damping=0.1, seed=5)
@@ -31,9 +30,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    print(f"data seed {SEED}")
+    seed = fresh_seed("data")
     root = tmp_path_factory.mktemp("tiny")
-    return tiny.build_model(root / "model", seed=SEED % 10_000), tiny.build_train(root / "train", n=N, seed=SEED)
+    return tiny.build_model(root / "model", seed=seed % 10_000), tiny.build_train(root / "train", n=N, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +44,7 @@ def att(dirs, tmp_path_factory):
 
 @pytest.fixture
 def gen():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"test seed {seed}")
-    return np.random.default_rng(seed)
+    return np.random.default_rng(fresh_seed("test"))
 
 
 def _queries(gen, n=2, labels=None):
@@ -240,8 +237,9 @@ def test_first_order_influence_equals_brute_force(att, gen, monkeypatch):
     method = gr.FirstOrderInfluence(config=CONFIG, fisher_samples=FISHER_SAMPLES, batch_size=5)
     got = method.scores(ctx, qs)
     assert got.shape == (2, N) and got.dtype == np.float64
-    monkeypatch.setattr(gr, "_BUDGET", 1)  # one query at a time in the contraction: same numbers
-    np.testing.assert_allclose(method.scores(ctx, qs), got, rtol=1e-6, atol=0)
+    monkeypatch.setattr(gr, "_BUDGET", 1)  # one query at a time in the contraction: the same sums
+    # regrouped, so float32 rounding of the size of the largest terms, not of a small score's own.
+    np.testing.assert_allclose(method.scores(ctx, qs), got, rtol=1e-6, atol=1e-6 * np.abs(got).max())
     monkeypatch.undo()
 
     fisher = att.fisher(FISHER_SAMPLES)

@@ -11,12 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+from conftest import fresh_seed
+from tiny import build_model, build_train
 
 from forgetscore.evaluation import base, loo
 from forgetscore.evaluation.retrain import MeasureSettings, RetrainJob
 from forgetscore.threads import torch_threads
-
-from tiny import build_model, build_train
 
 
 def test_top_k_order_and_ties():
@@ -264,7 +264,7 @@ def test_unlearning_effectiveness_separates_target_and_others(tmp_path):
     att = Attributor.load(build_model(tmp_path / "model"), build_train(tmp_path / "train", n=6),
                           plan=ScoringPlan(timesteps=(100, 700), flips=False), cache_dir=tmp_path / "cache",
                           progress=False)
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(2), "little"))
+    g = torch.Generator().manual_seed(fresh_seed("query"))
     qs = [base.Query(torch.rand(1, 8, 8, generator=g) * 2 - 1, p, seed=i)
           for i, p in enumerate(["a red square", "a big blue dot", "a small green line"])]
     settings = MeasureSettings(gen_steps=3)

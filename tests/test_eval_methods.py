@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tiny
 import torch
+from conftest import fresh_seed
 
 from forgetscore.attribution import Attributor, ScoringPlan, UnlearnConfig
 from forgetscore.attribution.unlearning import query_gradient
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-    seed = int.from_bytes(os.urandom(2), "little")
+    seed = fresh_seed("model", nbytes=2)
     root = tmp_path_factory.mktemp("m")
     att = Attributor.load(tiny.build_model(root / "model", seed=seed), tiny.build_train(root / "train", n=6, seed=seed),
                           plan=PLAN, cache_dir=root / "cache", progress=False)
@@ -31,7 +32,7 @@ def ctx(tmp_path_factory):
 
 
 def _queries(n=2):
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(2), "little"))
+    g = torch.Generator().manual_seed(fresh_seed("query"))
     return [Query(torch.rand(1, 8, 8, generator=g) * 2 - 1, p) for p in ("a red square", "a big blue dot")[:n]]
 
 

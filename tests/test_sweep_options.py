@@ -268,6 +268,43 @@ def test_probe_halves_on_out_of_memory(setup, monkeypatch):
         losses_mod.probe_batch_size(model, "fp8")
 
 
+def _fp32_math_flags():
+    return torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # autocast on "cuda" in a CPU-only build
+@pytest.mark.parametrize("precision,inside", [("fp32", "ieee"), ("tf32", "tf32"), ("bf16", "ieee")])
+def test_cuda_float32_math_follows_the_precision_and_is_restored(precision, inside):
+    # PyTorch runs cuDNN convolutions in TF32 by default; the sweep's "fp32" must not.
+    before = _fp32_math_flags()
+    with losses_mod.unet_precision(torch.device("cuda"), precision):
+        assert _fp32_math_flags() == (inside, inside)
+    assert _fp32_math_flags() == before
+    with pytest.raises(RuntimeError, match="boom"), losses_mod.unet_precision(torch.device("cuda"), "fp32"):
+        raise RuntimeError("boom")
+    assert _fp32_math_flags() == before
+
+
+def test_cpu_precisions_leave_cuda_flags_alone_and_autocast_the_unet():
+    before = _fp32_math_flags()
+    with losses_mod.unet_precision(torch.device("cpu"), "bf16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert _fp32_math_flags() == before
+    with losses_mod.unet_precision(torch.device("cpu"), "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_tf32_needs_cuda(setup):
+    model = setup["att"].model
+    with pytest.raises(ValueError, match=r"^precision: 'tf32' is a CUDA .* use fp32, bf16 or fp16"):
+        LossSweep(model, setup["data"], KEYED, precision="tf32")
+    with pytest.raises(ValueError, match=r"^precision: 'tf32' is a CUDA"):
+        Attributor(model, setup["att"].train, plan=KEYED, precision="tf32", cache_dir=setup["root"] / "cache")
+    with pytest.raises(ValueError, match=r"^precision: 'fp8' is not one of"):
+        Attributor(model, setup["att"].train, plan=KEYED, precision="fp8", cache_dir=setup["root"] / "cache")
+
+
 def test_back_off_logic():
     sizes = []
 

@@ -65,7 +65,7 @@ class Attributor:
                  weights: str = "kv", cache_dir: str | os.PathLike | None = None, batch_size: int | str = 256,
                  backend: str = "auto", progress: bool = True, resize: bool = False, chunk_size: int = 4096,
                  precision: str = "fp32", prefetch: bool = True, compile: str | None = None):
-        from .losses import auto_batch_size, compile_mode
+        from .losses import auto_batch_size, check_precision, compile_mode
         from .sweep import all_gather
 
         self.model, self.train = model, train
@@ -75,6 +75,7 @@ class Attributor:
         self.weights = weights
         self.backend, self.resize = backend, resize
         self.chunk_size = chunk_size
+        check_precision(precision, model.device)
         self.precision = precision
         # Sweep options that leave the numbers as they are (prefetch) or change only their last bits (compile).
         self.prefetch, self.compile = bool(prefetch), compile_mode(compile, model.device)

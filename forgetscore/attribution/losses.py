@@ -31,7 +31,10 @@ from .plan import ScoringPlan
 
 # UNet precision of a sweep: scores are small differences of two losses, so this matters
 # (see benchmarks/RESULTS.md, "Precision").
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# On CUDA, "fp32" is IEEE float32 throughout: cuDNN would otherwise run convolutions in TF32
+# (10 mantissa bits, PyTorch's default), about the size of the loss differences scored.
+# "tf32" asks for TF32 convolutions and matmuls (CUDA only).
+PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # batch_size="auto" off CUDA: CPU throughput stops growing long before a few hundred rows,
 # and there is no out-of-memory error to probe for (the machine would swap instead).
 AUTO_BATCH_CPU = 256
@@ -178,12 +181,43 @@ def largest_fitting(fits: Callable[[int], None], cap: int) -> int:
         n //= 2
 
 
-def _autocast(device: torch.device, precision: str):
-    """Mixed precision for the UNet only; noising and the loss stay in float32."""
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: {precision!r} is not one of {list(PRECISIONS)}")
+    if precision == "tf32" and device.type != "cuda":
+        raise ValueError(f"precision: 'tf32' is a CUDA tensor-core mode and the model is on {device.type}; "
+                         "use fp32, bf16 or fp16 there")
+
+
+@contextlib.contextmanager
+def _cuda_fp32_math(mode: str) -> Iterator[None]:
+    """cuDNN convolutions and CUDA matmuls on float32 inputs in `mode` ("ieee" or "tf32"), then restored."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        flags = [(conv, "fp32_precision", mode), (torch.backends.cuda.matmul, "fp32_precision", mode)]
+    else:  # PyTorch before the per-operator precision settings
+        flags = [(torch.backends.cudnn, "allow_tf32", mode == "tf32"),
+                 (torch.backends.cuda.matmul, "allow_tf32", mode == "tf32")]
+    saved = [getattr(obj, name) for obj, name, _ in flags]
+    try:
+        for obj, name, value in flags:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for (obj, name, _), value in zip(flags, saved):
+            setattr(obj, name, value)
+
+
+@contextlib.contextmanager
+def unet_precision(device: torch.device, precision: str) -> Iterator[None]:
+    """The UNet's arithmetic in a sweep; noising and the loss stay in float32 whatever it is."""
+    check_precision(precision, device)
+    with contextlib.ExitStack() as stack:
+        if device.type == "cuda":
+            stack.enter_context(_cuda_fp32_math("tf32" if precision == "tf32" else "ieee"))
+        if PRECISIONS[precision] is not None:
+            stack.enter_context(torch.autocast(device.type, dtype=PRECISIONS[precision]))
+        yield
 
 
 @torch.inference_mode()
@@ -193,9 +227,8 @@ def probe_batch_size(model: DiffusionModel, precision: str = "fp32", *, cap: int
     Each try runs one forward of random inputs and text states of the prepared shapes, under
     the sweep's precision, the way the sweep calls the UNet; an out-of-memory error halves it.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: {precision!r} is not one of {list(PRECISIONS)}")
     dev = model.device
+    check_precision(precision, dev)
     dtype = next(model.unet.parameters()).dtype
     states = model.encode_text([""])[0].to(dtype)  # [L, D]: the shape of every prepared caption
 
@@ -203,7 +236,7 @@ def probe_batch_size(model: DiffusionModel, precision: str = "fp32", *, cap: int
         x = torch.randn((n, *model.input_shape), device=dev).to(dtype)
         t = torch.full((n,), model.num_train_timesteps - 1, dtype=torch.int64, device=dev)
         ctx = states.expand(n, *states.shape).contiguous()  # the sweep passes a gathered copy too
-        with _autocast(dev, precision):
+        with unet_precision(dev, precision):
             model.unet(x, t, encoder_hidden_states=ctx, return_dict=False)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -266,8 +299,7 @@ class LossSweep:
             raise ValueError(f"cache: prepared inputs have shape {data.input_shape}, the UNet takes "
                              f"{model.input_shape}; prepare again for this model")
         plan.check_model(model.num_train_timesteps)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision: {precision!r} is not one of {list(PRECISIONS)}")
+        check_precision(precision, model.device)
         if isinstance(batch_size, str):
             if batch_size != "auto":
                 raise ValueError(f"batch_size: {batch_size!r} must be an int >= 1 or 'auto'")
@@ -288,8 +320,8 @@ class LossSweep:
             model.unet, mode=None if self.compile == "default" else self.compile, backend=compile_backend,
             dynamic=False)
 
-    def _autocast(self):
-        return _autocast(self.model.device, self.precision)
+    def _precision(self):
+        return unet_precision(self.model.device, self.precision)
 
     def rows_per_image(self, caption_count: int) -> int:
         return self.plan.versions * caption_count * len(self.plan.timesteps)
@@ -353,7 +385,7 @@ class LossSweep:
             # copy also makes every input a fresh inference tensor, as dynamo's guards expect.
             pad = self.batch_size - n
             x_t, ts, ctx = (torch.cat([a, a[-1:].expand(pad, *a.shape[1:])]) for a in (x_t, ts, ctx))
-        with self._autocast():
+        with self._precision():
             return self._unet(x_t, ts, encoder_hidden_states=ctx, return_dict=False)[0][:n]
 
     def _reference_target(self, x0: torch.Tensor, noise: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,7 @@ class DiffusionModel:
             raise ValueError(f"scheduler: prediction_type {kind!r} is not supported; "
                              "use a model trained with 'epsilon' or 'v_prediction'")
         self._unet_id: str | None = None
+        self._unet_stamp: tuple = ()
 
     # --- loading -------------------------------------------------------------------------
     @classmethod
@@ -156,8 +157,15 @@ class DiffusionModel:
         return h.hexdigest()[:16]
 
     def unet_id(self) -> str:
-        """What the before-losses depend on: the UNet's weights and config and the noise schedule."""
-        if self._unet_id is None:
+        """What the before-losses depend on: the UNet's weights and config and the noise schedule.
+
+        Hashing every weight is slow for a large UNet, so the id is kept and recomputed only when
+        a weight was replaced or changed in place (an optimizer step, load_state_dict, `p.add_`),
+        as the tensors' version counters tell. Writes through `p.data` bypass those counters:
+        call forget_unet_id() after them.
+        """
+        stamp = self._stamp()
+        if self._unet_id is None or stamp != self._unet_stamp:
             h = hashlib.sha256()
             # Private keys such as _name_or_path say where the model was loaded from, not what it is.
             config = {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
@@ -165,11 +173,15 @@ class DiffusionModel:
             h.update(self.alphas_cumprod.cpu().numpy().tobytes())
             h.update(self.prediction_type.encode())
             _hash_module(h, self.unet)
-            self._unet_id = h.hexdigest()[:16]
+            self._unet_id, self._unet_stamp = h.hexdigest()[:16], stamp
         return self._unet_id
 
+    def _stamp(self) -> tuple:
+        tensors = [*self.unet.parameters(), *self.unet.buffers()]
+        return (id(self.unet), tuple((t.data_ptr(), t._version) for t in tensors))
+
     def forget_unet_id(self) -> None:
-        """Call after changing UNet weights in place."""
+        """Call after writing UNet weights through `.data`, which no version counter sees."""
         self._unet_id = None
 
     # --- encoders ------------------------------------------------------------------------
