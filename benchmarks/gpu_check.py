@@ -226,6 +226,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
         for ln in lines[-6:]:
             print(f"  {name}: {ln[:160]}")
 
+    _summary_sweep(os.path.join(out_dir, "bench_sweep_gpu.json"))
+    for name in ("precision_gpu.json", "precision_ft_gpu.json"):
+        _summary_precision(os.path.join(out_dir, name))
+
     path = os.path.join(out_dir, args.bench_json)
     try:
         with open(path) as fh:
@@ -315,6 +319,56 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if bench.get("errors"):
         print("  benchmark errors: " + "; ".join(bench["errors"]))
     return 0
+
+
+def _load_json(path: str) -> dict | None:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as exc:
+        print(f"\nno results in {path} ({type(exc).__name__})")
+        return None
+
+
+def _summary_sweep(path: str) -> None:
+    """The sweep benchmark's rows: timings, and the ratios and projections against their targets."""
+    d = _load_json(path)
+    if d is None:
+        return
+    meta = d.get("meta", {})
+    print(f"\nsweep benchmark: {meta.get('device_name')}, {meta.get('dtype')}, quick={meta.get('quick')}, "
+          f"{meta.get('date')}")
+    for r in d.get("rows", []):
+        if "ratio" in r:
+            figure = f"{r['ratio']:.2f}x" + (f"  (target {r['target']})" if r.get("target") else "")
+        elif "projected_h" in r:
+            figure = f"projected {r['projected_h'] * 60:.1f} min per MSCOCO query"
+        elif "median_s" in r:
+            figure = f"{r['median_s']:.3f}s  {r.get('rows_per_s', float('nan')):.0f} rows/s"
+            if r.get("peak_rss_bytes"):
+                figure += f"  peak {_mib(r['peak_rss_bytes'])}"
+        else:
+            figure = r.get("note", "")
+        print(f"  {r.get('part', ''):<13} {r.get('method', '')[:48]:<48} {figure}")
+    for e in d.get("errors", []):
+        print(f"  error: {e}")
+
+
+def _summary_precision(path: str) -> None:
+    """The engine on the GPU: each precision's speed and agreement with fp32 (and the CPU)."""
+    if not os.path.exists(path):
+        return
+    d = _load_json(path)
+    if d is None:
+        return
+    meta = d.get("meta", {})
+    print(f"\nprecision: {meta.get('device_name')}, {meta.get('images')} images, batch {meta.get('batch_size')} "
+          f"(probed), model {os.path.basename(str(meta.get('model', '')).rstrip('/'))}")
+    for r in d.get("rows", []):
+        cpu = f"  rel. vs CPU {r['max_rel_vs_cpu']:.1e}" if "max_rel_vs_cpu" in r else ""
+        print(f"  {r['precision']:<24} {r['seconds']:>7.2f}s (warm-up {r['warmup_s']:.1f}s) "
+              f"{r['rows_per_s']:>10.0f} rows/s  spearman {r['spearman']:.4f}  top-10 {r['top10']:.2f}  "
+              f"top-100 {r['top100']:.2f}{cpu}")
 
 
 def _mib(v) -> str:

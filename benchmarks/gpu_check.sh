@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One-shot check of forgetscore on a CUDA machine, in one call of a few minutes:
 #   env -> [diffusers wheel] -> build with CUDA -> forgetscore info -> kernel tests on the GPU
-#   -> kernel benchmark (JSON) -> large-shape cross-check -> sweep benchmark (JSON) -> summary.
+#   -> sweep benchmark (JSON) -> engine precision / CUDA graphs (JSON) -> kernel benchmark (JSON)
+#   -> large-shape cross-check -> summary.
 #
 #   bash benchmarks/gpu_check.sh            # from anywhere; runs in the repository root
 #
 # Environment:
 #   OUT                 folder for logs and results (default: a fresh temporary folder)
-#   GPU_CHECK_BUDGET_S  wall-clock budget for the whole script, seconds (default 450)
+#   GPU_CHECK_BUDGET_S  wall-clock budget for the whole script, seconds (default 540)
 #   PYTHON              interpreter (default: python)
 #
 # Every step runs under `timeout` with its own cap, cut down to what is left of the
@@ -21,7 +22,7 @@ cd "$(dirname "$0")/.." || exit 1
 PYTHON=${PYTHON:-python}
 OUT=${OUT:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
 mkdir -p "$OUT"
-BUDGET=${GPU_CHECK_BUDGET_S:-450}
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
 RESERVE=20  # seconds kept back for the summary
 START=$(date +%s)
 STEPS="$OUT/gpu_check_steps.tsv"
@@ -86,37 +87,55 @@ fi
 # 4. Versions, backends and the self-test of every backend.
 run_step info 60 0 "python -m forgetscore info" -- "$PYTHON" -m forgetscore info
 
-# 5. Kernel tests; conftest picks the CUDA backends when a GPU is present.  At most 150 s,
-#    and at least 120 s of the budget stay for the benchmark and the cross-check.
-tests_cap=$(( $(left) - 120 ))
-tests_cap=$(( tests_cap > 150 ? 150 : (tests_cap < 45 ? 45 : tests_cap) ))
+# 5. Kernel tests; conftest picks the CUDA backends when a GPU is present.  At most 120 s,
+#    and at least 300 s of the budget stay for the benchmarks after it.
+tests_cap=$(( $(left) - 300 ))
+tests_cap=$(( tests_cap > 120 ? 120 : (tests_cap < 45 ? 45 : tests_cap) ))
 run_step tests "$tests_cap" 0 "kernel tests" -- "$PYTHON" -m pytest -q -x -p no:cacheprovider \
   tests/test_noise.py tests/test_add_noise.py tests/test_diffusion_loss.py tests/test_fisher.py tests/test_validation.py
 
-# 6. Benchmark; it writes its JSON after every row, so a timeout still leaves results.
-avail=$(left)
-bench_cap=$(( avail < 240 ? avail : 240 ))
-bench_cap=$(( bench_cap > 60 ? bench_cap - 10 : bench_cap ))   # leave the crosscheck a little
-run_step bench "$bench_cap" 0 "bench_kernels.py --device cuda" -- \
-  "$PYTHON" benchmarks/bench_kernels.py --device cuda --json "$OUT/bench_gpu.json" \
-  --budget-s $(( bench_cap > 60 ? bench_cap - 45 : bench_cap / 2 ))
-
-# 7. Large-shape cross-checks (rows past 2**31 elements, bit-exact noise), with what time is left.
-cc_cap=$(( $(left) < 90 ? $(left) : 90 ))
-run_step crosscheck "$cc_cap" 0 "large shapes" -- "$PYTHON" benchmarks/gpu_check.py crosscheck \
-  --max-s $(( cc_cap > 40 ? cc_cap - 30 : 10 ))
-
-# 8. Sweep benchmark on the MSCOCO-scale UNet (needs diffusers and transformers: carry them as
-#    wheels in .whl/ where the machine lacks them), with what time is left: the full sizes when at
-#    least 150 s remain, else --quick.  It writes its JSON after every row, so a timeout keeps results.
-sweep_cap=$(( $(left) < 240 ? $(left) : 240 ))
+# 6. Sweep benchmark on the MSCOCO-scale UNet (benchmarks 1-4 of the sweep: overhead, the published
+#    loop, several queries, Fisher; needs diffusers: carry it as a wheel in .whl/), the full sizes when
+#    at least 150 s are given to it, else --quick.  It writes its JSON after every row.
+sweep_cap=$(( $(left) - 150 ))
+sweep_cap=$(( sweep_cap > 200 ? 200 : (sweep_cap < 60 ? 60 : sweep_cap) ))
 sweep_quick=""
 if (( sweep_cap < 150 )); then sweep_quick=1; fi
 run_step sweep "$sweep_cap" 0 "bench_sweep.py --device cuda --dtype bfloat16${sweep_quick:+ --quick}" -- \
   "$PYTHON" benchmarks/bench_sweep.py --device cuda --dtype bfloat16 ${sweep_quick:+--quick} \
   --json "$OUT/bench_sweep_gpu.json" --fisher-timeout-s $(( sweep_cap > 60 ? sweep_cap / 3 : 20 ))
 
-# 9. Summary (steps, failing test lines, headline benchmark figures vs targets).
+# 7. The engine on the GPU with the digits model (and, if carried, a fine-tuned one): precision of
+#    fp32 (IEEE), tf32, bf16 and fp16 scores against fp32, the probed batch size, CUDA graphs
+#    (torch.compile reduce-overhead) and agreement with an fp32 CPU sweep.  A folder .gpu-cache/
+#    holding the digits model (and letter-h/{model,pool}) saves training it here.
+if [[ -d .gpu-cache ]]; then export FORGETSCORE_CACHE="$PWD/.gpu-cache"; fi
+prec_cap=$(( $(left) - 90 ))
+prec_cap=$(( prec_cap > 120 ? 120 : (prec_cap < 40 ? 40 : prec_cap) ))
+run_step precision "$prec_cap" 0 "precision.py --device cuda (digits model)" -- \
+  "$PYTHON" benchmarks/precision.py --device cuda --batch-size auto --precisions fp32,tf32,bf16,fp16 \
+  --compile reduce-overhead --compile-precisions fp32,bf16 --cpu-check 64 --json "$OUT/precision_gpu.json"
+if [[ -d .gpu-cache/letter-h/model ]]; then
+  run_step precision_ft 60 0 "precision.py --device cuda (fine-tuned letter-h)" -- \
+    "$PYTHON" benchmarks/precision.py --device cuda --batch-size auto --precisions fp32,tf32,bf16,fp16 \
+    --model .gpu-cache/letter-h/model --train .gpu-cache/letter-h/pool --prompt "a <new1>" \
+    --json "$OUT/precision_ft_gpu.json"
+fi
+
+# 8. Kernel benchmark; it writes its JSON after every row, so a timeout still leaves results.
+avail=$(left)
+bench_cap=$(( avail < 200 ? avail : 200 ))
+bench_cap=$(( bench_cap > 60 ? bench_cap - 10 : bench_cap ))   # leave the crosscheck a little
+run_step bench "$bench_cap" 0 "bench_kernels.py --device cuda" -- \
+  "$PYTHON" benchmarks/bench_kernels.py --device cuda --json "$OUT/bench_gpu.json" \
+  --budget-s $(( bench_cap > 60 ? bench_cap - 45 : bench_cap / 2 ))
+
+# 9. Large-shape cross-checks (rows past 2**31 elements, bit-exact noise), with what time is left.
+cc_cap=$(( $(left) < 90 ? $(left) : 90 ))
+run_step crosscheck "$cc_cap" 0 "large shapes" -- "$PYTHON" benchmarks/gpu_check.py crosscheck \
+  --max-s $(( cc_cap > 40 ? cc_cap - 30 : 10 ))
+
+# 10. Summary (steps, failing test lines, headline benchmark figures vs targets).
 echo
 "$PYTHON" benchmarks/gpu_check.py summary "$OUT" 2>&1 || { echo "summary failed; steps:"; cat "$STEPS"; }
 echo "logs and results: $OUT ($(( $(date +%s) - START ))s in all)"

@@ -1,13 +1,21 @@
-"""How far mixed-precision scores agree with float32 scores, and how much faster they are.
+"""How far the scores of each sweep precision agree with IEEE float32's, and how fast each runs.
 
-Scores are differences of two losses, so the UNet's precision matters. On the embedded
-digits model (trained on first use) with the demo's query and plan, this computes the
-before/after losses of every training image in each precision from the same unlearned
-weights, and reports the Spearman correlation of the scores with float32's, the overlap of
-the top-10 and top-100, and the sweep time.
+Scores are differences of two losses, so the UNet's arithmetic matters. On the embedded
+digits model (trained on first use) with the demo's query and plan, this unlearns once, then
+computes the before/after losses of every training image in each precision from the same
+unlearned weights, and reports the Spearman correlation of the scores with fp32's, the
+overlap of the top-10 and top-100, and the sweep time. Rows are written to --json as they
+finish, so a run cut short keeps what it measured.
 
     python benchmarks/precision.py [--precisions fp32,bf16,fp16] [--json OUT]
     python benchmarks/precision.py --model M --train T --prompt "a <new1>"   # another model, e.g. fine-tuned
+    python benchmarks/precision.py --device cuda --precisions fp32,tf32,bf16,fp16 --batch-size auto \\
+        --compile reduce-overhead --compile-precisions fp32,bf16 --cpu-check 64      # the GPU check's row
+
+--compile adds a row per --compile-precisions entry with the UNet under torch.compile (on CUDA,
+"reduce-overhead" replays CUDA graphs); its first sweep, compilation included, is timed apart.
+--cpu-check N also sweeps the first N images in fp32 on the CPU and reports the largest
+relative difference of each precision's losses from the CPU's on those images.
 """
 from __future__ import annotations
 
@@ -29,13 +37,29 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    k = min(k, len(a))
     return len(set(np.argsort(-a)[:k]) & set(np.argsort(-b)[:k])) / k
+
+
+def _batch_size(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--precisions", default="fp32,bf16,fp16")
-    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--precisions", default="fp32,bf16,fp16", help="comma-separated; fp32 first is the reference")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=_batch_size, default=1024, help="rows per UNet call, or auto")
+    parser.add_argument("--images", type=int, help="sweep only the first N training images (a quick run)")
+    parser.add_argument("--compile", help="also sweep under torch.compile with this mode")
+    parser.add_argument("--compile-precisions", default="fp32", help="precisions of the compiled rows")
+    parser.add_argument("--cpu-check", type=int, default=0, metavar="N",
+                        help="compare every row's losses on the first N images with an fp32 CPU sweep")
     parser.add_argument("--json")
     parser.add_argument("--model", help="model directory (default: the embedded digits model)")
     parser.add_argument("--train", help="training folder of --model")
@@ -44,6 +68,9 @@ def main() -> None:
     args = parser.parse_args()
     if bool(args.model) != bool(args.train):
         parser.error("--model and --train go together")
+    precisions = args.precisions.split(",")
+    if "fp32" not in precisions:
+        parser.error("--precisions must include fp32, the reference")
 
     from forgetscore import demo
     from forgetscore.attribution import Attributor, LossSweep, ScoringPlan, UnlearnConfig
@@ -60,37 +87,83 @@ def main() -> None:
             write_image_folder(train_dir, overwrite=True)
     prompt = args.prompt or demo.DEFAULT_PROMPT
     plan = ScoringPlan.with_stride(demo.DEMO_STRIDE, captions="all", flips=False, seed=0)
-    att = Attributor.load(model_dir, train_dir, plan=plan, batch_size=args.batch_size, progress=False)
+    att = Attributor.load(model_dir, train_dir, plan=plan, batch_size=args.batch_size, progress=False,
+                          device=args.device)
+    dev = att.model.device
+    t = time.perf_counter()
     query = att.generate(prompt, args.query_seed, steps=demo.DEMO_SAMPLING_STEPS, guidance_scale=demo.DEMO_GUIDANCE)
     config = UnlearnConfig(steps=1, alpha=0.01, draws=demo.DEMO_DRAWS, micro_batch=250)
     data = att.prepare()
     weights = att.unlearn(query, prompt, config, fisher_samples=5 * data.n)
-    rows_per_pass = 2 * int(np.diff(np.asarray(data.caption_offsets)).sum()) * len(plan.timesteps)
+    _sync(dev)
+    unlearn_s = time.perf_counter() - t
+    indices = np.arange(min(args.images or data.n, data.n))
+    captions = np.diff(np.asarray(data.caption_offsets))[indices].sum()
+    rows_per_pass = 2 * int(captions) * len(plan.timesteps)
+    meta = {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "images": len(indices),
+            "rows_per_sweep": rows_per_pass, "batch_size": att.batch_size, "model": str(model_dir),
+            "prompt": prompt, "unlearn_s": unlearn_s, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(f"torch {torch.__version__} on {meta['device_name']}, threads {meta['threads']}, {len(indices)} images, "
+          f"{rows_per_pass} rows before + after, batch {att.batch_size}; query made and unlearned in "
+          f"{unlearn_s:.1f}s; model {model_dir}, prompt {prompt!r}")
 
-    rows, scores = [], {}
-    for prec in args.precisions.split(","):
-        sweep = LossSweep(att.model, data, plan, batch_size=args.batch_size, precision=prec)
-        sweep.run([None, weights], np.arange(64), progress=False)  # warm-up
-        t = time.perf_counter()
-        losses = sweep.run([None, weights], progress=False)
-        seconds = time.perf_counter() - t
-        scores[prec] = (losses[1] - losses[0]).max(axis=1)
-        rows.append({"precision": prec, "seconds": seconds,
-                     "rows_per_s": rows_per_pass / seconds})
-    ref = scores["fp32"] if "fp32" in scores else next(iter(scores.values()))
+    cpu_losses = None
+    if args.cpu_check:
+        cpu_att = Attributor.load(model_dir, train_dir, plan=plan, batch_size=256, progress=False,
+                                  cache_dir=att.cache_dir)
+        cpu_weights = {k: v.cpu() for k, v in weights.items()}
+        n = min(args.cpu_check, len(indices))
+        cpu_losses = LossSweep(cpu_att.model, cpu_att.prepare(), plan, batch_size=256).run(
+            [None, cpu_weights], indices[:n], progress=False)
+
+    rows: list[dict] = []
+    scores: dict[str, np.ndarray] = {}
+
+    def save() -> None:
+        if args.json:
+            tmp = f"{args.json}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=2)
+            os.replace(tmp, args.json)
+
+    def measure(label: str, prec: str, compile_mode: str | None) -> None:
+        sweep = LossSweep(att.model, data, plan, batch_size=att.batch_size, precision=prec, compile=compile_mode)
+        t0 = time.perf_counter()
+        sweep.run([None, weights], indices[:64], progress=False)  # warm-up (compilation, CUDA graph capture)
+        _sync(dev)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        losses = sweep.run([None, weights], indices, progress=False)
+        _sync(dev)
+        seconds = time.perf_counter() - t0
+        scores[label] = (losses[1] - losses[0]).max(axis=1)
+        ref = scores.get("fp32", scores[label])
+        row = {"precision": label, "seconds": seconds, "warmup_s": first, "rows_per_s": rows_per_pass / seconds,
+               "spearman": spearman(scores[label], ref), "top10": overlap(scores[label], ref, 10),
+               "top100": overlap(scores[label], ref, 100)}
+        if cpu_losses is not None:
+            n = cpu_losses.shape[1]
+            row["max_rel_vs_cpu"] = float(np.abs(losses[:, :n] / cpu_losses - 1).max())
+        rows.append(row)
+        save()
+
+    # fp32 first: every other row is compared with it.
+    for prec in sorted(precisions, key=lambda p: p != "fp32"):
+        measure(prec, prec, None)
+    if args.compile:
+        for prec in args.compile_precisions.split(","):
+            measure(f"{prec}+{args.compile}", prec, args.compile)
+
+    base = rows[0]["seconds"]
+    print(f"{'precision':<24}{'sweep s':>9}{'warm-up s':>10}{'rows/s':>11}{'x fp32':>8}{'spearman':>10}"
+          f"{'top-10':>8}{'top-100':>9}" + (f"{'rel. vs CPU':>13}" if cpu_losses is not None else ""))
     for r in rows:
-        s = scores[r["precision"]]
-        r.update(spearman=spearman(s, ref), top10=overlap(s, ref, 10), top100=overlap(s, ref, 100),
-                 speedup=rows[0]["seconds"] / r["seconds"])
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {data.n} images, "
-          f"{rows_per_pass} rows before + after; model {model_dir}, prompt {prompt!r}")
-    print(f"{'precision':<10}{'sweep s':>9}{'rows/s':>9}{'x fp32':>8}{'spearman':>10}{'top-10':>8}{'top-100':>9}")
-    for r in rows:
-        print(f"{r['precision']:<10}{r['seconds']:>9.1f}{r['rows_per_s']:>9.0f}{r['speedup']:>8.2f}"
-              f"{r['spearman']:>10.4f}{r['top10']:>8.2f}{r['top100']:>9.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        r["speedup"] = base / r["seconds"]
+        print(f"{r['precision']:<24}{r['seconds']:>9.2f}{r['warmup_s']:>10.2f}{r['rows_per_s']:>11.0f}"
+              f"{r['speedup']:>8.2f}{r['spearman']:>10.4f}{r['top10']:>8.2f}{r['top100']:>9.2f}"
+              + (f"{r['max_rel_vs_cpu']:>13.2e}" if cpu_losses is not None else ""))
+    save()
 
 
 if __name__ == "__main__":
