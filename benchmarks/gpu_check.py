@@ -356,12 +356,10 @@ def _summary_sweep(path: str) -> None:
 
 def _summary_precision(path: str) -> None:
     """The engine on the GPU: each precision's speed and agreement with fp32 (and the CPU)."""
-    if not os.path.exists(path):
+    d = _load_json(path) if os.path.exists(path) else None  # precision_ft runs only with a carried model
+    meta = (d or {}).get("meta", {})
+    if not d:
         return
-    d = _load_json(path)
-    if d is None:
-        return
-    meta = d.get("meta", {})
     print(f"\nprecision: {meta.get('device_name')}, {meta.get('images')} images, batch {meta.get('batch_size')} "
           f"(probed), model {os.path.basename(str(meta.get('model', '')).rstrip('/'))}")
     for r in d.get("rows", []):
