@@ -180,8 +180,35 @@ def test_model_identity_does_not_depend_on_where_it_was_loaded_from(tiny_dirs, t
     assert b.unet_id() == first
     next(b.unet.parameters()).data.mul_(2)  # invisible to version counters
     assert b.unet_id() == first
-    b.forget_unet_id()
+    b.forget_ids()
     assert b.unet_id() not in (first, changed)
+    enc = b.encoders_id()
+    b.tokenizer.add_tokens(["<new9>"])  # the cheap parts are looked at on every call
+    assert b.encoders_id() != enc
+
+
+def test_swapped_weights_keep_the_model_id_without_hashing_again(tiny_dirs, tmp_path, monkeypatch):
+    from forgetscore.attribution import model as model_mod
+
+    att = _attributor(tiny_dirs, tmp_path / "cache")
+    model = att.model
+    before, encoders = model.unet_id(), model.encoders_id()
+    hashed = []
+    real = model_mod._hash_module
+    monkeypatch.setattr(model_mod, "_hash_module", lambda h, m: (hashed.append(m), real(h, m)))
+    name = att.names[0]
+    other = {name: torch.rand_like(dict(model.unet.named_parameters())[name])}
+    att.sweep().run([None, other], progress=False)  # swaps `other` in and back out
+    assert model.unet_id() == before and model.encoders_id() == encoders and hashed == []
+    with model.swapped(other):
+        inside = model.unet_id()  # the swapped-in weights are another model
+        assert inside != before and len(hashed) == 1
+    assert model.unet_id() == before and len(hashed) == 1
+    with pytest.raises(RuntimeError, match="boom"), model.swapped(other):
+        raise RuntimeError("boom")
+    assert torch.equal(dict(model.unet.named_parameters())[name], dict(_attributor(tiny_dirs, tmp_path / "c2").model
+                                                                       .unet.named_parameters())[name])
+    assert model.unet_id() == before and len(hashed) == 1
 
 
 @pytest.mark.parametrize("prediction_type,latent", [("v_prediction", False), ("epsilon", True)])

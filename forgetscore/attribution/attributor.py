@@ -239,7 +239,7 @@ class Attributor:
         ts = torch.tensor(self.plan.timesteps, device=x0.device).repeat_interleave(draws_per_timestep)
         n = ts.shape[0]
         ctx = self.model.encode_text([prompt])[0]
-        with params.swapped(self.model.unet, weights):
+        with self.model.swapped(weights):
             losses = torch.cat([
                 row_losses(self.model, x0[None].expand(len(chunk), *x0.shape), ctx[None].expand(len(chunk), *ctx.shape),
                            chunk, self.plan.seed ^ QUERY_LOSS_STREAM, torch.zeros(len(chunk), dtype=torch.int64,

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 import torch
 
 from .. import kernels
-from . import params
 from .model import DiffusionModel
 
 GENERATE_STREAM = 0x47454E45
@@ -35,7 +34,7 @@ def generate(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int]
     sched = DDIMScheduler.from_config(model.scheduler.config)
     dtype = next(model.unet.parameters()).dtype
     outs = []
-    with params.swapped(model.unet, weights):
+    with model.swapped(weights):
         for lo in range(0, len(prompts), batch_size):
             p, s = prompts[lo:lo + batch_size], seeds[lo:lo + batch_size]
             cond = model.encode_text(p)

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from . import params
 from .data import PreparedData
 from .model import DiffusionModel
 from .plan import ScoringPlan
@@ -417,7 +416,7 @@ class LossSweep:
         cnt = torch.bincount(group, minlength=n_groups).double()
         out = torch.empty(len(variants), batch.n_images, self.plan.versions, dtype=torch.float64)
         for v, weights in enumerate(variants):
-            with params.swapped(m.unet, weights):
+            with m.swapped(weights):
                 losses = torch.empty(len(rows), dtype=torch.float32, device=dev)
                 for lo in range(0, len(rows), self.batch_size):
                     hi = min(len(rows), lo + self.batch_size)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from . import params
+
 SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "scheduler")
 
 
@@ -56,8 +58,7 @@ class DiffusionModel:
         if kind not in ("epsilon", "v_prediction"):
             raise ValueError(f"scheduler: prediction_type {kind!r} is not supported; "
                              "use a model trained with 'epsilon' or 'v_prediction'")
-        self._unet_id: str | None = None
-        self._unet_stamp: tuple = ()
+        self._ids: dict[str, tuple[tuple, str]] = {}  # see _kept_id
 
     # --- loading -------------------------------------------------------------------------
     @classmethod
@@ -146,43 +147,56 @@ class DiffusionModel:
         return int(self.vae.config.in_channels), h * self.vae_scale, w * self.vae_scale
 
     # --- identities ----------------------------------------------------------------------
+    # Hashing every weight takes seconds for a large model, so each id is kept with a stamp of
+    # what it was computed from: the cheap parts themselves and, for the modules, every weight's
+    # storage and version counter, which an optimizer step, load_state_dict or `p.add_` bump.
+    # Writes through `p.data` bypass the counters: call forget_ids() after them.
     def encoders_id(self) -> str:
         """What the prepared cache depends on: tokenizer, text encoder and VAE."""
-        h = hashlib.sha256()
-        h.update(json.dumps(self.tokenizer.get_vocab(), sort_keys=True).encode())
-        h.update(str(self.tokenizer.model_max_length).encode())
-        _hash_module(h, self.text_encoder)
-        if self.vae is not None:
-            _hash_module(h, self.vae)
-        return h.hexdigest()[:16]
+        cheap = [json.dumps(self.tokenizer.get_vocab(), sort_keys=True).encode(),
+                 str(self.tokenizer.model_max_length).encode()]
+        return self._kept_id("encoders", cheap, [m for m in (self.text_encoder, self.vae) if m is not None])
 
     def unet_id(self) -> str:
-        """What the before-losses depend on: the UNet's weights and config and the noise schedule.
+        """What the before-losses depend on: the UNet's weights and config and the noise schedule."""
+        # Private keys such as _name_or_path say where the model was loaded from, not what it is.
+        config = {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
+        cheap = [json.dumps(config, sort_keys=True, default=str).encode(),
+                 self.alphas_cumprod.cpu().numpy().tobytes(), self.prediction_type.encode()]
+        return self._kept_id("unet", cheap, [self.unet])
 
-        Hashing every weight is slow for a large UNet, so the id is kept and recomputed only when
-        a weight was replaced or changed in place (an optimizer step, load_state_dict, `p.add_`),
-        as the tensors' version counters tell. Writes through `p.data` bypass those counters:
-        call forget_unet_id() after them.
-        """
-        stamp = self._stamp()
-        if self._unet_id is None or stamp != self._unet_stamp:
+    def _kept_id(self, key: str, cheap: list[bytes], modules: list[torch.nn.Module]) -> str:
+        stamp = (tuple(cheap), tuple(_stamp(m) for m in modules))
+        kept = self._ids.get(key)
+        if kept is None or kept[0] != stamp:
             h = hashlib.sha256()
-            # Private keys such as _name_or_path say where the model was loaded from, not what it is.
-            config = {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
-            h.update(json.dumps(config, sort_keys=True, default=str).encode())
-            h.update(self.alphas_cumprod.cpu().numpy().tobytes())
-            h.update(self.prediction_type.encode())
-            _hash_module(h, self.unet)
-            self._unet_id, self._unet_stamp = h.hexdigest()[:16], stamp
-        return self._unet_id
+            for part in cheap:
+                h.update(part)
+            for m in modules:
+                _hash_module(h, m)
+            kept = self._ids[key] = (stamp, h.hexdigest()[:16])
+        return kept[1]
 
-    def _stamp(self) -> tuple:
-        tensors = [*self.unet.parameters(), *self.unet.buffers()]
-        return (id(self.unet), tuple((t.data_ptr(), t._version) for t in tensors))
+    @contextmanager
+    def swapped(self, values: dict[str, torch.Tensor] | None) -> Iterator[None]:
+        """Temporarily load `values` into the UNet's named weights (None: leave it as it is).
 
-    def forget_unet_id(self) -> None:
-        """Call after writing UNet weights through `.data`, which no version counter sees."""
-        self._unet_id = None
+        The weights are copied in and back in place, so CUDA graphs and compiled code keep their
+        tensors; the original weights come back bit for bit, so a unet id computed before stays
+        valid without hashing the UNet again.
+        """
+        kept = self._ids.get("unet")
+        valid = kept is not None and kept[0][1] == (_stamp(self.unet),)
+        try:
+            with params.swapped(self.unet, values):
+                yield
+        finally:
+            if valid:
+                self._ids["unet"] = ((kept[0][0], (_stamp(self.unet),)), kept[1])
+
+    def forget_ids(self) -> None:
+        """Call after writing weights through `.data`, which no version counter sees."""
+        self._ids.clear()
 
     # --- encoders ------------------------------------------------------------------------
     @torch.no_grad()
@@ -207,6 +221,11 @@ class DiffusionModel:
         if self.vae is None:
             return inputs.clamp(-1, 1)
         return self.vae.decode(inputs / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+def _stamp(module: torch.nn.Module) -> tuple:
+    tensors = [*module.parameters(), *module.buffers()]
+    return (id(module), tuple((t.data_ptr(), t._version) for t in tensors))
 
 
 def _hash_module(h: "hashlib._Hash", module: torch.nn.Module) -> None:
