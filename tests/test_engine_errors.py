@@ -165,6 +165,17 @@ def test_model_path_that_is_not_a_directory(dirs, tmp_path):
         raises("model", r"is not a directory; pass a folder saved with save_pretrained", DiffusionModel.load, path)
 
 
+def test_device_that_cannot_be_used(dirs, model, monkeypatch):
+    raises("device", r"'gpu' is not a torch device; use cpu, cuda or cuda:N", DiffusionModel.load, dirs[0], "gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    raises("device", r"sees no CUDA GPU; use cpu, or install a CUDA build", DiffusionModel.load, dirs[0], "cuda")
+    raises("device", r"sees no CUDA GPU", model.to, "cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    raises("device", r"'cuda:2' but there are 2 CUDA device\(s\); use cuda:0 to cuda:1", model.to, "cuda:2")
+    assert next(model.unet.parameters()).device.type == "cpu"  # nothing moved
+
+
 def test_model_directory_without_unet(dirs, tmp_path):
     bad = Path(shutil.copytree(dirs[0], tmp_path / "model", ignore=shutil.ignore_patterns("unet")))
     raises("model", r"lacks unet/; save the pipeline with save_pretrained", DiffusionModel.load, bad)

@@ -65,6 +65,7 @@ class DiffusionModel:
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32) -> "DiffusionModel":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        check_device(device)  # before the slow loading
         root = Path(path)
         if not root.is_dir():
             raise ValueError(f"model: {str(root)!r} is not a directory; pass a folder saved with save_pretrained "
@@ -94,6 +95,7 @@ class DiffusionModel:
         return model.to(device, dtype)
 
     def to(self, device: str | torch.device, dtype: torch.dtype = torch.float32) -> "DiffusionModel":
+        check_device(device)
         for m in (self.text_encoder, self.unet, self.vae):
             if m is not None:
                 if next(m.parameters()).dtype != dtype:
@@ -221,6 +223,23 @@ class DiffusionModel:
         if self.vae is None:
             return inputs.clamp(-1, 1)
         return self.vae.decode(inputs / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or a ValueError saying why it cannot be used here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device: {str(device)!r} but this PyTorch ({torch.__version__}) sees no CUDA GPU; "
+                             "use cpu, or install a CUDA build of PyTorch on a machine with a GPU")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device: {str(device)!r} but there {'is' if count == 1 else 'are'} {count} CUDA "
+                             f"device(s); use cuda:0 to cuda:{count - 1}")
+    return dev
 
 
 def _stamp(module: torch.nn.Module) -> tuple:
