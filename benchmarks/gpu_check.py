@@ -214,7 +214,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     print("=" * 100)
     steps = _load_steps(out_dir)
     for s in steps:
-        print(f"  {s['name']:<10} {_rc_word(s['rc']):<18} {s['seconds']:>5}s  {s['note']}")
+        print(f"  {s['name']:<12} {_rc_word(s['rc']):<18} {s['seconds']:>5}s  {s['note']}")
     # Failing lines of the test and self-test logs, if any
     for name, pattern in (("tests", (" passed", " failed", "error")), ("info", ("FAIL", "error"))):
         path = os.path.join(out_dir, f"{name}.log")
