@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import tiny
+from conftest import fresh_seed
 from forgetscore import cli
 from forgetscore.attribution import (Attribution, Attributor, DiffusionModel, LossSweep, PreparedData, ScoringPlan,
                                      TrainingSet, UnlearnConfig, load_fisher, prepare, select_weights, unlearn)
@@ -343,6 +344,38 @@ def test_before_losses_made_under_another_plan_or_model(model, train, tmp_path, 
 def _arrays(data: PreparedData):
     ids = np.arange(data.n)
     return data.inputs(ids).numpy(), data.text(ids, "all")[0].numpy(), np.asarray(data.caption_offsets)
+
+
+def test_prepared_reads_against_a_plain_loop(model, train, tmp_path):
+    """inputs/text gather from several shards in any order, repeats included, as a per-image loop would."""
+    data = prepare(model, train, tmp_path / "p", shard_size=2, batch_size=2, progress=False)  # 3 shards
+    shards = data.manifest["shards"]
+    files_in = [np.load(tmp_path / "p" / sh["inputs"]) for sh in shards]
+    files_text = [np.load(tmp_path / "p" / sh["text"]) for sh in shards]
+    caps = [len(c) for c in train.captions]
+    assert len(set(caps)) > 1 and len(shards) == 3
+    gen = np.random.default_rng(fresh_seed("index"))
+    for ids in (gen.integers(0, N, 9), np.array([5, 0, 0, 3]), np.arange(N), np.array([], dtype=np.int64)):
+        want_in, want_text, want_counts = [], [], {"all": [], "first": []}
+        for i in ids:
+            s, r = divmod(int(i), 2)
+            want_in.append(files_in[s][r])
+            start = sum(caps[2 * s:i])  # rows of this shard's earlier images
+            want_text.append(files_text[s][start:start + caps[i]])
+            want_counts["all"].append(caps[i])
+            want_counts["first"].append(1)
+        got = data.inputs(ids)
+        assert got.shape == (len(ids), 2, *model.input_shape)
+        if len(ids):
+            np.testing.assert_array_equal(got.numpy(), np.stack(want_in))
+        for mode in ("all", "first"):
+            text, counts = data.text(ids, mode)
+            assert counts == want_counts[mode] and text.dtype == torch.float32
+            rows = [t if mode == "all" else t[:1] for t in want_text]
+            if len(ids):
+                np.testing.assert_array_equal(text.numpy(), np.concatenate(rows))
+            else:
+                assert text.shape[0] == 0
 
 
 def _counting(monkeypatch, model, fail_at: int | None = None) -> list[int]:

@@ -148,25 +148,31 @@ class PreparedData:
 
     def inputs(self, indices: np.ndarray) -> torch.Tensor:
         """[len(indices), 2, C, H, W] float32: each image and its horizontal flip."""
-        out = np.empty((len(indices), 2, *self.input_shape), dtype=np.float32)
-        for k, i in enumerate(indices):
-            s, r = divmod(int(i), self.shard_size)
-            out[k] = self._inputs[s][r]
+        idx = np.asarray(indices, dtype=np.int64)
+        shard, local = np.divmod(idx, self.shard_size)
+        out = np.empty((len(idx), 2, *self.input_shape), dtype=np.float32)
+        for s in np.unique(shard):  # one gather per shard, not a Python step per image
+            take = shard == s
+            out[take] = self._inputs[s][local[take]]
         return torch.from_numpy(out)
 
     def text(self, indices: np.ndarray, captions: str) -> tuple[torch.Tensor, list[int]]:
         """Encoder states of the captions of `indices` ([sum n_caps, L, D]) and the count per image."""
-        rows, counts = [], []
-        for i in indices:
-            i = int(i)
-            s = i // self.shard_size
-            base = int(self.caption_offsets[s * self.shard_size])
-            lo, hi = int(self.caption_offsets[i]) - base, int(self.caption_offsets[i + 1]) - base
-            if captions == "first":
-                hi = lo + 1
-            rows.append(self._text[s][lo:hi])
-            counts.append(hi - lo)
-        return torch.from_numpy(np.concatenate(rows).astype(np.float32, copy=False)), counts
+        idx = np.asarray(indices, dtype=np.int64)
+        offsets = np.asarray(self.caption_offsets, dtype=np.int64)
+        shard = idx // self.shard_size
+        lo = offsets[idx] - offsets[shard * self.shard_size]  # first caption row within its shard's file
+        counts = np.ones_like(idx) if captions == "first" else offsets[idx + 1] - offsets[idx]
+        # Row r of the result is caption (r - first row of its image) of its image.
+        image = np.repeat(np.arange(len(idx)), counts)
+        row = lo[image] + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        row_shard = shard[image]
+        first = self._text[0]
+        out = np.empty((len(row), *first.shape[1:]), dtype=np.float32)
+        for s in np.unique(row_shard):
+            take = row_shard == s
+            out[take] = self._text[s][row[take]]
+        return torch.from_numpy(out), counts.tolist()
 
 
 def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, *, shard_size: int = 4096,
