@@ -348,10 +348,16 @@ def _arrays(data: PreparedData):
 
 def test_prepared_reads_against_a_plain_loop(model, train, tmp_path):
     """inputs/text gather from several shards in any order, repeats included, as a per-image loop would."""
-    data = prepare(model, train, tmp_path / "p", shard_size=2, batch_size=2, progress=False)  # 3 shards
+    _check_reads(prepare(model, train, tmp_path / "p", shard_size=2, batch_size=2, progress=False), train)
+    # float16 caption states are read back as float32
+    _check_reads(prepare(model, train, tmp_path / "h", shard_size=2, batch_size=2, text_dtype="float16",
+                         progress=False), train)
+
+
+def _check_reads(data, train):
     shards = data.manifest["shards"]
-    files_in = [np.load(tmp_path / "p" / sh["inputs"]) for sh in shards]
-    files_text = [np.load(tmp_path / "p" / sh["text"]) for sh in shards]
+    files_in = [np.load(data.dir / sh["inputs"]) for sh in shards]
+    files_text = [np.load(data.dir / sh["text"]).astype(np.float32) for sh in shards]
     caps = [len(c) for c in train.captions]
     assert len(set(caps)) > 1 and len(shards) == 3
     gen = np.random.default_rng(fresh_seed("index"))
@@ -365,7 +371,7 @@ def test_prepared_reads_against_a_plain_loop(model, train, tmp_path):
             want_counts["all"].append(caps[i])
             want_counts["first"].append(1)
         got = data.inputs(ids)
-        assert got.shape == (len(ids), 2, *model.input_shape)
+        assert got.shape == (len(ids), 2, *data.input_shape)
         if len(ids):
             np.testing.assert_array_equal(got.numpy(), np.stack(want_in))
         for mode in ("all", "first"):
@@ -376,6 +382,9 @@ def test_prepared_reads_against_a_plain_loop(model, train, tmp_path):
                 np.testing.assert_array_equal(text.numpy(), np.concatenate(rows))
             else:
                 assert text.shape[0] == 0
+    for bad in (np.array([N]), np.array([0, -1])):
+        raises("indices", rf"ids must lie in \[0, {N}\)", data.inputs, bad)
+        raises("indices", rf"ids must lie in \[0, {N}\)", data.text, bad, "all")
 
 
 def _counting(monkeypatch, model, fail_at: int | None = None) -> list[int]:

@@ -146,19 +146,23 @@ class PreparedData:
     def n_captions(self, index: int) -> int:
         return int(self.caption_offsets[index + 1] - self.caption_offsets[index])
 
+    def _ids(self, indices: np.ndarray) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n):
+            raise ValueError(f"indices: ids must lie in [0, {self.n}) for this prepared set; got "
+                             f"{int(idx.min())}..{int(idx.max())}")
+        return idx
+
     def inputs(self, indices: np.ndarray) -> torch.Tensor:
         """[len(indices), 2, C, H, W] float32: each image and its horizontal flip."""
-        idx = np.asarray(indices, dtype=np.int64)
+        idx = self._ids(indices)
         shard, local = np.divmod(idx, self.shard_size)
         out = np.empty((len(idx), 2, *self.input_shape), dtype=np.float32)
-        for s in np.unique(shard):  # one gather per shard, not a Python step per image
-            take = shard == s
-            out[take] = self._inputs[s][local[take]]
-        return torch.from_numpy(out)
+        return torch.from_numpy(_gather(self._inputs, shard, local, out))
 
     def text(self, indices: np.ndarray, captions: str) -> tuple[torch.Tensor, list[int]]:
         """Encoder states of the captions of `indices` ([sum n_caps, L, D]) and the count per image."""
-        idx = np.asarray(indices, dtype=np.int64)
+        idx = self._ids(indices)
         offsets = np.asarray(self.caption_offsets, dtype=np.int64)
         shard = idx // self.shard_size
         lo = offsets[idx] - offsets[shard * self.shard_size]  # first caption row within its shard's file
@@ -166,13 +170,35 @@ class PreparedData:
         # Row r of the result is caption (r - first row of its image) of its image.
         image = np.repeat(np.arange(len(idx)), counts)
         row = lo[image] + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-        row_shard = shard[image]
-        first = self._text[0]
-        out = np.empty((len(row), *first.shape[1:]), dtype=np.float32)
-        for s in np.unique(row_shard):
-            take = row_shard == s
-            out[take] = self._text[s][row[take]]
-        return torch.from_numpy(out), counts.tolist()
+        out = np.empty((len(row), *self._text[0].shape[1:]), dtype=np.float32)
+        return torch.from_numpy(_gather(self._text, shard[image], row, out)), counts.tolist()
+
+
+def _gather(files: list[np.ndarray], shard: np.ndarray, local: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out[k] = files[shard[k]][local[k]], copied once, straight into `out`.
+
+    A sweep's batches are runs of consecutive images, whose rows are consecutive in their shard
+    file: each such run is one block copy (faster than a row gather). Scattered rows are
+    gathered in C, one call per stretch of rows from the same shard; no Python step per image.
+    """
+    if len(shard) == 0:
+        return out
+    breaks = np.flatnonzero((np.diff(shard) != 0) | (np.diff(local) != 1)) + 1
+    if len(breaks) <= len(shard) // 8:  # mostly consecutive: block copies
+        starts, ends = np.r_[0, breaks], np.r_[breaks, len(shard)]
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            lo = int(local[a])
+            out[a:b] = files[int(shard[a])][lo:lo + b - a]
+        return out
+    cut = np.flatnonzero(np.diff(shard)) + 1
+    for a, b in zip(np.r_[0, cut].tolist(), np.r_[cut, len(shard)].tolist()):
+        src = files[int(shard[a])]
+        if src.dtype == out.dtype:
+            # mode="clip" (the ids are in range): with "raise" and `out`, numpy gathers into a buffer first.
+            np.take(src, local[a:b], axis=0, out=out[a:b], mode="clip")
+        else:  # e.g. float16 caption states
+            out[a:b] = src[local[a:b]]
+    return out
 
 
 def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, *, shard_size: int = 4096,
