@@ -6,6 +6,9 @@
                                                        large-shape checks the unit tests do not reach
     python benchmarks/gpu_check.py summary OUT_DIR     the final summary: every step's outcome and the
                                                        benchmark's headline figures against the targets
+    python benchmarks/gpu_check.py pack [--custom-run DIR]
+                                                       fill .gpu-cache/ with the digits model and training
+                                                       set (and letter-h of an `evaluate custom` run)
 
 Every subcommand prints what it can and never raises on a missing piece (no GPU, no
 extension, no JSON): the point is useful output when some other step failed.
@@ -369,6 +372,37 @@ def _summary_precision(path: str) -> None:
               f"top-100 {r['top100']:.2f}{cpu}")
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    """Copy what the precision step measures into .gpu-cache/, to be carried to the GPU machine."""
+    import shutil
+    from pathlib import Path
+
+    from forgetscore.cache import cache_root
+    from forgetscore.digits.data import write_image_folder
+    from forgetscore.digits.train import ensure_model
+
+    dest = Path(ROOT) / ".gpu-cache"
+    dest.mkdir(exist_ok=True)
+    model = ensure_model(log=print)
+    train = cache_root() / "digits-train"
+    if not (train / "metadata.jsonl").is_file():
+        write_image_folder(train, overwrite=True)
+    copies = [(model, dest / model.name), (train, dest / "digits-train")]
+    if args.custom_run:
+        concept = Path(args.custom_run) / "concepts" / "letter-h"
+        if not (concept / "model").is_dir() or not (concept / "pool").is_dir():
+            print(f"--custom-run: {concept} holds no model/ and pool/; give a finished `evaluate custom` run")
+            return 2
+        copies += [(concept / "model", dest / "letter-h" / "model"), (concept / "pool", dest / "letter-h" / "pool")]
+    for src, dst in copies:
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst)
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    print(f"{dest}: {', '.join(str(d.relative_to(dest)) for _, d in copies)} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
 def _mib(v) -> str:
     return "-" if v is None else f"{v / 2**20:.1f}MiB"
 
@@ -382,8 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("summary", help="summarise a gpu_check.sh output folder")
     s.add_argument("out_dir")
     s.add_argument("--bench-json", default="bench_gpu.json")
+    k = sub.add_parser("pack", help="fill .gpu-cache/ with the models the precision step measures")
+    k.add_argument("--custom-run", help="an `evaluate custom` output folder holding concepts/letter-h/")
     args = p.parse_args(argv)
-    fn = {"env": cmd_env, "crosscheck": cmd_crosscheck, "summary": cmd_summary}[args.cmd]
+    fn = {"env": cmd_env, "crosscheck": cmd_crosscheck, "summary": cmd_summary, "pack": cmd_pack}[args.cmd]
     try:
         return fn(args)
     except Exception:  # noqa: BLE001 - a helper must never hide the other steps' output
