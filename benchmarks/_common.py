@@ -1,6 +1,13 @@
-"""Helpers shared by the benchmark scripts (timing sync, number formatting, plain-text tables)."""
+"""Helpers shared by the benchmark scripts: timing sync, the machine, the JSON record, formatting."""
 from __future__ import annotations
 
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -9,6 +16,67 @@ import torch
 def make_sync(device: torch.device) -> Callable[[], None]:
     """What to call before reading a clock: wait for queued GPU work; nothing on the CPU."""
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            name = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({os.cpu_count()} CPUs)"
+
+
+def load_average() -> tuple[float, float, float] | None:
+    return os.getloadavg() if hasattr(os, "getloadavg") else None
+
+
+def run_meta(dev: torch.device) -> dict:
+    """What every benchmark record says about its run: machine, versions, date, command, load."""
+    return {"device": dev.type, "device_name": device_name(dev), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "argv": sys.argv, "load_average": load_average()}
+
+
+class Results(dict):
+    """A benchmark's JSON record ({"meta", *sections, "errors"}), written whole to `path` (temp file,
+    then rename) at every save, so that a run cut short keeps what it measured."""
+
+    def __init__(self, path: str | None, meta: dict, **sections: list | dict):
+        super().__init__(meta=meta, **sections, errors=[])
+        self.path = path
+
+    def save(self) -> None:
+        if self.path:
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump(self, fh, indent=1, default=str)
+            os.replace(tmp, self.path)
+
+    def run_steps(self, steps: list[tuple[str, Callable[[], object]]]) -> None:
+        """Each step in turn; one that fails is recorded in "errors" and the others still run."""
+        for name, step in steps:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - keep what the other steps measure
+                traceback.print_exc()
+                self["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
+            self.save()
+
+    def finish(self, start: float, report: Callable[[dict], str]) -> int:
+        """Stamp the elapsed time and load, save, print the report and errors; the exit status."""
+        self["meta"]["elapsed_s"] = time.perf_counter() - start
+        self["meta"]["load_average_end"] = load_average()
+        self.save()
+        print()
+        print(report(self))
+        if self["errors"]:
+            print("\nerrors:\n  " + "\n  ".join(self["errors"]))
+        return 1 if self["errors"] else 0
 
 
 def fmt_bytes(v: int | None, digits: int = 1) -> str:

@@ -29,15 +29,11 @@ warm-up; see benchmarks/README.md for what each column means.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -51,7 +47,7 @@ if ROOT not in sys.path:  # run from a checkout without installing
 from forgetscore import kernels  # noqa: E402
 from forgetscore.kernels import dispatch, reference  # noqa: E402
 
-from _common import fmt_bytes, make_sync, table
+from _common import Results, fmt_bytes, make_sync, run_meta, table
 
 SEED = 1234
 LATENTS = {"4x16x16": (4, 16, 16), "4x64x64": (4, 64, 64)}
@@ -634,32 +630,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     r = Runner(args, dev)
     scheduler, sched_desc = make_scheduler()
-    if dev.type == "cuda":
-        name = torch.cuda.get_device_name()
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as fh:
-                name = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    result: dict[str, Any] = {
-        "meta": {"device": dev.type, "device_name": name, "torch": torch.__version__,
-                 "cuda": torch.version.cuda, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                 "argv": sys.argv, "quick": args.quick, "no_raw": args.no_raw, "scheduler": sched_desc,
-                 "fisher_dtype": args.fisher_dtype, "seed": SEED,
-                 "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-                 "backends_timed": [b for _, b in kernel_backends(dev)],
-                 "backends_not_timed": skipped_backends(dev)},
-        "rates": {}, "noise_loss": [], "fisher": [], "errors": []}
-
-    def save() -> None:
-        if args.json:
-            tmp = args.json + ".tmp"
-            with open(tmp, "w") as fh:
-                json.dump(result, fh, indent=1, default=str)
-            os.replace(tmp, args.json)
+    result = Results(args.json, {**run_meta(dev), "cpus": os.cpu_count(), "quick": args.quick,
+                                 "no_raw": args.no_raw, "scheduler": sched_desc, "fisher_dtype": args.fisher_dtype,
+                                 "seed": SEED, "backends_timed": [b for _, b in kernel_backends(dev)],
+                                 "backends_not_timed": skipped_backends(dev)},
+                     rates={}, noise_loss=[], fisher=[])
 
     def emit(section: str, row: dict) -> None:
         result[section].append(row)
@@ -667,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         short = {k: v for k, v in row.items() if not isinstance(v, dict)}
         print(f"[{section}] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in short.items()), flush=True)
-        save()
+        result.save()
 
     steps = [("rates", lambda: result["rates"].update(device_rates(r)))]
     if args.only != "fisher":
@@ -676,22 +651,9 @@ def main(argv: list[str] | None = None) -> int:
         steps.append(("fisher", lambda: bench_fisher(r, emit, result["rates"])))
     if args.only != "fisher" and not args.no_compile:
         steps.append(("noise_loss compile", lambda: bench_noise_loss(r, emit, scheduler, sched_desc, compile_pass=True)))
-    for name_, step in steps:
-        try:
-            step()
-        except Exception as exc:  # noqa: BLE001 - keep what the other steps measure
-            traceback.print_exc()
-            result["errors"].append(f"{name_}: {type(exc).__name__}: {exc}")
-        save()
-    result["meta"]["elapsed_s"] = time.perf_counter() - r.start
-    result["meta"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    result.run_steps(steps)
     add_ratios(result)
-    save()
-    print()
-    print(report(result))
-    if result["errors"]:
-        print("\nerrors:\n  " + "\n  ".join(result["errors"]))
-    return 1 if result["errors"] else 0
+    return result.finish(r.start, report)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -48,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from _common import fmt_bytes, make_sync, table
+from _common import Results, fmt_bytes, make_sync, run_meta, table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without installing
@@ -517,18 +515,6 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name()
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            name = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name} ({os.cpu_count()} CPUs)"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -566,21 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     # the old peak), so the Fisher subprocesses run first, while this process is still small.
     fisher_first = args.only in (None, "fisher")
     model = data = None
-    result: dict[str, Any] = {}
-    result.update({
-        "meta": {"device": dev.type, "device_name": device_name(dev), "torch": torch.__version__,
-                 "diffusers": diffusers.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
-                 "dtype": args.dtype, "argv": sys.argv, "quick": args.quick, "sizes": sizes, "seed": SEED,
-                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                 "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None},
-        "rows": [], "errors": []})
-
-    def save() -> None:
-        if args.json:
-            tmp = args.json + ".tmp"
-            with open(tmp, "w") as fh:
-                json.dump(result, fh, indent=1, default=str)
-            os.replace(tmp, args.json)
+    result = Results(args.json, {**run_meta(dev), "diffusers": diffusers.__version__, "dtype": args.dtype,
+                                 "quick": args.quick, "sizes": sizes, "seed": SEED}, rows=[])
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)
@@ -589,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         result["rows"].append(row)
         short = {k: v for k, v in row.items() if not isinstance(v, dict)}
         log(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in short.items()))
-        save()
+        result.save()
 
     def setup() -> None:
         nonlocal model, data
@@ -606,21 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         steps.append(("sweep", lambda: bench_sweep_parts(args, model, data, sizes, emit, log)))
     if args.only in (None, "queries"):
         steps.append(("queries", lambda: bench_variants(args, model, data, sizes, emit, log)))
-    for name, step in steps:
-        try:
-            step()
-        except Exception as exc:  # noqa: BLE001 - keep what the other parts measure
-            traceback.print_exc()
-            result["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
-        save()
-    result["meta"]["elapsed_s"] = time.perf_counter() - start
-    result["meta"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    save()
-    print()
-    print(report(result))
-    if result["errors"]:
-        print("\nerrors:\n  " + "\n  ".join(result["errors"]))
-    return 1 if result["errors"] else 0
+    result.run_steps(steps)
+    return result.finish(start, report)
 
 
 if __name__ == "__main__":

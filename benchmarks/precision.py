@@ -20,14 +20,15 @@ relative difference of each precision's losses from the CPU's on those images.
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
 
 import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from _common import Results, run_meta  # noqa: E402
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -50,7 +51,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precisions", default="fp32,bf16,fp16", help="comma-separated; fp32 first is the reference")
     parser.add_argument("--device", default="cpu")
@@ -90,7 +91,7 @@ def main() -> None:
     att = Attributor.load(model_dir, train_dir, plan=plan, batch_size=args.batch_size, progress=False,
                           device=args.device)
     dev = att.model.device
-    t = time.perf_counter()
+    start = t = time.perf_counter()
     query = att.generate(prompt, args.query_seed, steps=demo.DEMO_SAMPLING_STEPS, guidance_scale=demo.DEMO_GUIDANCE)
     config = UnlearnConfig(steps=1, alpha=0.01, draws=demo.DEMO_DRAWS, micro_batch=250)
     data = att.prepare()
@@ -100,10 +101,10 @@ def main() -> None:
     indices = np.arange(min(args.images or data.n, data.n))
     captions = np.diff(np.asarray(data.caption_offsets))[indices].sum()
     rows_per_pass = 2 * int(captions) * len(plan.timesteps)
-    meta = {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "images": len(indices),
-            "rows_per_sweep": rows_per_pass, "batch_size": att.batch_size, "model": str(model_dir),
-            "prompt": prompt, "unlearn_s": unlearn_s, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    result = Results(args.json, {**run_meta(dev), "images": len(indices), "rows_per_sweep": rows_per_pass,
+                                 "batch_size": att.batch_size, "model": str(model_dir), "prompt": prompt,
+                                 "unlearn_s": unlearn_s}, rows=[])
+    meta, rows = result["meta"], result["rows"]
     print(f"torch {torch.__version__} on {meta['device_name']}, threads {meta['threads']}, {len(indices)} images, "
           f"{rows_per_pass} rows before + after, batch {att.batch_size}; query made and unlearned in "
           f"{unlearn_s:.1f}s; model {model_dir}, prompt {prompt!r}")
@@ -117,17 +118,11 @@ def main() -> None:
         cpu_losses = LossSweep(cpu_att.model, cpu_att.prepare(), plan, batch_size=256).run(
             [None, cpu_weights], indices[:n], progress=False)
 
-    rows: list[dict] = []
     scores: dict[str, np.ndarray] = {}
 
-    def save() -> None:
-        if args.json:
-            tmp = f"{args.json}.tmp"
-            with open(tmp, "w") as f:
-                json.dump({"meta": meta, "rows": rows}, f, indent=2)
-            os.replace(tmp, args.json)
-
     def measure(label: str, prec: str, compile_mode: str | None) -> None:
+        if label != "fp32" and "fp32" not in scores:
+            raise RuntimeError("the fp32 row, the reference, failed: nothing to compare with")
         sweep = LossSweep(att.model, data, plan, batch_size=att.batch_size, precision=prec, compile=compile_mode)
         t0 = time.perf_counter()
         sweep.run([None, weights], indices[:64], progress=False)  # warm-up (compilation, CUDA graph capture)
@@ -145,26 +140,29 @@ def main() -> None:
         if cpu_losses is not None:
             n = cpu_losses.shape[1]
             row["max_rel_vs_cpu"] = float(np.abs(losses[:, :n] / cpu_losses - 1).max())
+        row["speedup"] = rows[0]["seconds"] / seconds if rows else 1.0
         rows.append(row)
-        save()
 
-    # fp32 first: every other row is compared with it.
-    for prec in sorted(precisions, key=lambda p: p != "fp32"):
-        measure(prec, prec, None)
+    # fp32 first: every other row is compared with it (a row that fails is reported, the rest still run).
+    steps = [(p, lambda p=p: measure(p, p, None)) for p in sorted(precisions, key=lambda p: p != "fp32")]
     if args.compile:
-        for prec in args.compile_precisions.split(","):
-            measure(f"{prec}+{args.compile}", prec, args.compile)
+        steps += [(f"{p}+{args.compile}", lambda p=p: measure(f"{p}+{args.compile}", p, args.compile))
+                  for p in args.compile_precisions.split(",")]
+    result.run_steps(steps)
+    return result.finish(start, report)
 
-    base = rows[0]["seconds"]
-    print(f"{'precision':<24}{'sweep s':>9}{'warm-up s':>10}{'rows/s':>11}{'x fp32':>8}{'spearman':>10}"
-          f"{'top-10':>8}{'top-100':>9}" + (f"{'rel. vs CPU':>13}" if cpu_losses is not None else ""))
+
+def report(result: dict) -> str:
+    rows = result["rows"]
+    cpu = any("max_rel_vs_cpu" in r for r in rows)
+    lines = [f"{'precision':<24}{'sweep s':>9}{'warm-up s':>10}{'rows/s':>11}{'x fp32':>8}{'spearman':>10}"
+             f"{'top-10':>8}{'top-100':>9}" + (f"{'rel. vs CPU':>13}" if cpu else "")]
     for r in rows:
-        r["speedup"] = base / r["seconds"]
-        print(f"{r['precision']:<24}{r['seconds']:>9.2f}{r['warmup_s']:>10.2f}{r['rows_per_s']:>11.0f}"
-              f"{r['speedup']:>8.2f}{r['spearman']:>10.4f}{r['top10']:>8.2f}{r['top100']:>9.2f}"
-              + (f"{r['max_rel_vs_cpu']:>13.2e}" if cpu_losses is not None else ""))
-    save()
+        lines.append(f"{r['precision']:<24}{r['seconds']:>9.2f}{r['warmup_s']:>10.2f}{r['rows_per_s']:>11.0f}"
+                     f"{r['speedup']:>8.2f}{r['spearman']:>10.4f}{r['top10']:>8.2f}{r['top100']:>9.2f}"
+                     + (f"{r['max_rel_vs_cpu']:>13.2e}" if "max_rel_vs_cpu" in r else ""))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
