@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 
 import tiny
@@ -63,6 +64,12 @@ def test_bad_arguments_exit_with_one_line(dirs, capsys):
     assert len(err) == 1 and err[0].startswith("forgetscore attribute: error: --query/--generate-seed")
     assert cli.main(["score", *common[:-len(PLAN_ARGS)], "--timesteps", "5,x"]) == 2
     assert "--timesteps" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # CUDA-only settings on a machine without a GPU
+        for extra, says in ((["--precision", "tf32"], "error: precision: 'tf32' is a CUDA"),
+                            (["--device", "cuda"], "error: device: 'cuda' but this PyTorch")):
+            assert cli.main(["score", *common, *extra]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and says in err[0], err
 
 
 def test_score_under_torchrun_equals_one_process(dirs, tmp_path):
