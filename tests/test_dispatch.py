@@ -58,3 +58,20 @@ def test_info_command_reports_every_backend_passing():
         row = next(line for line in proc.stdout.splitlines() if line.strip().startswith(name + " ")
                    and "pass" in line)
         assert row.count("pass") == 4, proc.stdout
+
+
+def test_an_interpreter_that_cannot_run_loops_is_reported(monkeypatch):
+    jitmod = pytest.importorskip("forgetscore.kernels.triton_jit")
+    if not jitmod.INTERPRETED:
+        pytest.skip("compiled Triton: the interpreter probe does not apply")
+    assert jitmod.interpreter_problem() is None  # the installed Triton runs our kernels
+
+    class Broken:  # as Triton 3.6's interpreter does with NumPy 2.4
+        def __getitem__(self, grid):
+            def launch(*args):
+                raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            return launch
+
+    monkeypatch.setattr(jitmod, "_loop_probe", Broken())
+    msg = jitmod.interpreter_problem()
+    assert "TypeError: only 0-dimensional" in msg and "use Triton >= 3.7 for the interpreter, or a GPU" in msg

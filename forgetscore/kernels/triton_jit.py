@@ -139,3 +139,31 @@ else:
     def cast_to(x, dtype: tl.constexpr):
         """float32 -> ``dtype`` rounding to nearest even."""
         return x.to(dtype)
+
+
+@jit
+def _loop_probe(out_ptr, n):
+    acc = 0
+    for _ in range(0, n):
+        acc += 1
+    tl.store(out_ptr, acc)
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run our kernels here, or None (always None when compiling).
+
+    Some Triton releases' interpreters cannot take a loop bound with recent NumPy (Triton 3.6
+    with NumPy 2.4: "only 0-dimensional arrays can be converted to Python scalars"); the
+    backend is then reported unavailable rather than failing in every kernel.
+    """
+    if not INTERPRETED:
+        return None
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _loop_probe[(1,)](out, 3)
+    except Exception as exc:  # noqa: BLE001 - any failure means the interpreter is unusable here
+        import numpy as np
+
+        return (f"Triton {triton.__version__}'s interpreter fails here with NumPy {np.__version__} "
+                f"({type(exc).__name__}: {str(exc)[:120]}); use Triton >= 3.7 for the interpreter, or a GPU")
+    return None if int(out[0]) == 3 else f"Triton {triton.__version__}'s interpreter ran a loop wrongly"

@@ -25,8 +25,12 @@ try:
 except Exception as exc:  # ImportError, or a Triton too old/new for our kernels
     IMPORT_ERROR = exc
 else:
-    AVAILABLE = True
     INTERPRETED = _jit.INTERPRETED
+    _problem = _jit.interpreter_problem()
+    if _problem is None:
+        AVAILABLE = True
+    else:
+        IMPORT_ERROR = RuntimeError(_problem)
 
 
 def _require(*tensors) -> None:
