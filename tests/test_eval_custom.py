@@ -18,6 +18,7 @@ from forgetscore.attribution.params import select
 from forgetscore.digits.concepts import CONCEPTS, TOKEN, get_concept
 from forgetscore.digits.data import VOCABULARY
 from forgetscore.evaluation import custom
+from forgetscore.evaluation import customize as cust
 from forgetscore.evaluation.metrics import average_precision, recall_at_k
 
 
@@ -92,7 +93,7 @@ def test_customize_moves_only_kv_and_the_new_row(dirs, tmp_path):
     model_dir, train_dir = dirs
     c = get_concept("segment")
     ex, caps = c.exemplars(3), c.captions(3)
-    out = custom.customize(model_dir, ex, caps, tmp_path / "a", steps=4, lr=1e-2, embedding_lr=1e-1,
+    out = cust.customize(model_dir, ex, caps, tmp_path / "a", steps=4, lr=1e-2, embedding_lr=1e-1,
                            batch_size=3, reg_dir=train_dir, reg_per_step=2, seed=0, init_word="regular")
     base, new = DiffusionModel.load(model_dir), DiffusionModel.load(out)
     old_vocab = base.tokenizer.get_vocab()
@@ -114,14 +115,14 @@ def test_customize_moves_only_kv_and_the_new_row(dirs, tmp_path):
             assert not torch.equal(b[k][-1], init)  # the new row trained away from its init word
         else:
             assert torch.equal(a[k], b[k]), f"{k} changed"
-    info = json.loads((out / custom.CUSTOMIZATION_FILE).read_text())
+    info = json.loads((out / cust.CUSTOMIZATION_FILE).read_text())
     assert info["token"] == TOKEN and info["steps"] == 4 and info["reg_per_step"] == 2
     # Deterministic from the seed; another seed gives other weights.
-    again = DiffusionModel.load(custom.customize(model_dir, ex, caps, tmp_path / "b", steps=4, lr=1e-2,
+    again = DiffusionModel.load(cust.customize(model_dir, ex, caps, tmp_path / "b", steps=4, lr=1e-2,
                                                  embedding_lr=1e-1, batch_size=3, reg_dir=train_dir, reg_per_step=2,
                                                  seed=0, init_word="regular"))
     assert all(torch.equal(v, _state(again)[k]) for k, v in b.items())
-    other = DiffusionModel.load(custom.customize(model_dir, ex, caps, tmp_path / "c", steps=4, lr=1e-2,
+    other = DiffusionModel.load(cust.customize(model_dir, ex, caps, tmp_path / "c", steps=4, lr=1e-2,
                                                  embedding_lr=1e-1, batch_size=3, reg_dir=train_dir, reg_per_step=2,
                                                  seed=1, init_word="regular"))
     assert not torch.equal(_state(other)[emb], b[emb])
@@ -132,7 +133,7 @@ def test_new_token_starts_from_its_init_word_or_the_mean(dirs):
     for init in ("digit", None):
         m = DiffusionModel.load(model_dir)
         before = m.text_encoder.get_input_embeddings().weight.detach().clone()
-        n_old, new_id = custom._add_token(m, TOKEN, init)
+        n_old, new_id = cust._add_token(m, TOKEN, init)
         w = m.text_encoder.get_input_embeddings().weight
         want = before[m.tokenizer.convert_tokens_to_ids("digit")] if init else before.mean(0)
         assert new_id == n_old == before.shape[0]
@@ -160,7 +161,7 @@ def test_customize_bad_input(dirs, tmp_path, kwargs, match):
     if "token" in kwargs:
         args["captions"] = [f"a {kwargs['token']} one"] * 2
     with pytest.raises(ValueError, match=match):
-        custom.customize(model_dir, args.pop("exemplars"), args.pop("captions"), tmp_path / "out", **args)
+        cust.customize(model_dir, args.pop("exemplars"), args.pop("captions"), tmp_path / "out", **args)
     assert not (tmp_path / "out").exists()
 
 
@@ -282,7 +283,7 @@ def test_run_custom_bookkeeping_and_resume(dirs, tmp_path, monkeypatch):
         root = out / "concepts" / name
         assert res["concepts"][name]["kind"] == kind
         assert len(TrainingSet.load(root / "pool")) == n + 3
-        assert (root / "model" / custom.CUSTOMIZATION_FILE).is_file()
+        assert (root / "model" / cust.CUSTOMIZATION_FILE).is_file()
         for m in METHODS:
             s = np.load(root / "scores" / f"{m}.npy")
             assert s.shape == (2, n + 3)
