@@ -233,12 +233,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
     for name in ("precision_gpu.json", "precision_ft_gpu.json"):
         _summary_precision(os.path.join(out_dir, name))
 
-    path = os.path.join(out_dir, args.bench_json)
-    try:
-        with open(path) as fh:
-            bench = json.load(fh)
-    except (OSError, ValueError) as exc:
-        print(f"\nno benchmark results ({path}: {type(exc).__name__})")
+    bench = _load_json(os.path.join(out_dir, args.bench_json))
+    if bench is None:
         return 0
     meta, rates = bench.get("meta", {}), bench.get("rates", {})
     cuda = meta.get("device") == "cuda"

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from _common import Results, run_meta  # noqa: E402
+from _common import Results, make_sync, run_meta  # noqa: E402
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -44,11 +44,6 @@ def overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
 
 def _batch_size(text: str) -> int | str:
     return text if text == "auto" else int(text)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> int:
@@ -91,12 +86,13 @@ def main() -> int:
     att = Attributor.load(model_dir, train_dir, plan=plan, batch_size=args.batch_size, progress=False,
                           device=args.device)
     dev = att.model.device
+    sync = make_sync(dev)
     start = t = time.perf_counter()
     query = att.generate(prompt, args.query_seed, steps=demo.DEMO_SAMPLING_STEPS, guidance_scale=demo.DEMO_GUIDANCE)
     config = UnlearnConfig(steps=1, alpha=0.01, draws=demo.DEMO_DRAWS, micro_batch=250)
     data = att.prepare()
     weights = att.unlearn(query, prompt, config, fisher_samples=5 * data.n)
-    _sync(dev)
+    sync()
     unlearn_s = time.perf_counter() - t
     indices = np.arange(min(args.images or data.n, data.n))
     captions = np.diff(np.asarray(data.caption_offsets))[indices].sum()
@@ -126,11 +122,11 @@ def main() -> int:
         sweep = LossSweep(att.model, data, plan, batch_size=att.batch_size, precision=prec, compile=compile_mode)
         t0 = time.perf_counter()
         sweep.run([None, weights], indices[:64], progress=False)  # warm-up (compilation, CUDA graph capture)
-        _sync(dev)
+        sync()
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
         losses = sweep.run([None, weights], indices, progress=False)
-        _sync(dev)
+        sync()
         seconds = time.perf_counter() - t0
         scores[label] = (losses[1] - losses[0]).max(axis=1)
         ref = scores.get("fp32", scores[label])
