@@ -7,6 +7,8 @@ torch is not a build requirement: install torch first, then
 Environment:
     FORGETSCORE_BUILD_CUDA   auto (default): CUDA kernels when torch has CUDA and
                              nvcc is found; 1: always; 0: never.
+    TORCH_CUDA_ARCH_LIST     the GPU architectures (e.g. "9.0"); by default those of the
+                             visible GPUs, or with none visible those torch was built for.
     FORGETSCORE_BUILD_NATIVE 0 skips the extension entirely (pure Python install).
     FORGETSCORE_STRICT_BUILD 1 makes an extension build failure fatal (for CI);
                              by default the install continues without it.
@@ -40,12 +42,58 @@ def _rel(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
+def _cuda_home(cpp_extension) -> str | None:
+    """torch's CUDA_HOME, corrected when it holds no CUDA headers.
+
+    Unless CUDA_HOME is set, torch takes the folder above the first `nvcc` on PATH, which is
+    wrong where that nvcc is a wrapper script (e.g. /usr/local/bin/nvcc running the toolkit's):
+    the build then fails on a missing cuda_runtime_api.h. Look where the real toolkit is.
+    """
+    home = cpp_extension.CUDA_HOME
+
+    def has_headers(folder: str | None) -> bool:
+        return bool(folder) and os.path.isfile(os.path.join(folder, "include", "cuda_runtime_api.h"))
+
+    if has_headers(home) or os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return home
+    nvcc = shutil.which("nvcc")
+    for candidate in ((os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None),
+                      "/usr/local/cuda"):
+        if has_headers(candidate):
+            print(f"forgetscore: CUDA_HOME {home!r} holds no CUDA headers; using {candidate!r} "
+                  "(set CUDA_HOME to choose)", file=sys.stderr)
+            cpp_extension.CUDA_HOME = candidate  # read by torch's build helpers when they compile
+            os.environ["CUDA_HOME"] = candidate
+            return candidate
+    return home
+
+
 def _find_nvcc(cuda_home: str | None) -> str | None:
     if cuda_home:
         candidate = os.path.join(cuda_home, "bin", "nvcc")
         if os.path.exists(candidate):
             return candidate
     return shutil.which("nvcc")
+
+
+def _default_cuda_archs(torch) -> None:
+    """Sets TORCH_CUDA_ARCH_LIST when it is unset and no GPU is visible (a build machine).
+
+    torch derives the target architectures from the visible GPUs, and with none it fails
+    deep inside its build helpers (IndexError). Build for the architectures this torch was
+    itself built for, the newest also as PTX so that newer GPUs can JIT it.
+    """
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.device_count() > 0:
+        return
+    try:
+        flags = torch._C._cuda_getArchFlags().split()  # e.g. "sm_80 sm_90"; no GPU needed
+        archs = [f"{a[3:-1]}.{a[-1]}" for a in flags if a.startswith("sm_") and a[3:].isdigit()]
+    except Exception:  # noqa: BLE001 - a private helper: fall back to a fixed list
+        archs = []
+    archs = archs or ["8.0", "9.0"]
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs[:-1] + [archs[-1] + "+PTX"])
+    print(f"forgetscore: no GPU visible and TORCH_CUDA_ARCH_LIST unset; building for "
+          f"{os.environ['TORCH_CUDA_ARCH_LIST']} (set TORCH_CUDA_ARCH_LIST to choose)", file=sys.stderr)
 
 
 def _openmp_flags() -> tuple[list[str], list[str]]:
@@ -71,13 +119,10 @@ def _native_extensions():
         return [], None
 
     mode = _env_flag("FORGETSCORE_BUILD_CUDA", "auto")
-    nvcc = _find_nvcc(cpp_extension.CUDA_HOME)
-    if mode in ("1", "true", "yes", "on"):
-        with_cuda = True
-    elif mode in ("0", "false", "no", "off"):
-        with_cuda = False
-    else:
-        with_cuda = torch.version.cuda is not None and nvcc is not None
+    forced_on, forced_off = mode in ("1", "true", "yes", "on"), mode in ("0", "false", "no", "off")
+    may_use_cuda = forced_on or (not forced_off and torch.version.cuda is not None)
+    nvcc = _find_nvcc(_cuda_home(cpp_extension) if may_use_cuda else cpp_extension.CUDA_HOME)
+    with_cuda = forced_on or (may_use_cuda and nvcc is not None)
     print(f"forgetscore: building forgetscore._C with{'' if with_cuda else 'out'} CUDA "
           f"(FORGETSCORE_BUILD_CUDA={mode}, torch CUDA {torch.version.cuda}, nvcc {nvcc})", file=sys.stderr)
 
@@ -88,6 +133,7 @@ def _native_extensions():
     sources = _rel("csrc/bindings.cpp") + _rel("csrc/cpu/*.cpp")
     depends = _rel("csrc/*.h") + _rel("csrc/cuda/*.cuh") + _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp")
     if with_cuda:
+        _default_cuda_archs(torch)
         sources += _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp")
         ext = cpp_extension.CUDAExtension(
             "forgetscore._C",

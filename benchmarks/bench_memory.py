@@ -11,13 +11,16 @@ peaks do not mix):
   ``run_sweep`` (chunked, into a directory) over a strided subset of the images spread
   over the whole store, which reads from every shard;
 - ``scan``: opens the store and reads every image and caption state of every shard
-  through ``PreparedData.inputs`` / ``.text``, block by block.
+  through ``PreparedData.inputs`` / ``.text``, block by block;
+- ``random``: reads ten times ``--sweep-images`` images in shuffled order (a candidate list
+  in no particular order), 1024 at a time, each batch from nearly every shard.
 
 Each reports its peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``),
 the same before the store is opened, and at the end the process's anonymous and
 file-backed resident memory (``RssAnon`` / ``RssFile`` in Linux's ``/proc/self/status``).
-File-backed pages of the memory-mapped shards count in the RSS while they stay mapped
-and cached, but the kernel can drop them under pressure; anonymous memory cannot be.
+File-backed pages of the memory-mapped shards would count in the RSS while they stay
+mapped; ``PreparedData`` unmaps each shard's pages once a read has copied its rows, so
+neither kind should grow with the store.
 
     python benchmarks/bench_memory.py [--images 1000000] [--sweep-images 20000] [--json out.json]
 """
@@ -158,13 +161,22 @@ def child(args) -> dict:
         info.update(images=len(ids), stride=stride, rows=len(ids) * plan.versions * len(plan.timesteps),
                     shards_read=shards_read, finite=bool(np.isfinite(losses).all()),
                     batch_rows=args.batch_rows, chunk_size=args.chunk_size)
-    else:  # scan: read everything, block by block
+    elif args.child == "scan":  # read everything, block by block
         total = 0.0
         block = 8192
         for lo in range(0, data.n, block):
             idx = np.arange(lo, min(data.n, lo + block))
             total += float(data.inputs(idx).sum()) + float(data.text(idx, "all")[0].sum())
         info.update(images=data.n, shards_read=len(data._inputs), checksum=total, block=block)
+    else:  # random: a shuffled subset, as a candidate list in no particular order, in batches
+        ids = np.random.default_rng(SEED).permutation(data.n)[:args.sweep_images * 10]
+        total = 0.0
+        block = 1024
+        for lo in range(0, len(ids), block):
+            idx = ids[lo:lo + block]
+            total += float(data.inputs(idx).sum()) + float(data.text(idx, "all")[0].sum())
+        info.update(images=len(ids), shards_read=len({int(i) // data.shard_size for i in ids}), checksum=total,
+                    block=block)
     info["seconds"] = time.perf_counter() - t0
     info["peak_rss"] = maxrss()
     info.update({f"end_{k}": v for k, v in rss_now().items()})
@@ -188,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the store")
     p.add_argument("--json", metavar="OUT", help="write the measurements as JSON")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads(N) in the subprocesses")
-    p.add_argument("--child", choices=("write", "sweep", "scan"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("write", "sweep", "scan", "random"), help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -248,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {result['store']['shards']} shards, {gib(result['store']['bytes'])} in "
               f"{result['store']['seconds']:.1f} s", flush=True)
         save()
-        for name in ("sweep", "scan"):
+        for name in ("sweep", "scan", "random"):
             print(f"{name} ...", flush=True)
             result["children"][name] = run_child(name)
             print(f"  {result['children'][name]}", flush=True)
@@ -272,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in c:
             rows.append((name, "-", "-", "-", "-", "-", "-", "-", "-", c["error"][:80]))
             continue
-        what = (f"sweep (stride {c['stride']}, {c['rows']:,} rows)" if name == "sweep" else "scan (all)")
+        what = {"sweep": f"sweep (stride {c.get('stride')}, {c.get('rows', 0):,} rows)", "scan": "scan (all)",
+                "random": f"random reads (batches of {c.get('block')})"}[name]
         rows.append((what, f"{c['images']:,}", str(c["shards_read"]), f"{c['seconds']:.1f}", gib(c["peak_rss"]),
                      gib(c["rss_before_open"]), gib(c["peak_rss"] - c["rss_before_open"]),
                      gib(c.get("end_RssAnon", 0)), gib(c.get("end_RssFile", 0)), f"{c['peak_rss'] / size:.2f}"))

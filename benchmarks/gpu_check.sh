@@ -9,7 +9,7 @@
 # Environment:
 #   OUT                 folder for logs and results (default: a fresh temporary folder)
 #   GPU_CHECK_BUDGET_S  wall-clock budget for the whole script, seconds (default 540)
-#   PYTHON              interpreter (default: python)
+#   PYTHON              interpreter (default: python or python3, whichever imports torch)
 #
 # Every step runs under `timeout` with its own cap, cut down to what is left of the
 # budget, and its output goes to $OUT/<step>.log.  A failing step does not stop the
@@ -19,7 +19,15 @@
 set -u
 cd "$(dirname "$0")/.." || exit 1
 
-PYTHON=${PYTHON:-python}
+# The first of python, python3 that imports torch (images differ in which of the two holds it).
+if [[ -z ${PYTHON:-} ]]; then
+  for candidate in python python3; do
+    if command -v "$candidate" > /dev/null && "$candidate" -c "import torch" > /dev/null 2>&1; then
+      PYTHON=$candidate; break
+    fi
+  done
+  PYTHON=${PYTHON:-python3}
+fi
 OUT=${OUT:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
 mkdir -p "$OUT"
 BUDGET=${GPU_CHECK_BUDGET_S:-540}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,7 +180,8 @@ def _gather(files: list[np.ndarray], shard: np.ndarray, local: np.ndarray, out: 
 
     A sweep's batches are runs of consecutive images, whose rows are consecutive in their shard
     file: each such run is one block copy (faster than a row gather). Scattered rows are
-    gathered in C, one call per stretch of rows from the same shard; no Python step per image.
+    gathered in C, one call per shard they come from, whatever their order; no Python step per
+    image. Each shard is unmapped again as soon as its rows are copied (:func:`_unmap`).
     """
     if len(shard) == 0:
         return out
@@ -188,17 +190,41 @@ def _gather(files: list[np.ndarray], shard: np.ndarray, local: np.ndarray, out: 
         starts, ends = np.r_[0, breaks], np.r_[breaks, len(shard)]
         for a, b in zip(starts.tolist(), ends.tolist()):
             lo = int(local[a])
-            out[a:b] = files[int(shard[a])][lo:lo + b - a]
-        return out
-    cut = np.flatnonzero(np.diff(shard)) + 1
-    for a, b in zip(np.r_[0, cut].tolist(), np.r_[cut, len(shard)].tolist()):
-        src = files[int(shard[a])]
-        if src.dtype == out.dtype:
-            # mode="clip" (the ids are in range): with "raise" and `out`, numpy gathers into a buffer first.
-            np.take(src, local[a:b], axis=0, out=out[a:b], mode="clip")
-        else:  # e.g. float16 caption states
-            out[a:b] = src[local[a:b]]
+            src = files[int(shard[a])]
+            out[a:b] = src[lo:lo + b - a]
+            _unmap(src)
+    else:
+        # Rows grouped by shard (stable, so rows already grouped keep their places).
+        order = None if np.all(np.diff(shard) >= 0) else np.argsort(shard, kind="stable")
+        by_shard = shard if order is None else shard[order]
+        cut = np.flatnonzero(np.diff(by_shard)) + 1
+        for a, b in zip(np.r_[0, cut].tolist(), np.r_[cut, len(shard)].tolist()):
+            src = files[int(by_shard[a])]
+            if order is not None:
+                pos = order[a:b]
+                out[pos] = src[local[pos]]
+            elif src.dtype == out.dtype:
+                # mode="clip" (the ids are in range): with "raise" and `out`, numpy gathers into a buffer first.
+                np.take(src, local[a:b], axis=0, out=out[a:b], mode="clip")
+            else:  # e.g. float16 caption states
+                out[a:b] = src[local[a:b]]
+            _unmap(src)
     return out
+
+
+def _unmap(src: np.ndarray) -> None:
+    """Take a memory-mapped shard's pages out of this process once its rows have been copied.
+
+    Left mapped, every page a sweep touches stays in the process's resident set, and so do its
+    neighbours: the kernel maps in pages around each fault, whole large folios of the page cache
+    at a time (megabytes for a few scattered rows). Over a full pass the resident set would grow
+    to the size of the store, and a batch of rows scattered over many shards alone can map much
+    of it; unmapped shard by shard, at most one shard's pages are mapped at a time. The pages
+    stay in the page cache: reading them again costs a minor fault, not a disk read.
+    """
+    mm = getattr(src, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise"):  # not for in-memory arrays, nor where there is no madvise
+        mm.madvise(mmap.MADV_DONTNEED)
 
 
 def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, *, shard_size: int = 4096,
