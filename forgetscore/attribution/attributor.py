@@ -34,7 +34,7 @@ from .losses import LossSweep
 from .model import DiffusionModel
 from .plan import ScoringPlan
 from .results import Attribution
-from .sweep import barrier, indices_id, init_distributed, run_sweep, variant_id
+from .sweep import SWEEP_FORMAT, barrier, indices_id, init_distributed, run_sweep, variant_id
 from .train_loss import row_losses
 from .unlearning import UnlearnConfig, unlearn
 
@@ -169,8 +169,9 @@ class Attributor:
         data = self.prepare()
         sel = np.arange(data.n) if indices is None else np.asarray(indices, dtype=np.int64)
         ids = [variant_id(w) for w in variants]
+        # The format too: a sweep interrupted under an older version starts afresh in its own folder.
         key = self._key(self.model.unet_id(), data.data_id, self.plan.to_dict(), self.batch_size, self.chunk_size,
-                        self.precision, ids, indices_id(sel))
+                        self.precision, ids, indices_id(sel), SWEEP_FORMAT)
         out_dir = self.cache_dir / "sweeps" / key
         losses = run_sweep(self.sweep(), variants, out_dir, indices=sel, chunk_size=self.chunk_size,
                            variant_ids=ids, progress=self.progress, desc=desc)

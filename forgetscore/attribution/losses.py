@@ -27,6 +27,7 @@ from .. import kernels
 from .data import PreparedData
 from .model import DiffusionModel
 from .plan import ScoringPlan
+from .text_kv import SharedText
 
 # UNet precision of a sweep: scores are small differences of two losses, so this matters
 # (see benchmarks/RESULTS.md, "Precision").
@@ -267,8 +268,13 @@ class _Batch:
     n_images: int
     rows: Rows
     x0: torch.Tensor            # [rows, C, H, W] float32
-    ctx: torch.Tensor           # [rows, L, D] in the UNet's dtype
+    ctx: torch.Tensor           # [captions, L, D] in the UNet's dtype: each caption once (rows.text_row)
     noise: torch.Tensor | None  # reference noise of the rows; None: keyed noise, made in-kernel
+
+
+def _pad(a: torch.Tensor, n: int) -> torch.Tensor:
+    """`a` with its last row repeated up to n rows (a fresh tensor, even when nothing is added)."""
+    return torch.cat([a, a[-1:].expand(n - a.shape[0], *a.shape[1:])])
 
 
 class LossSweep:
@@ -318,6 +324,10 @@ class LossSweep:
         self._unet = model.unet if self.compile is None else torch.compile(
             model.unet, mode=None if self.compile == "default" else self.compile, backend=compile_backend,
             dynamic=False)
+        self._shared_text = SharedText(model.unet)
+        # Compiled calls get this many caption rows (padded): a batch of whole images has at most one
+        # caption per versions x timesteps rows.
+        self._caption_rows = max(1, -(-batch_size // (plan.versions * len(plan.timesteps))))
 
     def _precision(self):
         return unet_precision(self.model.device, self.precision)
@@ -351,7 +361,7 @@ class LossSweep:
         text, counts = self.data.text(ids, self.plan.captions)
         rows = expand_rows(ids, counts, self.plan)
         x0 = inputs[rows.image, rows.version]
-        ctx = text[rows.text_row].to(self._dtype)
+        ctx = text.to(self._dtype)
         noise = None
         if self._noise is not None:
             noise = self._noise.rows(rows.sample_id.numpy(), rows.version.numpy(), rows.caption.numpy(),
@@ -376,16 +386,26 @@ class LossSweep:
                     pending = pool.submit(self._load, batches[k + 1])
                 yield ready
 
-    def _forward(self, x_t: torch.Tensor, ts: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x_t: torch.Tensor, ts: torch.Tensor, ctx: torch.Tensor, text_row: torch.Tensor,
+                 shared: bool) -> torch.Tensor:
+        """The UNet on rows (x_t, ts) whose caption states are ctx[text_row].
+
+        shared: the attention layers take each caption once (:mod:`.text_kv`); else every row its states.
+        """
         n = x_t.shape[0]
         if self.compile is not None:
             # One static shape: a compiled graph (and a CUDA graph) per shape would recompile and
             # re-record for nearly every image batch, whose row counts vary with the captions. The
             # copy also makes every input a fresh inference tensor, as dynamo's guards expect.
-            pad = self.batch_size - n
-            x_t, ts, ctx = (torch.cat([a, a[-1:].expand(pad, *a.shape[1:])]) for a in (x_t, ts, ctx))
+            x_t, ts, text_row = (_pad(a, self.batch_size) for a in (x_t, ts, text_row))
+            ctx = _pad(ctx, max(self._caption_rows, ctx.shape[0]))
         with self._precision():
-            return self._unet(x_t, ts, encoder_hidden_states=ctx, return_dict=False)[0][:n]
+            if shared:
+                out = self._unet(x_t, ts, encoder_hidden_states=ctx, cross_attention_kwargs={"text_index": text_row},
+                                 return_dict=False)
+            else:
+                out = self._unet(x_t, ts, encoder_hidden_states=ctx.index_select(0, text_row), return_dict=False)
+        return out[0][:n]
 
     def _reference_target(self, x0: torch.Tensor, noise: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
         kind = self.model.prediction_type
@@ -401,6 +421,7 @@ class LossSweep:
         rows, async_copy = batch.rows, dev.type == "cuda"
         x0 = batch.x0.to(dev, non_blocking=async_copy)
         ctx = batch.ctx.to(dev, non_blocking=async_copy)
+        text_row = rows.text_row.to(dev)
         ts = rows.timestep.to(dev)
         if batch.noise is None:
             sids, dids = rows.sample_id.to(dev), rows.draw_id.to(dev)
@@ -416,11 +437,11 @@ class LossSweep:
         cnt = torch.bincount(group, minlength=n_groups).double()
         out = torch.empty(len(variants), batch.n_images, self.plan.versions, dtype=torch.float64)
         for v, weights in enumerate(variants):
-            with m.swapped(weights):
+            with m.swapped(weights), self._shared_text.installed() as shared:
                 losses = torch.empty(len(rows), dtype=torch.float32, device=dev)
                 for lo in range(0, len(rows), self.batch_size):
                     hi = min(len(rows), lo + self.batch_size)
-                    pred = self._forward(x_t[lo:hi], ts[lo:hi], ctx[lo:hi])
+                    pred = self._forward(x_t[lo:hi], ts[lo:hi], ctx, text_row[lo:hi], shared)
                     if target is None:
                         losses[lo:hi] = kernels.diffusion_loss(pred, x0[lo:hi], ts[lo:hi], self.acp,
                                                                self.plan.seed, sids[lo:hi], dids[lo:hi],

@@ -40,7 +40,7 @@ import torch
 from .io import read_json, write_json, write_npy
 from .losses import LossSweep
 
-SWEEP_FORMAT = 1
+SWEEP_FORMAT = 2  # 2: cross-attention keys and values once per caption (text_kv)
 MANIFEST = "sweep.json"
 # The identities a directory's chunks were computed under; all must match for reuse.
 # Precision changes the numbers, so it is part of the identity; compile mode, device and backend
