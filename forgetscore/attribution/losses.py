@@ -3,7 +3,9 @@
 A batch of images is expanded into rows (image x version x caption x timestep),
 noised once, and run through the UNet once per model variant (the original weights,
 or the unlearned weights of one or more queries), so several queries share the
-loading and noising of the data.
+loading and noising of the data. The UNet gets each caption's states once, and its
+cross-attention layers project them to keys and values once per caption
+(:mod:`.text_kv`), not once per row.
 
 The host side of a batch (memory-mapped reads, text gather, row expansion, pinned
 copies on CUDA) is prepared in a background thread while the previous batch runs on
