@@ -252,16 +252,19 @@ def test_probe_halves_on_out_of_memory(setup, monkeypatch):
     model = setup["att"].model
     real, tried = model.unet.forward, []
 
-    def forward(x, t, encoder_hidden_states, return_dict=True):
-        tried.append((x.shape[0], tuple(x.shape[1:]), tuple(encoder_hidden_states.shape)))
+    def forward(x, t, encoder_hidden_states, cross_attention_kwargs=None, return_dict=True):
+        rows = cross_attention_kwargs["text_index"]
+        tried.append((x.shape[0], tuple(x.shape[1:]), tuple(encoder_hidden_states.shape), tuple(rows.shape)))
         if x.shape[0] > 24:
             raise FakeOOM("CUDA out of memory (fake)")
-        return real(x, t, encoder_hidden_states=encoder_hidden_states, return_dict=return_dict)
+        return real(x, t, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs,
+                    return_dict=return_dict)
 
     monkeypatch.setattr(model.unet, "forward", forward)
     assert losses_mod.probe_batch_size(model, cap=100) == 16
+    # called as the sweep calls the UNet: one caption's states, every row pointing at it
     text_shape = tuple(setup["data"].text([0], "first")[0].shape[1:])
-    assert tried == [(n, model.input_shape, (n, *text_shape)) for n in (64, 32, 16)]
+    assert tried == [(n, model.input_shape, (1, *text_shape), (n,)) for n in (64, 32, 16)]
     tried.clear()
     assert losses_mod.probe_batch_size(model, "bf16", cap=16) == 16 and len(tried) == 1
     with pytest.raises(ValueError, match="^precision: "):

@@ -222,6 +222,19 @@ def unet_precision(device: torch.device, precision: str) -> Iterator[None]:
         yield
 
 
+def call_unet(unet: torch.nn.Module, x_t: torch.Tensor, ts: torch.Tensor, ctx: torch.Tensor, text_row: torch.Tensor,
+              shared: bool) -> torch.Tensor:
+    """The UNet's prediction for rows (x_t, ts) whose caption states are ctx[text_row].
+
+    shared: the attention layers take each caption once (:meth:`.text_kv.SharedText.installed`);
+    otherwise every row is given its own copy of its caption's states.
+    """
+    if shared:
+        return unet(x_t, ts, encoder_hidden_states=ctx, cross_attention_kwargs={"text_index": text_row},
+                    return_dict=False)[0]
+    return unet(x_t, ts, encoder_hidden_states=ctx.index_select(0, text_row), return_dict=False)[0]
+
+
 @torch.inference_mode()
 def probe_batch_size(model: DiffusionModel, precision: str = "fp32", *, cap: int = AUTO_BATCH_CAP) -> int:
     """The largest power-of-two row batch up to `cap` whose UNet forward fits on the model's device.
@@ -232,14 +245,15 @@ def probe_batch_size(model: DiffusionModel, precision: str = "fp32", *, cap: int
     dev = model.device
     check_precision(precision, dev)
     dtype = next(model.unet.parameters()).dtype
-    states = model.encode_text([""])[0].to(dtype)  # [L, D]: the shape of every prepared caption
+    states = model.encode_text([""]).to(dtype)  # [1, L, D]: the shape of every prepared caption
+    shared_text = SharedText(model.unet)
 
     def fits(n: int) -> None:
         x = torch.randn((n, *model.input_shape), device=dev).to(dtype)
         t = torch.full((n,), model.num_train_timesteps - 1, dtype=torch.int64, device=dev)
-        ctx = states.expand(n, *states.shape).contiguous()  # the sweep passes a gathered copy too
-        with unet_precision(dev, precision):
-            model.unet(x, t, encoder_hidden_states=ctx, return_dict=False)
+        rows = torch.zeros(n, dtype=torch.int64, device=dev)
+        with unet_precision(dev, precision), shared_text.installed() as shared:
+            call_unet(model.unet, x, t, states, rows, shared)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
@@ -390,10 +404,6 @@ class LossSweep:
 
     def _forward(self, x_t: torch.Tensor, ts: torch.Tensor, ctx: torch.Tensor, text_row: torch.Tensor,
                  shared: bool) -> torch.Tensor:
-        """The UNet on rows (x_t, ts) whose caption states are ctx[text_row].
-
-        shared: the attention layers take each caption once (:mod:`.text_kv`); else every row its states.
-        """
         n = x_t.shape[0]
         if self.compile is not None:
             # One static shape: a compiled graph (and a CUDA graph) per shape would recompile and
@@ -402,12 +412,7 @@ class LossSweep:
             x_t, ts, text_row = (_pad(a, self.batch_size) for a in (x_t, ts, text_row))
             ctx = _pad(ctx, max(self._caption_rows, ctx.shape[0]))
         with self._precision():
-            if shared:
-                out = self._unet(x_t, ts, encoder_hidden_states=ctx, cross_attention_kwargs={"text_index": text_row},
-                                 return_dict=False)
-            else:
-                out = self._unet(x_t, ts, encoder_hidden_states=ctx.index_select(0, text_row), return_dict=False)
-        return out[0][:n]
+            return call_unet(self._unet, x_t, ts, ctx, text_row, shared)[:n]
 
     def _reference_target(self, x0: torch.Tensor, noise: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
         kind = self.model.prediction_type
