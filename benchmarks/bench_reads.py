@@ -8,7 +8,9 @@ the same run; both return the same arrays (checked).
 
     python benchmarks/bench_reads.py [--cache PREPARED_DIR] [--batch 1024] [--repeat 20]
 
-Default cache: the embedded digits model's prepared training set (made on first use).
+Default cache: the embedded digits model's prepared training set (made on first use), one
+shard; for random batches that hop between shards, point --cache at a larger store, e.g. the
+synthetic one `bench_memory.py --images 200000 --dir D --keep` leaves in D/store.
 """
 from __future__ import annotations
 
