@@ -100,6 +100,10 @@ def test_installed_restores_after_an_error_and_reuses_its_processors(unet):
     assert unet.attn_processors == before
     with shared.installed():
         assert unet.attn_processors == first  # the same objects: a compiled UNet sees the same layers
+        with shared.installed() as on:  # nested: still shared inside and after
+            assert on and unet.attn_processors == first
+        assert unet.attn_processors == first
+    assert unet.attn_processors == before
 
 
 def test_not_installed_where_a_layer_is_not_mirrored(unet):

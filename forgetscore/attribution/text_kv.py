@@ -111,10 +111,11 @@ class SharedText:
         if plan is None:
             yield False
             return
+        previous = [module.processor for module, _ in plan]  # restored as found, so a nested `with` is harmless
         for module, made in plan:
             module.processor = made
         try:
             yield True
         finally:
-            for module, made in plan:
-                module.processor = made.original
+            for (module, _), processor in zip(plan, previous):
+                module.processor = processor
