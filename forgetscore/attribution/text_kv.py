@@ -79,6 +79,7 @@ class SharedText:
     def __init__(self, unet: torch.nn.Module):
         self.unet = unet
         self._made: dict[int, SharedTextProcessor] = {}
+        self._layers: list[torch.nn.Module] | None = None  # the attention layers, found once (a walk per batch adds up)
 
     def _plan(self) -> list[tuple[torch.nn.Module, SharedTextProcessor]] | None:
         try:
@@ -87,10 +88,10 @@ class SharedText:
             return None
         if getattr(getattr(self.unet, "config", None), "addition_embed_type", None) is not None:
             return None  # e.g. a text embedding added to the time embedding: it would see one row per caption
+        if self._layers is None:
+            self._layers = [m for m in self.unet.modules() if isinstance(m, attention)]
         plan = []
-        for module in self.unet.modules():
-            if not isinstance(module, attention):
-                continue
+        for module in self._layers:
             current = module.processor
             made = self._made.get(id(module))
             if made is not None and (current is made or current is made.original):
