@@ -79,7 +79,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_fisher_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Fisher")
     g.add_argument("--fisher-samples", type=int, help="samples (default: 5 x training-set size, as the paper)")
-    g.add_argument("--fisher-batch-size", type=int, default=64)
+    g.add_argument("--fisher-batch-size", type=int, help="samples per backward pass (default: 64)")
+    g.add_argument("--fisher-chunk-size", type=int,
+                   help="samples per resumable chunk, the unit shared among torchrun ranks (default: 16384)")
 
 
 def _add_unlearn_args(p: argparse.ArgumentParser) -> None:
@@ -112,10 +114,12 @@ def _plan(args: argparse.Namespace):
 
 def _attributor(args: argparse.Namespace):
     from .attribution import Attributor
+    fisher = {k: getattr(args, k) for k in ("fisher_batch_size", "fisher_chunk_size")
+              if getattr(args, k, None) is not None}  # only the commands that compute a Fisher take these
     return Attributor.load(args.model, args.train, plan=_plan(args), weights=args.weights, cache_dir=args.cache,
                            batch_size=args.batch_size, backend=args.backend, device=_device(args.device),
                            resize=args.resize, chunk_size=args.chunk_size, precision=args.precision,
-                           prefetch=not args.no_prefetch, compile=args.compile)
+                           prefetch=not args.no_prefetch, compile=args.compile, **fisher)
 
 
 def _device(name: str) -> str:
@@ -195,7 +199,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _fisher(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     att = _attributor(args)
-    fisher = att.fisher(args.fisher_samples, batch_size=args.fisher_batch_size)
+    fisher = att.fisher(args.fisher_samples)
     if att.rank:
         return 0
     total = sum(f.numel() for f in fisher.values())

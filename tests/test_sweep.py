@@ -14,9 +14,9 @@ import torch
 
 import tiny
 from forgetscore.attribution import Attributor, ScoringPlan
-from forgetscore.attribution import sweep as sweep_mod
 from forgetscore.attribution.losses import LossSweep
-from forgetscore.attribution.sweep import chunk_name, distributed_env, run_sweep, variant_id
+from forgetscore.attribution.ranks import distributed_env
+from forgetscore.attribution.sweep import chunk_name, run_sweep, variant_id
 
 REPO = Path(__file__).resolve().parents[1]
 PLAN = ScoringPlan(timesteps=(5, 500), flips=True, seed=3)
@@ -204,7 +204,8 @@ def test_two_rank_gloo_sweep_equals_single_process(setup, tmp_path):
         import torch.distributed as dist
         from forgetscore.attribution import Attributor, ScoringPlan
         from forgetscore.attribution.losses import LossSweep
-        from forgetscore.attribution.sweep import distributed_env, run_sweep, variant_id
+        from forgetscore.attribution.ranks import distributed_env
+        from forgetscore.attribution.sweep import run_sweep, variant_id
 
         computed = []
         real = LossSweep.run
@@ -247,4 +248,4 @@ def test_two_rank_gloo_sweep_equals_single_process(setup, tmp_path):
     for rank in range(2):
         np.testing.assert_array_equal(np.load(str(result).format(rank=rank)), want)
     assert sorted(p.name for p in out.iterdir()) == [chunk_name(k) for k in range(3)] + ["sweep.json"]
-    assert sweep_mod.read_json(out / "sweep.json")["variant_ids"] == _ids(setup)
+    assert json.loads((out / "sweep.json").read_text())["variant_ids"] == _ids(setup)

@@ -27,14 +27,15 @@ import torch
 from ..cache import cache_root
 from . import params
 from .data import PreparedData, TrainingSet, load_image, prepare
-from .fisher import compute_fisher
+from .fisher import FISHER_CHUNK, FISHER_FORMAT, run_fisher
 from .generate import generate
-from .io import read_json, write_json, write_npy
+from .io import read_json, write_bytes, write_json, write_npy
 from .losses import LossSweep
 from .model import DiffusionModel
 from .plan import ScoringPlan
 from .results import Attribution
-from .sweep import SWEEP_FORMAT, barrier, indices_id, init_distributed, run_sweep, variant_id
+from .ranks import all_gather, barrier, init_distributed, on_rank0
+from .sweep import SWEEP_FORMAT, indices_id, run_sweep, variant_id
 from .train_loss import row_losses
 from .unlearning import UnlearnConfig, unlearn
 
@@ -64,9 +65,9 @@ class Attributor:
     def __init__(self, model: DiffusionModel, train: TrainingSet, *, plan: ScoringPlan | None = None,
                  weights: str = "kv", cache_dir: str | os.PathLike | None = None, batch_size: int | str = 256,
                  backend: str = "auto", progress: bool = True, resize: bool = False, chunk_size: int = 4096,
-                 precision: str = "fp32", prefetch: bool = True, compile: str | None = None):
+                 precision: str = "fp32", prefetch: bool = True, compile: str | None = None,
+                 fisher_batch_size: int = 64, fisher_chunk_size: int = FISHER_CHUNK):
         from .losses import auto_batch_size, check_precision, compile_mode
-        from .sweep import all_gather
 
         self.model, self.train = model, train
         self.plan = plan or ScoringPlan()
@@ -75,6 +76,10 @@ class Attributor:
         self.weights = weights
         self.backend, self.resize = backend, resize
         self.chunk_size = chunk_size
+        for name, v in (("fisher_batch_size", fisher_batch_size), ("fisher_chunk_size", fisher_chunk_size)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: {v!r} must be an int >= 1")
+        self.fisher_batch_size, self.fisher_chunk_size = fisher_batch_size, fisher_chunk_size
         check_precision(precision, model.device)
         self.precision = precision
         # Sweep options that leave the numbers as they are (prefetch) or change only their last bits (compile).
@@ -115,28 +120,36 @@ class Attributor:
     def _key(self, *parts: object) -> str:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def fisher(self, samples: int | None = None, *, seed: int = 0, batch_size: int = 64,
-               path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
-        """The diagonal Fisher of the selected weights (default: 5 epochs' worth of samples, the paper)."""
-        from safetensors.torch import save_file
+    def fisher(self, samples: int | None = None, *, seed: int = 0, batch_size: int | None = None,
+               chunk_size: int | None = None, path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+        """The diagonal Fisher of the selected weights (default: 5 epochs' worth of samples, the paper).
 
+        Computed once and cached; in resumable chunks of samples that the ranks share under torchrun
+        (`batch_size`, `chunk_size`: default the Attributor's `fisher_batch_size`, `fisher_chunk_size`).
+        """
         data = self.prepare()
         samples = samples or 5 * data.n
+        batch_size = batch_size or self.fisher_batch_size
+        chunk_size = chunk_size or self.fisher_chunk_size
         meta = {"unet_id": self.model.unet_id(), "data_id": data.data_id, "names": self.names,
                 "samples": samples, "seed": seed, "flips": self.plan.flips, "captions": self.plan.captions}
         path = Path(path) if path else self.cache_dir / f"fisher-{self._key(meta)}.safetensors"
-        if not path.is_file() and self.rank == 0:
+        if not path.is_file():
             t = time.perf_counter()
-            fisher = compute_fisher(self.model, data, self.names, samples=samples, seed=seed,
-                                    batch_size=batch_size, flips=self.plan.flips, captions=self.plan.captions,
-                                    backend=self.backend, progress=self.progress)
+            # Chunks made under other batch or chunk sizes differ in their last bits: each pair has its own folder.
+            parts = path.with_name(f"{path.name}.parts-{self._key(batch_size, chunk_size, FISHER_FORMAT)}")
+            fisher = run_fisher(self.model, data, self.names, parts, samples=samples, chunk_size=chunk_size,
+                                seed=seed, batch_size=batch_size, flips=self.plan.flips,
+                                captions=self.plan.captions, backend=self.backend, progress=self.progress)
             self.timings.add("fisher", time.perf_counter() - t, samples, "samples")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file({n: f.cpu().contiguous() for n, f in fisher.items()}, str(tmp),
-                      metadata={"forgetscore": json.dumps(meta)})
-            os.replace(tmp, path)
-        barrier()
+            if self.rank == 0:
+                from safetensors.torch import save
+
+                write_bytes(path, save({n: f.cpu().contiguous() for n, f in fisher.items()},
+                                       metadata={"forgetscore": json.dumps(meta)}))
+                for stale in path.parent.glob(f"{path.name}.parts-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+            barrier()
         return load_fisher(path, self.model, self.names)
 
     def sweep(self) -> LossSweep:
@@ -256,11 +269,15 @@ class Attributor:
         fisher = self.fisher(fisher_samples) if config.method == "newton" else None
         x0 = self.query_inputs(query)
         ctx = self.model.encode_text([prompt])[0]
+        mask = self.region_mask(region)
         t = time.perf_counter()
-        out = unlearn(self.model, self.names, fisher, x0, ctx, config, len(self.train), self.region_mask(region),
-                      self.backend, self.progress)
+        # Rank 0 alone takes the step and hands every rank its weights: the step's backward passes need not
+        # give the same last bits on two GPUs, and every rank must sweep the same weights.
+        out = on_rank0(lambda: {n: w.cpu() for n, w in unlearn(self.model, self.names, fisher, x0, ctx, config,
+                                                                len(self.train), mask, self.backend,
+                                                                self.progress).items()})
         self.timings.add("unlearn", time.perf_counter() - t, config.steps * config.draws, "draws")
-        return out
+        return {n: w.to(self.model.device) for n, w in out.items()}
 
     def attribute(self, query: torch.Tensor | str | os.PathLike, prompt: str, *, k: int = 10,
                   config: UnlearnConfig | None = None, region: Sequence[int] | torch.Tensor | None = None,

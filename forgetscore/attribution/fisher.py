@@ -6,14 +6,22 @@ one random caption of it, one random timestep and fresh noise. For linear layers
 each layer's inputs X and output gradients G, and ``kernels.fisher_accumulate`` adds
 sum_b (G_b^T X_b)^2. Other parameters (convolutions, norms under ``all``) fall back to
 one backward pass per sample. Accumulated in float64.
+
+:func:`compute_fisher` computes it in memory; :func:`run_fisher` in resumable chunks of
+samples written into a directory and shared by the ranks of a torchrun job (see below).
 """
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
 from .. import kernels
 from .data import PreparedData
+from .io import write_bytes
 from .model import DiffusionModel
+from .ranks import barrier, deal_chunks, on_rank0
 from .train_loss import row_losses
 
 FISHER_STREAM = 0x46495348  # separates the Fisher's random draws from the scoring plan's
@@ -50,16 +58,8 @@ class _Capture:
             h.remove()
 
 
-def compute_fisher(model: DiffusionModel, data: PreparedData, names: list[str], *, samples: int, seed: int = 0,
-                   batch_size: int = 64, flips: bool = True, captions: str = "all", backend: str = "auto",
-                   progress: bool = True) -> dict[str, torch.Tensor]:
-    """{parameter name: float64 Fisher diagonal (parameter's shape)} from `samples` samples."""
-    from tqdm.auto import tqdm
-
-    if samples < 1:
-        raise ValueError(f"samples: {samples} must be >= 1")
-    unet = model.unet
-    all_params = dict(unet.named_parameters())
+def _split(unet: torch.nn.Module, names: list[str]) -> tuple[dict, dict, list[str]]:
+    """The selected weights as ({linear layer: module}, {layer: its bias's name}, [other parameters])."""
     modules = dict(unet.named_modules())
     linear, bias_of, other = {}, {}, []
     for n in names:
@@ -72,53 +72,226 @@ def compute_fisher(model: DiffusionModel, data: PreparedData, names: list[str], 
             bias_of[owner] = n
         else:
             other.append(n)
-    fisher = {n: torch.zeros(all_params[n].shape, dtype=torch.float64, device=model.device) for n in names}
+    return linear, bias_of, other
+
+
+def fisher_sums(model: DiffusionModel, data: PreparedData, names: list[str], *, start: int, count: int,
+                seed: int = 0, batch_size: int = 64, flips: bool = True, captions: str = "all",
+                backend: str = "auto", bar=None) -> dict[str, torch.Tensor]:
+    """{parameter name: float64 sum of squared per-sample gradients} over samples [start, start + count),
+    in batches of `batch_size` from `start` (so a range is always computed the same way)."""
+    unet = model.unet
+    all_params = dict(unet.named_parameters())
+    linear, bias_of, other = _split(unet, names)
+    sums = {n: torch.zeros(all_params[n].shape, dtype=torch.float64, device=model.device) for n in names}
     selected = [all_params[n] for n in names]
     for p in selected:
         p.requires_grad_(True)
     try:
-        with tqdm(total=samples, desc="fisher", unit="sample", disable=not progress) as bar:
-            for start in range(0, samples, batch_size):
-                count = min(batch_size, samples - start)
-                d = sample_draws(seed, start, count, data, model.num_train_timesteps, flips)
-                x0 = data.inputs(d["image"].numpy())[torch.arange(count), d["version"]].to(model.device)
-                text, counts = data.text(d["image"].numpy(), "all")
-                first = torch.cumsum(torch.as_tensor([0] + counts[:-1]), 0)
-                cap = d["caption"] if captions == "all" else torch.zeros_like(d["caption"])
-                ctx = text[first + cap].to(model.device)
-                args = (x0, ctx, d["timestep"].to(model.device), seed ^ FISHER_STREAM,
-                        d["sample_id"].to(model.device), torch.ones(count, dtype=torch.int64, device=model.device))
-                if linear:
-                    cap_hooks = _Capture(linear)
-                    try:
-                        losses = row_losses(model, *args, backend=backend)
-                    finally:
-                        cap_hooks.close()
-                    owners = list(cap_hooks.outputs)
-                    # Each row's loss depends only on its own sample, so the gradient of the sum w.r.t. a layer's
-                    # output rows is each sample's own output gradient.
-                    grads = torch.autograd.grad(losses.sum(), [cap_hooks.outputs[o] for o in owners],
-                                                retain_graph=bool(other))
-                    for o, g in zip(owners, grads):
-                        x = cap_hooks.inputs[o]
-                        x3 = x.reshape(count, -1, x.shape[-1])
-                        g3 = g.reshape(count, -1, g.shape[-1])
-                        wname = f"{o}.weight"
-                        if wname in fisher:
-                            kernels.fisher_accumulate(fisher[wname], x3, g3, backend=backend)
-                        if o in bias_of:
-                            fisher[bias_of[o]] += g3.double().sum(1).square().sum(0)
-                    del cap_hooks
-                if other:
-                    extra = [all_params[n] for n in other]
-                    if not linear:
-                        losses = row_losses(model, *args, backend=backend)
-                    for b in range(count):
-                        gs = torch.autograd.grad(losses[b], extra, retain_graph=b < count - 1)
-                        for n, g in zip(other, gs):
-                            fisher[n] += g.double().square()
-                bar.update(count)
+        for lo in range(start, start + count, batch_size):
+            n_rows = min(batch_size, start + count - lo)
+            d = sample_draws(seed, lo, n_rows, data, model.num_train_timesteps, flips)
+            x0 = data.inputs(d["image"].numpy())[torch.arange(n_rows), d["version"]].to(model.device)
+            text, counts = data.text(d["image"].numpy(), "all")
+            first = torch.cumsum(torch.as_tensor([0] + counts[:-1]), 0)
+            cap = d["caption"] if captions == "all" else torch.zeros_like(d["caption"])
+            ctx = text[first + cap].to(model.device)
+            args = (x0, ctx, d["timestep"].to(model.device), seed ^ FISHER_STREAM,
+                    d["sample_id"].to(model.device), torch.ones(n_rows, dtype=torch.int64, device=model.device))
+            if linear:
+                cap_hooks = _Capture(linear)
+                try:
+                    losses = row_losses(model, *args, backend=backend)
+                finally:
+                    cap_hooks.close()
+                owners = list(cap_hooks.outputs)
+                # Each row's loss depends only on its own sample, so the gradient of the sum w.r.t. a layer's
+                # output rows is each sample's own output gradient.
+                grads = torch.autograd.grad(losses.sum(), [cap_hooks.outputs[o] for o in owners],
+                                            retain_graph=bool(other))
+                for o, g in zip(owners, grads):
+                    x = cap_hooks.inputs[o]
+                    x3 = x.reshape(n_rows, -1, x.shape[-1])
+                    g3 = g.reshape(n_rows, -1, g.shape[-1])
+                    wname = f"{o}.weight"
+                    if wname in sums:
+                        kernels.fisher_accumulate(sums[wname], x3, g3, backend=backend)
+                    if o in bias_of:
+                        sums[bias_of[o]] += g3.double().sum(1).square().sum(0)
+                del cap_hooks
+            if other:
+                extra = [all_params[n] for n in other]
+                if not linear:
+                    losses = row_losses(model, *args, backend=backend)
+                for b in range(n_rows):
+                    gs = torch.autograd.grad(losses[b], extra, retain_graph=b < n_rows - 1)
+                    for n, g in zip(other, gs):
+                        sums[n] += g.double().square()
+            if bar is not None:
+                bar.update(n_rows)
     finally:
         for p in selected:
             p.requires_grad_(False)
-    return {n: f / samples for n, f in fisher.items()}
+    return sums
+
+
+def _check_counts(samples: int, batch_size: int, chunk_size: int | None = None) -> None:
+    for name, v in (("samples", samples), ("batch_size", batch_size), ("chunk_size", chunk_size)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{name}: {v!r} must be an int >= 1")
+
+
+def compute_fisher(model: DiffusionModel, data: PreparedData, names: list[str], *, samples: int, seed: int = 0,
+                   batch_size: int = 64, flips: bool = True, captions: str = "all", backend: str = "auto",
+                   progress: bool = True) -> dict[str, torch.Tensor]:
+    """{parameter name: float64 Fisher diagonal (parameter's shape)} from `samples` samples, in memory."""
+    from tqdm.auto import tqdm
+
+    _check_counts(samples, batch_size)
+    with tqdm(total=samples, desc="fisher", unit="sample", disable=not progress) as bar:
+        sums = fisher_sums(model, data, names, start=0, count=samples, seed=seed, batch_size=batch_size,
+                           flips=flips, captions=captions, backend=backend, bar=bar)
+    return {n: f / samples for n, f in sums.items()}
+
+
+# ----------------------------------------------------------------------------- resumable, sharded
+#
+# Samples [k * chunk_size, (k + 1) * chunk_size) form chunk k; its float64 sums are written atomically
+# to chunk-{k:06d}.safetensors beside a fisher.json manifest. Rank 0 folds finished chunks, in chunk
+# order, into prefix.safetensors (the sum of chunks 0 .. folded - 1) and deletes them, so the
+# directory holds a bounded number of chunks whatever the sample count, and the total is summed in
+# the same order whichever ranks computed which chunks and wherever a run was interrupted.
+
+FISHER_FORMAT = 1
+FISHER_CHUNK = 16384  # samples per chunk: seconds of a GPU, a few minutes of this kind of CPU on the demo model
+MANIFEST = "fisher.json"
+PREFIX = "prefix.safetensors"
+IDENTITY_KEYS = ("format", "unet_id", "data_id", "names", "samples", "seed", "flips", "captions", "batch_size",
+                 "chunk_size")
+
+
+def chunk_name(k: int) -> str:
+    return f"chunk-{k:06d}.safetensors"
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    from safetensors.torch import save
+
+    write_bytes(path, save({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, metadata=meta))
+
+
+def _file_ok(path: Path, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Whether `path` holds float64 tensors of exactly these names and shapes (reads the header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if set(f.keys()) != set(shapes):
+                return False
+            return all(tuple(f.get_slice(n).get_shape()) == shapes[n] and f.get_slice(n).get_dtype() == "F64"
+                       for n in shapes)
+    except Exception:  # noqa: BLE001  (missing, truncated or foreign files alike)
+        return False
+
+
+def _folded(out_dir: Path) -> int:
+    """How many leading chunks the prefix file already holds (0 without one)."""
+    from safetensors import safe_open
+
+    path = out_dir / PREFIX
+    if not path.is_file():
+        return 0
+    with safe_open(str(path), framework="pt") as f:
+        return int((f.metadata() or {}).get("folded", 0))
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+class _Prefix:
+    """Rank 0's running sum of chunks 0 .. folded - 1, kept in the directory for a resume."""
+
+    def __init__(self, out_dir: Path, shapes: dict[str, tuple[int, ...]]):
+        self.out_dir, self.shapes = out_dir, shapes
+        self.folded = _folded(out_dir)
+        path = out_dir / PREFIX
+        if self.folded and not _file_ok(path, shapes):
+            raise ValueError(f"cache: {str(path)!r} does not hold this Fisher's weights; use a fresh directory")
+        self.sums = _load(path) if self.folded else None
+
+    def fold(self, n_chunks: int) -> None:
+        """Add every finished chunk that continues the prefix; write it; delete the chunks it now holds."""
+        start = self.folded
+        while self.folded < n_chunks and _file_ok(self.out_dir / chunk_name(self.folded), self.shapes):
+            chunk = _load(self.out_dir / chunk_name(self.folded))
+            self.sums = chunk if self.sums is None else {n: self.sums[n] + chunk[n] for n in self.shapes}
+            self.folded += 1
+        if self.folded > start:
+            _save(self.out_dir / PREFIX, self.sums, {"folded": str(self.folded)})
+        for p in self.out_dir.glob("chunk-*.safetensors"):
+            if int(p.name[6:12]) < self.folded:
+                p.unlink(missing_ok=True)
+
+
+def run_fisher(model: DiffusionModel, data: PreparedData, names: list[str], out_dir: str | os.PathLike, *,
+               samples: int, chunk_size: int = FISHER_CHUNK, seed: int = 0, batch_size: int = 64,
+               flips: bool = True, captions: str = "all", backend: str = "auto",
+               progress: bool = True) -> dict[str, torch.Tensor]:
+    """The Fisher of :func:`compute_fisher`, computed in resumable chunks of `chunk_size` samples.
+
+    A run killed at any moment resumes from the chunks in `out_dir`; under torch.distributed
+    (torchrun) the unfinished chunks are dealt to the ranks, which must all call it alike and share
+    `out_dir` on one filesystem. The result is the same bit for bit however many ranks computed it
+    and however often it was resumed (with the same batch and chunk sizes, on the same kind of
+    device and thread count); with one chunk it is exactly :func:`compute_fisher`'s. Every rank
+    returns the whole Fisher.
+    """
+    from tqdm.auto import tqdm
+
+    _check_counts(samples, batch_size, chunk_size)
+    out_dir = Path(out_dir)
+    shapes = {n: tuple(model.unet.get_parameter(n).shape) for n in names}
+    n_chunks = (samples + chunk_size - 1) // chunk_size
+    header = {"format": FISHER_FORMAT, "unet_id": model.unet_id(), "data_id": data.data_id, "names": list(names),
+              "samples": samples, "seed": seed, "flips": bool(flips), "captions": captions,
+              "batch_size": batch_size, "chunk_size": chunk_size, "n_chunks": n_chunks}
+    holder: dict[str, int] = {}
+
+    def done(k: int) -> bool:  # called on rank 0 only, once the directory is checked
+        if "folded" not in holder:
+            holder["folded"] = _folded(out_dir)
+        return k < holder["folded"] or _file_ok(out_dir / chunk_name(k), shapes)
+
+    rank, world, mine = deal_chunks(
+        out_dir, header, device=model.device, manifest=MANIFEST, keys=IDENTITY_KEYS, n_chunks=n_chunks, done=done,
+        chunk_glob="chunk-*.safetensors", caller="run_fisher",
+        same_hint="every rank must compute the Fisher of the same model, data, weights and settings")
+    prefix = _Prefix(out_dir, shapes) if rank == 0 else None
+
+    def count(k: int) -> int:
+        return min(chunk_size, samples - k * chunk_size)
+
+    with tqdm(total=sum(count(k) for k in mine), desc="fisher" if world == 1 else f"fisher (rank 0 of {world})",
+              unit="sample", disable=not progress or rank != 0) as bar:
+        for k in mine:
+            sums = fisher_sums(model, data, names, start=k * chunk_size, count=count(k), seed=seed,
+                               batch_size=batch_size, flips=flips, captions=captions, backend=backend, bar=bar)
+            _save(out_dir / chunk_name(k), sums, {"chunk": str(k)})
+            del sums
+            if prefix is not None:
+                prefix.fold(n_chunks)
+    barrier()
+
+    def finish() -> None:
+        prefix.fold(n_chunks)
+        if prefix.folded < n_chunks:
+            raise ValueError(f"cache: {str(out_dir / chunk_name(prefix.folded))!r} is missing or damaged after "
+                             "the Fisher" + ("; with several ranks the directory must be on a filesystem all of "
+                                             "them share" if world > 1 else "; run again to recompute it"))
+
+    on_rank0(finish)
+    total = prefix.sums if prefix is not None else _load(out_dir / PREFIX)
+    return {n: total[n].to(model.device) / samples for n in names}

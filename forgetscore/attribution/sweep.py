@@ -31,14 +31,14 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .io import read_json, write_json, write_npy
+from .io import write_npy
 from .losses import LossSweep
+from .ranks import barrier, deal_chunks
 
 SWEEP_FORMAT = 2  # 2: cross-attention keys and values once per caption (text_kv)
 MANIFEST = "sweep.json"
@@ -72,79 +72,6 @@ def indices_id(ids: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()[:16]
 
 
-def distributed_env() -> tuple[int, int]:
-    """(rank, world_size) of the running process group, or of the torchrun environment, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and "RANK" in os.environ:
-        return int(os.environ["RANK"]), world
-    return 0, 1
-
-
-def init_distributed(device: torch.device | str = "cpu", timeout: timedelta = timedelta(hours=6)) -> tuple[int, int]:
-    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on CUDA), if any.
-
-    Does nothing when a group is already running or the environment names no several ranks.
-    The long timeout covers the barrier where ranks that finished their chunks wait for the rest.
-    """
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return 0, 1
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    rank, world = distributed_env()
-    if world <= 1:
-        return rank, world
-    device = torch.device(device)
-    if device.type == "cuda":
-        backend = "nccl"
-        if device.index is None:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        backend = "gloo"
-    dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _dist_group_active() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def broadcast(obj: object) -> object:
-    """`obj` as rank 0 has it, on every rank (the identity without a process group)."""
-    import torch.distributed as dist
-
-    if not _dist_group_active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_gather(obj: object) -> list:
-    """`obj` of every rank, in rank order, on every rank."""
-    import torch.distributed as dist
-
-    if not _dist_group_active():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if _dist_group_active():
-        dist.barrier()
-
-
 def _chunk_ok(path: Path, shape: tuple[int, ...]) -> bool:
     """Whether `path` holds a finished chunk of the expected shape (reads the header only)."""
     try:
@@ -152,39 +79,6 @@ def _chunk_ok(path: Path, shape: tuple[int, ...]) -> bool:
     except (OSError, ValueError):
         return False
     return arr.shape == shape and arr.dtype == np.float64
-
-
-def _clean_temporaries(out_dir: Path) -> None:
-    """Remove the temporary files of writes that a killed run left behind (never read as results)."""
-    for p in out_dir.glob(".*.tmp"):
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
-
-
-def _open(out_dir: Path, header: dict) -> str | None:
-    """Check or write the manifest; the error message if the directory belongs to another sweep."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / MANIFEST
-    if path.is_file():
-        try:
-            old = read_json(path)
-        except (OSError, ValueError) as exc:
-            return f"cache: {str(path)!r} cannot be read ({exc}); use a fresh directory"
-        for key in IDENTITY_KEYS:
-            if old.get(key, IDENTITY_DEFAULTS.get(key)) != header[key]:
-                return (f"cache: {str(out_dir)!r} was made under another model/data/plan or set of variants "
-                        f"({key}: {old.get(key, IDENTITY_DEFAULTS.get(key))!r} there, {header[key]!r} here); "
-                        "use a fresh directory")
-    else:
-        stray = sorted(p.name for p in out_dir.glob("chunk-*.npy"))
-        if stray:
-            return (f"cache: {str(out_dir)!r} holds chunk files ({stray[0]}, ...) but no {MANIFEST}, so they "
-                    "cannot be trusted; use a fresh directory")
-        write_json(path, header)
-    _clean_temporaries(out_dir)
-    return None
 
 
 def run_sweep(sweep: LossSweep, variants: Sequence[dict[str, torch.Tensor] | None], out_dir: str | os.PathLike, *,
@@ -229,36 +123,12 @@ def run_sweep(sweep: LossSweep, variants: Sequence[dict[str, torch.Tensor] | Non
               "chunk_size": chunk_size, "variant_ids": variant_ids, "n_images": len(ids),
               "indices_id": indices_id(ids), "n_chunks": n_chunks, "precision": sweep.precision}
 
-    rank, world = init_distributed(sweep.model.device)
-    headers = all_gather(header)
-    for r, other in enumerate(headers):
-        diff = [key for key in IDENTITY_KEYS if other[key] != headers[0][key]]
-        if diff:  # e.g. unlearned weights that came out differently on two ranks: every rank raises
-            raise ValueError(f"run_sweep: rank {r} was called with another {diff[0]} than rank 0 "
-                             f"({other[diff[0]]!r} vs {headers[0][diff[0]]!r}); every rank must sweep the same "
-                             "model, data, plan, variants and indices (compute the variants on rank 0 and "
-                             "broadcast them)")
-    # Rank 0 alone checks the directory and lists the unfinished chunks, before any rank writes;
-    # every rank then raises the same error or deals itself the same share of the same list.
-    failure: BaseException | None = None
-    if rank == 0:
-        try:
-            error = _open(out_dir, header)
-            todo = [] if error else [k for k in range(n_chunks)
-                                     if not _chunk_ok(out_dir / chunk_name(k), chunk_shape(k))]
-        # Any failure (e.g. an unwritable directory) is passed on: the other ranks must not wait for rank 0.
-        except Exception as exc:  # noqa: BLE001
-            failure, error, todo = exc, f"rank 0 could not open {str(out_dir)!r}: {exc!r}", []
-        decision = (error, todo, failure is not None)
-    else:
-        decision = None
-    error, todo, crashed = broadcast(decision)
-    if failure is not None:
-        raise failure
-    if error:
-        raise (RuntimeError if crashed else ValueError)(error)
-
-    mine = todo[rank::world]
+    rank, world, mine = deal_chunks(
+        out_dir, header, device=sweep.model.device, manifest=MANIFEST, keys=IDENTITY_KEYS, n_chunks=n_chunks,
+        done=lambda k: _chunk_ok(out_dir / chunk_name(k), chunk_shape(k)), chunk_glob="chunk-*.npy",
+        defaults=IDENTITY_DEFAULTS, caller="run_sweep",
+        same_hint="every rank must sweep the same model, data, plan, variants and indices (compute the "
+                  "variants on rank 0 and broadcast them)")
     with tqdm(total=sum(len(chunk_ids(k)) for k in mine), unit="img", disable=not progress or rank != 0,
               desc=desc if world == 1 else f"{desc} (rank 0 of {world})") as bar:
         for k in mine:

@@ -1,0 +1,267 @@
+"""The Fisher in resumable, sharded chunks (run_fisher, Attributor.fisher) against the in-memory one."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import tiny
+from forgetscore import cli
+from forgetscore.attribution import Attributor, ScoringPlan, compute_fisher
+from forgetscore.attribution import fisher as fisher_mod
+from forgetscore.attribution.fisher import MANIFEST, PREFIX, chunk_name, run_fisher
+
+REPO = Path(__file__).resolve().parents[1]
+PLAN = ScoringPlan(timesteps=(5, 500), flips=True, seed=3)
+SAMPLES, CHUNK, BATCH = 13, 4, 2  # 4 chunks, the last one short; batches fall on chunk boundaries
+
+# Bitwise comparisons between processes need the same intra-op thread count everywhere.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fisher")
+    model_dir, train_dir = tiny.build_model(root / "model"), tiny.build_train(root / "train", n=9)
+    att = Attributor.load(model_dir, train_dir, cache_dir=root / "cache", plan=PLAN, weights="cross-attn",
+                          progress=False)
+    data = att.prepare()
+    return {"root": root, "model": model_dir, "train": train_dir, "att": att, "data": data}
+
+
+def _run(setup, out, **kw):
+    att = setup["att"]
+    kw = {"samples": SAMPLES, "chunk_size": CHUNK, "batch_size": BATCH, "seed": 7, "progress": False, **kw}
+    return run_fisher(att.model, setup["data"], att.names, out, **kw)
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for n in a:
+        assert a[n].dtype == torch.float64
+        assert torch.equal(a[n], b[n]), n
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def test_chunks_equal_in_memory_fisher(setup, tmp_path):
+    att = setup["att"]
+    whole = compute_fisher(att.model, setup["data"], att.names, samples=SAMPLES, seed=7, batch_size=BATCH,
+                           progress=False)
+    # One chunk: the same batches summed in the same order.
+    _assert_same(_run(setup, tmp_path / "one", chunk_size=SAMPLES), whole)
+    # Four chunks: the same batches, only the float64 sums grouped otherwise.
+    out = tmp_path / "four"
+    got = _run(setup, out)
+    for n in whole:
+        torch.testing.assert_close(got[n], whole[n], rtol=1e-12, atol=0)
+        assert float(got[n].abs().max()) > 0
+    # Finished: every chunk folded into the prefix and deleted.
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, PREFIX]
+    assert json.loads((out / MANIFEST).read_text())["n_chunks"] == 4
+    # A finished directory computes nothing again.
+    again = _run(setup, out)
+    _assert_same(again, got)
+
+
+def test_interrupted_run_resumes_to_the_same_bits(setup, tmp_path, monkeypatch):
+    want = _run(setup, tmp_path / "whole")
+    out = tmp_path / "cut"
+    starts, stopped = [], []
+    real = fisher_mod.fisher_sums
+
+    def failing(*a, start, **kw):
+        starts.append(start)
+        if start == 2 * CHUNK and not stopped:
+            stopped.append(start)
+            raise InterruptedError("stopped in the third chunk")
+        return real(*a, start=start, **kw)
+
+    monkeypatch.setattr(fisher_mod, "fisher_sums", failing)
+    with pytest.raises(InterruptedError):
+        _run(setup, out)
+    assert starts == [0, CHUNK, 2 * CHUNK]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, PREFIX]  # chunks 0 and 1 are in the prefix
+    # What a crash could leave beside it: a chunk already folded (killed before deleting it), a temporary
+    # file of a write cut short, and a damaged later chunk. None of them may count.
+    names = setup["att"].names
+    (out / chunk_name(0)).write_bytes((tmp_path / "whole" / PREFIX).read_bytes())
+    (out / f".{chunk_name(2)}.x1y2.tmp").write_bytes(b"half")
+    (out / chunk_name(3)).write_bytes(b"not a chunk")
+    starts.clear()
+    got = _run(setup, out)
+    assert starts == [2 * CHUNK, 3 * CHUNK]
+    _assert_same(got, want)
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, PREFIX]
+    assert set(load_file(out / PREFIX)) == set(names)
+
+
+def test_sigkill_then_resume(setup, tmp_path):
+    out = tmp_path / "killed"
+    script = tmp_path / "slow_fisher.py"
+    att = setup["att"]
+    script.write_text(textwrap.dedent(f"""
+        import time
+        from forgetscore.attribution import Attributor, ScoringPlan
+        from forgetscore.attribution import fisher
+
+        real = fisher._save
+        def slow(path, *a, **kw):
+            real(path, *a, **kw)
+            if path.name == fisher.PREFIX:
+                time.sleep(60)  # long enough to be killed after the first fold
+        fisher._save = slow
+        att = Attributor.load({str(setup["model"])!r}, {str(setup["train"])!r}, cache_dir={str(att.cache_dir)!r},
+                              plan=ScoringPlan.from_dict({PLAN.to_dict()!r}), weights="cross-attn", progress=False)
+        fisher.run_fisher(att.model, att.prepare(), att.names, {str(out)!r}, samples={SAMPLES},
+                          chunk_size={CHUNK}, batch_size={BATCH}, seed=7, progress=False)
+        """))
+    proc = subprocess.Popen([sys.executable, str(script)], env=_env(), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while not (out / PREFIX).exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the first fold never happened"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert fisher_mod._folded(out) == 1
+    _assert_same(_run(setup, out), _run(setup, tmp_path / "whole"))
+
+
+def test_directory_of_another_fisher_is_refused(setup, tmp_path):
+    out = tmp_path / "f"
+    _run(setup, out)
+    for kw, key in (({"samples": SAMPLES + 1}, "samples"), ({"seed": 8}, "seed"), ({"batch_size": 3}, "batch_size"),
+                    ({"chunk_size": 5}, "chunk_size"), ({"flips": False}, "flips")):
+        with pytest.raises(ValueError, match=f"cache: .*another model.*\\({key}: "):
+            _run(setup, out, **kw)
+    orphan = tmp_path / "orphan"
+    orphan.mkdir()
+    (orphan / chunk_name(0)).write_bytes(b"")
+    with pytest.raises(ValueError, match="cache: .*no fisher.json"):
+        _run(setup, orphan)
+    for kw, name in (({"chunk_size": 0}, "chunk_size"), ({"batch_size": 1.5}, "batch_size"),
+                     ({"samples": 0}, "samples")):
+        with pytest.raises(ValueError, match=f"^{name}: .* must be an int >= 1"):
+            _run(setup, tmp_path / "bad", **kw)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_attributor_fisher_resumes_in_its_cache_and_cleans_up(setup, tmp_path, monkeypatch):
+    att = Attributor.load(setup["model"], setup["train"], cache_dir=tmp_path / "cache", plan=PLAN,
+                          weights="cross-attn", progress=False, fisher_batch_size=BATCH, fisher_chunk_size=CHUNK)
+    real = fisher_mod.fisher_sums
+
+    def failing(*a, start, **kw):
+        if start == CHUNK:
+            raise RuntimeError("out of memory, say")
+        return real(*a, start=start, **kw)
+
+    monkeypatch.setattr(fisher_mod, "fisher_sums", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        att.fisher(SAMPLES, seed=7)
+    parts = list(att.cache_dir.glob("fisher-*.parts-*"))
+    assert len(parts) == 1 and fisher_mod._folded(parts[0]) == 1
+    monkeypatch.setattr(fisher_mod, "fisher_sums", real)
+    got = att.fisher(SAMPLES, seed=7)
+    assert not list(att.cache_dir.glob("fisher-*.parts-*"))
+    _assert_same({n: got[n] for n in got}, _run(setup, tmp_path / "direct"))
+    with pytest.raises(ValueError, match="fisher_chunk_size: 0 must be an int >= 1"):
+        Attributor(att.model, att.train, plan=PLAN, fisher_chunk_size=0)
+
+
+def test_fisher_options_reach_the_attributor(setup, tmp_path):
+    parser = cli.build_parser()
+    common = ["--model", str(setup["model"]), "--train", str(setup["train"]), "--cache", str(tmp_path)]
+    args = parser.parse_args(["attribute", *common, "--prompt", "p", "--out", str(tmp_path / "o"),
+                              "--fisher-batch-size", "5", "--fisher-chunk-size", "40"])
+    att = cli._attributor(args)
+    assert (att.fisher_batch_size, att.fisher_chunk_size) == (5, 40)
+    att = cli._attributor(parser.parse_args(["score", *common]))
+    assert (att.fisher_batch_size, att.fisher_chunk_size) == (64, fisher_mod.FISHER_CHUNK)
+
+
+def test_two_ranks_under_torchrun_equal_one_process(setup, tmp_path):
+    log = tmp_path / "rank-{rank}.json"
+    script = tmp_path / "dist_fisher.py"
+    script.write_text(textwrap.dedent(f"""
+        import json
+
+        import numpy as np
+        import torch
+        import torch.distributed as dist
+        from forgetscore.attribution import Attributor, ScoringPlan, UnlearnConfig
+        from forgetscore.attribution import attributor, fisher
+        from forgetscore.attribution.ranks import distributed_env
+
+        starts = []
+        real = fisher.fisher_sums
+        def logged(*a, start, **kw):
+            starts.append(start)
+            return real(*a, start=start, **kw)
+        fisher.fisher_sums = logged
+        rank, world = distributed_env()
+        assert world == 2, world
+        att = Attributor.load({str(setup["model"])!r}, {str(setup["train"])!r}, cache_dir={str(tmp_path / "c")!r},
+                              plan=ScoringPlan.from_dict({PLAN.to_dict()!r}), weights="cross-attn", progress=False,
+                              fisher_batch_size={BATCH}, fisher_chunk_size={CHUNK})
+        att.fisher({SAMPLES}, seed=7)
+        assert dist.get_backend() == "gloo"
+        # Unlearning under torchrun: rank 0 alone takes the step and every rank sweeps its weights, even
+        # where another rank's own step would differ in the last bits (as on two GPUs).
+        unlearned_by = []
+        real_unlearn = attributor.unlearn
+        def unlearn_here(*a, **kw):
+            unlearned_by.append(rank)
+            return {{n: w + 1e-6 * rank for n, w in real_unlearn(*a, **kw).items()}}
+        attributor.unlearn = unlearn_here
+        query = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        result = att.attribute(query, "a red square", k=3, fisher_samples={SAMPLES},
+                               config=UnlearnConfig(steps=1, alpha=0.05, draws=4, micro_batch=2, damping=0.1))
+        np.save({str(tmp_path / "scores-{rank}.npy")!r}.format(rank=rank), result.scores)
+        try:  # ranks that disagree on the Fisher: all of them raise, none hangs
+            fisher.run_fisher(att.model, att.prepare(), att.names, {str(tmp_path / "other")!r},
+                              samples={SAMPLES} + rank, progress=False)
+            error = None
+        except ValueError as exc:
+            error = str(exc)
+        with open({str(log)!r}.format(rank=rank), "w") as f:
+            json.dump({{"starts": starts, "error": error, "unlearned_by": unlearned_by}}, f)
+        dist.destroy_process_group()
+        """))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    logs = [json.loads(Path(str(log).format(rank=r)).read_text()) for r in range(2)]
+    # The Fisher's chunks dealt round-robin (twice: seed 7, then seed 0 for the attribution)
+    assert [g["starts"] for g in logs] == [[0, 2 * CHUNK] * 2, [CHUNK, 3 * CHUNK] * 2]
+    assert [g["unlearned_by"] for g in logs] == [[0], []]
+    scores = [np.load(tmp_path / f"scores-{r}.npy") for r in range(2)]
+    assert np.isfinite(scores[0]).all() and np.array_equal(scores[0], scores[1])
+    for g in logs:
+        assert "run_fisher: rank 1 was called with another samples" in g["error"]
+    assert not (tmp_path / "other").exists()
+    files = [f for f in (tmp_path / "c").glob("fisher-*.safetensors")
+             if json.loads(safe_open(str(f), "pt").metadata()["forgetscore"])["seed"] == 7]
+    assert len(files) == 1 and not list((tmp_path / "c").glob("fisher-*.parts-*"))
+    _assert_same(load_file(files[0]), _run(setup, tmp_path / "single"))
