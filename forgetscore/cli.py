@@ -117,16 +117,9 @@ def _attributor(args: argparse.Namespace):
     fisher = {k: getattr(args, k) for k in ("fisher_batch_size", "fisher_chunk_size")
               if getattr(args, k, None) is not None}  # only the commands that compute a Fisher take these
     return Attributor.load(args.model, args.train, plan=_plan(args), weights=args.weights, cache_dir=args.cache,
-                           batch_size=args.batch_size, backend=args.backend, device=_device(args.device),
+                           batch_size=args.batch_size, backend=args.backend, device=args.device,
                            resize=args.resize, chunk_size=args.chunk_size, precision=args.precision,
                            prefetch=not args.no_prefetch, compile=args.compile, **fisher)
-
-
-def _device(name: str) -> str:
-    """Under torchrun each rank takes its own GPU: `cuda` means cuda:$LOCAL_RANK."""
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        return f"cuda:{os.environ['LOCAL_RANK']}"
-    return name
 
 
 def _config(args: argparse.Namespace):

@@ -208,6 +208,19 @@ def test_a_failed_load_in_the_prefetch_thread_reaches_the_caller(setup, monkeypa
     assert not [t for t in threading.enumerate() if t.name.startswith("forgetscore-prefetch")]
 
 
+def test_prefetch_thread_pins_on_the_sweeps_own_gpu(monkeypatch):
+    """A new thread's current CUDA device is cuda:0; the prefetch thread first moves to the sweep's."""
+    from forgetscore.attribution.losses import _thread_device
+
+    assert _thread_device(torch.device("cpu")) is None
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
+    _thread_device(torch.device("cuda", 2))()
+    _thread_device(torch.device("cuda"))()  # no index: the launching thread's current device
+    assert chosen == [2, 5]
+
+
 def test_image_batches_are_the_greedy_split(setup):
     sweep = LossSweep(setup["att"].model, setup["data"], KEYED, batch_size=13)
     ids = np.array([4, 0, 7, 1, 8, 2, 3, 6, 5])

@@ -34,7 +34,7 @@ from .losses import LossSweep
 from .model import DiffusionModel
 from .plan import ScoringPlan
 from .results import Attribution
-from .ranks import all_gather, barrier, init_distributed, on_rank0
+from .ranks import all_gather, barrier, init_distributed, on_rank0, rank_device
 from .sweep import SWEEP_FORMAT, indices_id, run_sweep, variant_id
 from .train_loss import row_losses
 from .unlearning import UnlearnConfig, unlearn
@@ -100,7 +100,7 @@ class Attributor:
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, train_dir: str | os.PathLike, **kw) -> "Attributor":
-        device = kw.pop("device", "cpu")
+        device = rank_device(kw.pop("device", "cpu"))
         train = TrainingSet.load(train_dir)  # cheap checks first: a bad folder fails before a model load
         return cls(DiffusionModel.load(model_dir, device=device), train, **kw)
 
@@ -108,12 +108,9 @@ class Attributor:
     def prepare(self) -> PreparedData:
         if self._data is None:
             t = time.perf_counter()
-            if self.rank == 0:
-                self._data = prepare(self.model, self.train, self.cache_dir / "prepared", resize=self.resize,
-                                     progress=self.progress)
-            barrier()
-            if self._data is None:
-                self._data = PreparedData(self.cache_dir / "prepared")
+            # Under torchrun the ranks share the shards; every rank gets the finished data.
+            self._data = prepare(self.model, self.train, self.cache_dir / "prepared", resize=self.resize,
+                                 progress=self.progress)
             self.timings.add("prepare", time.perf_counter() - t, len(self.train), "img")
         return self._data
 

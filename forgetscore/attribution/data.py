@@ -227,41 +227,75 @@ def _unmap(src: np.ndarray) -> None:
         mm.madvise(mmap.MADV_DONTNEED)
 
 
+PREPARE_KEYS = ("format", "encoders_id", "data_id", "n_images", "input_shape", "shard_size", "text_dtype")
+
+
+def _shard_entry(s: int, shard_size: int, n: int) -> dict:
+    return {"inputs": f"inputs-{s:05d}.npy", "text": f"text-{s:05d}.npy",
+            "images": [s * shard_size, min(n, (s + 1) * shard_size)]}
+
+
+def _shard_ok(cache: Path, entry: dict, input_shape: tuple[int, ...], n_text: int, text_dtype: str) -> bool:
+    """Whether both files of a shard are finished (atomic writes: present means whole) with the expected shapes."""
+    lo, hi = entry["images"]
+    try:
+        inputs = np.load(cache / entry["inputs"], mmap_mode="r", allow_pickle=False)
+        text = np.load(cache / entry["text"], mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return False
+    return (inputs.shape == (hi - lo, 2, *input_shape) and inputs.dtype == np.float32
+            and text.ndim == 3 and text.shape[0] == n_text and text.dtype == np.dtype(text_dtype))
+
+
 def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, *, shard_size: int = 4096,
             batch_size: int = 64, resize: bool = False, text_dtype: str = "float32",
             progress: bool = True) -> PreparedData:
-    """Encode every image (and its flip) and every caption once; resumable shard by shard."""
+    """Encode every image (and its flip) and every caption once; resumable shard by shard.
+
+    Under torchrun the unfinished shards are dealt to the ranks (each encodes on its own device),
+    which must all call it alike with `cache` on a filesystem they share; rank 0 writes the
+    finished manifest. Every rank returns the prepared data.
+    """
     from tqdm.auto import tqdm
 
+    from .ranks import barrier, deal_chunks, on_rank0
+
     cache = Path(cache)
-    cache.mkdir(parents=True, exist_ok=True)
     manifest_path = cache / "manifest.json"
     header = {"format": CACHE_FORMAT, "encoders_id": model.encoders_id(), "data_id": data.identity(),
               "n_images": len(data), "input_shape": list(model.input_shape), "shard_size": shard_size,
-              "text_dtype": text_dtype, "train_dir": str(data.root), "model": model.source}
-    finished: set[str] = set()  # shards a matching manifest vouches for; any other shard file is redone
-    if manifest_path.is_file():
-        old = read_json(manifest_path)
-        for key in ("format", "encoders_id", "data_id", "input_shape", "shard_size", "text_dtype"):
+              "text_dtype": text_dtype, "train_dir": str(data.root), "model": model.source, "complete": False}
+    try:
+        old = read_json(manifest_path) if manifest_path.is_file() else {}
+    except ValueError:  # not JSON: an unfinished prepare's manifest at worst, which starts afresh below
+        old = {}
+    if old.get("complete"):  # finished: reused if it matches; never overwritten
+        for key in PREPARE_KEYS:
             if old.get(key) != header[key]:
                 raise ValueError(f"cache: {str(cache)!r} was prepared with another {key} ({old.get(key)!r} vs "
                                  f"{header[key]!r}); use a fresh cache directory")
-        if old.get("complete"):
-            return PreparedData(cache)
-        finished = {s["inputs"] for s in old.get("shards", [])}
+        return PreparedData(cache)
     counts = np.array([len(c) for c in data.captions], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])
-    write_npy(cache / "caption_offsets.npy", offsets)
     n_shards = (len(data) + shard_size - 1) // shard_size
-    shards = []
-    bar = tqdm(total=len(data), desc="prepare", unit="img", disable=not progress)
-    for s in range(n_shards):
-        lo, hi = s * shard_size, min(len(data), (s + 1) * shard_size)
-        entry = {"inputs": f"inputs-{s:05d}.npy", "text": f"text-{s:05d}.npy", "images": [lo, hi]}
-        if entry["inputs"] in finished and (cache / entry["inputs"]).is_file() and (cache / entry["text"]).is_file():
-            shards.append(entry)  # finished by an earlier run: shards are written atomically
-            bar.update(hi - lo)
-            continue
+    entries = [_shard_entry(s, shard_size, len(data)) for s in range(n_shards)]
+
+    def n_text(s: int) -> int:
+        lo, hi = entries[s]["images"]
+        return int(offsets[hi] - offsets[lo])
+
+    rank, world, mine = deal_chunks(
+        cache, header, device=model.device, manifest="manifest.json", keys=PREPARE_KEYS, n_chunks=n_shards,
+        done=lambda s: _shard_ok(cache, entries[s], model.input_shape, n_text(s), text_dtype),
+        chunk_glob="*-[0-9][0-9][0-9][0-9][0-9].npy", caller="prepare",
+        same_hint="every rank must prepare the same training set with the same model and settings",
+        # An unfinished prepare of other data or settings, or shard files no manifest vouches for, start afresh.
+        untrusted="remove")
+    bar = tqdm(total=sum(entries[s]["images"][1] - entries[s]["images"][0] for s in mine),
+               desc="prepare" if world == 1 else f"prepare (rank 0 of {world})", unit="img",
+               disable=not progress or rank != 0)
+    for s in mine:
+        lo, hi = entries[s]["images"]
         inputs = np.empty((hi - lo, 2, *model.input_shape), dtype=np.float32)
         for b in range(lo, hi, batch_size):
             idx = range(b, min(hi, b + batch_size))
@@ -275,11 +309,21 @@ def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, 
         prompts = [c for caps in data.captions[lo:hi] for c in caps]
         text = torch.cat([model.encode_text(prompts[k:k + 256]).float().cpu()
                           for k in range(0, len(prompts), 256)]).numpy().astype(text_dtype)
-        write_npy(cache / entry["text"], text)
-        write_npy(cache / entry["inputs"], inputs)
-        shards.append(entry)
-        write_json(manifest_path, {**header, "shards": shards, "complete": False})
+        write_npy(cache / entries[s]["text"], text)
+        write_npy(cache / entries[s]["inputs"], inputs)
     bar.close()
-    write_json(manifest_path, {**header, "shards": shards, "complete": True,
-                               "text_shape": list(np.load(cache / shards[0]["text"], mmap_mode="r").shape[1:])})
+    barrier()
+
+    def finish() -> None:
+        missing = [e["inputs"] for s, e in enumerate(entries)
+                   if not _shard_ok(cache, e, model.input_shape, n_text(s), text_dtype)]
+        if missing:
+            raise ValueError(f"cache: shard {missing[0]} of {str(cache)!r} is missing or damaged after prepare"
+                             + ("; with several ranks the cache must be on a filesystem all of them share"
+                                if world > 1 else "; run prepare again"))
+        write_npy(cache / "caption_offsets.npy", offsets)
+        text_shape = list(np.load(cache / entries[0]["text"], mmap_mode="r").shape[1:])
+        write_json(manifest_path, {**header, "shards": entries, "complete": True, "text_shape": text_shape})
+
+    on_rank0(finish)
     return PreparedData(cache)

@@ -288,6 +288,18 @@ class _Batch:
     noise: torch.Tensor | None  # reference noise of the rows; None: keyed noise, made in-kernel
 
 
+def _thread_device(device: torch.device) -> Callable[[], None] | None:
+    """What a worker thread runs first so that its CUDA work (pinning) uses `device`, not cuda:0.
+
+    A thread starts on cuda:0 whatever the launching thread chose; pinning there would open a
+    context on the first GPU from every torchrun rank.
+    """
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return lambda: torch.cuda.set_device(index)
+
+
 def _pad(a: torch.Tensor, n: int) -> torch.Tensor:
     """`a` with its last row repeated up to n rows (a fresh tensor, even when nothing is added)."""
     return torch.cat([a, a[-1:].expand(n - a.shape[0], *a.shape[1:])])
@@ -394,7 +406,8 @@ class LossSweep:
             for ids in batches:
                 yield self._load(ids)
             return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgetscore-prefetch") as pool:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgetscore-prefetch",
+                                initializer=_thread_device(self.model.device)) as pool:
             pending = pool.submit(self._load, batches[0])
             for k in range(len(batches)):
                 ready = pending.result()

@@ -31,6 +31,13 @@ def distributed_env() -> tuple[int, int]:
     return 0, 1
 
 
+def rank_device(device: torch.device | str) -> torch.device | str:
+    """Under torchrun each rank takes its own GPU: a bare `cuda` means cuda:$LOCAL_RANK."""
+    if str(device) == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
+
+
 def init_distributed(device: torch.device | str = "cpu", timeout: timedelta = timedelta(hours=6)) -> tuple[int, int]:
     """Join the process group torchrun describes in the environment (gloo on CPU, nccl on CUDA), if any.
 
@@ -49,8 +56,9 @@ def init_distributed(device: torch.device | str = "cpu", timeout: timedelta = ti
     device = torch.device(device)
     if device.type == "cuda":
         backend = "nccl"
-        if device.index is None:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # NCCL's object collectives run on the current device: it must be this rank's own GPU, or two
+        # ranks meet on one device (and NCCL refuses them).
+        torch.cuda.set_device(device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0")))
     else:
         backend = "gloo"
     dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
@@ -126,25 +134,36 @@ def clean_temporaries(out_dir: Path) -> None:
 
 
 def open_chunk_dir(out_dir: Path, header: dict, manifest: str, keys: Sequence[str], defaults: dict,
-                   chunk_glob: str) -> str | None:
-    """Check or write `out_dir`'s manifest; the error message if the directory belongs to another job."""
+                   chunk_glob: str, untrusted: str = "refuse") -> str | None:
+    """Check or write `out_dir`'s manifest; the error message if the directory belongs to another job.
+
+    Chunk files that no matching manifest vouches for (none, or one of other settings) cannot be
+    reused: `untrusted` "refuse" (an error) or "remove" them (the directory starts afresh).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / manifest
+    problem = None
     if path.is_file():
         try:
             old = read_json(path)
         except (OSError, ValueError) as exc:
-            return f"cache: {str(path)!r} cannot be read ({exc}); use a fresh directory"
-        for key in keys:
+            old, problem = None, f"cache: {str(path)!r} cannot be read ({exc}); use a fresh directory"
+        for key in keys if old is not None else ():
             if old.get(key, defaults.get(key)) != header[key]:
-                return (f"cache: {str(out_dir)!r} was made under another model/data/plan or set of variants "
-                        f"({key}: {old.get(key, defaults.get(key))!r} there, {header[key]!r} here); "
-                        "use a fresh directory")
+                problem = (f"cache: {str(out_dir)!r} was made under another model/data/plan or set of variants "
+                           f"({key}: {old.get(key, defaults.get(key))!r} there, {header[key]!r} here); "
+                           "use a fresh directory")
+                break
     else:
         stray = sorted(p.name for p in out_dir.glob(chunk_glob))
         if stray:
-            return (f"cache: {str(out_dir)!r} holds chunk files ({stray[0]}, ...) but no {manifest}, so they "
-                    "cannot be trusted; use a fresh directory")
+            problem = (f"cache: {str(out_dir)!r} holds chunk files ({stray[0]}, ...) but no {manifest}, so they "
+                       "cannot be trusted; use a fresh directory")
+    if problem and untrusted != "remove":
+        return problem
+    if problem or not path.is_file():
+        for p in out_dir.glob(chunk_glob):
+            p.unlink(missing_ok=True)
         write_json(path, header)
     clean_temporaries(out_dir)
     return None
@@ -152,7 +171,7 @@ def open_chunk_dir(out_dir: Path, header: dict, manifest: str, keys: Sequence[st
 
 def deal_chunks(out_dir: Path, header: dict, *, device: torch.device | str, manifest: str, keys: Sequence[str],
                 n_chunks: int, done: Callable[[int], bool], chunk_glob: str, caller: str, same_hint: str,
-                defaults: dict | None = None) -> tuple[int, int, list[int]]:
+                defaults: dict | None = None, untrusted: str = "refuse") -> tuple[int, int, list[int]]:
     """(rank, world, this rank's chunks): the chunks of `out_dir` not yet `done`, dealt round-robin.
 
     Joins the torchrun process group if there is one (see :func:`init_distributed`).
@@ -171,7 +190,7 @@ def deal_chunks(out_dir: Path, header: dict, *, device: torch.device | str, mani
     failure: BaseException | None = None
     if rank == 0:
         try:
-            error = open_chunk_dir(out_dir, header, manifest, keys, defaults or {}, chunk_glob)
+            error = open_chunk_dir(out_dir, header, manifest, keys, defaults or {}, chunk_glob, untrusted)
             todo = [] if error else [k for k in range(n_chunks) if not done(k)]
         # Any failure (e.g. an unwritable directory) is passed on: the other ranks must not wait for rank 0.
         except Exception as exc:  # noqa: BLE001
