@@ -1,11 +1,8 @@
 """The Fisher in resumable, sharded chunks (run_fisher, Attributor.fisher) against the in-memory one."""
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +12,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import tiny
+from subprocs import child_env, sigkill_when
 from forgetscore import cli
 from forgetscore.attribution import Attributor, ScoringPlan, compute_fisher
 from forgetscore.attribution import fisher as fisher_mod
 from forgetscore.attribution.fisher import MANIFEST, PREFIX, chunk_name, run_fisher
 
-REPO = Path(__file__).resolve().parents[1]
 PLAN = ScoringPlan(timesteps=(5, 500), flips=True, seed=3)
 SAMPLES, CHUNK, BATCH = 13, 4, 2  # 4 chunks, the last one short; batches fall on chunk boundaries
 
@@ -51,10 +48,6 @@ def _assert_same(a: dict, b: dict) -> None:
         assert torch.equal(a[n], b[n]), n
 
 
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-    return env
 
 
 def test_chunks_equal_in_memory_fisher(setup, tmp_path):
@@ -129,21 +122,7 @@ def test_sigkill_then_resume(setup, tmp_path):
         fisher.run_fisher(att.model, att.prepare(), att.names, {str(out)!r}, samples={SAMPLES},
                           chunk_size={CHUNK}, batch_size={BATCH}, seed=7, progress=False)
         """))
-    proc = subprocess.Popen([sys.executable, str(script)], env=_env(), stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    try:
-        while not (out / PREFIX).exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "the first fold never happened"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_when(script, out / PREFIX)
     assert fisher_mod._folded(out) == 1
     _assert_same(_run(setup, out), _run(setup, tmp_path / "whole"))
 
@@ -250,7 +229,7 @@ def test_two_ranks_under_torchrun_equal_one_process(setup, tmp_path):
         dist.destroy_process_group()
         """))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     logs = [json.loads(Path(str(log).format(rank=r)).read_text()) for r in range(2)]
     # The Fisher's chunks dealt round-robin (twice: seed 7, then seed 0 for the attribution)

@@ -1,6 +1,5 @@
 """`prepare` shared by torchrun ranks: shards dealt round-robin, the same arrays as one process."""
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -10,9 +9,9 @@ import numpy as np
 import pytest
 
 import tiny
+from subprocs import child_env
 from forgetscore.attribution import DiffusionModel, PreparedData, TrainingSet, prepare
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -45,10 +44,8 @@ def test_two_ranks_prepare_the_same_cache_as_one_process(tmp_path):
             json.dump(written, f)
         dist.destroy_process_group()
         """))
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], env=env, capture_output=True, text=True, timeout=240)
+                           str(script)], env=child_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     written = [json.loads(Path(str(log).format(rank=r)).read_text()) for r in range(2)]
     shards = [[f"{kind}-{s:05d}.npy" for s in range(r, 5, 2) for kind in ("text", "inputs")] for r in range(2)]

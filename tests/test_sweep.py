@@ -1,11 +1,8 @@
 """Resumable, chunked and sharded loss sweeps (run_sweep) against plain LossSweep.run."""
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +10,12 @@ import pytest
 import torch
 
 import tiny
+from subprocs import child_env, sigkill_when
 from forgetscore.attribution import Attributor, ScoringPlan
 from forgetscore.attribution.losses import LossSweep
 from forgetscore.attribution.ranks import distributed_env
 from forgetscore.attribution.sweep import chunk_name, run_sweep, variant_id
 
-REPO = Path(__file__).resolve().parents[1]
 PLAN = ScoringPlan(timesteps=(5, 500), flips=True, seed=3)
 CHUNK = 3
 # Every image has at least 4 rows (2 versions x 2 timesteps x 1-3 captions), so with batches of 4
@@ -127,21 +124,7 @@ def test_sigkill_then_resume(setup, tmp_path):
         run_sweep(att.sweep(), [None, w], {str(out)!r}, chunk_size={CHUNK},
                   variant_ids=[variant_id(None), variant_id(w)], progress=False)
         """))
-    proc = subprocess.Popen([sys.executable, str(script)], env=_env(), stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    try:
-        while not (out / chunk_name(0)).exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "the first chunk never appeared"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_when(script, out / chunk_name(0))
     assert not (out / chunk_name(2)).exists()
     # What a kill in the middle of a write leaves: a temporary file, never read as a chunk.
     (out / f".{chunk_name(2)}.abc123.tmp").write_bytes(b"\x93NUMPY half")
@@ -187,10 +170,6 @@ def test_directory_of_another_sweep_is_refused(setup, tmp_path):
         run_sweep(sweep, [None], orphan, chunk_size=CHUNK, variant_ids=["original"], progress=False)
 
 
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-    return env
 
 
 def test_two_rank_gloo_sweep_equals_single_process(setup, tmp_path):
@@ -234,7 +213,7 @@ def test_two_rank_gloo_sweep_equals_single_process(setup, tmp_path):
         dist.destroy_process_group()
         """))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     logs = [json.loads(Path(str(computed_log).format(rank=rank)).read_text()) for rank in range(2)]
     # chunks 0 and 2 on rank 0, chunk 1 on rank 1
