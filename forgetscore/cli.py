@@ -51,6 +51,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chunk-size", type=int, default=4096,
                    help="images per resumable chunk of a sweep; torchrun ranks share chunks (default: 4096)")
     g.add_argument("--resize", action="store_true", help="resize images that do not match the model's size")
+    g.add_argument("--text-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="how the prepared caption states are stored: a half-width store halves the cache and the "
+                        "bytes each sweep reads; under --precision bf16 (fp16) a bfloat16 (float16) store changes "
+                        "no sweep loss where the states go straight into linear layers, as in Stable Diffusion's "
+                        "UNet (default: float32)")
     g.add_argument("--precision", choices=["fp32", "tf32", "bf16", "fp16"], default="fp32",
                    help="UNet precision of the scoring sweeps: bf16/fp16 autocast, tf32 tensor cores (CUDA); "
                         "losses stay float32. fp32 (the default) is IEEE float32, on CUDA too")
@@ -119,7 +124,8 @@ def _attributor(args: argparse.Namespace):
     return Attributor.load(args.model, args.train, plan=_plan(args), weights=args.weights, cache_dir=args.cache,
                            batch_size=args.batch_size, backend=args.backend, device=args.device,
                            resize=args.resize, chunk_size=args.chunk_size, precision=args.precision,
-                           prefetch=not args.no_prefetch, compile=args.compile, **fisher)
+                           prefetch=not args.no_prefetch, compile=args.compile, text_dtype=args.text_dtype,
+                           **fisher)
 
 
 def _config(args: argparse.Namespace):

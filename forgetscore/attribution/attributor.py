@@ -26,7 +26,7 @@ import torch
 
 from ..cache import cache_root
 from . import params
-from .data import PreparedData, TrainingSet, load_image, prepare
+from .data import TEXT_DTYPES, PreparedData, TrainingSet, load_image, prepare
 from .fisher import FISHER_CHUNK, FISHER_FORMAT, run_fisher
 from .generate import generate
 from .io import read_json, write_bytes, write_json, write_npy
@@ -66,7 +66,7 @@ class Attributor:
                  weights: str = "kv", cache_dir: str | os.PathLike | None = None, batch_size: int | str = 256,
                  backend: str = "auto", progress: bool = True, resize: bool = False, chunk_size: int = 4096,
                  precision: str = "fp32", prefetch: bool = True, compile: str | None = None,
-                 fisher_batch_size: int = 64, fisher_chunk_size: int = FISHER_CHUNK):
+                 fisher_batch_size: int = 64, fisher_chunk_size: int = FISHER_CHUNK, text_dtype: str = "float32"):
         from .losses import auto_batch_size, check_precision, compile_mode
 
         self.model, self.train = model, train
@@ -80,6 +80,9 @@ class Attributor:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}: {v!r} must be an int >= 1")
         self.fisher_batch_size, self.fisher_chunk_size = fisher_batch_size, fisher_chunk_size
+        if text_dtype not in TEXT_DTYPES:
+            raise ValueError(f"text_dtype: {text_dtype!r} is not one of {list(TEXT_DTYPES)}")
+        self.text_dtype = text_dtype
         check_precision(precision, model.device)
         self.precision = precision
         # Sweep options that leave the numbers as they are (prefetch) or change only their last bits (compile).
@@ -109,8 +112,10 @@ class Attributor:
         if self._data is None:
             t = time.perf_counter()
             # Under torchrun the ranks share the shards; every rank gets the finished data.
-            self._data = prepare(self.model, self.train, self.cache_dir / "prepared", resize=self.resize,
-                                 progress=self.progress)
+            # Each caption store has its own folder (and data_id), so a cache can hold both.
+            folder = "prepared" if self.text_dtype == "float32" else f"prepared-{self.text_dtype}"
+            self._data = prepare(self.model, self.train, self.cache_dir / folder, resize=self.resize,
+                                 text_dtype=self.text_dtype, progress=self.progress)
             self.timings.add("prepare", time.perf_counter() - t, len(self.train), "img")
         return self._data
 

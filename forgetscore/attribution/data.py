@@ -25,6 +25,11 @@ from .io import read_json, write_json, write_npy
 from .model import DiffusionModel
 
 CACHE_FORMAT = 1
+# How caption states may be stored: numpy's dtype on disk and the torch dtype they are read as
+# (numpy has no bfloat16: its bits are stored as uint16). Half-width stores halve the largest part
+# of the cache (77 x 1024 states are 315 KB per caption in float32) and the bytes every sweep reads.
+TEXT_DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
+               "bfloat16": (np.uint16, torch.bfloat16)}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
@@ -135,6 +140,7 @@ class PreparedData:
         self._inputs = [np.load(self.dir / s["inputs"], mmap_mode="r") for s in m["shards"]]
         self._text = [np.load(self.dir / s["text"], mmap_mode="r") for s in m["shards"]]
         self.shard_size = m["shard_size"]
+        self.text_dtype = m.get("text_dtype", "float32")
 
     @property
     def model_id(self) -> str:
@@ -142,7 +148,9 @@ class PreparedData:
 
     @property
     def data_id(self) -> str:
-        return self.manifest["data_id"]
+        """The training set's identity, and the caption store's dtype where it rounds the states."""
+        dtype = self.manifest.get("text_dtype", "float32")
+        return self.manifest["data_id"] + ("" if dtype == "float32" else f"+{dtype}")
 
     def n_captions(self, index: int) -> int:
         return int(self.caption_offsets[index + 1] - self.caption_offsets[index])
@@ -161,8 +169,12 @@ class PreparedData:
         out = np.empty((len(idx), 2, *self.input_shape), dtype=np.float32)
         return torch.from_numpy(_gather(self._inputs, shard, local, out))
 
-    def text(self, indices: np.ndarray, captions: str) -> tuple[torch.Tensor, list[int]]:
-        """Encoder states of the captions of `indices` ([sum n_caps, L, D]) and the count per image."""
+    def text(self, indices: np.ndarray, captions: str, *, stored: bool = False) -> tuple[torch.Tensor, list[int]]:
+        """Encoder states of the captions of `indices` ([sum n_caps, L, D]) and the count per image.
+
+        float32 (exact), or with `stored` in the store's own dtype (half the bytes to move for a
+        float16 or bfloat16 store; the same values).
+        """
         idx = self._ids(indices)
         offsets = np.asarray(self.caption_offsets, dtype=np.int64)
         shard = idx // self.shard_size
@@ -171,8 +183,12 @@ class PreparedData:
         # Row r of the result is caption (r - first row of its image) of its image.
         image = np.repeat(np.arange(len(idx)), counts)
         row = lo[image] + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-        out = np.empty((len(row), *self._text[0].shape[1:]), dtype=np.float32)
-        return torch.from_numpy(_gather(self._text, shard[image], row, out)), counts.tolist()
+        np_dtype, torch_dtype = TEXT_DTYPES[self.text_dtype]
+        out = np.empty((len(row), *self._text[0].shape[1:]), dtype=np_dtype)
+        states = torch.from_numpy(_gather(self._text, shard[image], row, out))
+        if torch_dtype == torch.bfloat16:
+            states = states.view(torch.bfloat16)  # the stored bits, reinterpreted
+        return (states if stored else states.float()), counts.tolist()
 
 
 def _gather(files: list[np.ndarray], shard: np.ndarray, local: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -227,6 +243,13 @@ def _unmap(src: np.ndarray) -> None:
         mm.madvise(mmap.MADV_DONTNEED)
 
 
+def _stored_text(states: torch.Tensor, text_dtype: str) -> np.ndarray:
+    """float32 caption states as the store keeps them (rounded to nearest even in a half-width dtype)."""
+    if text_dtype == "bfloat16":
+        return states.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return states.numpy().astype(TEXT_DTYPES[text_dtype][0])
+
+
 PREPARE_KEYS = ("format", "encoders_id", "data_id", "n_images", "input_shape", "shard_size", "text_dtype")
 
 
@@ -244,7 +267,7 @@ def _shard_ok(cache: Path, entry: dict, input_shape: tuple[int, ...], n_text: in
     except (OSError, ValueError):
         return False
     return (inputs.shape == (hi - lo, 2, *input_shape) and inputs.dtype == np.float32
-            and text.ndim == 3 and text.shape[0] == n_text and text.dtype == np.dtype(text_dtype))
+            and text.ndim == 3 and text.shape[0] == n_text and text.dtype == TEXT_DTYPES[text_dtype][0])
 
 
 def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, *, shard_size: int = 4096,
@@ -260,6 +283,8 @@ def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, 
 
     from .ranks import barrier, deal_chunks, on_rank0
 
+    if text_dtype not in TEXT_DTYPES:
+        raise ValueError(f"text_dtype: {text_dtype!r} is not one of {list(TEXT_DTYPES)}")
     cache = Path(cache)
     manifest_path = cache / "manifest.json"
     header = {"format": CACHE_FORMAT, "encoders_id": model.encoders_id(), "data_id": data.identity(),
@@ -307,8 +332,8 @@ def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, 
             inputs[b - lo:b - lo + n, 1] = enc[n:]
             bar.update(n)
         prompts = [c for caps in data.captions[lo:hi] for c in caps]
-        text = torch.cat([model.encode_text(prompts[k:k + 256]).float().cpu()
-                          for k in range(0, len(prompts), 256)]).numpy().astype(text_dtype)
+        text = _stored_text(torch.cat([model.encode_text(prompts[k:k + 256]).float().cpu()
+                                       for k in range(0, len(prompts), 256)]), text_dtype)
         write_npy(cache / entries[s]["text"], text)
         write_npy(cache / entries[s]["inputs"], inputs)
     bar.close()

@@ -38,7 +38,8 @@ class ArrayData(PreparedData):
         self.n = inputs.shape[0]
         self.input_shape = tuple(inputs.shape[2:])
         self.caption_offsets = caption_offsets
-        self._inputs, self._text = [inputs], [text]
+        self._inputs, self._text = [inputs], [np.asarray(text, dtype=np.float32)]
+        self.text_dtype = "float32"
         self.shard_size = max(1, self.n)
 
 

@@ -284,7 +284,7 @@ class _Batch:
     n_images: int
     rows: Rows
     x0: torch.Tensor            # [rows, C, H, W] float32
-    ctx: torch.Tensor           # [captions, L, D] in the UNet's dtype: each caption once (rows.text_row)
+    ctx: torch.Tensor           # [captions, L, D] as stored (cast on the device): each caption once (rows.text_row)
     noise: torch.Tensor | None  # reference noise of the rows; None: keyed noise, made in-kernel
 
 
@@ -386,10 +386,10 @@ class LossSweep:
     def _load(self, ids: np.ndarray) -> _Batch:
         """Everything one batch needs before the device: memory-mapped inputs, text rows, reference noise."""
         inputs = self.data.inputs(ids)[:, :self.plan.versions]
-        text, counts = self.data.text(ids, self.plan.captions)
+        text, counts = self.data.text(ids, self.plan.captions, stored=True)
         rows = expand_rows(ids, counts, self.plan)
         x0 = inputs[rows.image, rows.version]
-        ctx = text.to(self._dtype)
+        ctx = text
         noise = None
         if self._noise is not None:
             noise = self._noise.rows(rows.sample_id.numpy(), rows.version.numpy(), rows.caption.numpy(),
@@ -440,7 +440,7 @@ class LossSweep:
         m, dev = self.model, self.model.device
         rows, async_copy = batch.rows, dev.type == "cuda"
         x0 = batch.x0.to(dev, non_blocking=async_copy)
-        ctx = batch.ctx.to(dev, non_blocking=async_copy)
+        ctx = batch.ctx.to(dev, non_blocking=async_copy).to(self._dtype)
         text_row = rows.text_row.to(dev)
         ts = rows.timestep.to(dev)
         if batch.noise is None:
