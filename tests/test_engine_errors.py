@@ -208,6 +208,14 @@ def test_fisher_lacking_the_selected_weights(model, fishers):
            load_fisher, fishers["kv"], model, select_weights(model.unet, "cross-attn"))
 
 
+def test_fisher_file_missing_or_damaged(model, fishers, tmp_path):
+    kv = select_weights(model.unet, "kv")
+    raises("fisher", r"does not exist; compute it first", load_fisher, tmp_path / "none.safetensors", model, kv)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(fishers["kv"].read_bytes()[:-100])
+    raises("fisher", r"cannot read .*cut\.safetensors.*delete it to compute it again", load_fisher, cut, model, kv)
+
+
 def test_fisher_of_a_wider_preset_serves_a_narrower_one(model, fishers):
     # A diagonal Fisher's entry depends only on its own weight, so the kv entries of a cross-attn
     # Fisher are the kv Fisher: using it for "kv" is right, not a mix-up.
@@ -342,6 +350,14 @@ def test_before_losses_made_under_another_plan_or_model(model, train, tmp_path, 
     again = Attributor(model, train, plan=PLAN, cache_dir=tmp_path, progress=False)
     raises("cache", r"was made under another plan or model; delete it", again.before_losses)
     assert snapshot(tmp_path) == before
+
+
+def test_damaged_before_losses_are_named(model, train, tmp_path):
+    Attributor(model, train, plan=PLAN, cache_dir=tmp_path, progress=False).before_losses()
+    (losses,) = tmp_path.glob("before-*.npy")
+    losses.write_bytes(losses.read_bytes()[:-9])
+    again = Attributor(model, train, plan=PLAN, cache_dir=tmp_path, progress=False)
+    raises("cache", r"cannot read .*before-.*\.npy.*delete it to recompute", again.before_losses)
 
 
 def _arrays(data: PreparedData):

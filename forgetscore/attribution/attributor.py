@@ -172,7 +172,10 @@ class Attributor:
             meta = read_json(path.with_suffix(".json"))
             if meta["plan"] != self.plan.to_dict() or meta["unet_id"] != self.model.unet_id():
                 raise ValueError(f"cache: {str(path)!r} was made under another plan or model; delete it")
-            return np.load(path)
+            try:
+                return np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"cache: cannot read {str(path)!r} ({exc}); delete it to recompute") from None
         t = time.perf_counter()
         before = self._run([None], None, desc="score (before)")[0]
         self.timings.add("score before", time.perf_counter() - t, len(before), "img")
@@ -362,9 +365,14 @@ def load_fisher(path: str | os.PathLike, model: DiffusionModel, names: list[str]
 
     from .unlearning import check_fisher
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("forgetscore", "{}"))
-        fisher = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("forgetscore", "{}"))
+            fisher = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise ValueError(f"fisher: {str(path)!r} does not exist; compute it first (forgetscore fisher)") from None
+    except Exception as exc:  # noqa: BLE001  (safetensors reports a damaged file with its own error types)
+        raise ValueError(f"fisher: cannot read {str(path)!r} ({exc}); delete it to compute it again") from None
     saved = meta.get("unet_id")
     if saved is not None and saved != model.unet_id():
         raise ValueError(f"fisher: {str(path)!r} was computed for another model (unet_id {saved}, this model's "
