@@ -185,6 +185,7 @@ def test_two_ranks_under_torchrun_equal_one_process(setup, tmp_path):
     script = tmp_path / "dist_fisher.py"
     script.write_text(textwrap.dedent(f"""
         import json
+        import time
 
         import numpy as np
         import torch
@@ -200,6 +201,12 @@ def test_two_ranks_under_torchrun_equal_one_process(setup, tmp_path):
             return real(*a, start=start, **kw)
         fisher.fisher_sums = logged
         rank, world = distributed_env()
+        if rank == 1:  # a slow reader: rank 0 must not remove the chunk folder before it has read the sum
+            real_load = fisher._load
+            def slow_load(path):
+                time.sleep(1.5)
+                return real_load(path)
+            fisher._load = slow_load
         assert world == 2, world
         att = Attributor.load({str(setup["model"])!r}, {str(setup["train"])!r}, cache_dir={str(tmp_path / "c")!r},
                               plan=ScoringPlan.from_dict({PLAN.to_dict()!r}), weights="cross-attn", progress=False,

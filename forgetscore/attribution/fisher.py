@@ -294,4 +294,5 @@ def run_fisher(model: DiffusionModel, data: PreparedData, names: list[str], out_
 
     on_rank0(finish)
     total = prefix.sums if prefix is not None else _load(out_dir / PREFIX)
+    barrier()  # every rank has read the prefix before a caller may remove the directory
     return {n: total[n].to(model.device) / samples for n in names}
