@@ -332,9 +332,14 @@ def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, 
             inputs[b - lo:b - lo + n, 1] = enc[n:]
             bar.update(n)
         prompts = [c for caps in data.captions[lo:hi] for c in caps]
-        text = _stored_text(torch.cat([model.encode_text(prompts[k:k + 256]).float().cpu()
-                                       for k in range(0, len(prompts), 256)]), text_dtype)
+        text = None  # filled in place: a shard's states can be gigabytes (77 x 1024 floats per caption)
+        for k in range(0, len(prompts), 256):
+            part = _stored_text(model.encode_text(prompts[k:k + 256]).float().cpu(), text_dtype)
+            if text is None:
+                text = np.empty((len(prompts), *part.shape[1:]), dtype=part.dtype)
+            text[k:k + len(part)] = part
         write_npy(cache / entries[s]["text"], text)
+        del text
         write_npy(cache / entries[s]["inputs"], inputs)
     bar.close()
     barrier()

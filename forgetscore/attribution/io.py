@@ -1,7 +1,6 @@
 """Writing files so that nothing half-written is ever left on disk."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -37,9 +36,8 @@ def write_json(path: Path, obj: object) -> None:
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    write_bytes(path, buf.getvalue())
+    # Streamed into the file: no copy of the array in memory (a prepared shard can be gigabytes).
+    _write_atomic(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
 
 
 def read_json(path: Path) -> dict:
