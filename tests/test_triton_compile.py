@@ -32,3 +32,9 @@ def test_every_triton_kernel_variant_compiles_for_sm90(tmp_path):
         for launch in v["launches"]:
             assert "cubin" in launch["stages"], f"{v['variant']}: stopped at {launch['stages']}"
     assert len(report["variants"]) >= 90
+    # No contracted multiply-adds in the noise and the loss: x_t = a * x0 + s * eps and the targets are
+    # rounded after each operation, as in the reference and the CUDA kernels (an FMA rounds once).
+    for v in report["variants"]:
+        for launch in v["launches"]:
+            if launch["kernel"] in ("_noise_kernel", "_loss_kernel"):
+                assert launch["fma_f32"] == 0, f"{v['variant']}: {launch['fma_f32']} fma.rn.f32 in its PTX"

@@ -84,6 +84,8 @@ def _launch(mode: int, out: torch.Tensor, x0, coef_signal, coef_noise, seed: int
     _noise_kernel[(rows * blocks_per_row,)](
         out, x0, coef_signal, coef_noise, sample_ids, draw_ids, k0, k1, numel, blocks_per_row,
         MODE=mode, BLOCK_Q=block_q, num_warps=pick(1, 4),
+        # a * x0 + s * eps rounded twice, as the reference and the CUDA kernel do: the same x_t on every backend.
+        enable_fp_fusion=False,
     )
     return out
 
