@@ -285,20 +285,26 @@ def test_probe_halves_on_out_of_memory(setup, monkeypatch):
 
 
 def _fp32_math_flags():
-    return torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    # Every getter, old and new: none may raise (torch.compile's autotuning reads the old ones).
+    conv, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    newer = tuple(getattr(o, "fp32_precision", None) for o in (conv, getattr(conv, "conv", None), matmul))
+    return (conv.allow_tf32, matmul.allow_tf32, torch.get_float32_matmul_precision()), newer
 
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")  # autocast on "cuda" in a CPU-only build
-@pytest.mark.parametrize("precision,inside", [("fp32", "ieee"), ("tf32", "tf32"), ("bf16", "ieee")])
-def test_cuda_float32_math_follows_the_precision_and_is_restored(precision, inside):
+@pytest.mark.parametrize("precision,tf32", [("fp32", False), ("tf32", True), ("bf16", False)])
+def test_cuda_float32_math_follows_the_precision_and_is_restored(precision, tf32):
     # PyTorch runs cuDNN convolutions in TF32 by default; the sweep's "fp32" must not.
     before = _fp32_math_flags()
     with losses_mod.unet_precision(torch.device("cuda"), precision):
-        assert _fp32_math_flags() == (inside, inside)
-    assert _fp32_math_flags() == before
+        legacy, newer = _fp32_math_flags()
+        assert legacy == (tf32, tf32, "high" if tf32 else "highest")
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # the newer settings agree
+            assert newer[2] == ("tf32" if tf32 else "ieee") and newer[1] in (("tf32" if tf32 else "ieee"), "none")
+    assert _fp32_math_flags()[0] == before[0]
     with pytest.raises(RuntimeError, match="boom"), losses_mod.unet_precision(torch.device("cuda"), "fp32"):
         raise RuntimeError("boom")
-    assert _fp32_math_flags() == before
+    assert _fp32_math_flags()[0] == before[0]
 
 
 def test_cpu_precisions_leave_cuda_flags_alone_and_autocast_the_unet():

@@ -193,20 +193,20 @@ def check_precision(precision: str, device: torch.device) -> None:
 
 @contextlib.contextmanager
 def _cuda_fp32_math(mode: str) -> Iterator[None]:
-    """cuDNN convolutions and CUDA matmuls on float32 inputs in `mode` ("ieee" or "tf32"), then restored."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        flags = [(conv, "fp32_precision", mode), (torch.backends.cuda.matmul, "fp32_precision", mode)]
-    else:  # PyTorch before the per-operator precision settings
-        flags = [(torch.backends.cudnn, "allow_tf32", mode == "tf32"),
-                 (torch.backends.cuda.matmul, "allow_tf32", mode == "tf32")]
-    saved = [getattr(obj, name) for obj, name, _ in flags]
+    """cuDNN convolutions and CUDA matmuls on float32 inputs in `mode` ("ieee" or "tf32"), then restored.
+
+    Through the long-standing ``allow_tf32`` switches: PyTorch keeps its newer per-operator
+    ``fp32_precision`` settings consistent with them, whereas setting only the newer ones leaves
+    the older getters raising, and torch.compile's autotuning still reads them.
+    """
+    flags = [(torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")]
+    saved = [getattr(obj, name) for obj, name in flags]
     try:
-        for obj, name, value in flags:
-            setattr(obj, name, value)
+        for obj, name in flags:
+            setattr(obj, name, mode == "tf32")
         yield
     finally:
-        for (obj, name, _), value in zip(flags, saved):
+        for (obj, name), value in zip(flags, saved):
             setattr(obj, name, value)
 
 
