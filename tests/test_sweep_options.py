@@ -345,6 +345,14 @@ def test_back_off_logic():
         losses_mod.largest_fitting(fits_below(0), 8)
     assert sizes == [8, 4, 2, 1]
 
+    def library_oom(n):  # cuBLAS / cuDNN out of memory: a RuntimeError, retried like torch's own
+        sizes.append(n)
+        if n > 2:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+
+    sizes.clear()
+    assert losses_mod.largest_fitting(library_oom, 8) == 2 and sizes == [8, 4, 2]
+
     def broken(n):
         raise RuntimeError("not a memory error")
 

@@ -160,6 +160,16 @@ class ReferenceNoise:
         return out
 
 
+# How cuBLAS and cuDNN report an allocation they could not make: a plain RuntimeError, not torch's own
+# OutOfMemoryError (e.g. a handle or workspace created after PyTorch's allocator took the memory).
+_OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                 "CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED")
+
+
+def _out_of_memory(exc: RuntimeError) -> bool:
+    return any(m in str(exc) for m in _OOM_MESSAGES)
+
+
 def largest_fitting(fits: Callable[[int], None], cap: int) -> int:
     """The largest power of two <= `cap` for which ``fits(n)`` returns without running out of CUDA memory.
 
@@ -175,6 +185,9 @@ def largest_fitting(fits: Callable[[int], None], cap: int) -> int:
             return n
         except torch.cuda.OutOfMemoryError:
             pass  # retried below, outside the handler, once the failed try's tensors are released
+        except RuntimeError as exc:
+            if not _out_of_memory(exc):
+                raise
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if n == 1:
