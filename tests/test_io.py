@@ -28,3 +28,17 @@ def test_a_failed_write_leaves_nothing(tmp_path):
         write_npy(tmp_path / "a.npy", np.array([{"not": "an array of numbers"}], dtype=object))
     assert [p.name for p in tmp_path.iterdir()] == ["a.npy"]  # the old file whole, no temporary beside it
     assert np.array_equal(np.load(tmp_path / "a.npy"), np.arange(3))
+
+
+def test_write_npy_rows_streams_parts_into_one_array(tmp_path):
+    g = np.random.default_rng(fresh_seed("data"))
+    parts = [g.standard_normal((n, 7, 5)).astype(np.float16) for n in (4, 1, 6)]
+    from forgetscore.attribution.io import write_npy_rows
+
+    write_npy_rows(tmp_path / "r.npy", (11, 7, 5), np.float16, iter(parts))
+    got = np.load(tmp_path / "r.npy")
+    assert got.dtype == np.float16 and np.array_equal(got, np.concatenate(parts))
+    for shape, says in (((12, 7, 5), "11 rows written for an array of 12"), ((11, 7, 4), "a part of shape")):
+        with pytest.raises(ValueError, match=says):
+            write_npy_rows(tmp_path / "bad.npy", shape, np.float16, iter(parts))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.npy"]  # nothing half-written

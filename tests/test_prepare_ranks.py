@@ -31,11 +31,12 @@ def test_two_ranks_prepare_the_same_cache_as_one_process(tmp_path):
         from forgetscore.attribution.ranks import distributed_env
 
         written = []
-        real = data.write_npy
-        def logged(path, array):
-            written.append(path.name)
-            real(path, array)
-        data.write_npy = logged
+        def logged(real):
+            def write(path, *args):
+                written.append(path.name)
+                real(path, *args)
+            return write
+        data.write_npy, data.write_npy_rows = logged(data.write_npy), logged(data.write_npy_rows)
         rank, world = distributed_env()  # prepare joins torchrun's process group itself
         prepared = prepare(DiffusionModel.load({str(model_dir)!r}), TrainingSet.load({str(train_dir)!r}),
                            {str(tmp_path / "shared")!r}, shard_size=2, batch_size=2, progress=False)

@@ -12,6 +12,7 @@ It streams shard by shard (bounded memory) and resumes from finished shards.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import mmap
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import read_json, write_json, write_npy
+from .io import read_json, write_json, write_npy, write_npy_rows
 from .model import DiffusionModel
 
 CACHE_FORMAT = 1
@@ -332,14 +333,12 @@ def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, 
             inputs[b - lo:b - lo + n, 1] = enc[n:]
             bar.update(n)
         prompts = [c for caps in data.captions[lo:hi] for c in caps]
-        text = None  # filled in place: a shard's states can be gigabytes (77 x 1024 floats per caption)
-        for k in range(0, len(prompts), 256):
-            part = _stored_text(model.encode_text(prompts[k:k + 256]).float().cpu(), text_dtype)
-            if text is None:
-                text = np.empty((len(prompts), *part.shape[1:]), dtype=part.dtype)
-            text[k:k + len(part)] = part
-        write_npy(cache / entries[s]["text"], text)
-        del text
+        # Streamed to the file 256 captions at a time: a shard's states can be gigabytes (77 x 1024 per caption).
+        parts = (_stored_text(model.encode_text(prompts[k:k + 256]).float().cpu(), text_dtype)
+                 for k in range(0, len(prompts), 256))
+        first = next(parts)
+        write_npy_rows(cache / entries[s]["text"], (len(prompts), *first.shape[1:]), first.dtype,
+                       itertools.chain([first], parts))
         write_npy(cache / entries[s]["inputs"], inputs)
     bar.close()
     barrier()

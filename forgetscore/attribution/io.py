@@ -40,6 +40,32 @@ def write_npy(path: Path, array: np.ndarray) -> None:
     _write_atomic(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
 
 
+def write_npy_rows(path: Path, shape: tuple[int, ...], dtype, parts) -> None:
+    """An .npy file of `shape` written from `parts` (arrays of consecutive rows, in order) as they come.
+
+    Only one part is in memory at a time; the file appears whole, or not at all if the parts fail
+    or do not add up to `shape`.
+    """
+    from numpy.lib import format as npy
+
+    dtype = np.dtype(dtype)
+
+    def write(f) -> None:
+        npy.write_array_header_1_0(f, {"descr": npy.dtype_to_descr(dtype), "fortran_order": False,
+                                       "shape": tuple(shape)})
+        rows = 0
+        for part in parts:
+            part = np.ascontiguousarray(part, dtype=dtype)
+            if part.shape[1:] != tuple(shape[1:]):
+                raise ValueError(f"write_npy_rows: a part of shape {part.shape} in an array of shape {shape}")
+            f.write(memoryview(part).cast("B"))
+            rows += part.shape[0]
+        if rows != shape[0]:
+            raise ValueError(f"write_npy_rows: {rows} rows written for an array of {shape[0]}")
+
+    _write_atomic(path, write)
+
+
 def read_json(path: Path) -> dict:
     with open(path) as f:
         return json.load(f)
