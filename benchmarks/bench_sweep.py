@@ -23,6 +23,9 @@ Four comparisons, each side by side in one run:
    over ``functional_call``, attention without fused SDPA), each in its own subprocess
    so that their peak memory does not mix.
 
+And the sweep's precisions: ``LossSweep.run`` in fp32, bf16 and mixed (bf16 but the UNet's
+output end in float32; on CUDA also tf32) on the same rows.
+
 Timed calls of one comparison are interleaved (round k times one call of each method)
 and the median over the rounds is reported, after one warm-up call of each method.
 
@@ -328,6 +331,36 @@ def bench_sweep_parts(args, model, data, sizes: dict, emit, log) -> None:
                   "note": "projected from the measured rows/s, one process on this device"})
 
 
+# --------------------------------------------------------------------------- precisions of the sweep
+
+def bench_precisions(args, model, data, sizes: dict, emit, log) -> None:
+    """LossSweep.run in each precision on the same rows, interleaved: what mixed costs beside bf16 and fp32."""
+    from forgetscore.attribution import LossSweep, ScoringPlan
+
+    sync = make_sync(model.device)
+    ts = tuple(range(0, 1000, 1000 // sizes["timesteps"]))
+    plan = ScoringPlan(timesteps=ts, seed=SEED)
+    ids = np.arange(sizes["part12_images"])
+    rows = len(ids) * 2 * CAPTIONS * len(ts)
+    precisions = ["fp32", "bf16", "mixed"] + (["tf32"] if model.device.type == "cuda" else [])
+    sweeps = {p: LossSweep(model, data, plan, batch_size=sizes["batch_rows"], precision=p) for p in precisions}
+    log(f"[precisions] {rows} rows per call, UNet batches of {sizes['batch_rows']} rows: {', '.join(precisions)}")
+    times = time_interleaved({p: (lambda p=p: sweeps[p].run([None], ids, progress=False)) for p in precisions},
+                             sync, sizes["rounds"], log, warm_all=sizes["warm_all"])
+    work = f"{len(ids)} img x 2 flips x {CAPTIONS} cap x {len(ts)} t"
+    for p in precisions:
+        row = {"part": "precision", "method": f"LossSweep.run (precision {p})", "work": work, "rows": rows,
+               "batch_rows": sizes["batch_rows"]}
+        if isinstance(times[p], str):
+            row["skipped"] = times[p]
+        else:
+            row.update(median_s=times[p]["median_s"], rows_per_s=rows / times[p]["median_s"], timing=times[p])
+            if isinstance(times["fp32"], dict):
+                row["ratio"] = times["fp32"]["median_s"] / times[p]["median_s"]
+                row["note"] = "ratio: speed-up over fp32"
+        emit(row)
+
+
 # --------------------------------------------------------------------------- 3: several queries
 
 def bench_variants(args, model, data, sizes: dict, emit, log) -> None:
@@ -543,7 +576,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--json", metavar="OUT", help="write all measurements as JSON (rewritten after every row)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads(N) first; 0: torch's default")
-    p.add_argument("--only", choices=("sweep", "queries", "fisher"), help="run one part (sweep: parts 1 and 2)")
+    p.add_argument("--only", choices=("sweep", "queries", "fisher", "precisions"),
+                   help="run one part (sweep: parts 1 and 2; precisions: the sweep in fp32, bf16, mixed and on "
+                        "CUDA tf32)")
     p.add_argument("--rounds", type=int, default=0, help="timed rounds per comparison (default 3 CPU, 5 CUDA)")
     p.add_argument("--fisher-samples", type=int, default=0, help="samples per Fisher method (default 16 CPU, 64 CUDA)")
     p.add_argument("--fisher-chunk", type=int, default=0, help="samples per vmap call of the torch.func Fisher")
@@ -591,10 +626,12 @@ def main(argv: list[str] | None = None) -> int:
     steps = []
     if fisher_first:
         steps.append(("fisher", lambda: bench_fisher(args, sizes, emit, log)))
-    if args.only in (None, "sweep", "queries"):
+    if args.only in (None, "sweep", "queries", "precisions"):
         steps.append(("setup", setup))
     if args.only in (None, "sweep"):
         steps.append(("sweep", lambda: bench_sweep_parts(args, model, data, sizes, emit, log)))
+    if args.only in (None, "precisions"):  # before the queries: a time limit should cut the less telling part
+        steps.append(("precisions", lambda: bench_precisions(args, model, data, sizes, emit, log)))
     if args.only in (None, "queries"):
         steps.append(("queries", lambda: bench_variants(args, model, data, sizes, emit, log)))
     result.run_steps(steps)

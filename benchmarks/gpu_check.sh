@@ -114,18 +114,18 @@ run_step sweep "$sweep_cap" 0 "bench_sweep.py --device cuda --dtype bfloat16${sw
   --json "$OUT/bench_sweep_gpu.json" --fisher-timeout-s $(( sweep_cap > 60 ? sweep_cap / 3 : 20 ))
 
 # 7. The engine on the GPU with the digits model (and, if carried, a fine-tuned one): precision of
-#    fp32 (IEEE), tf32, bf16 and fp16 scores against fp32, the probed batch size, CUDA graphs
+#    fp32 (IEEE), tf32, bf16, fp16 and mixed scores against fp32, the probed batch size, CUDA graphs
 #    (torch.compile reduce-overhead) and agreement with an fp32 CPU sweep.  A folder .gpu-cache/
 #    holding the digits model (and letter-h/{model,pool}) saves training it here.
 if [[ -d .gpu-cache ]]; then export FORGETSCORE_CACHE="$PWD/.gpu-cache"; fi
 prec_cap=$(( $(left) - 90 ))
 prec_cap=$(( prec_cap > 120 ? 120 : (prec_cap < 40 ? 40 : prec_cap) ))
 run_step precision "$prec_cap" 0 "precision.py --device cuda (digits model)" -- \
-  "$PYTHON" benchmarks/precision.py --device cuda --batch-size auto --precisions fp32,tf32,bf16,fp16 \
-  --compile reduce-overhead --compile-precisions fp32,bf16 --cpu-check 64 --json "$OUT/precision_gpu.json"
+  "$PYTHON" benchmarks/precision.py --device cuda --batch-size auto --precisions fp32,tf32,bf16,fp16,mixed \
+  --compile reduce-overhead --compile-precisions bf16,mixed --cpu-check 64 --json "$OUT/precision_gpu.json"
 if [[ -d .gpu-cache/letter-h/model ]]; then
   run_step precision_ft 60 0 "precision.py --device cuda (fine-tuned letter-h)" -- \
-    "$PYTHON" benchmarks/precision.py --device cuda --batch-size auto --precisions fp32,tf32,bf16,fp16 \
+    "$PYTHON" benchmarks/precision.py --device cuda --batch-size auto --precisions fp32,tf32,bf16,fp16,mixed \
     --model .gpu-cache/letter-h/model --train .gpu-cache/letter-h/pool --prompt "a <new1>" \
     --json "$OUT/precision_ft_gpu.json"
 fi

@@ -7,10 +7,10 @@ unlearned weights, and reports the Spearman correlation of the scores with fp32'
 overlap of the top-10 and top-100, and the sweep time. Rows are written to --json as they
 finish, so a run cut short keeps what it measured.
 
-    python benchmarks/precision.py [--precisions fp32,bf16,fp16] [--json OUT]
+    python benchmarks/precision.py [--precisions fp32,bf16,fp16,mixed] [--json OUT]
     python benchmarks/precision.py --model M --train T --prompt "a <new1>"   # another model, e.g. fine-tuned
-    python benchmarks/precision.py --device cuda --precisions fp32,tf32,bf16,fp16 --batch-size auto \\
-        --compile reduce-overhead --compile-precisions fp32,bf16 --cpu-check 64      # the GPU check's row
+    python benchmarks/precision.py --device cuda --precisions fp32,tf32,bf16,fp16,mixed --batch-size auto \\
+        --compile reduce-overhead --compile-precisions bf16,mixed --cpu-check 64    # the GPU check's row
 
 --compile adds a row per --compile-precisions entry with the UNet under torch.compile (on CUDA,
 "reduce-overhead" replays CUDA graphs); its first sweep, compilation included, is timed apart.
@@ -20,6 +20,7 @@ relative difference of each precision's losses from the CPU's on those images.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -42,13 +43,49 @@ def overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
     return len(set(np.argsort(-a)[:k]) & set(np.argsort(-b)[:k])) / k
 
 
+def tf32_round(x: torch.Tensor) -> torch.Tensor:
+    """float32 rounded to TF32's 10-bit mantissa (to nearest, ties away from zero), as tensor cores take it."""
+    if x.dtype != torch.float32:
+        return x
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@contextlib.contextmanager
+def emulated_tf32():
+    """Convolutions, linear layers and attention on TF32-rounded inputs, accumulated in float32 (on the CPU).
+
+    What TF32 tensor cores do to a float32 UNet, for a machine without them: an estimate of
+    the tf32 precision's agreement before a GPU measures it.
+    """
+    import torch.nn.functional as F
+
+    real = {name: getattr(F, name) for name in ("conv2d", "linear", "scaled_dot_product_attention")}
+
+    def conv2d(x, w, *args, **kwargs):
+        return real["conv2d"](tf32_round(x), tf32_round(w), *args, **kwargs)
+
+    def linear(x, w, *args, **kwargs):
+        return real["linear"](tf32_round(x), tf32_round(w), *args, **kwargs)
+
+    def sdpa(q, k, v, *args, **kwargs):
+        return real["scaled_dot_product_attention"](tf32_round(q), tf32_round(k), tf32_round(v), *args, **kwargs)
+
+    F.conv2d, F.linear, F.scaled_dot_product_attention = conv2d, linear, sdpa
+    try:
+        yield
+    finally:
+        for name, fn in real.items():
+            setattr(F, name, fn)
+
+
 def _batch_size(text: str) -> int | str:
     return text if text == "auto" else int(text)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--precisions", default="fp32,bf16,fp16", help="comma-separated; fp32 first is the reference")
+    parser.add_argument("--precisions", default="fp32,bf16,fp16,mixed", help="comma-separated; fp32 first is the reference")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=_batch_size, default=1024, help="rows per UNet call, or auto")
     parser.add_argument("--images", type=int, help="sweep only the first N training images (a quick run)")
@@ -56,6 +93,9 @@ def main() -> int:
     parser.add_argument("--compile-precisions", default="fp32", help="precisions of the compiled rows")
     parser.add_argument("--cpu-check", type=int, default=0, metavar="N",
                         help="compare every row's losses on the first N images with an fp32 CPU sweep")
+    parser.add_argument("--emulate-tf32", action="store_true",
+                        help="also a row of fp32 with every convolution, linear layer and attention on TF32-rounded "
+                             "inputs (an estimate, on a CPU, of the tf32 precision of a GPU)")
     parser.add_argument("--json")
     parser.add_argument("--model", help="model directory (default: the embedded digits model)")
     parser.add_argument("--train", help="training folder of --model")
@@ -116,18 +156,19 @@ def main() -> int:
 
     scores: dict[str, np.ndarray] = {}
 
-    def measure(label: str, prec: str, compile_mode: str | None) -> None:
+    def measure(label: str, prec: str, compile_mode: str | None, emulate: bool = False) -> None:
         if label != "fp32" and "fp32" not in scores:
             raise RuntimeError("the fp32 row, the reference, failed: nothing to compare with")
         sweep = LossSweep(att.model, data, plan, batch_size=att.batch_size, precision=prec, compile=compile_mode)
-        t0 = time.perf_counter()
-        sweep.run([None, weights], indices[:64], progress=False)  # warm-up (compilation, CUDA graph capture)
-        sync()
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        losses = sweep.run([None, weights], indices, progress=False)
-        sync()
-        seconds = time.perf_counter() - t0
+        with emulated_tf32() if emulate else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            sweep.run([None, weights], indices[:64], progress=False)  # warm-up (compilation, CUDA graph capture)
+            sync()
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            losses = sweep.run([None, weights], indices, progress=False)
+            sync()
+            seconds = time.perf_counter() - t0
         scores[label] = (losses[1] - losses[0]).max(axis=1)
         ref = scores.get("fp32", scores[label])
         row = {"precision": label, "seconds": seconds, "warmup_s": first, "rows_per_s": rows_per_pass / seconds,
@@ -144,6 +185,8 @@ def main() -> int:
     if args.compile:
         steps += [(f"{p}+{args.compile}", lambda p=p: measure(f"{p}+{args.compile}", p, args.compile))
                   for p in args.compile_precisions.split(",")]
+    if args.emulate_tf32:
+        steps.append(("tf32 (emulated)", lambda: measure("tf32 (emulated)", "fp32", None, emulate=True)))
     result.run_steps(steps)
     return result.finish(start, report)
 

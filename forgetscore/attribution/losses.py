@@ -36,7 +36,9 @@ from .text_kv import SharedText
 # On CUDA, "fp32" is IEEE float32 throughout: cuDNN would otherwise run convolutions in TF32
 # (10 mantissa bits, PyTorch's default), about the size of the loss differences scored.
 # "tf32" asks for TF32 convolutions and matmuls (CUDA only).
-PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Sweep precisions: the autocast dtype of the UNet (None: float32). "mixed" is bfloat16 except the
+# UNet's output end, in float32 (TF32 on CUDA); see attribution/mixed.py.
+PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "mixed": torch.bfloat16}
 # batch_size="auto" off CUDA: CPU throughput stops growing long before a few hundred rows,
 # and there is no out-of-memory error to probe for (the machine would swap instead).
 AUTO_BATCH_CPU = 256
@@ -229,7 +231,7 @@ def unet_precision(device: torch.device, precision: str) -> Iterator[None]:
     check_precision(precision, device)
     with contextlib.ExitStack() as stack:
         if device.type == "cuda":
-            stack.enter_context(_cuda_fp32_math("tf32" if precision == "tf32" else "ieee"))
+            stack.enter_context(_cuda_fp32_math("tf32" if precision in ("tf32", "mixed") else "ieee"))
         if PRECISIONS[precision] is not None:
             stack.enter_context(torch.autocast(device.type, dtype=PRECISIONS[precision]))
         yield
@@ -260,17 +262,27 @@ def probe_batch_size(model: DiffusionModel, precision: str = "fp32", *, cap: int
     dtype = next(model.unet.parameters()).dtype
     states = model.encode_text([""]).to(dtype)  # [1, L, D]: the shape of every prepared caption
     shared_text = SharedText(model.unet)
+    tail = float32_tail(model.unet, precision)
 
     def fits(n: int) -> None:
         x = torch.randn((n, *model.input_shape), device=dev).to(dtype)
         t = torch.full((n,), model.num_train_timesteps - 1, dtype=torch.int64, device=dev)
         rows = torch.zeros(n, dtype=torch.int64, device=dev)
-        with unet_precision(dev, precision), shared_text.installed() as shared:
+        with unet_precision(dev, precision), shared_text.installed() as shared, tail():
             call_unet(model.unet, x, t, states, rows, shared)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
     return largest_fitting(fits, cap)
+
+
+def float32_tail(unet: torch.nn.Module, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """What installs the UNet's float32 output end for a call: for "mixed" only (else nothing)."""
+    if precision != "mixed":
+        return contextlib.nullcontext
+    from .mixed import Float32Tail
+
+    return Float32Tail(unet).installed
 
 
 def auto_batch_size(model: DiffusionModel, precision: str = "fp32", *, cap: int = AUTO_BATCH_CAP) -> int:
@@ -366,6 +378,7 @@ class LossSweep:
             model.unet, mode=None if self.compile == "default" else self.compile, backend=compile_backend,
             dynamic=False)
         self._shared_text = SharedText(model.unet)
+        self._tail = float32_tail(model.unet, precision)
         # Compiled calls get this many caption rows (padded): a batch of whole images has at most one
         # caption per versions x timesteps rows.
         self._caption_rows = max(1, -(-batch_size // (plan.versions * len(plan.timesteps))))
@@ -470,7 +483,7 @@ class LossSweep:
         cnt = torch.bincount(group, minlength=n_groups).double()
         out = torch.empty(len(variants), batch.n_images, self.plan.versions, dtype=torch.float64)
         for v, weights in enumerate(variants):
-            with m.swapped(weights), self._shared_text.installed() as shared:
+            with m.swapped(weights), self._shared_text.installed() as shared, self._tail():
                 losses = torch.empty(len(rows), dtype=torch.float32, device=dev)
                 for lo in range(0, len(rows), self.batch_size):
                     hi = min(len(rows), lo + self.batch_size)

@@ -1,0 +1,96 @@
+"""The "mixed" sweep precision: bfloat16 autocast, the UNet's output end in float32."""
+import numpy as np
+import pytest
+import tiny
+import torch
+
+from conftest import fresh_seed
+from forgetscore import cli
+from forgetscore.attribution import DiffusionModel, ScoringPlan, TrainingSet, prepare
+from forgetscore.attribution.losses import LossSweep, probe_batch_size
+from forgetscore.attribution.mixed import Float32Tail, tail_modules
+
+PLAN = ScoringPlan(timesteps=(3, 250, 500, 750, 999), captions="all", flips=True, seed=6)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    model = DiffusionModel.load(tiny.build_model(root / "model"))
+    train = TrainingSet.load(tiny.build_train(root / "train", n=8))
+    return model, prepare(model, train, root / "prepared", progress=False)
+
+
+def _dtypes_seen(model, run):
+    """The output dtype of every conv and linear layer during `run()`, by module name."""
+    seen, handles = {}, []
+    for name, mod in model.unet.named_modules():
+        if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+            handles.append(mod.register_forward_hook(
+                lambda m, a, out, name=name: seen.setdefault(name, set()).add(out.dtype)))
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_output_end_in_float32_the_rest_in_bfloat16(setup):
+    model, data = setup
+    sweep = LossSweep(model, data, PLAN, batch_size=64, precision="mixed")
+    seen = _dtypes_seen(model, lambda: sweep.run([None], progress=False))
+    n_up = len(model.unet.up_blocks)
+    tail = {n for n in seen if n.startswith(f"up_blocks.{n_up - 1}.") or n == "conv_out"}
+    assert tail and "conv_out" in tail
+    for name, dtypes in seen.items():
+        want = torch.float32 if name in tail else torch.bfloat16
+        assert dtypes == {want}, (name, dtypes)
+    # nothing stays installed after the sweep
+    assert not [m for m in tail_modules(model.unet) if "forward" in m.__dict__]
+
+
+def test_mixed_losses_lie_closer_to_float32_than_bfloat16s(setup):
+    model, data = setup
+    g = torch.Generator().manual_seed(fresh_seed("weights"))
+    weights = {n: p.detach() + 0.01 * torch.randn(p.shape, generator=g)
+               for n, p in model.unet.named_parameters() if ".attn2.to_k." in n or ".attn2.to_v." in n}
+    runs = {p: LossSweep(model, data, PLAN, batch_size=64, precision=p).run([None, weights], progress=False)
+            for p in ("fp32", "bf16", "mixed")}
+    err = {p: np.abs(runs[p] - runs["fp32"]).sum() for p in ("bf16", "mixed")}
+    assert 0 < err["mixed"] < err["bf16"], err
+    score_err = {p: np.abs((runs[p][1] - runs[p][0]) - (runs["fp32"][1] - runs["fp32"][0])).sum()
+                 for p in ("bf16", "mixed")}
+    assert score_err["mixed"] < score_err["bf16"], score_err
+
+
+def test_float32_tail_keeps_a_forward_it_found_and_rejects_other_models(setup):
+    model, _ = setup
+    conv_out = model.unet.conv_out
+    calls = []
+    conv_out.forward = lambda x: calls.append(x.dtype) or torch.nn.Conv2d.forward(conv_out, x)
+    try:
+        tail = Float32Tail(model.unet)
+        with tail.installed(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv_out(torch.randn(2, conv_out.in_channels, 4, 4, dtype=torch.bfloat16))
+        assert calls == [torch.float32] and y.dtype == torch.float32
+        assert conv_out.__dict__["forward"] is not tail._forwards[-1]  # the earlier forward is back
+    finally:
+        conv_out.__dict__.pop("forward", None)
+    with pytest.raises(ValueError, match="^precision: 'mixed' needs a UNet with up_blocks"):
+        Float32Tail(torch.nn.Linear(2, 2))
+
+
+def test_mixed_is_a_precision_of_the_command_line_and_the_probe(setup, monkeypatch):
+    args = cli.build_parser().parse_args(["score", "--model", "m", "--train", "t", "--precision", "mixed"])
+    assert args.precision == "mixed"
+    model, _ = setup
+    installed = []
+    real = Float32Tail.installed
+
+    def spy(self):
+        installed.append(True)
+        return real(self)
+
+    monkeypatch.setattr(Float32Tail, "installed", spy)
+    assert probe_batch_size(model, "mixed", cap=4) == 4 and installed  # probed as the sweep calls the UNet
