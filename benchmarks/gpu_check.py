@@ -230,8 +230,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
             print(f"  {name}: {ln[:160]}")
 
     _summary_sweep(os.path.join(out_dir, "bench_sweep_gpu.json"))
-    for name in ("precision_gpu.json", "precision_ft_gpu.json"):
-        _summary_precision(os.path.join(out_dir, name))
+    precision_paths = [os.path.join(out_dir, n) for n in ("precision_gpu.json", "precision_ft_gpu.json")]
+    for path in precision_paths:
+        _summary_precision(path)
+    print(f"  default by the rule: {suggest_default_precision(precision_paths)}")
 
     bench = _load_json(os.path.join(out_dir, args.bench_json))
     if bench is None:
@@ -366,6 +368,23 @@ def _summary_precision(path: str) -> None:
         print(f"  {r['precision']:<24} {r['seconds']:>7.2f}s (warm-up {r['warmup_s']:.1f}s) "
               f"{r['rows_per_s']:>10.0f} rows/s  spearman {r['spearman']:.4f}  top-10 {r['top10']:.2f}  "
               f"top-100 {r['top100']:.2f}{cpu}")
+
+
+def suggest_default_precision(paths: list[str], bar: float = 0.9) -> str:
+    """The fastest precision (uncompiled rows) whose top-100 overlap with fp32 is >= `bar` on every model
+    measured, with why; speed from the first file's rows (the digits model)."""
+    tables = [d for d in (_load_json(p) if os.path.exists(p) else None for p in paths) if d]
+    if not tables:
+        return "no precision table"
+    rows = [{r["precision"]: r for r in d.get("rows", []) if "+" not in r["precision"]} for d in tables]
+    passing = [p for p in rows[0] if all(p in t and t[p]["top100"] >= bar for t in rows)]
+    if not passing:
+        return f"none keeps top-100 >= {bar} (fp32 is the reference)"
+    best = max(passing, key=lambda p: rows[0][p]["rows_per_s"])
+    speed = rows[0][best]["rows_per_s"] / rows[0]["fp32"]["rows_per_s"] if "fp32" in rows[0] else float("nan")
+    worst = min(t[best]["top100"] for t in rows)
+    return (f"{best} ({speed:.2f}x fp32's speed, top-100 >= {worst:.2f} on {len(rows)} model(s); "
+            f"passing: {', '.join(passing)})")
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
