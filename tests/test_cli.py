@@ -88,3 +88,22 @@ def test_score_under_torchrun_equals_one_process(dirs, tmp_path):
     b = [np.load(p) for p in sorted((tmp_path / "b").glob("before-*.npy"))]
     assert len(a) == len(b) == 1
     assert np.array_equal(a[0], b[0])  # bitwise: every chunk is computed the same way on any rank
+
+
+def test_attribute_under_torchrun_equals_one_process(dirs, tmp_path):
+    """The whole method on two ranks: Fisher chunks, the unlearning step (rank 0's, broadcast) and the sweeps."""
+    model, train, root = dirs
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    common = ["attribute", "--model", str(model), "--train", str(train), *PLAN_ARGS, "--fisher-samples", "12",
+              "--fisher-chunk-size", "4", "--fisher-batch-size", "2", "--prompt", "a red square",
+              "--generate-seed", "1", "--draws", "8", "--micro-batch", "4", "--damping", "0.1", "--topk", "3"]
+    one = subprocess.run([sys.executable, "-m", "forgetscore", *common, "--cache", str(tmp_path / "a"),
+                          "--out", str(tmp_path / "out-a")], env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "forgetscore", *common, "--cache", str(tmp_path / "b"), "--out", str(tmp_path / "out-b")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert two.stdout.count("top 3 training images") == 1  # only rank 0 reports and writes
+    a, b = np.load(tmp_path / "out-a" / "scores.npy"), np.load(tmp_path / "out-b" / "scores.npy")
+    assert np.isfinite(a).all() and np.array_equal(a, b)
