@@ -94,3 +94,23 @@ def test_mixed_is_a_precision_of_the_command_line_and_the_probe(setup, monkeypat
 
     monkeypatch.setattr(Float32Tail, "installed", spy)
     assert probe_batch_size(model, "mixed", cap=4) == 4 and installed  # probed as the sweep calls the UNet
+
+
+def test_non_finite_losses_are_an_error_that_names_the_cause(setup):
+    model, data = setup
+    name = next(n for n, _ in model.unet.named_parameters() if ".attn2.to_v." in n)
+    p = model.unet.get_parameter(name)
+    broken = {name: torch.full_like(p, float("nan"))}
+    with pytest.raises(ValueError, match=r"^losses: the UNet's outputs for variant 1 are NaN or infinite "
+                                         r"\(precision fp32\).*alpha, damping"):
+        LossSweep(model, data, PLAN, batch_size=64).run([None, broken], progress=False)
+    published = ScoringPlan(timesteps=(3, 500), seed=6, noise="reference", reference_batch=2, noise_device="cpu")
+    with pytest.raises(ValueError, match=r"^losses: the UNet's outputs for variant 0 are NaN"):  # no kernel there
+        LossSweep(model, data, published, batch_size=64).run([broken], progress=False)
+    # values far beyond float16's range: fine in bfloat16 and float32, not in float16
+    huge = {name: p.detach() * 1e6}
+    for precision in ("fp32", "bf16"):
+        assert np.isfinite(LossSweep(model, data, PLAN, batch_size=64, precision=precision).run(
+            [huge], [0, 1], progress=False)).all()
+    with pytest.raises(ValueError, match=r"^precision: .* under fp16, whose range .* use bf16 or mixed"):
+        LossSweep(model, data, PLAN, batch_size=64, precision="fp16").run([huge], [0, 1], progress=False)

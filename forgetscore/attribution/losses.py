@@ -489,16 +489,31 @@ class LossSweep:
                     hi = min(len(rows), lo + self.batch_size)
                     pred = self._forward(x_t[lo:hi], ts[lo:hi], ctx, text_row[lo:hi], shared)
                     if target is None:
-                        losses[lo:hi] = kernels.diffusion_loss(pred, x0[lo:hi], ts[lo:hi], self.acp,
-                                                               self.plan.seed, sids[lo:hi], dids[lo:hi],
-                                                               prediction_type=m.prediction_type,
-                                                               backend=self.backend)
+                        try:
+                            losses[lo:hi] = kernels.diffusion_loss(pred, x0[lo:hi], ts[lo:hi], self.acp,
+                                                                   self.plan.seed, sids[lo:hi], dids[lo:hi],
+                                                                   prediction_type=m.prediction_type,
+                                                                   backend=self.backend)
+                        except ValueError as exc:  # the kernels refuse non-finite outputs: say why they came
+                            if not str(exc).startswith("model_output: holds non-finite"):
+                                raise
+                            self._non_finite(v)
                     else:
                         losses[lo:hi] = F.mse_loss(pred.float(), target[lo:hi], reduction="none").mean(
                             dim=tuple(range(1, pred.dim())))
             sums = torch.zeros(n_groups, dtype=torch.float64, device=dev).index_add_(0, group, losses.double())
             out[v] = (sums / cnt).view(batch.n_images, self.plan.versions).cpu()
+            if not bool(torch.isfinite(out[v]).all()):  # on the host already: costs no synchronisation
+                self._non_finite(v)
         return out
+
+    def _non_finite(self, variant: int) -> None:
+        where = f"the UNet's outputs for variant {variant} are NaN or infinite"
+        if self.precision == "fp16":
+            raise ValueError(f"precision: {where} under fp16, whose range (up to 65504) the UNet's activations "
+                             "exceeded; use bf16 or mixed (bfloat16's range), or fp32")
+        raise ValueError(f"losses: {where} (precision {self.precision}); check the model, and for unlearned "
+                         "weights the step's size (alpha, damping)")
 
     def batch_losses(self, ids: np.ndarray, variants: Sequence[dict[str, torch.Tensor] | None]) -> torch.Tensor:
         """[len(variants), len(ids), versions] float64 mean losses of one batch of images."""
