@@ -251,3 +251,45 @@ def test_two_ranks_under_torchrun_equal_one_process(setup, tmp_path):
              if json.loads(safe_open(str(f), "pt").metadata()["forgetscore"])["seed"] == 7]
     assert len(files) == 1 and not list((tmp_path / "c").glob("fisher-*.parts-*"))
     _assert_same(load_file(files[0]), _run(setup, tmp_path / "single"))
+
+
+def test_a_running_sum_no_manifest_vouches_for_is_not_trusted(setup, tmp_path):
+    """A prefix left without its fisher.json (e.g. a removal cut short) belongs to unknown settings."""
+    out = tmp_path / "f"
+    _run(setup, out, seed=1)
+    (out / MANIFEST).unlink()
+    with pytest.raises(ValueError, match=r"cache: .*holds chunk files \(prefix\.safetensors.*no fisher\.json"):
+        _run(setup, out, seed=2)
+    got = _run(setup, out, seed=2, untrusted="remove")  # a folder the caller owns: start afresh
+    att = setup["att"]
+    want = compute_fisher(att.model, setup["data"], att.names, samples=SAMPLES, seed=2, batch_size=BATCH,
+                          progress=False)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=0)
+
+
+def test_chunk_names_of_any_length_and_foreign_files(setup, tmp_path):
+    assert fisher_mod._chunk_index(chunk_name(1_000_000)) == 1_000_000
+    assert fisher_mod._chunk_index(chunk_name(7)) == 7
+    assert fisher_mod._chunk_index("chunk-x.safetensors") is None and fisher_mod._chunk_index(PREFIX) is None
+    out = tmp_path / "f"
+    _run(setup, out)
+    (out / "chunk-x.safetensors").write_bytes(b"someone else's")
+    _run(setup, out)  # folding again neither fails on nor deletes a name that is not a chunk's
+    assert (out / "chunk-x.safetensors").exists()
+
+
+def test_an_unreadable_manifest_is_an_error_and_deletes_nothing(setup, tmp_path, monkeypatch):
+    from forgetscore.attribution import ranks
+
+    out = tmp_path / "f"
+    _run(setup, out)
+    before = sorted(p.name for p in out.iterdir())
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(ranks, "read_json", unreadable)
+    with pytest.raises(ValueError, match=r"cache: .*fisher\.json' cannot be read .*Permission denied"):
+        _run(setup, out, untrusted="remove")
+    assert sorted(p.name for p in out.iterdir()) == before

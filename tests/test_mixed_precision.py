@@ -1,4 +1,6 @@
 """The "mixed" sweep precision: bfloat16 autocast, the UNet's output end in float32."""
+import copy
+
 import numpy as np
 import pytest
 import tiny
@@ -114,3 +116,12 @@ def test_non_finite_losses_are_an_error_that_names_the_cause(setup):
             [huge], [0, 1], progress=False)).all()
     with pytest.raises(ValueError, match=r"^precision: .* under fp16, whose range .* use bf16 or mixed"):
         LossSweep(model, data, PLAN, batch_size=64, precision="fp16").run([huge], [0, 1], progress=False)
+
+
+def test_mixed_needs_float32_weights(setup):
+    model, data = setup
+    half = DiffusionModel(model.tokenizer, model.text_encoder, copy.deepcopy(model.unet).to(torch.bfloat16),
+                          model.scheduler)
+    with pytest.raises(ValueError, match=r"^precision: 'mixed' .* needs float32 weights; this UNet's are "
+                                         r"torch.bfloat16"):
+        LossSweep(half, data, PLAN, batch_size=64, precision="mixed")

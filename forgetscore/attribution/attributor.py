@@ -136,22 +136,28 @@ class Attributor:
         meta = {"unet_id": self.model.unet_id(), "data_id": data.data_id, "names": self.names,
                 "samples": samples, "seed": seed, "flips": self.plan.flips, "captions": self.plan.captions}
         path = Path(path) if path else self.cache_dir / f"fisher-{self._key(meta)}.safetensors"
-        if not path.is_file():
+        # Rank 0 looks, every rank follows: ranks must make the same collective calls whatever each one's view of
+        # a network filesystem.
+        if not on_rank0(path.is_file):
             t = time.perf_counter()
-            # Chunks made under other batch or chunk sizes differ in their last bits: each pair has its own folder.
-            parts = path.with_name(f"{path.name}.parts-{self._key(batch_size, chunk_size, FISHER_FORMAT)}")
+            # Chunks of other settings (batch and chunk sizes change the last bits) have their own folders; the
+            # folders are this Attributor's own, so files in them that no manifest vouches for are removed.
+            parts = path.with_name(f"{path.name}.parts-{self._key(meta, batch_size, chunk_size, FISHER_FORMAT)}")
             fisher = run_fisher(self.model, data, self.names, parts, samples=samples, chunk_size=chunk_size,
                                 seed=seed, batch_size=batch_size, flips=self.plan.flips,
-                                captions=self.plan.captions, backend=self.backend, progress=self.progress)
+                                captions=self.plan.captions, backend=self.backend, progress=self.progress,
+                                untrusted="remove")
             self.timings.add("fisher", time.perf_counter() - t, samples, "samples")
-            if self.rank == 0:
+
+            def keep() -> None:
                 from safetensors.torch import save
 
                 write_bytes(path, save({n: f.cpu().contiguous() for n, f in fisher.items()},
                                        metadata={"forgetscore": json.dumps(meta)}))
                 for stale in path.parent.glob(f"{path.name}.parts-*"):
                     shutil.rmtree(stale, ignore_errors=True)
-            barrier()
+
+            on_rank0(keep)
         return load_fisher(path, self.model, self.names)
 
     def sweep(self) -> LossSweep:
@@ -166,7 +172,7 @@ class Attributor:
     def before_losses(self) -> np.ndarray:
         """[n_train, versions] losses of the original model under the plan (computed once, then cached)."""
         path = self._before_path()
-        if path.is_file():
+        if self._cached_before():
             if not path.with_suffix(".json").is_file():
                 raise ValueError(f"cache: {str(path)!r} has no metadata beside it; delete it to recompute")
             meta = read_json(path.with_suffix(".json"))
@@ -198,14 +204,20 @@ class Attributor:
             shutil.rmtree(out_dir, ignore_errors=True)
         return losses
 
+    def _cached_before(self) -> bool:
+        """Whether the before-losses are cached, as rank 0 sees it (every rank must take the same path)."""
+        return on_rank0(self._before_path().is_file)
+
     def _save_before(self, before: np.ndarray) -> None:
-        if self.rank == 0:
-            path = self._before_path()
-            write_json(path.with_suffix(".json"), {"unet_id": self.model.unet_id(),
-                                                   "data_id": self.prepare().data_id, "plan": self.plan.to_dict(),
-                                                   "precision": self.precision})
+        path = self._before_path()
+        meta = {"unet_id": self.model.unet_id(), "data_id": self.prepare().data_id, "plan": self.plan.to_dict(),
+                "precision": self.precision}
+
+        def write() -> None:
+            write_json(path.with_suffix(".json"), meta)
             write_npy(path, before)
-        barrier()
+
+        on_rank0(write)  # a failed write raises on every rank
 
     # --- queries -------------------------------------------------------------------------
     def generate(self, prompt: str, seed: int = 0, *, steps: int = 50, guidance_scale: float = 3.0) -> torch.Tensor:
@@ -309,7 +321,7 @@ class Attributor:
         # Before-losses come from the cache when there is one: the noise is keyed per image, so the
         # cached numbers are exactly those of any subset. Otherwise they are computed in the same
         # pass as the after-losses (and cached when the pass covers the whole set).
-        cached = self.before_losses() if self._before_path().is_file() else None
+        cached = self.before_losses() if self._cached_before() else None
         variants = unlearned if cached is not None else [None] + unlearned
         t = time.perf_counter()
         losses = self._run(variants, sel, desc="score (after)")

@@ -282,7 +282,7 @@ def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, 
     """
     from tqdm.auto import tqdm
 
-    from .ranks import barrier, deal_chunks, on_rank0
+    from .ranks import barrier, deal_chunks, init_distributed, on_rank0
 
     if text_dtype not in TEXT_DTYPES:
         raise ValueError(f"text_dtype: {text_dtype!r} is not one of {list(TEXT_DTYPES)}")
@@ -291,15 +291,21 @@ def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, 
     header = {"format": CACHE_FORMAT, "encoders_id": model.encoders_id(), "data_id": data.identity(),
               "n_images": len(data), "input_shape": list(model.input_shape), "shard_size": shard_size,
               "text_dtype": text_dtype, "train_dir": str(data.root), "model": model.source, "complete": False}
-    try:
-        old = read_json(manifest_path) if manifest_path.is_file() else {}
-    except ValueError:  # not JSON: an unfinished prepare's manifest at worst, which starts afresh below
-        old = {}
-    if old.get("complete"):  # finished: reused if it matches; never overwritten
-        for key in PREPARE_KEYS:
-            if old.get(key) != header[key]:
-                raise ValueError(f"cache: {str(cache)!r} was prepared with another {key} ({old.get(key)!r} vs "
-                                 f"{header[key]!r}); use a fresh cache directory")
+
+    def finished() -> bool:
+        try:
+            old = read_json(manifest_path) if manifest_path.is_file() else {}
+        except ValueError:  # not JSON: an unfinished prepare's manifest at worst, which starts afresh below
+            old = {}
+        if old.get("complete"):  # finished: reused if it matches; never overwritten
+            for key in PREPARE_KEYS:
+                if old.get(key) != header[key]:
+                    raise ValueError(f"cache: {str(cache)!r} was prepared with another {key} ({old.get(key)!r} vs "
+                                     f"{header[key]!r}); use a fresh cache directory")
+        return bool(old.get("complete"))
+
+    init_distributed(model.device)
+    if on_rank0(finished):  # rank 0 looks, every rank follows (their views of a network filesystem may differ)
         return PreparedData(cache)
     counts = np.array([len(c) for c in data.captions], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])

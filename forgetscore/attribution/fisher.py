@@ -13,6 +13,7 @@ samples written into a directory and shared by the ranks of a torchrun job (see 
 from __future__ import annotations
 
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -175,6 +176,15 @@ def chunk_name(k: int) -> str:
     return f"chunk-{k:06d}.safetensors"
 
 
+_CHUNK_NAME = re.compile(r"chunk-(\d+)\.safetensors")
+
+
+def _chunk_index(name: str) -> int | None:
+    """k of a chunk file's name (any number of digits); None for any other name."""
+    m = _CHUNK_NAME.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
 def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     from safetensors.torch import save
 
@@ -233,14 +243,15 @@ class _Prefix:
         if self.folded > start:
             _save(self.out_dir / PREFIX, self.sums, {"folded": str(self.folded)})
         for p in self.out_dir.glob("chunk-*.safetensors"):
-            if int(p.name[6:12]) < self.folded:
+            k = _chunk_index(p.name)
+            if k is not None and k < self.folded:
                 p.unlink(missing_ok=True)
 
 
 def run_fisher(model: DiffusionModel, data: PreparedData, names: list[str], out_dir: str | os.PathLike, *,
                samples: int, chunk_size: int = FISHER_CHUNK, seed: int = 0, batch_size: int = 64,
                flips: bool = True, captions: str = "all", backend: str = "auto",
-               progress: bool = True) -> dict[str, torch.Tensor]:
+               progress: bool = True, untrusted: str = "refuse") -> dict[str, torch.Tensor]:
     """The Fisher of :func:`compute_fisher`, computed in resumable chunks of `chunk_size` samples.
 
     A run killed at any moment resumes from the chunks in `out_dir`; under torch.distributed
@@ -248,7 +259,9 @@ def run_fisher(model: DiffusionModel, data: PreparedData, names: list[str], out_
     `out_dir` on one filesystem. The result is the same bit for bit however many ranks computed it
     and however often it was resumed (with the same batch and chunk sizes, on the same kind of
     device and thread count); with one chunk it is exactly :func:`compute_fisher`'s. Every rank
-    returns the whole Fisher.
+    returns the whole Fisher. Files in `out_dir` that no matching manifest vouches for (chunks or a
+    running sum made under other settings, or with no manifest) are refused, or with
+    ``untrusted="remove"`` deleted (for a folder the caller owns).
     """
     from tqdm.auto import tqdm
 
@@ -268,9 +281,12 @@ def run_fisher(model: DiffusionModel, data: PreparedData, names: list[str], out_
 
     rank, world, mine = deal_chunks(
         out_dir, header, device=model.device, manifest=MANIFEST, keys=IDENTITY_KEYS, n_chunks=n_chunks, done=done,
-        chunk_glob="chunk-*.safetensors", caller="run_fisher",
+        # The running sum counts as a chunk file: without a manifest vouching for it, it is not trusted.
+        chunk_glob="*.safetensors", caller="run_fisher", untrusted=untrusted,
         same_hint="every rank must compute the Fisher of the same model, data, weights and settings")
-    prefix = _Prefix(out_dir, shapes) if rank == 0 else None
+    made: list[_Prefix] = []
+    on_rank0(lambda: made.append(_Prefix(out_dir, shapes)))  # a damaged sum raises on every rank
+    prefix = made[0] if made else None
 
     def count(k: int) -> int:
         return min(chunk_size, samples - k * chunk_size)

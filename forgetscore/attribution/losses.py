@@ -280,6 +280,10 @@ def float32_tail(unet: torch.nn.Module, precision: str) -> Callable[[], contextl
     """What installs the UNet's float32 output end for a call: for "mixed" only (else nothing)."""
     if precision != "mixed":
         return contextlib.nullcontext
+    dtype = next(unet.parameters()).dtype
+    if dtype != torch.float32:
+        raise ValueError(f"precision: 'mixed' runs the UNet's output end in float32 and needs float32 weights; "
+                         f"this UNet's are {dtype}: use bf16 or fp16, or load the model in float32")
     from .mixed import Float32Tail
 
     return Float32Tail(unet).installed
@@ -495,7 +499,8 @@ class LossSweep:
                                                                    prediction_type=m.prediction_type,
                                                                    backend=self.backend)
                         except ValueError as exc:  # the kernels refuse non-finite outputs: say why they came
-                            if not str(exc).startswith("model_output: holds non-finite"):
+                            if not str(exc).startswith(("model_output: holds non-finite",
+                                                        "model_output: squared error overflowed")):
                                 raise
                             self._non_finite(v)
                     else:

@@ -146,8 +146,10 @@ def open_chunk_dir(out_dir: Path, header: dict, manifest: str, keys: Sequence[st
     if path.is_file():
         try:
             old = read_json(path)
-        except (OSError, ValueError) as exc:
-            old, problem = None, f"cache: {str(path)!r} cannot be read ({exc}); use a fresh directory"
+        except OSError as exc:  # unreadable now (permissions, a network filesystem): never a reason to delete
+            return f"cache: {str(path)!r} cannot be read ({exc}); check the directory or use a fresh one"
+        except ValueError as exc:  # not JSON: untrusted
+            old, problem = None, f"cache: {str(path)!r} is damaged ({exc}); use a fresh directory"
         for key in keys if old is not None else ():
             if old.get(key, defaults.get(key)) != header[key]:
                 problem = (f"cache: {str(out_dir)!r} was made under another model/data/plan or set of variants "
