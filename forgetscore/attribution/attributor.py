@@ -27,7 +27,7 @@ import torch
 from ..cache import cache_root
 from . import params
 from .data import TEXT_DTYPES, PreparedData, TrainingSet, load_image, prepare
-from .fisher import FISHER_CHUNK, FISHER_FORMAT, run_fisher
+from .fisher import FISHER_CHUNK, FISHER_FORMAT, check_counts, run_fisher
 from .generate import generate
 from .io import read_json, write_bytes, write_json, write_npy
 from .losses import LossSweep
@@ -76,9 +76,7 @@ class Attributor:
         self.weights = weights
         self.backend, self.resize = backend, resize
         self.chunk_size = chunk_size
-        for name, v in (("fisher_batch_size", fisher_batch_size), ("fisher_chunk_size", fisher_chunk_size)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: {v!r} must be an int >= 1")
+        check_counts(fisher_batch_size=fisher_batch_size, fisher_chunk_size=fisher_chunk_size)
         self.fisher_batch_size, self.fisher_chunk_size = fisher_batch_size, fisher_chunk_size
         if text_dtype not in TEXT_DTYPES:
             raise ValueError(f"text_dtype: {text_dtype!r} is not one of {list(TEXT_DTYPES)}")

@@ -150,8 +150,7 @@ class PreparedData:
     @property
     def data_id(self) -> str:
         """The training set's identity, and the caption store's dtype where it rounds the states."""
-        dtype = self.manifest.get("text_dtype", "float32")
-        return self.manifest["data_id"] + ("" if dtype == "float32" else f"+{dtype}")
+        return self.manifest["data_id"] + ("" if self.text_dtype == "float32" else f"+{self.text_dtype}")
 
     def n_captions(self, index: int) -> int:
         return int(self.caption_offsets[index + 1] - self.caption_offsets[index])
@@ -220,11 +219,9 @@ def _gather(files: list[np.ndarray], shard: np.ndarray, local: np.ndarray, out: 
             if order is not None:
                 pos = order[a:b]
                 out[pos] = src[local[pos]]
-            elif src.dtype == out.dtype:
+            else:
                 # mode="clip" (the ids are in range): with "raise" and `out`, numpy gathers into a buffer first.
                 np.take(src, local[a:b], axis=0, out=out[a:b], mode="clip")
-            else:  # e.g. float16 caption states
-                out[a:b] = src[local[a:b]]
             _unmap(src)
     return out
 

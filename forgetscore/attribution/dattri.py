@@ -30,6 +30,8 @@ class ArrayData(PreparedData):
     """Prepared data held in memory (one shard), for data that comes from a loader instead of a folder."""
 
     def __init__(self, inputs: np.ndarray, text: np.ndarray, caption_offsets: np.ndarray, encoders_id: str):
+        # As a prepared store holds them (the reads gather into float32 buffers).
+        inputs, text = np.ascontiguousarray(inputs, dtype=np.float32), np.ascontiguousarray(text, dtype=np.float32)
         h = hashlib.sha256(inputs.tobytes())
         h.update(text.tobytes())
         h.update(caption_offsets.tobytes())
@@ -38,7 +40,7 @@ class ArrayData(PreparedData):
         self.n = inputs.shape[0]
         self.input_shape = tuple(inputs.shape[2:])
         self.caption_offsets = caption_offsets
-        self._inputs, self._text = [inputs], [np.asarray(text, dtype=np.float32)]
+        self._inputs, self._text = [inputs], [text]
         self.text_dtype = "float32"
         self.shard_size = max(1, self.n)
 

@@ -137,9 +137,10 @@ def fisher_sums(model: DiffusionModel, data: PreparedData, names: list[str], *, 
     return sums
 
 
-def _check_counts(samples: int, batch_size: int, chunk_size: int | None = None) -> None:
-    for name, v in (("samples", samples), ("batch_size", batch_size), ("chunk_size", chunk_size)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+def check_counts(**counts: int) -> None:
+    """Each named count must be an int >= 1 (the error names the first that is not)."""
+    for name, v in counts.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name}: {v!r} must be an int >= 1")
 
 
@@ -149,7 +150,7 @@ def compute_fisher(model: DiffusionModel, data: PreparedData, names: list[str], 
     """{parameter name: float64 Fisher diagonal (parameter's shape)} from `samples` samples, in memory."""
     from tqdm.auto import tqdm
 
-    _check_counts(samples, batch_size)
+    check_counts(samples=samples, batch_size=batch_size)
     with tqdm(total=samples, desc="fisher", unit="sample", disable=not progress) as bar:
         sums = fisher_sums(model, data, names, start=0, count=samples, seed=seed, batch_size=batch_size,
                            flips=flips, captions=captions, backend=backend, bar=bar)
@@ -265,7 +266,7 @@ def run_fisher(model: DiffusionModel, data: PreparedData, names: list[str], out_
     """
     from tqdm.auto import tqdm
 
-    _check_counts(samples, batch_size, chunk_size)
+    check_counts(samples=samples, batch_size=batch_size, chunk_size=chunk_size)
     out_dir = Path(out_dir)
     shapes = {n: tuple(model.unet.get_parameter(n).shape) for n in names}
     n_chunks = (samples + chunk_size - 1) // chunk_size
