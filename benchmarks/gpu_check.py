@@ -362,7 +362,7 @@ def _summary_precision(path: str) -> None:
     if not d:
         return
     print(f"\nprecision: {meta.get('device_name')}, {meta.get('images')} images, batch {meta.get('batch_size')} "
-          f"(probed), model {os.path.basename(str(meta.get('model', '')).rstrip('/'))}")
+          f"(probed), model {_short_path(meta.get('model', ''))}")
     for r in d.get("rows", []):
         cpu = f"  rel. vs CPU {r['max_rel_vs_cpu']:.1e}" if "max_rel_vs_cpu" in r else ""
         print(f"  {r['precision']:<24} {r['seconds']:>7.2f}s (warm-up {r['warmup_s']:.1f}s) "
@@ -416,6 +416,11 @@ def cmd_pack(args: argparse.Namespace) -> int:
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     print(f"{dest}: {', '.join(str(d.relative_to(dest)) for _, d in copies)} ({size / 2**20:.1f} MiB)")
     return 0
+
+
+def _short_path(path: object) -> str:
+    """The last two parts of a path: enough to tell the digits model from letter-h/model."""
+    return "/".join(str(path).rstrip("/").split("/")[-2:])
 
 
 def _mib(v) -> str:

@@ -5,11 +5,15 @@
 #   -> large-shape cross-check -> summary.
 #
 #   bash benchmarks/gpu_check.sh            # from anywhere; runs in the repository root
+#   GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh
+#                                           # rehearsal: every step on the CPU at small sizes, to check
+#                                           # the script itself (arguments, JSON, summary) without a GPU
 #
 # Environment:
 #   OUT                 folder for logs and results (default: a fresh temporary folder)
 #   GPU_CHECK_BUDGET_S  wall-clock budget for the whole script, seconds (default 540)
 #   PYTHON              interpreter (default: python or python3, whichever imports torch)
+#   GPU_CHECK_DEVICE    cuda (default) or cpu (the rehearsal)
 #
 # Every step runs under `timeout` with its own cap, cut down to what is left of the
 # budget, and its output goes to $OUT/<step>.log.  A failing step does not stop the
@@ -28,6 +32,13 @@ if [[ -z ${PYTHON:-} ]]; then
   done
   PYTHON=${PYTHON:-python3}
 fi
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+case $DEVICE in
+  cuda) ;;
+  cpu) echo "GPU_CHECK_DEVICE=cpu: a rehearsal on the CPU at small sizes; its figures mean nothing" ;;
+  *) echo "GPU_CHECK_DEVICE: '$DEVICE' must be cuda or cpu" >&2; exit 2 ;;
+esac
+rehearsal() { [[ $DEVICE == cpu ]]; }
 OUT=${OUT:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
 mkdir -p "$OUT"
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
@@ -85,8 +96,10 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 
 # 3. Build the extension with the CUDA kernels (strict: a failed CUDA build is an error here).
-run_step build 240 1 "FORGETSCORE_BUILD_CUDA=1 pip install -e . (log: build.log)" -- \
-  env FORGETSCORE_BUILD_CUDA=1 FORGETSCORE_STRICT_BUILD=1 \
+build_cuda=1
+if rehearsal; then build_cuda=0; fi
+run_step build 240 1 "FORGETSCORE_BUILD_CUDA=$build_cuda pip install -e . (log: build.log)" -- \
+  env FORGETSCORE_BUILD_CUDA=$build_cuda FORGETSCORE_STRICT_BUILD=1 \
   "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
 if [[ $STEP_RC != 0 ]]; then
   echo "!!! CUDA build failed: the remaining steps run with whatever backends load (Triton, torch)"
@@ -108,9 +121,9 @@ run_step tests "$tests_cap" 0 "kernel tests" -- "$PYTHON" -m pytest -q -x -p no:
 sweep_cap=$(( $(left) - 150 ))
 sweep_cap=$(( sweep_cap > 200 ? 200 : (sweep_cap < 60 ? 60 : sweep_cap) ))
 sweep_quick=""
-if (( sweep_cap < 150 )); then sweep_quick=1; fi
-run_step sweep "$sweep_cap" 0 "bench_sweep.py --device cuda --dtype bfloat16${sweep_quick:+ --quick}" -- \
-  "$PYTHON" benchmarks/bench_sweep.py --device cuda --dtype bfloat16 ${sweep_quick:+--quick} \
+if (( sweep_cap < 150 )) || rehearsal; then sweep_quick=1; fi
+run_step sweep "$sweep_cap" 0 "bench_sweep.py --device $DEVICE --dtype bfloat16${sweep_quick:+ --quick}" -- \
+  "$PYTHON" benchmarks/bench_sweep.py --device "$DEVICE" --dtype bfloat16 ${sweep_quick:+--quick} \
   --json "$OUT/bench_sweep_gpu.json" --fisher-timeout-s $(( sweep_cap > 60 ? sweep_cap / 3 : 20 ))
 
 # 7. The engine on the GPU with the digits model (and, if carried, a fine-tuned one): precision of
@@ -120,12 +133,17 @@ run_step sweep "$sweep_cap" 0 "bench_sweep.py --device cuda --dtype bfloat16${sw
 if [[ -d .gpu-cache ]]; then export FORGETSCORE_CACHE="$PWD/.gpu-cache"; fi
 prec_cap=$(( $(left) - 90 ))
 prec_cap=$(( prec_cap > 120 ? 120 : (prec_cap < 40 ? 40 : prec_cap) ))
-run_step precision "$prec_cap" 0 "precision.py --device cuda (digits model)" -- \
-  "$PYTHON" benchmarks/precision.py --device cuda --batch-size auto --precisions fp32,tf32,bf16,fp16,mixed \
-  --compile reduce-overhead --compile-precisions bf16,mixed --cpu-check 64 --json "$OUT/precision_gpu.json"
+# The rehearsal: no tf32 (CUDA only), the first 48 images, torch.compile's default mode, no CPU cross-check.
+precisions=fp32,tf32,bf16,fp16,mixed prec_extra=(--compile reduce-overhead --cpu-check 64)
+if rehearsal; then precisions=fp32,bf16,fp16,mixed prec_extra=(--images 48 --compile default); fi
+run_step precision "$prec_cap" 0 "precision.py --device $DEVICE (digits model)" -- \
+  "$PYTHON" benchmarks/precision.py --device "$DEVICE" --batch-size auto --precisions "$precisions" \
+  "${prec_extra[@]}" --compile-precisions bf16,mixed --json "$OUT/precision_gpu.json"
 if [[ -d .gpu-cache/letter-h/model ]]; then
-  run_step precision_ft 60 0 "precision.py --device cuda (fine-tuned letter-h)" -- \
-    "$PYTHON" benchmarks/precision.py --device cuda --batch-size auto --precisions fp32,tf32,bf16,fp16,mixed \
+  ft_extra=()
+  if rehearsal; then ft_extra=(--images 48); fi
+  run_step precision_ft 60 0 "precision.py --device $DEVICE (fine-tuned letter-h)" -- \
+    "$PYTHON" benchmarks/precision.py --device "$DEVICE" --batch-size auto --precisions "$precisions" "${ft_extra[@]}" \
     --model .gpu-cache/letter-h/model --train .gpu-cache/letter-h/pool --prompt "a <new1>" \
     --json "$OUT/precision_ft_gpu.json"
 fi
@@ -134,8 +152,10 @@ fi
 avail=$(left)
 bench_cap=$(( avail < 200 ? avail : 200 ))
 bench_cap=$(( bench_cap > 60 ? bench_cap - 10 : bench_cap ))   # leave the crosscheck a little
-run_step bench "$bench_cap" 0 "bench_kernels.py --device cuda" -- \
-  "$PYTHON" benchmarks/bench_kernels.py --device cuda --json "$OUT/bench_gpu.json" \
+bench_quick=()
+if rehearsal; then bench_quick=(--quick); fi
+run_step bench "$bench_cap" 0 "bench_kernels.py --device $DEVICE" -- \
+  "$PYTHON" benchmarks/bench_kernels.py --device "$DEVICE" "${bench_quick[@]}" --json "$OUT/bench_gpu.json" \
   --budget-s $(( bench_cap > 60 ? bench_cap - 45 : bench_cap / 2 ))
 
 # 9. Large-shape cross-checks (rows past 2**31 elements, bit-exact noise), with what time is left.

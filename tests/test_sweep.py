@@ -172,6 +172,73 @@ def test_directory_of_another_sweep_is_refused(setup, tmp_path):
 
 
 
+def test_auto_batch_size_resumes_under_the_interrupted_sweeps_own(setup, tmp_path, monkeypatch):
+    """The probe's answer moves with free GPU memory; a resumed "auto" sweep keeps the batch size it began with."""
+    from forgetscore.attribution import losses, sweep as sweep_mod
+
+    want = setup["att"].sweep().run([None], progress=False)[0]  # batch size BATCH, the same UNet batches as chunks
+    variants = [setup["weights"]]
+    want_after = setup["att"].sweep().run(variants, progress=False)
+    cache = tmp_path / "cache"
+    probed = {"rows": BATCH}
+    monkeypatch.setattr(losses, "auto_batch_size", lambda model, precision: probed["rows"])
+
+    def attributor(batch_size="auto"):
+        return Attributor.load(setup["model"], setup["train"], cache_dir=cache, plan=PLAN, batch_size=batch_size,
+                               progress=False, chunk_size=CHUNK)
+
+    real_write = sweep_mod.write_npy
+
+    def write_then_stop(path, arr):
+        real_write(path, arr)
+        raise KeyboardInterrupt  # as if killed once the first chunk is on disk
+
+    monkeypatch.setattr(sweep_mod, "write_npy", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        attributor().before_losses()
+    monkeypatch.setattr(sweep_mod, "write_npy", real_write)
+    (first,) = (cache / "sweeps").iterdir()
+    assert [p.name for p in first.glob("chunk-*")] == [chunk_name(0)]
+
+    calls = []
+    real_run = LossSweep.run
+
+    def counting(self, variants, indices=None, **kw):
+        calls.append((self.batch_size, list(indices)))
+        return real_run(self, variants, indices, **kw)
+
+    monkeypatch.setattr(LossSweep, "run", counting)
+    probed["rows"] = 2 * BATCH  # more memory free now: the finished chunk's batch size still fits
+    att = attributor()
+    assert att.batch_size == 2 * BATCH
+    np.testing.assert_array_equal(att.before_losses(), want)
+    assert calls == [(BATCH, [3, 4, 5]), (BATCH, [6, 7, 8])]
+    assert list((cache / "sweeps").iterdir()) == []  # done: nothing left to resume
+
+    # Interrupted again (the after-sweep of some weights); then the probe finds less room than that
+    # sweep's batch size: it starts afresh under what fits, and the superseded chunks go when it ends.
+    monkeypatch.setattr(sweep_mod, "write_npy", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        attributor()._run(variants, None, desc="after")
+    monkeypatch.setattr(sweep_mod, "write_npy", real_write)
+    calls.clear()
+    probed["rows"] = BATCH // 2
+    got = attributor()._run(variants, None, desc="after")
+    assert [c[0] for c in calls] == [BATCH // 2] * 3
+    np.testing.assert_allclose(got, want_after, rtol=1e-6, atol=0)
+    assert list((cache / "sweeps").iterdir()) == []
+
+    # An explicit batch size is obeyed, whatever an interrupted sweep used.
+    monkeypatch.setattr(sweep_mod, "write_npy", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        attributor(BATCH)._run(variants, None, desc="after")
+    monkeypatch.setattr(sweep_mod, "write_npy", real_write)
+    calls.clear()
+    attributor(2 * BATCH)._run(variants, None, desc="after")
+    assert [c[0] for c in calls] == [2 * BATCH] * 3
+    assert list((cache / "sweeps").iterdir()) == []
+
+
 def test_two_rank_gloo_sweep_equals_single_process(setup, tmp_path):
     out, result, computed_log = tmp_path / "sweep", tmp_path / "result-{rank}.npy", tmp_path / "computed-{rank}.json"
     script = tmp_path / "dist_sweep.py"

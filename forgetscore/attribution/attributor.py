@@ -35,7 +35,7 @@ from .model import DiffusionModel
 from .plan import ScoringPlan
 from .results import Attribution
 from .ranks import all_gather, barrier, init_distributed, on_rank0, rank_device
-from .sweep import SWEEP_FORMAT, indices_id, run_sweep, variant_id
+from .sweep import SWEEP_FORMAT, indices_id, run_sweep, sweep_header, sweeps_under_other_batch_sizes, variant_id
 from .train_loss import row_losses
 from .unlearning import UnlearnConfig, unlearn
 
@@ -87,7 +87,8 @@ class Attributor:
         self.prefetch, self.compile = bool(prefetch), compile_mode(compile, model.device)
         # Under torchrun every rank runs the same calls; rank 0 writes what is shared.
         self.rank, self.world = init_distributed(model.device)
-        if isinstance(batch_size, str) and batch_size == "auto":
+        self.batch_size_probed = isinstance(batch_size, str) and batch_size == "auto"
+        if self.batch_size_probed:
             # Each rank probes its own GPU; the ranks must sweep alike, so all take the smallest.
             batch_size = min(all_gather(auto_batch_size(model, precision)))
         elif not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -158,9 +159,10 @@ class Attributor:
             on_rank0(keep)
         return load_fisher(path, self.model, self.names)
 
-    def sweep(self) -> LossSweep:
-        return LossSweep(self.model, self.prepare(), self.plan, batch_size=self.batch_size, backend=self.backend,
-                         precision=self.precision, prefetch=self.prefetch, compile=self.compile)
+    def sweep(self, batch_size: int | None = None) -> LossSweep:
+        """A :class:`LossSweep` of this Attributor's settings (`batch_size`: default its own)."""
+        return LossSweep(self.model, self.prepare(), self.plan, batch_size=batch_size or self.batch_size,
+                         backend=self.backend, precision=self.precision, prefetch=self.prefetch, compile=self.compile)
 
     def _before_path(self) -> Path:
         data = self.prepare()
@@ -191,16 +193,38 @@ class Attributor:
         data = self.prepare()
         sel = np.arange(data.n) if indices is None else np.asarray(indices, dtype=np.int64)
         ids = [variant_id(w) for w in variants]
+        root = self.cache_dir / "sweeps"
+        sweep = self.sweep()
+        # A sweep interrupted under another batch size (its chunks differ in the last bits, so they cannot
+        # be mixed with this one's). Rank 0 looks, every rank follows.
+        others = on_rank0(lambda: sweeps_under_other_batch_sizes(
+            root, sweep_header(sweep, ids, sel, self.chunk_size)))
+        resume = self._resumable_batch_size(others)
+        if resume != self.batch_size:
+            sweep = self.sweep(resume)
         # The format too: a sweep interrupted under an older version starts afresh in its own folder.
-        key = self._key(self.model.unet_id(), data.data_id, self.plan.to_dict(), self.batch_size, self.chunk_size,
+        key = self._key(self.model.unet_id(), data.data_id, self.plan.to_dict(), sweep.batch_size, self.chunk_size,
                         self.precision, ids, indices_id(sel), SWEEP_FORMAT)
-        out_dir = self.cache_dir / "sweeps" / key
-        losses = run_sweep(self.sweep(), variants, out_dir, indices=sel, chunk_size=self.chunk_size,
+        out_dir = root / key
+        losses = run_sweep(sweep, variants, out_dir, indices=sel, chunk_size=self.chunk_size,
                            variant_ids=ids, progress=self.progress, desc=desc)
         barrier()
         if self.rank == 0:  # the chunks only serve a resume; the caller keeps what it needs
-            shutil.rmtree(out_dir, ignore_errors=True)
+            for done in (out_dir, *others):  # the same sweep under other batch sizes is superseded too
+                shutil.rmtree(done, ignore_errors=True)
         return losses
+
+    def _resumable_batch_size(self, others: dict[Path, tuple[int, int]]) -> int:
+        """The batch size to sweep with: under ``batch_size="auto"``, that of an interrupted sweep which fits.
+
+        The probe's answer moves with the GPU's free memory, so a resumed "auto" sweep takes the batch
+        size its finished chunks were made with (the one with the most chunks) when it is no larger than
+        what fits now; an explicit batch size is always obeyed.
+        """
+        if not self.batch_size_probed:
+            return self.batch_size
+        fitting = [(chunks, batch) for batch, chunks in others.values() if batch <= self.batch_size and chunks]
+        return max(fitting)[1] if fitting else self.batch_size
 
     def _cached_before(self) -> bool:
         """Whether the before-losses are cached, as rank 0 sees it (every rank must take the same path)."""

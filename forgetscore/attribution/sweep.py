@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import write_npy
+from .io import read_json, write_npy
 from .losses import LossSweep
 from .ranks import barrier, deal_chunks
 
@@ -81,6 +81,39 @@ def _chunk_ok(path: Path, shape: tuple[int, ...]) -> bool:
     return arr.shape == shape and arr.dtype == np.float64
 
 
+def sweep_header(sweep: LossSweep, variant_ids: Sequence[str], ids: np.ndarray, chunk_size: int) -> dict:
+    """The manifest of a sweep of `sweep` over image ids `ids` in chunks of `chunk_size`: what its numbers depend on."""
+    return {"format": SWEEP_FORMAT, "unet_id": sweep.model.unet_id(), "encoders_id": sweep.data.model_id,
+            "data_id": sweep.data.data_id, "plan": sweep.plan.to_dict(), "batch_size": sweep.batch_size,
+            "chunk_size": chunk_size, "variant_ids": list(variant_ids), "n_images": len(ids),
+            "indices_id": indices_id(ids), "n_chunks": (len(ids) + chunk_size - 1) // chunk_size,
+            "precision": sweep.precision}
+
+
+def sweeps_under_other_batch_sizes(root: str | os.PathLike, header: dict) -> dict[Path, tuple[int, int]]:
+    """The sweep folders in `root` that hold `header`'s sweep begun under another batch size.
+
+    {folder: (its batch size, its finished chunk files)}. A batch size changes the last bits of the
+    losses, so such chunks cannot join a sweep under `header`'s; they can be resumed under their own.
+    """
+    found: dict[Path, tuple[int, int]] = {}
+    root = Path(root)
+    if not root.is_dir():
+        return found
+    for manifest in sorted(root.glob(f"*/{MANIFEST}")):
+        try:
+            old = read_json(manifest)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(old, dict) or not isinstance(old.get("batch_size"), int):
+            continue
+        same = all(old.get(key, IDENTITY_DEFAULTS.get(key)) == header[key]
+                   for key in IDENTITY_KEYS if key != "batch_size")
+        if same and old["batch_size"] != header["batch_size"]:
+            found[manifest.parent] = (old["batch_size"], len(list(manifest.parent.glob("chunk-*.npy"))))
+    return found
+
+
 def run_sweep(sweep: LossSweep, variants: Sequence[dict[str, torch.Tensor] | None], out_dir: str | os.PathLike, *,
               indices: np.ndarray | None = None, chunk_size: int = 1024, variant_ids: Sequence[str] | None = None,
               progress: bool = True, desc: str = "score") -> np.ndarray:
@@ -110,18 +143,14 @@ def run_sweep(sweep: LossSweep, variants: Sequence[dict[str, torch.Tensor] | Non
         raise ValueError(f"indices: must lie in [0, {data.n}), got values in [{ids.min()}, {ids.max()}]")
     out_dir = Path(out_dir)
     n_var, versions = len(variants), sweep.plan.versions
-    n_chunks = (len(ids) + chunk_size - 1) // chunk_size
+    header = sweep_header(sweep, variant_ids, ids, chunk_size)
+    n_chunks = header["n_chunks"]
 
     def chunk_ids(k: int) -> np.ndarray:
         return ids[k * chunk_size:(k + 1) * chunk_size]
 
     def chunk_shape(k: int) -> tuple[int, int, int]:
         return n_var, len(chunk_ids(k)), versions
-
-    header = {"format": SWEEP_FORMAT, "unet_id": sweep.model.unet_id(), "encoders_id": data.model_id,
-              "data_id": data.data_id, "plan": sweep.plan.to_dict(), "batch_size": sweep.batch_size,
-              "chunk_size": chunk_size, "variant_ids": variant_ids, "n_images": len(ids),
-              "indices_id": indices_id(ids), "n_chunks": n_chunks, "precision": sweep.precision}
 
     rank, world, mine = deal_chunks(
         out_dir, header, device=sweep.model.device, manifest=MANIFEST, keys=IDENTITY_KEYS, n_chunks=n_chunks,
