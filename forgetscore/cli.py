@@ -94,12 +94,17 @@ def _add_unlearn_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("unlearning")
     g.add_argument("--preset", choices=["mscoco", "custom"], default="mscoco",
                    help="the paper's settings: mscoco (1 step, alpha 0.01, 50000 draws) or custom "
-                        "(100 steps, alpha 0.1, 160 draws)")
+                        "(100 steps, alpha 0.1, 160 draws in backward passes of 16; pair it with "
+                        "--timestep-stride 100, and for a model pretrained on more images than --train holds, "
+                        "--n-train: 400000000 for Stable Diffusion, as published)")
     g.add_argument("--steps", type=int)
     g.add_argument("--alpha", type=float)
     g.add_argument("--draws", type=int, help="(noise, timestep) draws per step")
     g.add_argument("--micro-batch", type=int)
     g.add_argument("--damping", type=float, help="lambda = damping x mean(F) per layer (default 0)")
+    g.add_argument("--n-train", type=int,
+                   help="N of the Newton step alpha / N: the number of images the model was trained on "
+                        "(default: the training folder's size)")
     g.add_argument("--method", choices=["newton", "sgd"])
     g.add_argument("--reduce", choices=["max", "mean"], default="max", help="over flips (default: max)")
     g.add_argument("--region", help="unlearn only a box of the query: x0,y0,x1,y1 in pixels")
@@ -131,7 +136,7 @@ def _attributor(args: argparse.Namespace):
 
 def _config(args: argparse.Namespace):
     from .attribution import preset
-    over = {k: getattr(args, k) for k in ("steps", "alpha", "draws", "micro_batch", "damping", "method")
+    over = {k: getattr(args, k) for k in ("steps", "alpha", "draws", "micro_batch", "damping", "method", "n_train")
             if getattr(args, k) is not None}
     return preset(args.preset, seed=args.seed, **over)
 

@@ -33,14 +33,14 @@ def test_commands_end_to_end(dirs, capsys, tmp_path):
     out = tmp_path / "result"
     args = ["attribute", *common, "--fisher-samples", "10", "--prompt", "a red square", "--generate-seed", "1",
             "--draws", "8", "--micro-batch", "4", "--damping", "0.1", "--topk", "3", "--region", "0,0,4,8",
-            "--out", str(out)]
+            "--n-train", "90", "--out", str(out)]
     assert cli.main(args) == 0
     text = capsys.readouterr().out
     assert "top 3 training images" in text and "time per stage" in text
     rec = json.loads((out / "attribution.json").read_text())
     scores = np.load(out / "scores.npy")
     assert scores.shape == (9,) and [r["id"] for r in rec["top"]] == list(np.argsort(-scores, kind="stable")[:3])
-    assert rec["region"] == [0, 0, 4, 8] and rec["unlearn"]["draws"] == 8
+    assert rec["region"] == [0, 0, 4, 8] and rec["unlearn"]["draws"] == 8 and rec["unlearn"]["n_train"] == 90
     for f in ("gallery.png", "report.html", "query.png", "tau.npy"):
         assert (out / f).stat().st_size > 0
     # Running again into the same directory is refused; report redraws.
@@ -64,6 +64,10 @@ def test_bad_arguments_exit_with_one_line(dirs, capsys):
     assert len(err) == 1 and err[0].startswith("forgetscore attribute: error: --query/--generate-seed")
     assert cli.main(["score", *common[:-len(PLAN_ARGS)], "--timesteps", "5,x"]) == 2
     assert "--timesteps" in capsys.readouterr().err
+    assert cli.main(["attribute", *common, "--prompt", "x", "--generate-seed", "1", "--n-train", "0",
+                     "--out", "/tmp/never-written-fs"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "n_train: 0 must be a positive integer" in err[0], err
     if not torch.cuda.is_available():  # CUDA-only settings on a machine without a GPU
         for extra, says in ((["--precision", "tf32"], "error: precision: 'tf32' is a CUDA"),
                             (["--device", "cuda"], "error: device: 'cuda' but this PyTorch")):

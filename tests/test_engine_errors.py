@@ -266,6 +266,30 @@ def test_all_zero_fisher_layer_is_refused_even_with_damping(model, train, fisher
     raises("fisher", r"zero", _unlearn, model, train, fisher, 0.1)
 
 
+@pytest.mark.parametrize("field, value", [("steps", 0), ("draws", 2.5), ("micro_batch", -1), ("alpha", 0.0),
+                                          ("alpha", float("nan")), ("damping", -0.1), ("n_train", 0),
+                                          ("n_train", True), ("method", "adam")])
+def test_bad_unlearning_settings(field, value):
+    raises(field, "must be|is not", UnlearnConfig, **{field: value})
+
+
+def test_n_train_sets_the_newton_steps_n(model, train, fishers):
+    """alpha / N with N given (a model pretrained on more images than the scored folder holds)."""
+    kv = select_weights(model.unet, "kv")
+    fisher = {n: f for n, f in load_fisher(fishers["kv"], model, kv).items() if n in kv}
+    x0 = torch.rand(model.input_shape, generator=torch.Generator().manual_seed(fresh_seed())) * 2 - 1
+    ctx = model.encode_text(["a red dot"])[0]
+    config = replace(CONFIG, damping=0.1, alpha=1.0)
+    default = unlearn(model, kv, fisher, x0, ctx, config, len(train))
+    larger = unlearn(model, kv, fisher, x0, ctx, replace(config, n_train=4 * len(train)), len(train))
+    for n in kv:
+        w = model.unet.get_parameter(n).double()
+        step, quarter = default[n].double() - w, larger[n].double() - w
+        assert float(step.abs().max()) > 0
+        # float32 weights round each step: compare to that rounding, about eps * (|w| + |step|)
+        torch.testing.assert_close(quarter, step / 4, rtol=2 ** -21, atol=float(w.abs().max()) * 2 ** -22)
+
+
 # --- query and region -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def att(model, train, tmp_path_factory):
@@ -447,8 +471,17 @@ def test_prepare_redoes_shard_files_no_manifest_vouches_for(model, train, tmp_pa
     stale.mkdir()
     np.save(stale / "inputs-00000.npy", np.zeros((2, 2, *model.input_shape), dtype=np.float32))
     np.save(stale / "text-00000.npy", np.zeros((3, 8, 16), dtype=np.float32))
-    for a, b in zip(_arrays(prepare(model, train, stale, **kw)), _arrays(full)):
+    # Someone else's files in the folder, temporary ones included: never touched.
+    (stale / "embeddings-00001.npy").write_bytes(b"theirs")
+    (stale / ".draft.tmp").write_bytes(b"theirs")
+    with pytest.raises(ValueError, match=r"cache: .*holds chunk files \(inputs-00000\.npy.*no manifest\.json"):
+        prepare(model, train, stale, **kw)
+    assert not (stale / "manifest.json").exists()
+    (stale / ".text-00001.npy.abc123.tmp").write_bytes(b"a killed write")
+    for a, b in zip(_arrays(prepare(model, train, stale, untrusted="remove", **kw)), _arrays(full)):
         np.testing.assert_array_equal(a, b)
+    assert (stale / "embeddings-00001.npy").read_bytes() == (stale / ".draft.tmp").read_bytes() == b"theirs"
+    assert not (stale / ".text-00001.npy.abc123.tmp").exists()
 
 
 # --- the output directory ---------------------------------------------------------------------

@@ -225,6 +225,18 @@ def test_two_ranks_under_torchrun_equal_one_process(setup, tmp_path):
         result = att.attribute(query, "a red square", k=3, fisher_samples={SAMPLES},
                                config=UnlearnConfig(steps=1, alpha=0.05, draws=4, micro_batch=2, damping=0.1))
         np.save({str(tmp_path / "scores-{rank}.npy")!r}.format(rank=rank), result.scores)
+        # Many chunks and a slow rank 1: the folder never holds more than two rounds of chunks.
+        most = [0]
+        real_save = fisher._save
+        def counting_save(path, tensors, meta):
+            real_save(path, tensors, meta)
+            most[0] = max(most[0], len(list(path.parent.glob("chunk-*.safetensors"))))
+        fisher._save = counting_save
+        fisher.fisher_sums = real if rank == 0 else lambda *a, **kw: (time.sleep(0.3), real(*a, **kw))[1]
+        many = fisher.run_fisher(att.model, att.prepare(), att.names, {str(tmp_path / "many")!r}, samples=24,
+                                 chunk_size=2, batch_size=2, progress=False)
+        torch.save(many, {str(tmp_path / "many-{rank}.pt")!r}.format(rank=rank))
+        fisher._save, fisher.fisher_sums = real_save, logged
         try:  # ranks that disagree on the Fisher: all of them raise, none hangs
             fisher.run_fisher(att.model, att.prepare(), att.names, {str(tmp_path / "other")!r},
                               samples={SAMPLES} + rank, progress=False)
@@ -232,7 +244,7 @@ def test_two_ranks_under_torchrun_equal_one_process(setup, tmp_path):
         except ValueError as exc:
             error = str(exc)
         with open({str(log)!r}.format(rank=rank), "w") as f:
-            json.dump({{"starts": starts, "error": error, "unlearned_by": unlearned_by}}, f)
+            json.dump({{"starts": starts, "error": error, "unlearned_by": unlearned_by, "most": most[0]}}, f)
         dist.destroy_process_group()
         """))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
@@ -247,6 +259,10 @@ def test_two_ranks_under_torchrun_equal_one_process(setup, tmp_path):
     for g in logs:
         assert "run_fisher: rank 1 was called with another samples" in g["error"]
     assert not (tmp_path / "other").exists()
+    assert max(g["most"] for g in logs) <= 2 * 2  # two rounds of two ranks' chunks
+    many = [torch.load(tmp_path / f"many-{r}.pt") for r in range(2)]
+    _assert_same(many[0], many[1])
+    _assert_same(many[0], _run(setup, tmp_path / "many-single", samples=24, chunk_size=2, batch_size=2, seed=0))
     files = [f for f in (tmp_path / "c").glob("fisher-*.safetensors")
              if json.loads(safe_open(str(f), "pt").metadata()["forgetscore"])["seed"] == 7]
     assert len(files) == 1 and not list((tmp_path / "c").glob("fisher-*.parts-*"))

@@ -5,6 +5,10 @@ import numpy as np
 import pytest
 
 from conftest import fresh_seed
+import os
+import time
+
+from forgetscore.attribution import io
 from forgetscore.attribution.io import write_npy
 
 
@@ -42,3 +46,39 @@ def test_write_npy_rows_streams_parts_into_one_array(tmp_path):
         with pytest.raises(ValueError, match=says):
             write_npy_rows(tmp_path / "bad.npy", shape, np.float16, iter(parts))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.npy"]  # nothing half-written
+
+
+def test_write_dir_recovers_from_a_kill_between_its_renames(tmp_path):
+    out = tmp_path / "model"
+    io.write_dir(out, lambda d: (d / "v").write_text("1"))
+    # What a kill between "out -> .out.old-PID" and ".out.tmp-* -> out" leaves: no out at all.
+    os.replace(out, tmp_path / ".model.old-4242")
+    half = tmp_path / ".model.tmp-abc"
+    half.mkdir()
+    old = time.time() - 2 * io.STALE_S
+    os.utime(half, (old, old))
+    fresh = tmp_path / ".model.tmp-def"  # another process's write in progress: left alone
+    fresh.mkdir()
+    seen = []
+    io.write_dir(out, lambda d: (seen.append((out / "v").read_text()), (d / "v").write_text("2")))
+    assert seen == ["1"]  # the old folder was back in place before the new one was made
+    assert (out / "v").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.tmp-def", "model"]
+
+
+def test_remove_dir_is_one_rename_then_cleaned(tmp_path, monkeypatch):
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    (folder / "a.npy").write_bytes(b"x")
+    monkeypatch.setattr(io.shutil, "rmtree", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # killed while deleting: the name is already gone
+        io.remove_dir(folder)
+    monkeypatch.undo()
+    assert not folder.exists() and len(list(tmp_path.glob(".sweep.removing-*"))) == 1
+    (tmp_path / ".x.npy.abc.tmp").write_bytes(b"old")
+    old = time.time() - 2 * io.STALE_S
+    os.utime(tmp_path / ".x.npy.abc.tmp", (old, old))
+    (tmp_path / ".y.npy.def.tmp").write_bytes(b"being written")
+    io.clean_removed(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".y.npy.def.tmp"]
+    io.remove_dir(tmp_path / "missing")  # nothing to remove: no error

@@ -1,5 +1,6 @@
 """Resumable, chunked and sharded loss sweeps (run_sweep) against plain LossSweep.run."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -223,7 +224,9 @@ def test_auto_batch_size_resumes_under_the_interrupted_sweeps_own(setup, tmp_pat
     monkeypatch.setattr(sweep_mod, "write_npy", real_write)
     calls.clear()
     probed["rows"] = BATCH // 2
-    got = attributor()._run(variants, None, desc="after")
+    att = attributor()
+    got = att._run(variants, None, desc="after")
+    att._forget_sweeps()  # what attribute() does once it has the scores
     assert [c[0] for c in calls] == [BATCH // 2] * 3
     np.testing.assert_allclose(got, want_after, rtol=1e-6, atol=0)
     assert list((cache / "sweeps").iterdir()) == []
@@ -234,9 +237,72 @@ def test_auto_batch_size_resumes_under_the_interrupted_sweeps_own(setup, tmp_pat
         attributor(BATCH)._run(variants, None, desc="after")
     monkeypatch.setattr(sweep_mod, "write_npy", real_write)
     calls.clear()
-    attributor(2 * BATCH)._run(variants, None, desc="after")
+    att = attributor(2 * BATCH)
+    att._run(variants, None, desc="after")
+    att._forget_sweeps()
     assert [c[0] for c in calls] == [2 * BATCH] * 3
     assert list((cache / "sweeps").iterdir()) == []
+
+
+def test_the_attributors_own_sweep_folders_survive_kills_at_any_step(setup, tmp_path, monkeypatch):
+    """Kills while the before-losses are saved, or while a finished sweep's folder is deleted."""
+    from forgetscore.attribution import attributor as attributor_mod, sweep as sweep_mod
+
+    want = setup["att"].sweep().run([None], progress=False)[0]
+    variants = [setup["weights"]]
+    want_after = setup["att"].sweep().run(variants, progress=False)
+    cache = tmp_path / "cache"
+
+    def attributor():
+        return Attributor.load(setup["model"], setup["train"], cache_dir=cache, plan=PLAN, batch_size=BATCH,
+                               progress=False, chunk_size=CHUNK)
+
+    calls = []
+    real_run = LossSweep.run
+
+    def counting(self, variants, indices=None, **kw):
+        calls.append(list(indices))
+        return real_run(self, variants, indices, **kw)
+
+    monkeypatch.setattr(LossSweep, "run", counting)
+    # Killed while writing the before-losses: the finished sweep's chunks are still there to resume from.
+    real_write = attributor_mod.write_npy
+    monkeypatch.setattr(attributor_mod, "write_npy", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        attributor().before_losses()
+    monkeypatch.setattr(attributor_mod, "write_npy", real_write)
+    assert len(calls) == 3
+    calls.clear()
+    np.testing.assert_array_equal(attributor().before_losses(), want)
+    assert calls == []  # nothing swept again
+    assert list((cache / "sweeps").iterdir()) == []
+
+    # A folder whose manifest went first (what an older removal, file by file, could leave when killed):
+    # the Attributor's own folder, so its untrusted chunks are removed and the sweep runs afresh.
+    real_write_chunk = sweep_mod.write_npy
+
+    def write_then_stop(path, arr):
+        real_write_chunk(path, arr)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_mod, "write_npy", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        attributor()._run(variants, None, desc="after")
+    monkeypatch.setattr(sweep_mod, "write_npy", real_write_chunk)
+    (folder,) = (cache / "sweeps").iterdir()
+    (folder / "sweep.json").unlink()
+    # ... and a removal killed after its rename, and a killed write's temporary file from long ago.
+    (cache / "sweeps" / ".0123.removing-1-2").mkdir()
+    stale = cache / ".before-0123.npy.abc.tmp"
+    stale.write_bytes(b"half")
+    os.utime(stale, (0, 0))
+    calls.clear()
+    att = attributor()
+    got = att._run(variants, None, desc="after")
+    att._forget_sweeps()
+    assert len(calls) == 3
+    np.testing.assert_array_equal(got, want_after)
+    assert list((cache / "sweeps").iterdir()) == [] and not stale.exists()
 
 
 def test_two_rank_gloo_sweep_equals_single_process(setup, tmp_path):

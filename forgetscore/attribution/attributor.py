@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from . import params
 from .data import TEXT_DTYPES, PreparedData, TrainingSet, load_image, prepare
 from .fisher import FISHER_CHUNK, FISHER_FORMAT, check_counts, run_fisher
 from .generate import generate
-from .io import read_json, write_bytes, write_json, write_npy
+from .io import clean_removed, read_json, remove_dir, write_bytes, write_json, write_npy
 from .losses import LossSweep
 from .model import DiffusionModel
 from .plan import ScoringPlan
@@ -99,6 +98,7 @@ class Attributor:
         self.cache_dir = root / f"{model.encoders_id()}-{train.identity()}" if cache_dir is None else root
         self.timings = Timings()
         self._data: PreparedData | None = None
+        self._finished: list[Path] = []  # sweep folders whose losses the caller has not yet kept
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, train_dir: str | os.PathLike, **kw) -> "Attributor":
@@ -110,13 +110,21 @@ class Attributor:
     def prepare(self) -> PreparedData:
         if self._data is None:
             t = time.perf_counter()
+            on_rank0(self._tidy)
             # Under torchrun the ranks share the shards; every rank gets the finished data.
-            # Each caption store has its own folder (and data_id), so a cache can hold both.
+            # Each caption store has its own folder (and data_id), so a cache can hold both; the folders are
+            # this Attributor's own, so shard files no manifest vouches for are removed.
             folder = "prepared" if self.text_dtype == "float32" else f"prepared-{self.text_dtype}"
             self._data = prepare(self.model, self.train, self.cache_dir / folder, resize=self.resize,
-                                 text_dtype=self.text_dtype, progress=self.progress)
+                                 text_dtype=self.text_dtype, progress=self.progress, untrusted="remove")
             self.timings.add("prepare", time.perf_counter() - t, len(self.train), "img")
         return self._data
+
+    def _tidy(self) -> None:
+        """Finish what killed runs left in the cache: folder removals cut short, temporary files of writes."""
+        for folder in (self.cache_dir, self.cache_dir / "sweeps"):
+            if folder.is_dir():
+                clean_removed(folder)
 
     def _key(self, *parts: object) -> str:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -154,7 +162,7 @@ class Attributor:
                 write_bytes(path, save({n: f.cpu().contiguous() for n, f in fisher.items()},
                                        metadata={"forgetscore": json.dumps(meta)}))
                 for stale in path.parent.glob(f"{path.name}.parts-*"):
-                    shutil.rmtree(stale, ignore_errors=True)
+                    remove_dir(stale)
 
             on_rank0(keep)
         return load_fisher(path, self.model, self.names)
@@ -165,6 +173,8 @@ class Attributor:
                          backend=self.backend, precision=self.precision, prefetch=self.prefetch, compile=self.compile)
 
     def _before_path(self) -> Path:
+        # Not keyed on the batch size: another batch size changes only the last bits of the losses (as compile
+        # mode, device and thread count do), not worth a whole sweep of the original model again.
         data = self.prepare()
         key = self._key(self.model.unet_id(), data.data_id, self.plan.to_dict(), self.precision)
         return self.cache_dir / f"before-{key}.npy"
@@ -186,10 +196,14 @@ class Attributor:
         before = self._run([None], None, desc="score (before)")[0]
         self.timings.add("score before", time.perf_counter() - t, len(before), "img")
         self._save_before(before)
+        self._forget_sweeps()
         return before
 
     def _run(self, variants: list, indices: np.ndarray | None, desc: str) -> np.ndarray:
-        """A resumable, sharded sweep (chunks in the cache; ranks share them under torchrun)."""
+        """A resumable, sharded sweep (chunks in the cache; ranks share them under torchrun).
+
+        Its chunks stay until :meth:`_forget_sweeps`, which the caller calls once it has kept what it needs.
+        """
         data = self.prepare()
         sel = np.arange(data.n) if indices is None else np.asarray(indices, dtype=np.int64)
         ids = [variant_id(w) for w in variants]
@@ -206,13 +220,20 @@ class Attributor:
         key = self._key(self.model.unet_id(), data.data_id, self.plan.to_dict(), sweep.batch_size, self.chunk_size,
                         self.precision, ids, indices_id(sel), SWEEP_FORMAT)
         out_dir = root / key
+        # The folder is this Attributor's own and named by all the settings: chunk files no manifest vouches
+        # for (e.g. a removal cut short before the rename of remove_dir) are removed.
         losses = run_sweep(sweep, variants, out_dir, indices=sel, chunk_size=self.chunk_size,
-                           variant_ids=ids, progress=self.progress, desc=desc)
-        barrier()
-        if self.rank == 0:  # the chunks only serve a resume; the caller keeps what it needs
-            for done in (out_dir, *others):  # the same sweep under other batch sizes is superseded too
-                shutil.rmtree(done, ignore_errors=True)
+                           variant_ids=ids, progress=self.progress, desc=desc, untrusted="remove")
+        self._finished += [out_dir, *others]  # the same sweep under other batch sizes is superseded too
         return losses
+
+    def _forget_sweeps(self) -> None:
+        """Delete the chunks of finished sweeps (they only serve a resume), once every rank has read them."""
+        barrier()
+        if self.rank == 0:
+            for folder in self._finished:
+                remove_dir(folder)
+        self._finished.clear()
 
     def _resumable_batch_size(self, others: dict[Path, tuple[int, int]]) -> int:
         """The batch size to sweep with: under ``batch_size="auto"``, that of an interrupted sweep which fits.
@@ -374,6 +395,7 @@ class Attributor:
             pixels = self.model.decode(self.query_inputs(q)[None])[0].cpu()
             results.append(Attribution(full_scores, full_tau, prompt, pixels, self.train.file_names,
                                        self.train.captions, meta))
+        self._forget_sweeps()
         return results
 
 
@@ -384,6 +406,7 @@ class Attributor:
             raise ValueError(f"reduce: {reduce!r} is not one of {list(REDUCTIONS)}")
         before = self.before_losses()
         tau = self._run(list(variants), None, desc="score (after)") - before[None]
+        self._forget_sweeps()
         return tau.max(axis=2) if reduce == "max" else tau.mean(axis=2)
 
 

@@ -270,12 +270,14 @@ def _shard_ok(cache: Path, entry: dict, input_shape: tuple[int, ...], n_text: in
 
 def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, *, shard_size: int = 4096,
             batch_size: int = 64, resize: bool = False, text_dtype: str = "float32",
-            progress: bool = True) -> PreparedData:
+            progress: bool = True, untrusted: str = "refuse") -> PreparedData:
     """Encode every image (and its flip) and every caption once; resumable shard by shard.
 
     Under torchrun the unfinished shards are dealt to the ranks (each encodes on its own device),
     which must all call it alike with `cache` on a filesystem they share; rank 0 writes the
-    finished manifest. Every rank returns the prepared data.
+    finished manifest. Every rank returns the prepared data. Shard files in `cache` that no
+    matching manifest vouches for (an unfinished prepare of other data or settings, or none) are
+    refused, or with ``untrusted="remove"`` deleted and made afresh (for a folder the caller owns).
     """
     from tqdm.auto import tqdm
 
@@ -316,10 +318,9 @@ def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, 
     rank, world, mine = deal_chunks(
         cache, header, device=model.device, manifest="manifest.json", keys=PREPARE_KEYS, n_chunks=n_shards,
         done=lambda s: _shard_ok(cache, entries[s], model.input_shape, n_text(s), text_dtype),
-        chunk_glob="*-[0-9][0-9][0-9][0-9][0-9].npy", caller="prepare",
+        chunk_glob=("inputs-[0-9]*.npy", "text-[0-9]*.npy"), caller="prepare",
         same_hint="every rank must prepare the same training set with the same model and settings",
-        # An unfinished prepare of other data or settings, or shard files no manifest vouches for, start afresh.
-        untrusted="remove")
+        untrusted=untrusted)
     bar = tqdm(total=sum(entries[s]["images"][1] - entries[s]["images"][0] for s in mine),
                desc="prepare" if world == 1 else f"prepare (rank 0 of {world})", unit="img",
                disable=not progress or rank != 0)

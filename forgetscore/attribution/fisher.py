@@ -1,7 +1,10 @@
 """The diagonal Fisher of the training loss over the selected weights.
 
 F = mean over S samples of the squared per-sample gradient, each sample an image,
-one random caption of it, one random timestep and fresh noise. For linear layers
+one random caption of it, one random timestep and fresh noise. The image is drawn at random
+(with replacement, keyed on the sample's index, so that any range of samples can be computed
+alone); the paper's five epochs visit each image exactly five times instead, which gives the
+same Fisher in expectation with a little less sampling noise. For linear layers
 (every preset but ``all``) the per-sample gradients are never formed: hooks capture
 each layer's inputs X and output gradients G, and ``kernels.fisher_accumulate`` adds
 sum_b (G_b^T X_b)^2. Other parameters (convolutions, norms under ``all``) fall back to
@@ -23,7 +26,7 @@ from .. import kernels
 from .data import PreparedData
 from .io import write_bytes
 from .model import DiffusionModel
-from .ranks import barrier, deal_chunks, on_rank0
+from .ranks import barrier, broadcast, deal_chunks, on_rank0
 from .train_loss import row_losses
 
 FISHER_STREAM = 0x46495348  # separates the Fisher's random draws from the scoring plan's
@@ -162,8 +165,9 @@ def compute_fisher(model: DiffusionModel, data: PreparedData, names: list[str], 
 # Samples [k * chunk_size, (k + 1) * chunk_size) form chunk k; its float64 sums are written atomically
 # to chunk-{k:06d}.safetensors beside a fisher.json manifest. Rank 0 folds finished chunks, in chunk
 # order, into prefix.safetensors (the sum of chunks 0 .. folded - 1) and deletes them, so the
-# directory holds a bounded number of chunks whatever the sample count, and the total is summed in
-# the same order whichever ranks computed which chunks and wherever a run was interrupted.
+# directory holds a bounded number of chunks whatever the sample count and the total is summed in
+# the same order whichever ranks computed which chunks and wherever a run was interrupted. Under
+# torchrun the ranks store their chunks in rounds, which keeps that bound (two rounds of chunks).
 
 FISHER_FORMAT = 1
 FISHER_CHUNK = 16384  # samples per chunk: about 12 s of the demo model on 2 CPU cores (its Fisher: 1,411 samples/s)
@@ -299,17 +303,28 @@ def run_fisher(model: DiffusionModel, data: PreparedData, names: list[str], out_
 
     # Writing a chunk (and, on rank 0, folding) takes a fraction of a second per 50 MB of weights: done in a
     # thread while the next chunk is computed, one write in flight at a time.
+    # The ranks go in rounds (round i: the i-th chunk of each), all of round i - 1 on disk before any
+    # chunk of round i is stored. Rank 0 can then always fold up to the round before, so the folder
+    # holds at most two rounds of chunks even when one rank is slower than the others; without the
+    # rounds, a fast rank 0 would stop folding at the first chunk a slow rank had not finished, and
+    # every later chunk would wait on disk (a chunk of every weight of a Stable Diffusion UNet is 7 GB).
+    rounds = broadcast(len(mine))  # rank 0 is dealt the most chunks
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgetscore-fisher-io") as io, \
             tqdm(total=sum(count(k) for k in mine), desc="fisher" if world == 1 else f"fisher (rank 0 of {world})",
                  unit="sample", disable=not progress or rank != 0) as bar:
         pending = None
-        for k in mine:
-            sums = fisher_sums(model, data, names, start=k * chunk_size, count=count(k), seed=seed,
-                               batch_size=batch_size, flips=flips, captions=captions, backend=backend, bar=bar)
-            sums = {n: t.cpu() for n, t in sums.items()}
+        for i in range(rounds):
+            sums = None
+            if i < len(mine):
+                sums = fisher_sums(model, data, names, start=mine[i] * chunk_size, count=count(mine[i]),
+                                   seed=seed, batch_size=batch_size, flips=flips, captions=captions,
+                                   backend=backend, bar=bar)
+                sums = {n: t.cpu() for n, t in sums.items()}
             if pending is not None:
                 pending.result()
-            pending = io.submit(store, k, sums)
+            barrier()  # every chunk of round i - 1 is on disk
+            if sums is not None:
+                pending = io.submit(store, mine[i], sums)
             del sums
         if pending is not None:
             pending.result()

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,26 +73,107 @@ def read_json(path: Path) -> dict:
         return json.load(f)
 
 
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root`, and the folders themselves, to disk (before a rename publishes them)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. a platform that cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_dir(out: Path, fill) -> Path:
     """Create directory `out` whole or not at all: `fill(tmp)` writes into a temporary sibling, then it is renamed.
 
-    An existing `out` is replaced only once the new one is complete.
+    An existing `out` is replaced only once the new one is complete. A run killed between the two
+    renames of a replacement leaves the old folder under a hidden name; the next call for `out`
+    puts it back first (and clears what such runs left).
     """
-    import shutil
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _recover_dir(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         fill(tmp)
+        _fsync_tree(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
             os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_dir(old)
         else:
             os.replace(tmp, out)
+        _fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _recover_dir(out: Path) -> None:
+    """Undo what a :func:`write_dir` killed midway left: the old `out` back in place, stale copies gone."""
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not out.exists():
+        try:
+            os.replace(olds.pop(), out)
+        except OSError:
+            pass
+    for stale in olds + _older_than(out.parent.glob(f".{out.name}.tmp-*"), STALE_S):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# A temporary file or folder older than this belongs to a killed run, not to one still writing it.
+STALE_S = 3600.0
+
+
+def _older_than(paths, seconds: float) -> list[Path]:
+    now = time.time()
+    out = []
+    for p in paths:
+        try:
+            if now - p.stat().st_mtime > seconds:
+                out.append(p)
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def remove_dir(path: Path) -> None:
+    """Delete folder `path` so that a kill midway never leaves part of it under its own name.
+
+    It is renamed to a hidden sibling first (one atomic step), then deleted; :func:`clean_removed`
+    deletes what a killed removal left.
+    """
+    path = Path(path)
+    trash = path.with_name(f".{path.name}.removing-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        os.replace(path, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_removed(folder: Path) -> None:
+    """Finish the removals (:func:`remove_dir`) and drop the temporary files of writes that killed runs left in
+    `folder` (temporary files only once they are old enough not to be another process's write in progress)."""
+    folder = Path(folder)
+    for p in folder.glob(".*.removing-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in _older_than(folder.glob(".*.tmp"), STALE_S):
+        p.unlink(missing_ok=True)

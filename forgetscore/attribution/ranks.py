@@ -108,12 +108,15 @@ def on_rank0(fn: Callable[[], object]) -> object:
         try:
             outcome = (True, fn())
         except BaseException as exc:  # noqa: BLE001  (the other ranks must not wait for rank 0)
-            failure, outcome = exc, (False, f"{type(exc).__name__}: {exc}")
+            failure = exc
+            outcome = (False, (isinstance(exc, ValueError), f"{type(exc).__name__}: {exc}"))
     ok, value = broadcast(outcome)
     if failure is not None:
         raise failure
     if not ok:
-        raise RuntimeError(f"rank 0 failed: {value}")
+        bad_input, message = value
+        # Bad input (a ValueError, e.g. a damaged cache file) stays one: the command line reports those in one line.
+        raise (ValueError if bad_input else RuntimeError)(f"rank 0 failed: {message}")
     return value
 
 
@@ -124,17 +127,25 @@ def barrier() -> None:
         dist.barrier()
 
 
-def clean_temporaries(out_dir: Path) -> None:
-    """Remove the temporary files of writes that a killed run left behind (never read as results)."""
-    for p in out_dir.glob(".*.tmp"):
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
+def _globs(names: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def _chunk_files(out_dir: Path, chunk_glob: str | tuple[str, ...]) -> list[Path]:
+    return sorted({p for g in _globs(chunk_glob) for p in out_dir.glob(g)})
+
+
+def clean_temporaries(out_dir: Path, names: str | tuple[str, ...]) -> None:
+    """Remove the temporary files that killed writes of files named like `names` (globs) left behind.
+
+    Only those: the folder may be the caller's own, holding other temporary files.
+    """
+    for p in _chunk_files(out_dir, tuple(f".{g}.*.tmp" for g in _globs(names))):
+        p.unlink(missing_ok=True)
 
 
 def open_chunk_dir(out_dir: Path, header: dict, manifest: str, keys: Sequence[str], defaults: dict,
-                   chunk_glob: str, untrusted: str = "refuse") -> str | None:
+                   chunk_glob: str | tuple[str, ...], untrusted: str = "refuse") -> str | None:
     """Check or write `out_dir`'s manifest; the error message if the directory belongs to another job.
 
     Chunk files that no matching manifest vouches for (none, or one of other settings) cannot be
@@ -157,22 +168,23 @@ def open_chunk_dir(out_dir: Path, header: dict, manifest: str, keys: Sequence[st
                            "use a fresh directory")
                 break
     else:
-        stray = sorted(p.name for p in out_dir.glob(chunk_glob))
+        stray = [p.name for p in _chunk_files(out_dir, chunk_glob)]
         if stray:
             problem = (f"cache: {str(out_dir)!r} holds chunk files ({stray[0]}, ...) but no {manifest}, so they "
                        "cannot be trusted; use a fresh directory")
     if problem and untrusted != "remove":
         return problem
     if problem or not path.is_file():
-        for p in out_dir.glob(chunk_glob):
+        for p in _chunk_files(out_dir, chunk_glob):
             p.unlink(missing_ok=True)
         write_json(path, header)
-    clean_temporaries(out_dir)
+    clean_temporaries(out_dir, (*_globs(chunk_glob), manifest))
     return None
 
 
 def deal_chunks(out_dir: Path, header: dict, *, device: torch.device | str, manifest: str, keys: Sequence[str],
-                n_chunks: int, done: Callable[[int], bool], chunk_glob: str, caller: str, same_hint: str,
+                n_chunks: int, done: Callable[[int], bool], chunk_glob: str | tuple[str, ...], caller: str,
+                same_hint: str,
                 defaults: dict | None = None, untrusted: str = "refuse") -> tuple[int, int, list[int]]:
     """(rank, world, this rank's chunks): the chunks of `out_dir` not yet `done`, dealt round-robin.
 

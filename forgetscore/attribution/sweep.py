@@ -116,7 +116,7 @@ def sweeps_under_other_batch_sizes(root: str | os.PathLike, header: dict) -> dic
 
 def run_sweep(sweep: LossSweep, variants: Sequence[dict[str, torch.Tensor] | None], out_dir: str | os.PathLike, *,
               indices: np.ndarray | None = None, chunk_size: int = 1024, variant_ids: Sequence[str] | None = None,
-              progress: bool = True, desc: str = "score") -> np.ndarray:
+              progress: bool = True, desc: str = "score", untrusted: str = "refuse") -> np.ndarray:
     """[len(variants), len(indices), versions] float64 losses, computed chunk by chunk into `out_dir`.
 
     Bitwise equal to ``sweep.run(variants, indices)`` whenever that run's image batches fall on
@@ -125,7 +125,8 @@ def run_sweep(sweep: LossSweep, variants: Sequence[dict[str, torch.Tensor] | Non
     can change the last bits of a convolution). Finished chunks in `out_dir` are reused.
     `variant_ids` name the variants in the manifest (default: :func:`variant_id` of each).
     Under torch.distributed every rank must call it with the same arguments, and every rank
-    returns the whole array.
+    returns the whole array. Chunk files in `out_dir` that no matching manifest vouches for are
+    refused, or with ``untrusted="remove"`` deleted (for a folder the caller owns).
     """
     from tqdm.auto import tqdm
 
@@ -155,7 +156,7 @@ def run_sweep(sweep: LossSweep, variants: Sequence[dict[str, torch.Tensor] | Non
     rank, world, mine = deal_chunks(
         out_dir, header, device=sweep.model.device, manifest=MANIFEST, keys=IDENTITY_KEYS, n_chunks=n_chunks,
         done=lambda k: _chunk_ok(out_dir / chunk_name(k), chunk_shape(k)), chunk_glob="chunk-*.npy",
-        defaults=IDENTITY_DEFAULTS, caller="run_sweep",
+        defaults=IDENTITY_DEFAULTS, caller="run_sweep", untrusted=untrusted,
         same_hint="every rank must sweep the same model, data, plan, variants and indices (compute the "
                   "variants on rank 0 and broadcast them)")
     with tqdm(total=sum(len(chunk_ids(k)) for k in mine), unit="img", disable=not progress or rank != 0,

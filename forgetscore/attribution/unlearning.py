@@ -27,7 +27,9 @@ class UnlearnConfig:
     steps: Newton steps; alpha: step size; draws: (noise, timestep) draws per step;
     micro_batch: draws per backward pass, each micro-batch with distinct random timesteps;
     damping: lambda = damping * mean(F) per layer (0 = none, as the paper);
-    n_train: N in alpha / N (None: the training-set size); method: "newton" or "sgd".
+    n_train: N in alpha / N, the number of images the model was trained on (None: the size of the
+    training set being scored; for a model pretrained on a larger set than the one scored, give that
+    set's size); method: "newton" or "sgd".
     """
 
     steps: int = 1
@@ -44,6 +46,9 @@ class UnlearnConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: {v!r} must be a positive integer")
+        if self.n_train is not None and (not isinstance(self.n_train, int) or isinstance(self.n_train, bool)
+                                         or self.n_train < 1):
+            raise ValueError(f"n_train: {self.n_train!r} must be a positive integer (or None: the training set's size)")
         if not self.alpha > 0:
             raise ValueError(f"alpha: {self.alpha!r} must be > 0")
         if self.damping < 0:
@@ -58,8 +63,11 @@ class UnlearnConfig:
 PRESETS = {
     # The paper's MSCOCO setting: one step, alpha 0.01, 50,000 draws in micro-batches of 80 timesteps.
     "mscoco": UnlearnConfig(steps=1, alpha=0.01, draws=50_000, micro_batch=80),
-    # The paper's customized-model (Stable Diffusion) setting: 100 steps, alpha 0.1, 160 draws each.
-    "custom": UnlearnConfig(steps=100, alpha=0.1, draws=160, micro_batch=80),
+    # The paper's customized-model (Stable Diffusion) setting: 100 steps, alpha 0.1, 160 draws each, in
+    # backward passes of 16 distinct timesteps as published (80 rows of a Stable Diffusion backward pass would
+    # not fit on most GPUs). Its published code takes N = 400,000,000 (LAION-400M, what the model was
+    # pretrained on) rather than the scored pool's size; give that as n_train for such a model.
+    "custom": UnlearnConfig(steps=100, alpha=0.1, draws=160, micro_batch=16),
 }
 
 
