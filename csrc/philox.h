@@ -26,7 +26,7 @@ constexpr int kRounds = 10;
 // float32(2*pi): the reference multiplies the float32 uniform by this float32
 // constant, so theta is rounded identically everywhere.
 constexpr float kTwoPiF = 6.28318530717958647692f;
-// 2**-24: the uniform keeps 24 bits so that it is exact in float32.
+// 2**-24: the uniform keeps 24 bits; ((x >> 8) + 0.5) * 2**-24 in float32, rounded alike everywhere.
 constexpr float kTwoPow24Inv = 5.9604644775390625e-08f;
 
 FS_HOST_DEVICE uint32_t mulhilo(uint32_t a, uint32_t b, uint32_t* hi) {

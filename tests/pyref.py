@@ -4,6 +4,7 @@ They share no code with forgetscore: Philox4x32-10 as published (Salmon et al.,
 SC 2011) and Box-Muller in double precision.
 """
 import math
+import struct
 
 M0, M1 = 0xD2511F53, 0xCD9E8D57
 W0, W1 = 0x9E3779B9, 0xBB67AE85
@@ -29,9 +30,16 @@ def row_bits(seed, sample_id, draw_id, numel):
     return out[:numel]
 
 
+def to_float32(v):
+    """The float32 value nearest to `v` (ties to even)."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
 def row_normals(seed, sample_id, draw_id, numel):
     bits = row_bits(seed, sample_id, draw_id, (numel + 3) // 4 * 4)
-    u = [((x >> 8) + 0.5) / 2 ** 24 for x in bits]
+    # The uniforms are float32 numbers by definition (above 0.5 the half step rounds): near u = 1, where
+    # r = sqrt(-2 log u) is steep, that rounding moves r by up to a few percent, so it is reproduced here.
+    u = [to_float32(((x >> 8) + 0.5) / 2 ** 24) for x in bits]
     out = []
     for i in range(0, len(u), 2):
         r = math.sqrt(-2.0 * math.log(u[i]))

@@ -68,6 +68,23 @@ def test_normals_match_float64_box_muller(backend, rng):
     torch.testing.assert_close(got, want, atol=3e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_normals_near_u_equal_1_match_float64(backend, rng):
+    """Radii from uniforms just below 1 (r = sqrt(-2 log u) is steep there): where rounding shows most."""
+    dev = backend_device(backend)
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=rng))
+    sids = torch.arange(1 << 20) + int(torch.randint(0, 2 ** 40, (1,), generator=rng))
+    bits = kernels.random_bits(seed, sids, torch.zeros_like(sids), 4, backend="cpu" if "cpu" in ALL_BACKENDS
+                               else "torch")
+    near = sids[(bits[:, 0] >> 8) >= (1 << 24) - 256][:4]  # 1 in 2**16 rows: about 16 found
+    assert len(near) == 4
+    dids = torch.zeros_like(near)
+    got = kernels.normal(seed, near.to(dev), dids.to(dev), 4, backend=backend).cpu().double()
+    want = torch.tensor([pyref.row_normals(seed, int(s), 0, 4) for s in near], dtype=torch.float64)
+    assert float(want[:, :2].abs().max()) < 0.01  # small radii indeed
+    torch.testing.assert_close(got, want, atol=3e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("backend", [b for b in ALL_BACKENDS if b != "torch"])
 @pytest.mark.parametrize("shape", [(1,), (7,), (2, 3, 5), (1, 8, 8)])
 def test_backend_normals_equal_reference(backend, shape, rng):

@@ -14,8 +14,10 @@ Philox4x32-10 (Salmon et al., SC 2011), keyed by the 64-bit seed
 Lanes are turned into normals pairwise with Box-Muller: lanes (0, 1) give
 ``r0 * cos(theta1)`` and ``r0 * sin(theta1)``, lanes (2, 3) likewise, where
 ``r = sqrt(-2 log u)``, ``theta = 2*pi*u`` and ``u = ((x >> 8) + 0.5) * 2**-24``.
-The uniform keeps the top 24 bits so that it is exact in float32 and never 0 or
-1: every backend starts Box-Muller from the same float32 values.
+The uniform keeps the top 24 bits and is computed in float32 the same way by every
+backend, so Box-Muller starts from the same float32 values everywhere. It is never 0;
+above 0.5 the half step is rounded to even (float32 spacing there is 2**-24), so it can
+be 1, which gives r = 0.
 """
 from __future__ import annotations
 
