@@ -114,7 +114,7 @@ def _plan(args: argparse.Namespace):
     from .attribution import ScoringPlan
     common = {"captions": args.captions, "flips": not args.no_flips, "seed": args.seed, "noise": args.noise,
               "reference_batch": args.reference_batch, "noise_device": args.noise_device}
-    if args.timesteps:
+    if args.timesteps is not None:
         try:
             ts = tuple(int(t) for t in args.timesteps.split(","))
         except ValueError:
@@ -142,7 +142,7 @@ def _config(args: argparse.Namespace):
 
 
 def _region(text: str | None):
-    if not text:
+    if text is None:
         return None
     try:
         box = [int(v) for v in text.split(",")]
@@ -159,14 +159,18 @@ def _subset(path: str | None, file_names: list[str]):
     import numpy as np
     position = {name: i for i, name in enumerate(file_names)}
     try:
-        lines = [line.strip() for line in open(path) if line.strip()]
+        with open(path, encoding="utf-8-sig") as f:
+            lines = [line.strip() for line in f if line.strip()]
     except OSError as exc:
         raise ValueError(f"--subset: cannot read {path!r} ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--subset: {path!r} is not UTF-8 text ({exc.reason}); give one file name or position "
+                         "per line") from None
     ids = []
     for line in lines:
         if line in position:
             ids.append(position[line])
-        elif line.isdigit() and int(line) < len(file_names):
+        elif line.isascii() and line.isdecimal() and int(line) < len(file_names):
             ids.append(int(line))
         else:
             raise ValueError(f"--subset: {line!r} is neither a file name of the training set nor a position "
@@ -230,12 +234,18 @@ def _attribute(args: argparse.Namespace) -> int:
     from .attribution.results import check_output_dir
     started = time.perf_counter()
     check_output_dir(Path(args.out), args.overwrite)
-    att = _attributor(args)
+    # Checked before the model loads and the long stages run.
     if (args.query is None) == (args.generate_seed is None):
         raise ValueError("--query/--generate-seed: give exactly one: an image file, or a seed to generate the "
                          "query from the prompt")
+    if args.generate_seed is not None and args.generate_seed < 0:
+        raise ValueError(f"--generate-seed: {args.generate_seed} must be >= 0")
+    if args.topk < 1:
+        raise ValueError(f"--topk: {args.topk} must be >= 1")
+    config, region = _config(args), _region(args.region)
+    att = _attributor(args)
     query = args.query if args.query else att.generate(args.prompt, args.generate_seed)
-    result = att.attribute(query, args.prompt, k=args.topk, config=_config(args), region=_region(args.region),
+    result = att.attribute(query, args.prompt, k=args.topk, config=config, region=region,
                            reduce=args.reduce, fisher_samples=args.fisher_samples,
                            indices=_subset(args.subset, att.train.file_names))
     if att.rank:
@@ -256,6 +266,8 @@ def _print_top(result, k: int) -> None:
 def _report(args: argparse.Namespace) -> int:
     from .attribution.results import redraw
 
+    if args.topk is not None and args.topk < 1:
+        raise ValueError(f"--topk: {args.topk} must be >= 1")
     result, k = redraw(args.out, args.topk)
     _print_top(result, k)
     print(f"\nrewrote {args.out}/gallery.png and {args.out}/report.html")
@@ -334,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"forgetscore {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the filesystem: a full disk, permissions, a path that went away
+        print(f"forgetscore {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; finished stages are cached and a rerun resumes from them", file=sys.stderr)
         return 130

@@ -45,6 +45,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     out = Path(args.out)
+    if args.topk < 1:
+        raise ValueError(f"--topk: {args.topk} must be >= 1")
     check_output_dir(out, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     stage = time.perf_counter()

@@ -538,6 +538,67 @@ def test_redraw_of_a_directory_without_results(tmp_path):
     raises("out", r"holds no attribution\.json; run `forgetscore attribute` first", redraw, tmp_path)
 
 
+def test_redraw_refuses_a_training_folder_changed_since_and_damaged_results(dirs, train, tmp_path):
+    folder = copy_train(dirs, tmp_path / "train")
+    copied = TrainingSet.load(folder)
+    result = _result(copied, 0)
+    result.metadata.update(data_id=copied.identity(), train_dir=str(folder))
+    out = tmp_path / "out"
+    result.save(out, train_dir=folder, k=3)
+    redraw(out, 4)  # unchanged: fine
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    write_meta(folder, lines[::-1])  # the same images in another order: scores would name the wrong ones
+    raises("train", r"has changed since these scores were made .*run attribute again", redraw, out)
+    write_meta(folder, lines)
+    (out / "tau.npy").write_bytes(b"junk")
+    raises("out", r"tau\.npy' is missing or damaged .*run attribute again", redraw, out)
+    (out / "attribution.json").write_text("[]")
+    raises("out", r"lacks prompt, top, train_dir, data_id", redraw, out)
+    (out / "attribution.json").write_text("{")
+    raises("out", r"attribution\.json' is damaged", redraw, out)
+
+
+def test_sixteen_bit_and_float_images_keep_their_range(tmp_path):
+    from PIL import Image
+
+    from forgetscore.attribution.data import load_image
+
+    ramp = (np.arange(64, dtype=np.float64).reshape(8, 8) / 63)
+    Image.fromarray((ramp * 65535).round().astype(np.uint16)).save(tmp_path / "a.png")
+    assert Image.open(tmp_path / "a.png").mode.startswith("I")
+    got = load_image(tmp_path / "a.png", (1, 8, 8))
+    torch.testing.assert_close(got[0].double(), torch.from_numpy(np.round(ramp * 255) / 127.5 - 1), rtol=0, atol=1e-6)
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "f.tiff")
+    got = load_image(tmp_path / "f.tiff", (1, 8, 8))
+    torch.testing.assert_close(got[0].double(), torch.from_numpy(np.round(ramp * 255) / 127.5 - 1), rtol=0, atol=1e-6)
+    Image.fromarray((ramp * 3).astype(np.float32)).save(tmp_path / "g.tiff")
+    raises("query", r"floating-point values outside \[0, 1\]", load_image, tmp_path / "g.tiff", (1, 8, 8))
+
+
+def test_metadata_not_utf8_and_with_a_byte_order_mark(dirs, tmp_path):
+    folder = copy_train(dirs, tmp_path / "train")
+    text = (folder / "metadata.jsonl").read_text()
+    (folder / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert len(TrainingSet.load(folder)) == len(TrainingSet.load(dirs[1]))
+    (folder / "metadata.jsonl").write_bytes(text.replace("a", "\u00e9").encode("latin-1", "replace"))
+    raises("train", r"is not UTF-8 text .*save it as UTF-8", TrainingSet.load, folder)
+
+
+def test_settings_that_fail_before_any_work(model, train, tmp_path):
+    raises("chunk_size", r"must be an int >= 1", Attributor, model, train, cache_dir=tmp_path / "c", chunk_size=0)
+    raises("backend", r"is not available here|runs on", Attributor, model, train, cache_dir=tmp_path / "c",
+           backend="cuda")
+    if not torch.cuda.is_available():
+        raises("noise_device", r"needs a CUDA device .*--noise-device cpu", Attributor, model, train,
+               cache_dir=tmp_path / "c", plan=replace(PLAN, noise="reference", reference_batch=2))
+    (tmp_path / "file").write_bytes(b"")
+    raises("cache", r"'.*file' is a file", Attributor, model, train, cache_dir=tmp_path / "file" / "c")
+    att = Attributor(model, train, plan=PLAN, cache_dir=tmp_path / "c", progress=False)
+    raises("samples", r"must be an int >= 1", att.fisher, 0)
+    for name, value in (("alpha", float("inf")), ("damping", float("inf")), ("damping", float("nan"))):
+        raises(name, "must be a finite number", UnlearnConfig, **{name: value})
+
+
 # --- the command line -------------------------------------------------------------------------
 def test_cli_attribute_with_a_missing_train_folder(dirs, tmp_path, capsys):
     query = dirs[1] / "000.png"

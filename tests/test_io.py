@@ -82,3 +82,12 @@ def test_remove_dir_is_one_rename_then_cleaned(tmp_path, monkeypatch):
     io.clean_removed(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".y.npy.def.tmp"]
     io.remove_dir(tmp_path / "missing")  # nothing to remove: no error
+
+
+def test_written_files_and_folders_get_the_users_usual_permissions(tmp_path):
+    mask = os.umask(0o027)
+    os.umask(mask)
+    write_npy(tmp_path / "a.npy", np.zeros(3))
+    out = io.write_dir(tmp_path / "d", lambda d: (d / "f").write_text("x"))
+    assert (tmp_path / "a.npy").stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0600
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # not mkdtemp's 0700

@@ -28,7 +28,7 @@ from . import params
 from .data import TEXT_DTYPES, PreparedData, TrainingSet, load_image, prepare
 from .fisher import FISHER_CHUNK, FISHER_FORMAT, check_counts, run_fisher
 from .generate import generate
-from .io import clean_removed, read_json, remove_dir, write_bytes, write_json, write_npy
+from .io import check_writable, clean_removed, read_json, remove_dir, write_bytes, write_json, write_npy
 from .losses import LossSweep
 from .model import DiffusionModel
 from .plan import ScoringPlan
@@ -66,7 +66,8 @@ class Attributor:
                  backend: str = "auto", progress: bool = True, resize: bool = False, chunk_size: int = 4096,
                  precision: str = "fp32", prefetch: bool = True, compile: str | None = None,
                  fisher_batch_size: int = 64, fisher_chunk_size: int = FISHER_CHUNK, text_dtype: str = "float32"):
-        from .losses import auto_batch_size, check_precision, compile_mode
+        from .. import kernels
+        from .losses import auto_batch_size, check_noise_device, check_precision, compile_mode
 
         self.model, self.train = model, train
         self.plan = plan or ScoringPlan()
@@ -75,7 +76,10 @@ class Attributor:
         self.weights = weights
         self.backend, self.resize = backend, resize
         self.chunk_size = chunk_size
-        check_counts(fisher_batch_size=fisher_batch_size, fisher_chunk_size=fisher_chunk_size)
+        # Settings that would otherwise fail only after the long stages before them.
+        check_counts(chunk_size=chunk_size, fisher_batch_size=fisher_batch_size, fisher_chunk_size=fisher_chunk_size)
+        kernels.resolve(backend, model.device)
+        check_noise_device(self.plan)
         self.fisher_batch_size, self.fisher_chunk_size = fisher_batch_size, fisher_chunk_size
         if text_dtype not in TEXT_DTYPES:
             raise ValueError(f"text_dtype: {text_dtype!r} is not one of {list(TEXT_DTYPES)}")
@@ -96,6 +100,7 @@ class Attributor:
         self.progress = progress and self.rank == 0
         root = Path(cache_dir) if cache_dir is not None else cache_root() / "runs"
         self.cache_dir = root / f"{model.encoders_id()}-{train.identity()}" if cache_dir is None else root
+        check_writable(self.cache_dir, "cache")
         self.timings = Timings()
         self._data: PreparedData | None = None
         self._finished: list[Path] = []  # sweep folders whose losses the caller has not yet kept
@@ -137,9 +142,10 @@ class Attributor:
         (`batch_size`, `chunk_size`: default the Attributor's `fisher_batch_size`, `fisher_chunk_size`).
         """
         data = self.prepare()
-        samples = samples or 5 * data.n
-        batch_size = batch_size or self.fisher_batch_size
-        chunk_size = chunk_size or self.fisher_chunk_size
+        samples = 5 * data.n if samples is None else samples
+        batch_size = self.fisher_batch_size if batch_size is None else batch_size
+        chunk_size = self.fisher_chunk_size if chunk_size is None else chunk_size
+        check_counts(samples=samples, batch_size=batch_size, chunk_size=chunk_size)
         meta = {"unet_id": self.model.unet_id(), "data_id": data.data_id, "names": self.names,
                 "samples": samples, "seed": seed, "flips": self.plan.flips, "captions": self.plan.captions}
         path = Path(path) if path else self.cache_dir / f"fisher-{self._key(meta)}.safetensors"
@@ -384,7 +390,7 @@ class Attributor:
                     "n_weights": int(sum(self.model.unet.get_parameter(n).numel() for n in self.names)),
                     "reduce": reduce, "precision": self.precision, "model": self.model.source,
                     "unet_id": self.model.unet_id(),
-                    "data_id": data.data_id, "train_dir": str(self.train.root),
+                    "data_id": data.data_id, "train_dir": str(Path(self.train.root).resolve()),
                     "region": None if region is None or isinstance(region, torch.Tensor) else list(region),
                     # How selective the forgetting was: the query's own loss should rise far more.
                     "query_loss_before": q_before, "query_loss_after": q_after,

@@ -49,38 +49,42 @@ class TrainingSet:
             raise ValueError(f"train: {str(meta)!r} not found; the training folder needs a metadata.jsonl with "
                              'lines like {"file_name": "0001.png", "text": ["a caption", ...]}')
         names, caps, extra, seen = [], [], [], {}
-        with open(meta) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"train: metadata.jsonl line {lineno} is not JSON ({exc}); write one JSON "
-                                     'object per line, like {"file_name": "0001.png", "text": "a caption"}') from None
-                if not isinstance(rec, dict):
-                    raise ValueError(f"train: metadata.jsonl line {lineno} is a JSON {type(rec).__name__}, not an "
-                                     'object; write it like {"file_name": "0001.png", "text": "a caption"}')
-                name, text = rec.get("file_name"), rec.get("text")
-                if not isinstance(name, str) or not name:
-                    raise ValueError(f"train: metadata.jsonl line {lineno} has no \"file_name\"; give the name of "
-                                     "its image in the folder, like \"0001.png\"")
-                if isinstance(text, str):
-                    text = [text]
-                if not isinstance(text, list) or not text or not all(isinstance(t, str) and t.strip() for t in text):
-                    raise ValueError(f"train: metadata.jsonl line {lineno} ({name}) has no caption; give \"text\" "
-                                     "as a non-empty string or list of strings")
-                if name in seen:
-                    raise ValueError(f"train: metadata.jsonl line {lineno} lists {name!r} again (first on line "
-                                     f"{seen[name]}); each image must appear once: merge the captions into one "
-                                     "\"text\" list")
-                if not (root / name).is_file():
-                    raise ValueError(f"train: image {name!r} (metadata.jsonl line {lineno}) is missing from "
-                                     f"{str(root)!r}; add the file or remove its line")
-                seen[name] = lineno
-                names.append(name)
-                caps.append(text)
-                extra.append({k: v for k, v in rec.items() if k not in ("file_name", "text")})
+        try:
+            lines = meta.read_text(encoding="utf-8-sig").split("\n")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"train: {str(meta)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it "
+                             "as UTF-8") from None
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"train: metadata.jsonl line {lineno} is not JSON ({exc}); write one JSON "
+                                 'object per line, like {"file_name": "0001.png", "text": "a caption"}') from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"train: metadata.jsonl line {lineno} is a JSON {type(rec).__name__}, not an "
+                                 'object; write it like {"file_name": "0001.png", "text": "a caption"}')
+            name, text = rec.get("file_name"), rec.get("text")
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"train: metadata.jsonl line {lineno} has no \"file_name\"; give the name of "
+                                 "its image in the folder, like \"0001.png\"")
+            if isinstance(text, str):
+                text = [text]
+            if not isinstance(text, list) or not text or not all(isinstance(t, str) and t.strip() for t in text):
+                raise ValueError(f"train: metadata.jsonl line {lineno} ({name}) has no caption; give \"text\" "
+                                 "as a non-empty string or list of strings")
+            if name in seen:
+                raise ValueError(f"train: metadata.jsonl line {lineno} lists {name!r} again (first on line "
+                                 f"{seen[name]}); each image must appear once: merge the captions into one "
+                                 "\"text\" list")
+            if not (root / name).is_file():
+                raise ValueError(f"train: image {name!r} (metadata.jsonl line {lineno}) is missing from "
+                                 f"{str(root)!r}; add the file or remove its line")
+            seen[name] = lineno
+            names.append(name)
+            caps.append(text)
+            extra.append({k: v for k, v in rec.items() if k not in ("file_name", "text")})
         if not names:
             raise ValueError(f"train: {str(meta)!r} lists no images; add a line per image")
         return cls(root, names, caps, extra)
@@ -109,7 +113,7 @@ def load_image(path: str | os.PathLike, shape: tuple[int, int, int], resize: boo
     c, h, w = shape
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if c == 1 else "RGB")
+            im = _eight_bit(im, path, argument).convert("L" if c == 1 else "RGB")
             if im.size != (w, h):
                 if not resize:
                     raise ValueError(f"{argument}: image {str(path)!r} is {im.size[0]}x{im.size[1]} but the model "
@@ -121,6 +125,24 @@ def load_image(path: str | os.PathLike, shape: tuple[int, int, int], resize: boo
                          "file (PNG, JPEG, ...)") from None
     t = torch.from_numpy(arr / 127.5 - 1.0)
     return t[None] if c == 1 else t.permute(2, 0, 1)
+
+
+def _eight_bit(im, path, argument: str):
+    """`im` with 8-bit channels: 16-bit and 32-bit integer greys scaled down (Pillow would clip them at 255),
+    float greys taken as [0, 1]."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8))
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        if not (np.isfinite(arr).all() and arr.min(initial=0) >= 0 and arr.max(initial=0) <= 1):
+            raise ValueError(f"{argument}: image {str(path)!r} holds floating-point values outside [0, 1]; save it "
+                             "as an 8-bit (or 16-bit) image")
+        return Image.fromarray(np.round(arr * 255).astype(np.uint8))
+    return im
 
 
 class PreparedData:
@@ -137,11 +159,18 @@ class PreparedData:
         m = self.manifest
         self.n = m["n_images"]
         self.input_shape = tuple(m["input_shape"])
-        self.caption_offsets = np.load(self.dir / "caption_offsets.npy")
-        self._inputs = [np.load(self.dir / s["inputs"], mmap_mode="r") for s in m["shards"]]
-        self._text = [np.load(self.dir / s["text"], mmap_mode="r") for s in m["shards"]]
+        self.caption_offsets = self._array("caption_offsets.npy")
+        self._inputs = [self._array(s["inputs"], mmap_mode="r") for s in m["shards"]]
+        self._text = [self._array(s["text"], mmap_mode="r") for s in m["shards"]]
         self.shard_size = m["shard_size"]
         self.text_dtype = m.get("text_dtype", "float32")
+
+    def _array(self, name: str, mmap_mode: str | None = None) -> np.ndarray:
+        try:
+            return np.load(self.dir / name, mmap_mode=mmap_mode, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cache: {str(self.dir / name)!r} is missing or damaged ({exc}); delete "
+                             f"{str(self.dir)!r} and prepare again") from None
 
     @property
     def model_id(self) -> str:

@@ -11,11 +11,29 @@ from pathlib import Path
 import numpy as np
 
 
+_UMASK: list[int] = []
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system allows (threads write files too)."""
+    if not _UMASK:
+        try:
+            with open("/proc/self/status") as f:
+                mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            mask = os.umask(0o022)
+            os.umask(mask)
+        _UMASK.append(mask)
+    return _UMASK[0]
+
+
 def _write_atomic(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file private (0600); the result gets the permissions of any file the user creates.
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -68,6 +86,21 @@ def write_npy_rows(path: Path, shape: tuple[int, ...], dtype, parts) -> None:
     _write_atomic(path, write)
 
 
+def check_writable(path: str | os.PathLike, argument: str) -> None:
+    """That folder `path` exists or can be made there, and can be written to: checked before long work."""
+    path = Path(path)
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{argument}: {str(path)!r} cannot be a folder: {str(probe)!r} is a file; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{argument}: {str(probe)!r} cannot be written to (permissions, or a read-only filesystem); "
+                         "choose another path")
+
+
 def read_json(path: Path) -> dict:
     with open(path) as f:
         return json.load(f)
@@ -110,6 +143,7 @@ def write_dir(out: Path, fill) -> Path:
     _recover_dir(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private (0700)
         fill(tmp)
         _fsync_tree(tmp)
         if out.exists():

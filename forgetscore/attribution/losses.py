@@ -88,6 +88,14 @@ def expand_rows(ids: np.ndarray, caption_counts: Sequence[int], plan: ScoringPla
                 ScoringPlan.draw_id(version, caption, timestep), caption, step)
 
 
+def check_noise_device(plan: ScoringPlan) -> None:
+    """That the device kind a ``noise="reference"`` plan draws its noise on exists here."""
+    if plan.noise == "reference" and torch.device(plan.noise_device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("noise_device: 'cuda' reference noise needs a CUDA device (torch's CPU and CUDA "
+                         "generators give different numbers); run on a GPU or use noise_device='cpu' "
+                         "(--noise-device cpu)")
+
+
 class ReferenceNoise:
     """The published implementation's noise for any row, under a ``noise="reference"`` plan.
 
@@ -103,11 +111,9 @@ class ReferenceNoise:
     def __init__(self, plan: ScoringPlan, data: PreparedData, device: torch.device):
         if plan.noise != "reference":
             raise ValueError(f"plan: noise={plan.noise!r}; ReferenceNoise needs noise='reference'")
+        check_noise_device(plan)
         dev = torch.device(plan.noise_device)
         if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ValueError("noise_device: 'cuda' reference noise needs a CUDA device (torch's CPU and CUDA "
-                                 "generators give different numbers); run on a GPU or use noise_device='cpu'")
             # An explicit index: the prefetch thread has its own current device (cuda:0).
             dev = device if device.type == "cuda" and device.index is not None else \
                 torch.device("cuda", torch.cuda.current_device())

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import read_json, write_bytes, write_json, write_npy
+from .io import check_writable, read_json, write_bytes, write_json, write_npy
 
 RESULT_FILES = ("attribution.json", "scores.npy", "tau.npy", "query.png", "gallery.png", "report.html")
 
@@ -62,8 +62,10 @@ class Attribution:
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
+    """That results can be written into `out` (checked before the long stages that make them)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: {str(out)!r} exists and is not a directory; choose another path")
+    check_writable(out, "out")
     if out.is_dir() and not overwrite:
         clash = [f for f in RESULT_FILES if (out / f).exists()]
         if clash:
@@ -166,9 +168,23 @@ def load(out: str | os.PathLike) -> dict:
     out = Path(out)
     if not (out / "attribution.json").is_file():
         raise ValueError(f"out: {str(out)!r} holds no attribution.json; run `forgetscore attribute` first")
-    rec = read_json(out / "attribution.json")
-    rec["scores"] = np.load(out / "scores.npy")
+    try:
+        rec = read_json(out / "attribution.json")
+    except ValueError as exc:
+        raise ValueError(f"out: {str(out / 'attribution.json')!r} is damaged ({exc}); run attribute again") from None
+    missing = [key for key in ("prompt", "top", "train_dir", "data_id") if not isinstance(rec, dict) or key not in rec]
+    if missing:
+        raise ValueError(f"out: {str(out / 'attribution.json')!r} lacks {', '.join(missing)}; it was not written by "
+                         "`forgetscore attribute`, or is damaged: run attribute again")
+    rec["scores"] = _array(out, "scores.npy")
     return rec
+
+
+def _array(out: Path, name: str) -> np.ndarray:
+    try:
+        return np.load(out / name, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"out: {str(out / name)!r} is missing or damaged ({exc}); run attribute again") from None
 
 
 def redraw(out: str | os.PathLike, k: int | None = None) -> tuple[Attribution, int]:
@@ -179,14 +195,21 @@ def redraw(out: str | os.PathLike, k: int | None = None) -> tuple[Attribution, i
 
     out = Path(out)
     rec = load(out)
-    with Image.open(out / "query.png") as im:
-        channels, (w, h) = (1 if im.mode == "L" else 3), im.size
-    query = load_image(out / "query.png", (channels, h, w))
+    try:
+        with Image.open(out / "query.png") as im:
+            channels, (w, h) = (1 if im.mode == "L" else 3), im.size
+    except OSError as exc:
+        raise ValueError(f"out: {str(out / 'query.png')!r} is missing or damaged ({exc}); run attribute again") from None
+    query = load_image(out / "query.png", (channels, h, w), argument="out")
     train = TrainingSet.load(rec["train_dir"])
+    # The scores are matched to the training set by position: a folder changed since would name the wrong images.
+    if train.identity() != str(rec["data_id"]).split("+")[0]:
+        raise ValueError(f"train: {str(train.root)!r} has changed since these scores were made (its metadata.jsonl "
+                         "or images), so they would be shown beside the wrong images; run attribute again")
     meta = {key: v for key, v in rec.items() if key not in ("scores", "top", "prompt")}
-    result = Attribution(rec["scores"], np.load(out / "tau.npy"), rec["prompt"], query, train.file_names,
+    result = Attribution(rec["scores"], _array(out, "tau.npy"), rec["prompt"], query, train.file_names,
                          train.captions, meta)
-    k = k or len(rec["top"])
+    k = len(rec["top"]) if k is None else k
     images = _top_images(result, train.root, k)
     record = {**{key: v for key, v in rec.items() if key != "scores"}, "top": result.top_records(k)}
     picture, page = gallery(result, images, k), report_html(result, record, images, k).encode()

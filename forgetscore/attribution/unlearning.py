@@ -9,6 +9,7 @@ paper's ablation): theta <- theta + alpha * grad.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -49,10 +50,10 @@ class UnlearnConfig:
         if self.n_train is not None and (not isinstance(self.n_train, int) or isinstance(self.n_train, bool)
                                          or self.n_train < 1):
             raise ValueError(f"n_train: {self.n_train!r} must be a positive integer (or None: the training set's size)")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha: {self.alpha!r} must be > 0")
-        if self.damping < 0:
-            raise ValueError(f"damping: {self.damping!r} must be >= 0 (a multiple of the mean Fisher)")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha: {self.alpha!r} must be a finite number > 0")
+        if not (self.damping >= 0 and math.isfinite(self.damping)):
+            raise ValueError(f"damping: {self.damping!r} must be a finite number >= 0 (a multiple of the mean Fisher)")
         if self.method not in ("newton", "sgd"):
             raise ValueError(f"method: {self.method!r} is not 'newton' or 'sgd'")
 

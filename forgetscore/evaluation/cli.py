@@ -82,7 +82,7 @@ def _loo(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
-    n_queries = args.queries or quick.get("queries", DEFAULT_QUERIES)
+    n_queries = quick.get("queries", DEFAULT_QUERIES) if args.queries is None else args.queries
     if not 1 <= n_queries <= len(de.QUERY_PROMPTS):
         raise ValueError(f"--queries: {n_queries} must be in [1, {len(de.QUERY_PROMPTS)}]")
     if args.workers < 1:
@@ -90,9 +90,10 @@ def _loo(args: argparse.Namespace) -> int:
     stride = DEFAULT_PLAN_STRIDE if args.plan_stride is None else args.plan_stride
     if not 1 <= stride <= 999:
         raise ValueError(f"--plan-stride: {stride} must be in [1, 999]")
-    config = LooConfig(ks=args.ks or quick.get("ks", DEFAULT_KS), methods=tuple(methods),
+    config = LooConfig(ks=quick.get("ks", DEFAULT_KS) if args.ks is None else args.ks, methods=tuple(methods),
                        plan=ScoringPlan.with_stride(stride, flips=False),
-                       random_sets=args.random_sets or quick.get("random_sets", 3), coupled=not args.uncoupled,
+                       random_sets=quick.get("random_sets", 3) if args.random_sets is None else args.random_sets,
+                       coupled=not args.uncoupled,
                        workers=args.workers, effectiveness="unlearning" in methods)
     out = Path(args.out)
     train_dir = out / "train"

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..attribution.attributor import Attributor
+from ..attribution.data import TrainingSet
 from ..attribution.io import write_json
 from ..attribution.plan import ScoringPlan
 from .base import EvalContext, FeatureFn, Query, top_k
@@ -201,6 +202,10 @@ def run_loo(out_dir: str | Path, setup: LooSetup, config: LooConfig, log: Log | 
     out.mkdir(parents=True, exist_ok=True)
     if not setup.queries:
         raise ValueError("queries: give at least one query prompt")
+    n_train = len(TrainingSet.load(setup.train_dir))
+    if max(config.ks) >= n_train:  # checked before any training: the removals need images left to train on
+        raise ValueError(f"ks: {max(config.ks)} leaves nothing to train on; every K must be below the {n_train} "
+                         "training images")
     retrain_root = out / "retrains"
     # The original model is the retrain that removes nothing (under the same protocol).
     original_job = RetrainJob((), config.coupled)
