@@ -54,6 +54,33 @@ def _ids(setup):
     return [variant_id(w) for w in _variants(setup)]
 
 
+def _count_runs(monkeypatch, batch_size: bool = False) -> list:
+    """From now on, the image ids (with the batch size if asked) of every LossSweep.run, in order."""
+    calls = []
+    real = LossSweep.run
+
+    def counting(self, variants, indices=None, **kw):
+        calls.append((self.batch_size, list(indices)) if batch_size else list(indices))
+        return real(self, variants, indices, **kw)
+
+    monkeypatch.setattr(LossSweep, "run", counting)
+    return calls
+
+
+def _stop_after_first_chunk(monkeypatch):
+    """Sweeps raise KeyboardInterrupt once their first chunk is on disk, as if killed there; undo with the return."""
+    from forgetscore.attribution import sweep as sweep_mod
+
+    real = sweep_mod.write_npy
+
+    def write_then_stop(path, arr):
+        real(path, arr)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_mod, "write_npy", write_then_stop)
+    return lambda: monkeypatch.setattr(sweep_mod, "write_npy", real)
+
+
 def test_variant_id():
     w = {"a": torch.ones(2, 3), "b": torch.zeros(4, dtype=torch.bfloat16)}
     assert variant_id(None) == variant_id({}) == "original"
@@ -79,14 +106,7 @@ def test_chunked_equals_unchunked_and_resumes(setup, tmp_path, monkeypatch):
     np.testing.assert_allclose(run_sweep(big, variants, tmp_path / "big", chunk_size=CHUNK, progress=False),
                                big.run(variants, progress=False), rtol=1e-6, atol=0)
 
-    calls = []
-    real = LossSweep.run
-
-    def counting(self, variants, indices=None, **kw):
-        calls.append(list(indices))
-        return real(self, variants, indices, **kw)
-
-    monkeypatch.setattr(LossSweep, "run", counting)
+    calls = _count_runs(monkeypatch)
     (out / chunk_name(1)).unlink()
     again = run_sweep(sweep, variants, out, chunk_size=CHUNK, variant_ids=_ids(setup), progress=False)
     assert calls == [[3, 4, 5]]
@@ -173,44 +193,46 @@ def test_directory_of_another_sweep_is_refused(setup, tmp_path):
 
 
 
+def _expected(setup):
+    """(before-losses, after-losses of setup's weights) swept with BATCH: the same UNet batches as the chunks."""
+    return (setup["att"].sweep().run([None], progress=False)[0],
+            setup["att"].sweep().run([setup["weights"]], progress=False))
+
+
+def _attributor(setup, cache, batch_size=BATCH) -> Attributor:
+    return Attributor.load(setup["model"], setup["train"], cache_dir=cache, plan=PLAN, batch_size=batch_size,
+                           progress=False, chunk_size=CHUNK)
+
+
+def _interrupted(monkeypatch, sweep) -> None:
+    """`sweep()` killed once its first chunk is on disk."""
+    resume = _stop_after_first_chunk(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        sweep()
+    resume()
+
+
+def _after(att, variants) -> np.ndarray:
+    losses = att._run(variants, None, desc="after")
+    att._forget_sweeps()  # what attribute() does once it has the scores
+    return losses
+
+
 def test_auto_batch_size_resumes_under_the_interrupted_sweeps_own(setup, tmp_path, monkeypatch):
     """The probe's answer moves with free GPU memory; a resumed "auto" sweep keeps the batch size it began with."""
-    from forgetscore.attribution import losses, sweep as sweep_mod
+    from forgetscore.attribution import losses
 
-    want = setup["att"].sweep().run([None], progress=False)[0]  # batch size BATCH, the same UNet batches as chunks
-    variants = [setup["weights"]]
-    want_after = setup["att"].sweep().run(variants, progress=False)
-    cache = tmp_path / "cache"
+    want, want_after = _expected(setup)
+    variants, cache = [setup["weights"]], tmp_path / "cache"
     probed = {"rows": BATCH}
     monkeypatch.setattr(losses, "auto_batch_size", lambda model, precision: probed["rows"])
-
-    def attributor(batch_size="auto"):
-        return Attributor.load(setup["model"], setup["train"], cache_dir=cache, plan=PLAN, batch_size=batch_size,
-                               progress=False, chunk_size=CHUNK)
-
-    real_write = sweep_mod.write_npy
-
-    def write_then_stop(path, arr):
-        real_write(path, arr)
-        raise KeyboardInterrupt  # as if killed once the first chunk is on disk
-
-    monkeypatch.setattr(sweep_mod, "write_npy", write_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        attributor().before_losses()
-    monkeypatch.setattr(sweep_mod, "write_npy", real_write)
+    _interrupted(monkeypatch, _attributor(setup, cache, "auto").before_losses)
     (first,) = (cache / "sweeps").iterdir()
     assert [p.name for p in first.glob("chunk-*")] == [chunk_name(0)]
 
-    calls = []
-    real_run = LossSweep.run
-
-    def counting(self, variants, indices=None, **kw):
-        calls.append((self.batch_size, list(indices)))
-        return real_run(self, variants, indices, **kw)
-
-    monkeypatch.setattr(LossSweep, "run", counting)
+    calls = _count_runs(monkeypatch, batch_size=True)
     probed["rows"] = 2 * BATCH  # more memory free now: the finished chunk's batch size still fits
-    att = attributor()
+    att = _attributor(setup, cache, "auto")
     assert att.batch_size == 2 * BATCH
     np.testing.assert_array_equal(att.before_losses(), want)
     assert calls == [(BATCH, [3, 4, 5]), (BATCH, [6, 7, 8])]
@@ -218,77 +240,44 @@ def test_auto_batch_size_resumes_under_the_interrupted_sweeps_own(setup, tmp_pat
 
     # Interrupted again (the after-sweep of some weights); then the probe finds less room than that
     # sweep's batch size: it starts afresh under what fits, and the superseded chunks go when it ends.
-    monkeypatch.setattr(sweep_mod, "write_npy", write_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        attributor()._run(variants, None, desc="after")
-    monkeypatch.setattr(sweep_mod, "write_npy", real_write)
+    _interrupted(monkeypatch, lambda: _attributor(setup, cache, "auto")._run(variants, None, desc="after"))
     calls.clear()
     probed["rows"] = BATCH // 2
-    att = attributor()
-    got = att._run(variants, None, desc="after")
-    att._forget_sweeps()  # what attribute() does once it has the scores
+    got = _after(_attributor(setup, cache, "auto"), variants)
     assert [c[0] for c in calls] == [BATCH // 2] * 3
     np.testing.assert_allclose(got, want_after, rtol=1e-6, atol=0)
     assert list((cache / "sweeps").iterdir()) == []
 
     # An explicit batch size is obeyed, whatever an interrupted sweep used.
-    monkeypatch.setattr(sweep_mod, "write_npy", write_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        attributor(BATCH)._run(variants, None, desc="after")
-    monkeypatch.setattr(sweep_mod, "write_npy", real_write)
+    _interrupted(monkeypatch, lambda: _attributor(setup, cache)._run(variants, None, desc="after"))
     calls.clear()
-    att = attributor(2 * BATCH)
-    att._run(variants, None, desc="after")
-    att._forget_sweeps()
+    _after(_attributor(setup, cache, 2 * BATCH), variants)
     assert [c[0] for c in calls] == [2 * BATCH] * 3
     assert list((cache / "sweeps").iterdir()) == []
 
 
 def test_the_attributors_own_sweep_folders_survive_kills_at_any_step(setup, tmp_path, monkeypatch):
     """Kills while the before-losses are saved, or while a finished sweep's folder is deleted."""
-    from forgetscore.attribution import attributor as attributor_mod, sweep as sweep_mod
+    from forgetscore.attribution import attributor as attributor_mod
 
-    want = setup["att"].sweep().run([None], progress=False)[0]
-    variants = [setup["weights"]]
-    want_after = setup["att"].sweep().run(variants, progress=False)
-    cache = tmp_path / "cache"
-
-    def attributor():
-        return Attributor.load(setup["model"], setup["train"], cache_dir=cache, plan=PLAN, batch_size=BATCH,
-                               progress=False, chunk_size=CHUNK)
-
-    calls = []
-    real_run = LossSweep.run
-
-    def counting(self, variants, indices=None, **kw):
-        calls.append(list(indices))
-        return real_run(self, variants, indices, **kw)
-
-    monkeypatch.setattr(LossSweep, "run", counting)
+    want, want_after = _expected(setup)
+    variants, cache = [setup["weights"]], tmp_path / "cache"
+    calls = _count_runs(monkeypatch)
     # Killed while writing the before-losses: the finished sweep's chunks are still there to resume from.
     real_write = attributor_mod.write_npy
     monkeypatch.setattr(attributor_mod, "write_npy", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        attributor().before_losses()
+        _attributor(setup, cache).before_losses()
     monkeypatch.setattr(attributor_mod, "write_npy", real_write)
     assert len(calls) == 3
     calls.clear()
-    np.testing.assert_array_equal(attributor().before_losses(), want)
+    np.testing.assert_array_equal(_attributor(setup, cache).before_losses(), want)
     assert calls == []  # nothing swept again
     assert list((cache / "sweeps").iterdir()) == []
 
     # A folder whose manifest went first (what an older removal, file by file, could leave when killed):
     # the Attributor's own folder, so its untrusted chunks are removed and the sweep runs afresh.
-    real_write_chunk = sweep_mod.write_npy
-
-    def write_then_stop(path, arr):
-        real_write_chunk(path, arr)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(sweep_mod, "write_npy", write_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        attributor()._run(variants, None, desc="after")
-    monkeypatch.setattr(sweep_mod, "write_npy", real_write_chunk)
+    _interrupted(monkeypatch, lambda: _attributor(setup, cache)._run(variants, None, desc="after"))
     (folder,) = (cache / "sweeps").iterdir()
     (folder / "sweep.json").unlink()
     # ... and a removal killed after its rename, and a killed write's temporary file from long ago.
@@ -297,9 +286,7 @@ def test_the_attributors_own_sweep_folders_survive_kills_at_any_step(setup, tmp_
     stale.write_bytes(b"half")
     os.utime(stale, (0, 0))
     calls.clear()
-    att = attributor()
-    got = att._run(variants, None, desc="after")
-    att._forget_sweeps()
+    got = _after(_attributor(setup, cache), variants)
     assert len(calls) == 3
     np.testing.assert_array_equal(got, want_after)
     assert list((cache / "sweeps").iterdir()) == [] and not stale.exists()
