@@ -484,6 +484,26 @@ def test_prepare_redoes_shard_files_no_manifest_vouches_for(model, train, tmp_pa
     assert not (stale / ".text-00001.npy.abc123.tmp").exists()
 
 
+def test_prepare_remakes_the_lost_or_damaged_files_of_a_finished_store(model, train, tmp_path, monkeypatch):
+    from forgetscore.attribution import data as data_mod
+
+    kw = dict(shard_size=2, batch_size=2, progress=False)
+    cache = tmp_path / "cache"
+    want = [np.array(a) for a in _arrays(prepare(model, train, cache, **kw))]
+    (cache / "inputs-00001.npy").unlink()
+    (cache / "caption_offsets.npy").write_bytes(b"junk")
+    raises("cache", r"caption_offsets\.npy' is missing or damaged .*run prepare again", data_mod.PreparedData, cache)
+    encoded = []
+    real = model.encode_images
+    monkeypatch.setattr(model, "encode_images", lambda x: (encoded.append(len(x)), real(x))[1])
+    for a, b in zip(_arrays(prepare(model, train, cache, **kw)), want):
+        np.testing.assert_array_equal(a, b)
+    assert sum(encoded) == 2 * 2  # only the lost shard: its 2 images and their flips
+    encoded.clear()
+    prepare(model, train, cache, **kw)
+    assert encoded == []  # intact now: nothing made again
+
+
 # --- the output directory ---------------------------------------------------------------------
 def _result(train, seed: int) -> Attribution:
     rng = np.random.default_rng(seed)

@@ -169,8 +169,8 @@ class PreparedData:
         try:
             return np.load(self.dir / name, mmap_mode=mmap_mode, allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise ValueError(f"cache: {str(self.dir / name)!r} is missing or damaged ({exc}); delete "
-                             f"{str(self.dir)!r} and prepare again") from None
+            raise ValueError(f"cache: {str(self.dir / name)!r} is missing or damaged ({exc}); run prepare again "
+                             "(it makes lost or damaged shards anew)") from None
 
     @property
     def model_id(self) -> str:
@@ -320,6 +320,23 @@ def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, 
               "n_images": len(data), "input_shape": list(model.input_shape), "shard_size": shard_size,
               "text_dtype": text_dtype, "train_dir": str(data.root), "model": model.source, "complete": False}
 
+    counts = np.array([len(c) for c in data.captions], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    n_shards = (len(data) + shard_size - 1) // shard_size
+    entries = [_shard_entry(s, shard_size, len(data)) for s in range(n_shards)]
+
+    def n_text(s: int) -> int:
+        lo, hi = entries[s]["images"]
+        return int(offsets[hi] - offsets[lo])
+
+    def intact() -> bool:
+        try:
+            stored = np.load(cache / "caption_offsets.npy", allow_pickle=False)
+        except (OSError, ValueError):
+            return False
+        return np.array_equal(stored, offsets) and all(
+            _shard_ok(cache, e, model.input_shape, n_text(s), text_dtype) for s, e in enumerate(entries))
+
     def finished() -> bool:
         try:
             old = read_json(manifest_path) if manifest_path.is_file() else {}
@@ -330,20 +347,13 @@ def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, 
                 if old.get(key) != header[key]:
                     raise ValueError(f"cache: {str(cache)!r} was prepared with another {key} ({old.get(key)!r} vs "
                                      f"{header[key]!r}); use a fresh cache directory")
-        return bool(old.get("complete"))
+            # Files lost or damaged since: the same settings, so only the bad shards are made again below.
+            return intact()
+        return False
 
     init_distributed(model.device)
     if on_rank0(finished):  # rank 0 looks, every rank follows (their views of a network filesystem may differ)
         return PreparedData(cache)
-    counts = np.array([len(c) for c in data.captions], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    n_shards = (len(data) + shard_size - 1) // shard_size
-    entries = [_shard_entry(s, shard_size, len(data)) for s in range(n_shards)]
-
-    def n_text(s: int) -> int:
-        lo, hi = entries[s]["images"]
-        return int(offsets[hi] - offsets[lo])
-
     rank, world, mine = deal_chunks(
         cache, header, device=model.device, manifest="manifest.json", keys=PREPARE_KEYS, n_chunks=n_shards,
         done=lambda s: _shard_ok(cache, entries[s], model.input_shape, n_text(s), text_dtype),
