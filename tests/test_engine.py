@@ -250,6 +250,13 @@ def test_candidate_subset_reuses_the_cached_before_losses(tiny_dirs, tmp_path):
     np.testing.assert_allclose(part.scores[subset], full.scores[subset], rtol=1e-6, atol=1e-10)
     assert np.isneginf(np.delete(part.scores, subset)).all()
     assert set(part.top(3)) == set(subset)
+    # Listed twice, or out of order: each image is scored once, with the same numbers.
+    swept = []
+    real = att._run
+    att._run = lambda variants, sel, desc: (swept.append(list(sel)), real(variants, sel, desc))[1]
+    again = att.attribute(query, "a green line", config=CONFIG, fisher_samples=12, indices=[4, 7, 2, 7, 4])
+    assert swept == [[2, 4, 7]]
+    np.testing.assert_array_equal(again.scores, part.scores)
     # Without a cache, a subset is scored on its own and caches nothing partial.
     fresh = _attributor(tiny_dirs, tmp_path / "cache2")
     alone = fresh.attribute(query, "a green line", config=CONFIG, fisher_samples=12, indices=subset)

@@ -363,10 +363,11 @@ class Attributor:
         queries = [(self.query_inputs(q), p) for q, p in queries]  # bad queries fail before any long stage
         self.region_mask(region)
         data = self.prepare()
-        unlearned = [self.unlearn(q, p, config, region, fisher_samples) for q, p in queries]
-        sel = np.arange(data.n) if indices is None else np.asarray(indices, dtype=np.int64)
+        # Each listed image once (the scores are placed by id, so the order does not matter).
+        sel = np.arange(data.n) if indices is None else np.unique(np.asarray(indices, dtype=np.int64))
         if sel.size == 0 or sel.min() < 0 or sel.max() >= data.n:
             raise ValueError(f"indices: need ids in [0, {data.n}) (positions in the training set)")
+        unlearned = [self.unlearn(q, p, config, region, fisher_samples) for q, p in queries]
         # Before-losses come from the cache when there is one: the noise is keyed per image, so the
         # cached numbers are exactly those of any subset. Otherwise they are computed in the same
         # pass as the after-losses (and cached when the pass covers the whole set).
