@@ -1,6 +1,7 @@
 """The engine on bad input: a ValueError that names the argument and says how to fix it,
 and nothing already on disk overwritten or left half-written."""
 import json
+import os
 import re
 import shutil
 from dataclasses import replace
@@ -566,6 +567,8 @@ def test_redraw_refuses_a_training_folder_changed_since_and_damaged_results(dirs
     out = tmp_path / "out"
     result.save(out, train_dir=folder, k=3)
     redraw(out, 4)  # unchanged: fine
+    os.utime(folder / "000.png", (1, 1))  # as after a copy: the same images under the same names
+    redraw(out, 4)
     lines = (folder / "metadata.jsonl").read_text().splitlines()
     write_meta(folder, lines[::-1])  # the same images in another order: scores would name the wrong ones
     raises("train", r"has changed since these scores were made .*run attribute again", redraw, out)
@@ -583,16 +586,25 @@ def test_sixteen_bit_and_float_images_keep_their_range(tmp_path):
 
     from forgetscore.attribution.data import load_image
 
+    from forgetscore.attribution.results import _top_images
+
     ramp = (np.arange(64, dtype=np.float64).reshape(8, 8) / 63)
+    want = torch.from_numpy(np.round(ramp * 255) / 127.5 - 1)
     Image.fromarray((ramp * 65535).round().astype(np.uint16)).save(tmp_path / "a.png")
     assert Image.open(tmp_path / "a.png").mode.startswith("I")
-    got = load_image(tmp_path / "a.png", (1, 8, 8))
-    torch.testing.assert_close(got[0].double(), torch.from_numpy(np.round(ramp * 255) / 127.5 - 1), rtol=0, atol=1e-6)
-    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "f.tiff")
-    got = load_image(tmp_path / "f.tiff", (1, 8, 8))
-    torch.testing.assert_close(got[0].double(), torch.from_numpy(np.round(ramp * 255) / 127.5 - 1), rtol=0, atol=1e-6)
-    Image.fromarray((ramp * 3).astype(np.float32)).save(tmp_path / "g.tiff")
-    raises("query", r"floating-point values outside \[0, 1\]", load_image, tmp_path / "g.tiff", (1, 8, 8))
+    torch.testing.assert_close(load_image(tmp_path / "a.png", (1, 8, 8))[0].double(), want, rtol=0, atol=1e-6)
+    shown = _top_images(Attribution(np.ones(1), np.ones((1, 1)), "p", torch.zeros(1, 8, 8), ["a.png"], [["c"]]),
+                        tmp_path, 1)
+    torch.testing.assert_close(shown[0][0].double(), want, rtol=0, atol=1e-6)  # the gallery too
+    for scale in (1, 255):
+        Image.fromarray((ramp * scale).astype(np.float32)).save(tmp_path / "f.tiff")
+        torch.testing.assert_close(load_image(tmp_path / "f.tiff", (1, 8, 8))[0].double(), want, rtol=0,
+                                   atol=1e-6)
+    Image.fromarray((ramp * 300).astype(np.float32)).save(tmp_path / "g.tiff")
+    raises("query", r"floating-point values outside \[0, 1\] and \[0, 255\]", load_image, tmp_path / "g.tiff",
+           (1, 8, 8))
+    Image.fromarray((ramp * 200).astype(np.int32)).save(tmp_path / "i.tiff")
+    raises("query", r"32-bit integer pixels", load_image, tmp_path / "i.tiff", (1, 8, 8))
 
 
 def test_metadata_not_utf8_and_with_a_byte_order_mark(dirs, tmp_path):

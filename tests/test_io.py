@@ -53,6 +53,8 @@ def test_write_dir_recovers_from_a_kill_between_its_renames(tmp_path):
     io.write_dir(out, lambda d: (d / "v").write_text("1"))
     # What a kill between "out -> .out.old-PID" and ".out.tmp-* -> out" leaves: no out at all.
     os.replace(out, tmp_path / ".model.old-4242")
+    cut_short = tmp_path / "..model.old-7.removing-8"  # an old copy's removal, killed
+    cut_short.mkdir()
     half = tmp_path / ".model.tmp-abc"
     half.mkdir()
     old = time.time() - 2 * io.STALE_S

@@ -67,15 +67,18 @@ def _count_runs(monkeypatch, batch_size: bool = False) -> list:
     return calls
 
 
-def _stop_after_first_chunk(monkeypatch):
-    """Sweeps raise KeyboardInterrupt once their first chunk is on disk, as if killed there; undo with the return."""
+def _stop_after_chunks(monkeypatch, chunks: int = 1):
+    """Sweeps raise KeyboardInterrupt once `chunks` chunks are on disk, as if killed there; undo with the return."""
     from forgetscore.attribution import sweep as sweep_mod
 
     real = sweep_mod.write_npy
+    written = []
 
     def write_then_stop(path, arr):
         real(path, arr)
-        raise KeyboardInterrupt
+        written.append(path)
+        if len(written) == chunks:
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(sweep_mod, "write_npy", write_then_stop)
     return lambda: monkeypatch.setattr(sweep_mod, "write_npy", real)
@@ -204,9 +207,9 @@ def _attributor(setup, cache, batch_size=BATCH) -> Attributor:
                            progress=False, chunk_size=CHUNK)
 
 
-def _interrupted(monkeypatch, sweep) -> None:
-    """`sweep()` killed once its first chunk is on disk."""
-    resume = _stop_after_first_chunk(monkeypatch)
+def _interrupted(monkeypatch, sweep, chunks: int = 1) -> None:
+    """`sweep()` killed once `chunks` chunks are on disk."""
+    resume = _stop_after_chunks(monkeypatch, chunks)
     with pytest.raises(KeyboardInterrupt):
         sweep()
     resume()
@@ -255,6 +258,17 @@ def test_auto_batch_size_resumes_under_the_interrupted_sweeps_own(setup, tmp_pat
     assert [c[0] for c in calls] == [2 * BATCH] * 3
     assert list((cache / "sweeps").iterdir()) == []
 
+    # Interrupted under the probe's own size (2 chunks done), then under a smaller one (1 chunk): the probe's
+    # own folder, with the most chunks, is resumed, and every folder of the sweep goes when it ends.
+    _interrupted(monkeypatch, lambda: _attributor(setup, cache, 2 * BATCH)._run(variants, None, desc="after"), 2)
+    _interrupted(monkeypatch, lambda: _attributor(setup, cache, BATCH)._run(variants, None, desc="after"))
+    assert len(list((cache / "sweeps").iterdir())) == 2
+    calls.clear()
+    probed["rows"] = 2 * BATCH
+    np.testing.assert_allclose(_after(_attributor(setup, cache, "auto"), variants), want_after, rtol=1e-6, atol=0)
+    assert calls == [(2 * BATCH, [6, 7, 8])]
+    assert list((cache / "sweeps").iterdir()) == []
+
 
 def test_the_attributors_own_sweep_folders_survive_kills_at_any_step(setup, tmp_path, monkeypatch):
     """Kills while the before-losses are saved, or while a finished sweep's folder is deleted."""
@@ -284,12 +298,17 @@ def test_the_attributors_own_sweep_folders_survive_kills_at_any_step(setup, tmp_
     (cache / "sweeps" / ".0123.removing-1-2").mkdir()
     stale = cache / ".before-0123.npy.abc.tmp"
     stale.write_bytes(b"half")
-    os.utime(stale, (0, 0))
+    theirs = [cache / ".draft.tmp", cache / ".backup.removing-old"]  # files of the user's own: never touched
+    theirs[0].write_bytes(b"mine")
+    theirs[1].mkdir()
+    for p in (stale, *theirs):
+        os.utime(p, (0, 0))
     calls.clear()
     got = _after(_attributor(setup, cache), variants)
     assert len(calls) == 3
     np.testing.assert_array_equal(got, want_after)
     assert list((cache / "sweeps").iterdir()) == [] and not stale.exists()
+    assert all(p.exists() for p in theirs)
 
 
 def test_two_rank_gloo_sweep_equals_single_process(setup, tmp_path):

@@ -34,7 +34,7 @@ from .model import DiffusionModel
 from .plan import ScoringPlan
 from .results import Attribution
 from .ranks import all_gather, barrier, init_distributed, on_rank0, rank_device
-from .sweep import SWEEP_FORMAT, indices_id, run_sweep, sweep_header, sweeps_under_other_batch_sizes, variant_id
+from .sweep import SWEEP_FORMAT, indices_id, matching_sweeps, run_sweep, sweep_header, variant_id
 from .train_loss import row_losses
 from .unlearning import UnlearnConfig, unlearn
 
@@ -127,9 +127,10 @@ class Attributor:
 
     def _tidy(self) -> None:
         """Finish what killed runs left in the cache: folder removals cut short, temporary files of writes."""
-        for folder in (self.cache_dir, self.cache_dir / "sweeps"):
+        # Only what this class writes: the cache folder may be one the user also keeps other files in.
+        for folder, names in ((self.cache_dir, ("before-*", "fisher-*")), (self.cache_dir / "sweeps", ("*",))):
             if folder.is_dir():
-                clean_removed(folder)
+                clean_removed(folder, names)
 
     def _key(self, *parts: object) -> str:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -215,11 +216,10 @@ class Attributor:
         ids = [variant_id(w) for w in variants]
         root = self.cache_dir / "sweeps"
         sweep = self.sweep()
-        # A sweep interrupted under another batch size (its chunks differ in the last bits, so they cannot
-        # be mixed with this one's). Rank 0 looks, every rank follows.
-        others = on_rank0(lambda: sweeps_under_other_batch_sizes(
-            root, sweep_header(sweep, ids, sel, self.chunk_size)))
-        resume = self._resumable_batch_size(others)
+        # This sweep, interrupted under any batch size (chunks of two batch sizes differ in the last bits, so
+        # they cannot be mixed). Rank 0 looks, every rank follows.
+        found = on_rank0(lambda: matching_sweeps(root, sweep_header(sweep, ids, sel, self.chunk_size)))
+        resume = self._resumable_batch_size(found)
         if resume != self.batch_size:
             sweep = self.sweep(resume)
         # The format too: a sweep interrupted under an older version starts afresh in its own folder.
@@ -230,7 +230,7 @@ class Attributor:
         # for (e.g. a removal cut short before the rename of remove_dir) are removed.
         losses = run_sweep(sweep, variants, out_dir, indices=sel, chunk_size=self.chunk_size,
                            variant_ids=ids, progress=self.progress, desc=desc, untrusted="remove")
-        self._finished += [out_dir, *others]  # the same sweep under other batch sizes is superseded too
+        self._finished += [out_dir, *found]  # the same sweep under other batch sizes is superseded too
         return losses
 
     def _forget_sweeps(self) -> None:
@@ -241,7 +241,7 @@ class Attributor:
                 remove_dir(folder)
         self._finished.clear()
 
-    def _resumable_batch_size(self, others: dict[Path, tuple[int, int]]) -> int:
+    def _resumable_batch_size(self, found: dict[Path, tuple[int, int]]) -> int:
         """The batch size to sweep with: under ``batch_size="auto"``, that of an interrupted sweep which fits.
 
         The probe's answer moves with the GPU's free memory, so a resumed "auto" sweep takes the batch
@@ -250,7 +250,7 @@ class Attributor:
         """
         if not self.batch_size_probed:
             return self.batch_size
-        fitting = [(chunks, batch) for batch, chunks in others.values() if batch <= self.batch_size and chunks]
+        fitting = [(chunks, batch) for batch, chunks in found.values() if batch <= self.batch_size and chunks]
         return max(fitting)[1] if fitting else self.batch_size
 
     def _cached_before(self) -> bool:

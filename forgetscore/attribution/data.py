@@ -113,7 +113,7 @@ def load_image(path: str | os.PathLike, shape: tuple[int, int, int], resize: boo
     c, h, w = shape
     try:
         with Image.open(path) as im:
-            im = _eight_bit(im, path, argument).convert("L" if c == 1 else "RGB")
+            im = eight_bit(im, path, argument).convert("L" if c == 1 else "RGB")
             if im.size != (w, h):
                 if not resize:
                     raise ValueError(f"{argument}: image {str(path)!r} is {im.size[0]}x{im.size[1]} but the model "
@@ -127,21 +127,28 @@ def load_image(path: str | os.PathLike, shape: tuple[int, int, int], resize: boo
     return t[None] if c == 1 else t.permute(2, 0, 1)
 
 
-def _eight_bit(im, path, argument: str):
-    """`im` with 8-bit channels: 16-bit and 32-bit integer greys scaled down (Pillow would clip them at 255),
-    float greys taken as [0, 1]."""
+def eight_bit(im, path, argument: str):
+    """`im` with 8-bit channels (Pillow's own conversion clips wider greys at 255).
+
+    The scale comes from the format, never from the pixels: 16-bit greys (mode I;16, and mode I
+    of a PNG, whose integers have at most 16 bits) are divided by 257; float greys are taken as
+    [0, 1] (or [0, 255] when they exceed 1). Other 32-bit integer images are refused.
+    """
     from PIL import Image
 
-    if im.mode.startswith("I;16") or im.mode == "I":
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):
         arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        return Image.fromarray(np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8))
+        return Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8))
+    if im.mode == "I":
+        raise ValueError(f"{argument}: image {str(path)!r} has 32-bit integer pixels, whose range is unknown; save "
+                         "it as an 8-bit or 16-bit image")
     if im.mode == "F":
         arr = np.asarray(im, dtype=np.float64)
-        if not (np.isfinite(arr).all() and arr.min(initial=0) >= 0 and arr.max(initial=0) <= 1):
-            raise ValueError(f"{argument}: image {str(path)!r} holds floating-point values outside [0, 1]; save it "
-                             "as an 8-bit (or 16-bit) image")
-        return Image.fromarray(np.round(arr * 255).astype(np.uint8))
+        top = 1.0 if arr.max(initial=0) <= 1 else 255.0
+        if not (np.isfinite(arr).all() and arr.min(initial=0) >= 0 and arr.max(initial=0) <= top):
+            raise ValueError(f"{argument}: image {str(path)!r} holds floating-point values outside [0, 1] and "
+                             "[0, 255]; save it as an 8-bit (or 16-bit) image")
+        return Image.fromarray(np.round(arr * (255.0 / top)).astype(np.uint8))
     return im
 
 

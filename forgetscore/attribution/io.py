@@ -32,8 +32,12 @@ def _write_atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        # mkstemp makes the file private (0600); the result gets the permissions of any file the user creates.
-        os.chmod(tmp, 0o666 & ~_umask())
+        # mkstemp makes the file private (0600); the result gets the permissions of any file the user creates
+        # (where the filesystem keeps permissions at all).
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())
+        except OSError:
+            pass
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -143,7 +147,10 @@ def write_dir(out: Path, fill) -> Path:
     _recover_dir(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private (0700)
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private (0700)
+        except OSError:
+            pass
         fill(tmp)
         _fsync_tree(tmp)
         if out.exists():
@@ -168,7 +175,8 @@ def _recover_dir(out: Path) -> None:
             os.replace(olds.pop(), out)
         except OSError:
             pass
-    for stale in olds + _older_than(out.parent.glob(f".{out.name}.tmp-*"), STALE_S):
+    removals = list(out.parent.glob(f"..{out.name}.old-*.removing-*"))  # remove_dir of an old copy, cut short
+    for stale in olds + removals + _older_than(out.parent.glob(f".{out.name}.tmp-*"), STALE_S):
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -203,11 +211,13 @@ def remove_dir(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def clean_removed(folder: Path) -> None:
+def clean_removed(folder: Path, names: tuple[str, ...] = ("*",)) -> None:
     """Finish the removals (:func:`remove_dir`) and drop the temporary files of writes that killed runs left in
-    `folder` (temporary files only once they are old enough not to be another process's write in progress)."""
+    `folder`, for files and folders named like `names` (globs) only: the folder may hold other people's.
+    Temporary files go only once they are old enough not to be another process's write in progress."""
     folder = Path(folder)
-    for p in folder.glob(".*.removing-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in _older_than(folder.glob(".*.tmp"), STALE_S):
-        p.unlink(missing_ok=True)
+    for name in names:
+        for p in folder.glob(f".{name}.removing-*"):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in _older_than(folder.glob(f".{name}.*.tmp"), STALE_S):
+            p.unlink(missing_ok=True)

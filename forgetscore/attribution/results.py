@@ -94,13 +94,16 @@ def _png(img: torch.Tensor, scale: int | None = None) -> bytes:
 def _top_images(result: Attribution, train_dir, k: int) -> list[torch.Tensor]:
     from PIL import Image
 
+    from .data import eight_bit
+
     c = result.query.shape[0]
     out = []
     for i in result.top(k):
         path = Path(train_dir) / result.file_names[i]
         try:
             with Image.open(path) as im:
-                arr = np.asarray(im.convert("L" if c == 1 else "RGB"), dtype=np.float32) / 127.5 - 1
+                im = eight_bit(im, path, "train_dir").convert("L" if c == 1 else "RGB")
+                arr = np.asarray(im, dtype=np.float32) / 127.5 - 1
         except OSError as exc:  # includes a missing file and PIL's UnidentifiedImageError
             raise ValueError(f"train_dir: cannot read {str(path)!r} ({exc}); pass the training folder the "
                              "result was made from") from None
@@ -203,7 +206,11 @@ def redraw(out: str | os.PathLike, k: int | None = None) -> tuple[Attribution, i
     query = load_image(out / "query.png", (channels, h, w), argument="out")
     train = TrainingSet.load(rec["train_dir"])
     # The scores are matched to the training set by position: a folder changed since would name the wrong images.
-    if train.identity() != str(rec["data_id"]).split("+")[0]:
+    # (A copy of the folder has new modification times, and so another identity: its names are compared then.)
+    same_names = len(train) == len(rec["scores"]) and all(
+        isinstance(r, dict) and 0 <= r.get("id", -1) < len(train) and train.file_names[r["id"]] == r.get("file_name")
+        for r in rec["top"])
+    if train.identity() != str(rec["data_id"]).split("+")[0] and not same_names:
         raise ValueError(f"train: {str(train.root)!r} has changed since these scores were made (its metadata.jsonl "
                          "or images), so they would be shown beside the wrong images; run attribute again")
     meta = {key: v for key, v in rec.items() if key not in ("scores", "top", "prompt")}

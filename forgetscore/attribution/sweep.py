@@ -90,11 +90,11 @@ def sweep_header(sweep: LossSweep, variant_ids: Sequence[str], ids: np.ndarray, 
             "precision": sweep.precision}
 
 
-def sweeps_under_other_batch_sizes(root: str | os.PathLike, header: dict) -> dict[Path, tuple[int, int]]:
-    """The sweep folders in `root` that hold `header`'s sweep begun under another batch size.
+def matching_sweeps(root: str | os.PathLike, header: dict) -> dict[Path, tuple[int, int]]:
+    """The sweep folders in `root` that hold `header`'s sweep under any batch size.
 
     {folder: (its batch size, its finished chunk files)}. A batch size changes the last bits of the
-    losses, so such chunks cannot join a sweep under `header`'s; they can be resumed under their own.
+    losses, so chunks of two batch sizes cannot join one sweep; each folder can be resumed under its own.
     """
     found: dict[Path, tuple[int, int]] = {}
     root = Path(root)
@@ -109,7 +109,7 @@ def sweeps_under_other_batch_sizes(root: str | os.PathLike, header: dict) -> dic
             continue
         same = all(old.get(key, IDENTITY_DEFAULTS.get(key)) == header[key]
                    for key in IDENTITY_KEYS if key != "batch_size")
-        if same and old["batch_size"] != header["batch_size"]:
+        if same:
             found[manifest.parent] = (old["batch_size"], len(list(manifest.parent.glob("chunk-*.npy"))))
     return found
 
