@@ -203,10 +203,13 @@ def test_dtrak_equals_explicit_projected_gradients(att, gen, output, captions, b
     got = dt.scores(ctx, qs)
     assert got.shape == (2, N) and got.dtype == np.float64
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
-    # Undamped: the pseudo-inverse.
+    # Undamped: the pseudo-inverse. With fewer images than features (rows of Phi independent),
+    # pinv(Phi^T Phi) Phi^T = pinv(Phi) = Phi^T (Phi Phi^T)^-1: a small well-posed solve in float64.
+    phi, phi_q = got_train.double().numpy(), got_query.double().numpy()
+    assert phi.shape[0] < phi.shape[1]
     np.testing.assert_allclose(gr.trak_scores(got_train, got_query, 0.0),
-                               got_query.numpy() @ np.linalg.pinv(got_train.numpy().T @ got_train.numpy())
-                               @ got_train.numpy().T, rtol=1e-6, atol=1e-8)
+                               phi_q @ phi.T @ np.linalg.inv(phi @ phi.T), rtol=1e-6,
+                               atol=1e-8 * np.abs(phi_q @ phi.T).max())
 
 
 def _plan_loss(model, unet, train, i, plan):

@@ -227,7 +227,7 @@ class Attributor:
                         self.precision, ids, indices_id(sel), SWEEP_FORMAT)
         out_dir = root / key
         # The folder is this Attributor's own and named by all the settings: chunk files no manifest vouches
-        # for (e.g. a removal cut short before the rename of remove_dir) are removed.
+        # for (e.g. what a removal file by file, as older versions did, left when killed) are removed.
         losses = run_sweep(sweep, variants, out_dir, indices=sel, chunk_size=self.chunk_size,
                            variant_ids=ids, progress=self.progress, desc=desc, untrusted="remove")
         self._finished += [out_dir, *found]  # the same sweep under other batch sizes is superseded too
