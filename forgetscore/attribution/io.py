@@ -1,6 +1,7 @@
 """Writing files so that nothing half-written is ever left on disk."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -11,20 +12,16 @@ from pathlib import Path
 import numpy as np
 
 
-_UMASK: list[int] = []
-
-
+@functools.cache
 def _umask() -> int:
     """The process's umask, read without changing it where the system allows (threads write files too)."""
-    if not _UMASK:
-        try:
-            with open("/proc/self/status") as f:
-                mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-        except (OSError, StopIteration, ValueError, IndexError):
-            mask = os.umask(0o022)
-            os.umask(mask)
-        _UMASK.append(mask)
-    return _UMASK[0]
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def _write_atomic(path: Path, write) -> None:
