@@ -1,4 +1,4 @@
-"""Bad input gives a ValueError naming the argument, before any kernel runs."""
+"""Bad input gives a ValueError naming the argument; types and shapes before any kernel runs."""
 import pytest
 import torch
 
@@ -125,3 +125,86 @@ def test_fisher_is_untouched_when_input_is_rejected():
     with pytest.raises(ValueError, match=r"^grad_outputs: .*rows \[1\]"):
         kernels.fisher_accumulate(fisher, torch.randn(2, 3, 5), g)
     assert torch.equal(fisher, before)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("over,name", [
+    (dict(timesteps=[1, 1000, 3]), "timesteps"),
+    (dict(timesteps=[1, -2, 3]), "timesteps"),
+    (dict(sample_ids=[0, -1, 2]), "sample_ids"),
+    (dict(draw_ids=[0, 2 ** 32, 1]), "draw_ids"),
+])
+def test_ids_held_on_the_device_are_checked(device, over, name):
+    """On a GPU these ranges are read with the call's one synchronisation, after timesteps are clamped."""
+    args = _loss_args(device)
+    args.update({k: torch.tensor(v, device=device) for k, v in over.items()})
+    with pytest.raises(ValueError, match=f"^{name}: values must lie"):
+        kernels.diffusion_loss(*args.values())
+    with pytest.raises(ValueError, match=f"^{name}: values must lie"):
+        kernels.add_noise(args["x0"], *[args[k] for k in ("timesteps", "alphas_cumprod", "seed", "sample_ids",
+                                                           "draw_ids")])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_check_false_skips_the_value_checks(device):
+    args = _loss_args(device)
+    args["x0"] = args["x0"].clone()
+    args["x0"][1] = float("nan")
+    x_t = kernels.add_noise(*[args[k] for k in ("x0", "timesteps", "alphas_cumprod", "seed", "sample_ids",
+                                                "draw_ids")], check=False)
+    assert torch.isnan(x_t[1]).all() and torch.isfinite(x_t[[0, 2]]).all()
+    loss = kernels.diffusion_loss(*args.values(), prediction_type="v_prediction", check=False)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    fisher = torch.zeros(4, 5, dtype=torch.float64, device=device)
+    g = torch.randn(2, 3, 4, device=device)
+    g[1, 0, 0] = float("inf")
+    kernels.fisher_accumulate(fisher, torch.randn(2, 3, 5, device=device), g, check=False)
+    assert not torch.isfinite(fisher).all()
+    with pytest.raises(ValueError, match=r"^x0: .*rows \[1\]"):
+        kernels.diffusion_loss(*args.values(), prediction_type="v_prediction")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="watches GPU synchronisations")
+@pytest.mark.parametrize("backend", [b for b in ALL_BACKENDS if backend_device(b).type == "cuda"] or ["torch"])
+def test_checked_calls_synchronise_only_to_read_their_checks(backend):
+    """check=False never synchronises; check=True first synchronises in Deferred.resolve, which reads
+    all of a call's checks at once. Under sync-debug mode "error" a synchronisation raises where it happens."""
+    import traceback
+
+    args = _loss_args("cuda", b=3)
+    noise_args = [args[k] for k in ("x0", "timesteps", "alphas_cumprod", "seed", "sample_ids", "draw_ids")]
+    calls = (lambda check: kernels.add_noise(*noise_args, backend=backend, check=check),
+             lambda check: kernels.diffusion_loss(*args.values(), backend=backend, check=check))
+    for call in calls:  # first calls: compilation and lazy initialisation may synchronise
+        call(True)
+    torch.cuda.synchronize()
+    for call in calls:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            call(False)
+            with pytest.raises(RuntimeError, match="synchroniz") as info:
+                call(True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        frames = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
+        assert "resolve" in frames, frames
+
+
+def test_deferred_reads_every_flag_and_explains_the_false_ones_in_order():
+    from forgetscore.kernels.validate import Deferred
+
+    said = []
+    d = Deferred()
+    for k, ok in enumerate([True, False, True, False]):
+        d.add(lambda ok=ok: torch.tensor(ok), lambda k=k: said.append(k))
+    d.resolve()
+    assert said == [1, 3]
+    d.resolve()  # resolving empties it
+    assert said == [1, 3]
+    off = Deferred(enabled=False)
+    off.add(lambda: pytest.fail("a disabled Deferred computes no flag"), lambda: said.append("no"))
+    off.resolve()
+    assert said == [1, 3]

@@ -28,17 +28,14 @@ __all__ = ["normal", "random_bits", "add_noise", "diffusion_loss", "fisher_accum
 IdsLike = torch.Tensor | Sequence[int] | int
 
 
-def _ids(sample_ids: IdsLike, draw_ids: IdsLike, device: torch.device | None,
+def _ids(sample_ids: IdsLike, draw_ids: IdsLike, device: torch.device | None, deferred: _v.Deferred,
          batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    if batch is None:
-        if isinstance(sample_ids, int):
-            raise ValueError("sample_ids: expected one id per row (a 1-D tensor or list), got a single int; "
-                             "wrap it in a list")
-        sample_ids = _v.id_vector("sample_ids", sample_ids, _v.MAX_SAMPLE_ID, device)
-        batch = sample_ids.shape[0]
-    else:
-        sample_ids = _v.id_vector("sample_ids", sample_ids, _v.MAX_SAMPLE_ID, device, length=batch)
-    draw_ids = _v.id_vector("draw_ids", draw_ids, _v.MAX_DRAW_ID, device, length=batch)
+    if batch is None and isinstance(sample_ids, int):
+        raise ValueError("sample_ids: expected one id per row (a 1-D tensor or list), got a single int; "
+                         "wrap it in a list")
+    sample_ids = _v.id_vector("sample_ids", sample_ids, _v.MAX_SAMPLE_ID, device, length=batch, deferred=deferred)
+    draw_ids = _v.id_vector("draw_ids", draw_ids, _v.MAX_DRAW_ID, device, length=sample_ids.shape[0],
+                            deferred=deferred)
     return sample_ids, draw_ids
 
 
@@ -56,7 +53,9 @@ def random_bits(seed: int, sample_ids: IdsLike, draw_ids: IdsLike, numel: int, *
     (numel,) = _shape(numel)
     device = torch.device(device) if device is not None else (
         sample_ids.device if isinstance(sample_ids, torch.Tensor) else torch.device("cpu"))
-    sids, dids = _ids(sample_ids, draw_ids, device)
+    deferred = _v.Deferred()
+    sids, dids = _ids(sample_ids, draw_ids, device, deferred)
+    deferred.resolve()
     return resolve(backend, device).bits(seed, sids, dids, numel)
 
 
@@ -76,34 +75,41 @@ def normal(seed: int, sample_ids: IdsLike, draw_ids: IdsLike, shape: int | Seque
         raise ValueError(f"dtype: {dtype} is not a floating type; use float32, float64, float16 or bfloat16")
     device = torch.device(device) if device is not None else (
         sample_ids.device if isinstance(sample_ids, torch.Tensor) else torch.device("cpu"))
-    sids, dids = _ids(sample_ids, draw_ids, device)
+    deferred = _v.Deferred()
+    sids, dids = _ids(sample_ids, draw_ids, device, deferred)
+    deferred.resolve()
     out = resolve(backend, device).normal(seed, sids, dids, math.prod(shape))
     return out.view(sids.shape[0], *shape).to(dtype)
 
 
 def _noising_args(x0: torch.Tensor, timesteps: object, alphas_cumprod: torch.Tensor, seed: int,
-                  sample_ids: IdsLike, draw_ids: IdsLike):
+                  sample_ids: IdsLike, draw_ids: IdsLike, deferred: _v.Deferred):
     seed = _v.seed(seed)
-    acp = _v.alphas_cumprod(alphas_cumprod)
+    acp = _v.alphas_cumprod(alphas_cumprod, deferred)
     batch = x0.shape[0]
-    ts = _v.timesteps(timesteps, acp, batch, x0.device)
-    sids, dids = _ids(sample_ids, draw_ids, x0.device, batch)
+    ts = _v.timesteps(timesteps, acp, batch, x0.device, deferred)
+    sids, dids = _ids(sample_ids, draw_ids, x0.device, deferred, batch)
     coef_signal, coef_noise = reference.noise_coefficients(acp, ts)
     return seed, sids, dids, coef_signal, coef_noise
 
 
 def add_noise(x0: torch.Tensor, timesteps: torch.Tensor | Sequence[int], alphas_cumprod: torch.Tensor,
-              seed: int, sample_ids: IdsLike, draw_ids: IdsLike, *, backend: str = "auto") -> torch.Tensor:
+              seed: int, sample_ids: IdsLike, draw_ids: IdsLike, *, backend: str = "auto",
+              check: bool = True) -> torch.Tensor:
     """x_t = sqrt(abar[t_b]) x0[b] + sqrt(1 - abar[t_b]) eps[b], eps = normal(seed, sample_ids, draw_ids).
 
     The noise is generated inside the kernel and never stored. Returns x0's shape and dtype;
-    the arithmetic is float32.
+    the arithmetic is float32. ``check=False`` skips the checks of values held on a GPU (id and
+    timestep ranges, finite x0), the call's one synchronisation, for callers that vouch for them:
+    bad values then give wrong numbers instead of an error.
     """
     x0 = _v.float_tensor("x0", x0)
-    seed, sids, dids, a, b = _noising_args(x0, timesteps, alphas_cumprod, seed, sample_ids, draw_ids)
-    _v.finite_rows("x0", x0)
+    deferred = _v.Deferred(check)
+    seed, sids, dids, a, b = _noising_args(x0, timesteps, alphas_cumprod, seed, sample_ids, draw_ids, deferred)
+    _v.finite_rows_later("x0", x0, deferred)
     flat = x0.reshape(x0.shape[0], -1).contiguous()
     out = resolve(backend, x0.device).add_noise(flat, a, b, seed, sids, dids)
+    deferred.resolve()
     return out.view(x0.shape)
 
 
@@ -137,13 +143,14 @@ def _mask_rows(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, timesteps: torch.Tensor | Sequence[int],
                    alphas_cumprod: torch.Tensor, seed: int, sample_ids: IdsLike, draw_ids: IdsLike, *,
                    prediction_type: str = "epsilon", mask: torch.Tensor | None = None,
-                   backend: str = "auto") -> torch.Tensor:
+                   backend: str = "auto", check: bool = True) -> torch.Tensor:
     """Per-row mean squared error between the model output and its regenerated target, float32 [B].
 
     The target is eps (``"epsilon"``), v = sqrt(abar) eps - sqrt(1 - abar) x0 (``"v_prediction"``)
     or x0 (``"sample"``), with eps regenerated from (seed, sample_ids, draw_ids) exactly as
     :func:`add_noise` made it. With `mask` (broadcastable to the output), the mean runs over
-    the masked elements only: sum(m (o - y)^2) / sum(m).
+    the masked elements only: sum(m (o - y)^2) / sum(m). ``check=False`` skips the checks of values
+    held on a GPU, as in :func:`add_noise`, and that of the result.
     """
     model_output = _v.float_tensor("model_output", model_output)
     x0 = _v.float_tensor("x0", x0)
@@ -152,27 +159,33 @@ def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, timesteps: torc
                          "pass the UNet output for exactly these rows")
     _v.same_device(model_output=model_output, x0=x0, mask=mask)
     prediction_type = _v.prediction_type(prediction_type, reference.PREDICTION_TYPES)
-    seed, sids, dids, a, b = _noising_args(x0, timesteps, alphas_cumprod, seed, sample_ids, draw_ids)
+    deferred = _v.Deferred(check)
+    seed, sids, dids, a, b = _noising_args(x0, timesteps, alphas_cumprod, seed, sample_ids, draw_ids, deferred)
     rows = None if mask is None else _mask_rows(mask, model_output.shape)
     out = resolve(backend, x0.device).diffusion_loss(
         model_output.reshape(x0.shape[0], -1).contiguous(), x0.reshape(x0.shape[0], -1).contiguous(),
         a, b, seed, sids, dids, prediction_type, rows)
-    if not bool(torch.isfinite(out).all()):
+
+    def explain() -> None:
         # A non-finite loss can only come from a non-finite input row: say which.
         _v.finite_rows("model_output", model_output)
         _v.finite_rows("x0", x0)
         raise ValueError("model_output: squared error overflowed float32 in rows "
                          f"{(~torch.isfinite(out)).nonzero().flatten().tolist()[:10]}; the model output is diverging")
+
+    deferred.add(lambda: torch.isfinite(out).all(), explain)
+    deferred.resolve()
     return out
 
 
 def fisher_accumulate(fisher: torch.Tensor, inputs: torch.Tensor, grad_outputs: torch.Tensor, *,
-                      backend: str = "auto") -> torch.Tensor:
+                      backend: str = "auto", check: bool = True) -> torch.Tensor:
     """fisher += sum_b (G_b^T X_b)**2 for a linear layer y = x W^T, in place; returns `fisher`.
 
     inputs X [B, L, d_in] (or [B, d_in]), grad_outputs G [B, L, d_out] (or [B, d_out]) hold each
     sample's layer inputs and the gradients of that sample's own loss w.r.t. the layer outputs;
-    G_b^T X_b is that sample's weight gradient, never materialised.
+    G_b^T X_b is that sample's weight gradient, never materialised. ``check=False`` skips the
+    finiteness check of the inputs (one synchronisation) for callers that check the result instead.
     """
     if not isinstance(fisher, torch.Tensor) or fisher.dtype not in (torch.float32, torch.float64) or fisher.dim() != 2:
         raise ValueError("fisher: expected a 2-D float32 or float64 tensor [d_out, d_in]; "
@@ -191,8 +204,10 @@ def fisher_accumulate(fisher: torch.Tensor, inputs: torch.Tensor, grad_outputs: 
         raise ValueError(f"fisher: shape {tuple(fisher.shape)} does not match (d_out, d_in) = "
                          f"({grad_outputs.shape[2]}, {inputs.shape[2]}); allocate it as [d_out, d_in] like the weight")
     _v.same_device(fisher=fisher, inputs=inputs, grad_outputs=grad_outputs)
-    _v.finite_rows("inputs", inputs)
-    _v.finite_rows("grad_outputs", grad_outputs)
+    deferred = _v.Deferred(check)
+    _v.finite_rows_later("inputs", inputs, deferred)
+    _v.finite_rows_later("grad_outputs", grad_outputs, deferred)
+    deferred.resolve()  # before the kernel: `fisher` is updated in place
     if inputs.dtype != grad_outputs.dtype:
         inputs, grad_outputs = inputs.float(), grad_outputs.float()
     target = fisher if fisher.is_contiguous() else fisher.contiguous()

@@ -1,11 +1,15 @@
 """Argument checks shared by the public kernel functions.
 
-Every check raises ``ValueError`` naming the argument and saying how to fix it,
-so that nothing malformed ever reaches native code.
+Every check raises ``ValueError`` naming the argument and saying how to fix it.
+Types, shapes and devices are checked before any kernel runs, so that nothing malformed
+reaches native code. Checks of values held on a device (id ranges, finiteness) go into a
+:class:`Deferred`, which reads them all with one synchronisation: a synchronisation per check
+stalled the GPU for far longer than the kernels themselves take. No value can make a kernel
+read or write out of bounds, so these may be read after the launch.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -29,9 +33,56 @@ def seed(value: object) -> int:
     return value
 
 
+class Deferred:
+    """The value checks of one kernel call, read with one synchronisation per device.
+
+    Each check adds a 0-d bool tensor, computed where its tensor lives without waiting for it,
+    and a function that raises the detailed error; :meth:`resolve` reads every flag at once and
+    calls the functions of the false ones in the order they were added. With ``enabled=False``
+    (a caller's ``check=False``) nothing is computed or read.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._checks: list[tuple[torch.Tensor, Callable[[], None]]] = []
+
+    def add(self, flag: Callable[[], torch.Tensor], explain: Callable[[], None]) -> None:
+        if self.enabled:
+            self._checks.append((flag().reshape(()), explain))
+
+    def resolve(self) -> None:
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (flag, _) in enumerate(self._checks):
+            by_device.setdefault(flag.device, []).append(i)
+        ok = [True] * len(self._checks)
+        for idx in by_device.values():
+            for i, v in zip(idx, torch.stack([self._checks[i][0] for i in idx]).tolist()):
+                ok[i] = bool(v)
+        checks, self._checks = self._checks, []
+        for good, (_, explain) in zip(ok, checks):
+            if not good:
+                explain()
+
+
+def _range_flag(value: torch.Tensor, limit: int) -> torch.Tensor:
+    ok = value.min() >= 0
+    return ok if limit > torch.iinfo(torch.int64).max else ok & (value.max() < limit)
+
+
+def _check_range(name: str, value: torch.Tensor, limit: int) -> None:
+    lo, hi = int(value.min()), int(value.max())
+    if lo < 0 or hi >= limit:
+        raise _fail(name, f"values must lie in [0, {limit}), found {lo if lo < 0 else hi}",
+                    "use non-negative ids below the limit")
+
+
 def id_vector(name: str, value: object, limit: int, device: torch.device | None,
-              length: int | None = None) -> torch.Tensor:
-    """A 1-D int64 tensor of ids in [0, limit); an int broadcasts to `length`."""
+              length: int | None = None, deferred: Deferred | None = None) -> torch.Tensor:
+    """A 1-D int64 tensor of ids in [0, limit); an int broadcasts to `length`.
+
+    The range of ids already on a GPU goes into `deferred` when one is given; ids on the host
+    (lists, CPU tensors) are checked at once, which costs no synchronisation.
+    """
     if isinstance(value, int) and not isinstance(value, bool) and length is not None:
         value = torch.full((length,), value, dtype=torch.int64)
     elif not isinstance(value, torch.Tensor):
@@ -48,10 +99,10 @@ def id_vector(name: str, value: object, limit: int, device: torch.device | None,
                     "give exactly one id per row")
     value = value.to(torch.int64).contiguous()
     if value.numel():
-        lo, hi = int(value.min()), int(value.max())
-        if lo < 0 or hi >= limit:
-            raise _fail(name, f"values must lie in [0, {limit}), found {lo if lo < 0 else hi}",
-                        "use non-negative ids below the limit")
+        if deferred is not None and value.device.type != "cpu":
+            deferred.add(lambda v=value: _range_flag(v, limit), lambda v=value: _check_range(name, v, limit))
+        else:
+            _check_range(name, value, limit)
     return value.to(device) if device is not None else value
 
 
@@ -76,18 +127,44 @@ def same_device(**tensors: torch.Tensor) -> torch.device:
     return first
 
 
-def timesteps(value: object, alphas_cumprod: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
-    ts = id_vector("timesteps", value, alphas_cumprod.shape[0], None, length=batch)
-    return ts.to(device)
+def timesteps(value: object, alphas_cumprod: torch.Tensor, batch: int, device: torch.device,
+              deferred: Deferred) -> torch.Tensor:
+    """Timesteps on `device`; a deferred range check clamps them, so that the gather of the
+    coefficients stays in bounds until the check is read (it then raises for any clamped value)."""
+    on_device = isinstance(value, torch.Tensor) and value.device.type != "cpu"
+    ts = id_vector("timesteps", value, alphas_cumprod.shape[0], None, length=batch, deferred=deferred).to(device)
+    return ts.clamp(0, alphas_cumprod.shape[0] - 1) if on_device and deferred.enabled else ts
 
 
-def alphas_cumprod(value: object) -> torch.Tensor:
+def _acp_flag(value: torch.Tensor) -> torch.Tensor:
+    return (torch.isfinite(value) & (value >= 0) & (value <= 1)).all()
+
+
+def alphas_cumprod(value: object, deferred: Deferred | None = None) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() != 1 or value.numel() == 0:
         raise _fail("alphas_cumprod", "expected a non-empty 1-D floating tensor (one value per train timestep)",
                     "pass scheduler.alphas_cumprod")
-    if not bool(torch.isfinite(value).all()) or bool((value < 0).any()) or bool((value > 1).any()):
-        raise _fail("alphas_cumprod", "values must be finite and lie in [0, 1]", "pass scheduler.alphas_cumprod")
+
+    def explain() -> None:
+        if not bool(_acp_flag(value)):
+            raise _fail("alphas_cumprod", "values must be finite and lie in [0, 1]", "pass scheduler.alphas_cumprod")
+
+    if deferred is None:
+        explain()
+    else:
+        deferred.add(lambda: _acp_flag(value), explain)
     return value
+
+
+def _row_sums(value: torch.Tensor) -> torch.Tensor:
+    rows = value.reshape(value.shape[0], -1) if value.dim() else value.reshape(1, 1)
+    return rows.sum(dim=1)
+
+
+def finite_rows_later(name: str, value: torch.Tensor, deferred: Deferred) -> None:
+    """:func:`finite_rows` through `deferred`: one row-sum reduction now, its flag read later."""
+    if value.is_floating_point():
+        deferred.add(lambda: torch.isfinite(_row_sums(value)).all(), lambda: finite_rows(name, value))
 
 
 def finite_rows(name: str, value: torch.Tensor) -> None:
@@ -98,7 +175,7 @@ def finite_rows(name: str, value: torch.Tensor) -> None:
     (which overflow alone can also cause) are the elements looked at.
     """
     rows = value.reshape(value.shape[0], -1) if value.dim() else value.reshape(1, 1)
-    sums = rows.sum(dim=1) if rows.is_floating_point() else None
+    sums = _row_sums(value) if rows.is_floating_point() else None
     if sums is not None and bool(torch.isfinite(sums).all()):
         return
     bad = ~torch.isfinite(rows).all(dim=1)
