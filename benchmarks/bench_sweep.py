@@ -15,16 +15,17 @@ Four comparisons, each side by side in one run:
 2. The published way: a plain loop as the reference implementation writes it (fp32,
    ``torch.randn`` noise from a generator seeded with seed + batch index,
    ``scheduler.add_noise``, ``F.mse_loss(reduction="none").mean(dim=(1, 2, 3))``, batches
-   laid out images x captions x timesteps) against ``LossSweep`` on identical work, with
-   a projection to a full MSCOCO query from the measured rows/s.
+   laid out images x captions x timesteps) against ``LossSweep`` on identical work (eager,
+   and with ``--compile`` also with its UNet under torch.compile), with a projection to a
+   full MSCOCO query from the measured rows/s.
 3. Several queries in one sweep (``run([None, w1, w2, w3])``) against one ``run`` each.
 4. Fisher: ``compute_fisher`` (hooks + ``kernels.fisher_accumulate`` on the K/V weights)
    against per-sample gradients of all UNet weights with ``torch.func`` (``vmap(grad(...))``
    over ``functional_call``, attention without fused SDPA), each in its own subprocess
-   so that their peak memory does not mix.
+   so that their peak memory does not mix, timed on a second call after an untimed first.
 
 And the sweep's precisions: ``LossSweep.run`` in fp32, bf16 and mixed (bf16 but the UNet's
-output end in float32; on CUDA also tf32) on the same rows.
+output end in float32; on CUDA also tf32 and fp16) on the same rows.
 
 Timed calls of one comparison are interleaved (round k times one call of each method)
 and the median over the rounds is reported, after one warm-up call of each method.
@@ -156,17 +157,19 @@ def kv_variants(model, k: int, scale: float = 1e-3) -> list[dict[str, torch.Tens
 # --------------------------------------------------------------------------- timing
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], sync: Callable[[], None], rounds: int,
-                     log: Callable[[str], None], warm_all: bool = True) -> dict[str, dict | str]:
+                     log: Callable[[str], None], warm_all: bool = True,
+                     always_warm: tuple[str, ...] = ()) -> dict[str, dict | str]:
     """Warm-up calls, then `rounds` rounds of one timed call of each; median seconds per call.
 
     With `warm_all` every function gets one warm-up call; without, only the first one does
     (for calls of many seconds whose shapes the first one already ran), and the others'
-    first timed round counts as a sample like the rest.
+    first timed round counts as a sample like the rest. Those named in `always_warm` (compiled
+    functions, whose first call compiles) get a warm-up call whatever `warm_all` says.
     """
     out: dict[str, dict | str] = {}
     live: dict[str, float | None] = {}
     for k, (name, fn) in enumerate(fns.items()):
-        if k and not warm_all:
+        if k and not warm_all and name not in always_warm:
             live[name] = None
             continue
         try:
@@ -295,11 +298,19 @@ def bench_sweep_parts(args, model, data, sizes: dict, emit, log) -> None:
     def published():
         published_loop(model, data, ids2, pub_images, list(ts))
 
+    fns = {"bare": bare, "bare_shared": bare_shared, "sweep_flips": ours_flip, "sweep_noflip": ours_noflip,
+           "published": published}
+    compiled = {f"sweep_compiled:{mode}": mode for mode in args.compile}
+    for key, mode in compiled.items():
+        # The sweep's own precision rather than an outer autocast: dynamo traces the UNet under it.
+        sweep_c = LossSweep(model, data, noflip_plan, batch_size=B, compile=mode,
+                            precision="bf16" if dtype == torch.bfloat16 else "fp32")
+        fns[key] = lambda sweep_c=sweep_c: sweep_c.run([None], ids2, progress=False)
+
     log(f"[1+2] {rows} rows per call ({n1} images x 2 flips x {CAPTIONS} captions x {len(ts)} timesteps, "
         f"or {2 * n1} images without flips); UNet batches of {B} rows; published batches of {pub_rows_per_batch} rows")
-    times = time_interleaved({"bare": bare, "bare_shared": bare_shared, "sweep_flips": ours_flip,
-                              "sweep_noflip": ours_noflip, "published": published}, sync, sizes["rounds"], log,
-                             warm_all=sizes["warm_all"])
+    times = time_interleaved(fns, sync, sizes["rounds"], log, warm_all=sizes["warm_all"],
+                             always_warm=tuple(compiled))
     work1 = f"{n1} img x 2 flips x {CAPTIONS} cap x {len(ts)} t"
     work2 = f"{2 * n1} img x {CAPTIONS} cap x {len(ts)} t"
     labels = {"bare": ("1 overhead", f"bare unet forwards ({args.dtype})", work1, B),
@@ -307,6 +318,8 @@ def bench_sweep_parts(args, model, data, sizes: dict, emit, log) -> None:
               "sweep_flips": ("1 overhead", f"LossSweep.run ({args.dtype})", work1, B),
               "sweep_noflip": ("2 published", f"LossSweep.run ({args.dtype})", work2, B),
               "published": ("2 published", "published loop (fp32)", work2, pub_rows_per_batch)}
+    for key, mode in compiled.items():
+        labels[key] = ("2 published", f"LossSweep.run ({args.dtype}, compile {mode})", work2, B)
     for key, (part, method, work, batch) in labels.items():
         tm = times[key]
         row = {"part": part, "method": method, "work": work, "rows": rows, "batch_rows": batch}
@@ -320,11 +333,15 @@ def bench_sweep_parts(args, model, data, sizes: dict, emit, log) -> None:
         if all(isinstance(times[k], dict) for k in (base, "sweep_flips")):
             emit({"part": "1 overhead", "method": method, "work": work1, "rows": rows,
                   "ratio": times["sweep_flips"]["median_s"] / times[base]["median_s"], "target": target})
-    if all(isinstance(times[k], dict) for k in ("sweep_noflip", "published")):
-        speed = times["published"]["median_s"] / times["sweep_noflip"]["median_s"]
-        emit({"part": "2 published", "method": "speedup published / sweep", "work": work2, "rows": rows,
-              "ratio": speed, "target": ">= 10x on GPU"})
-        for key, method in (("sweep_noflip", f"LossSweep ({args.dtype})"), ("published", "published loop (fp32)")):
+    ours = [("sweep_noflip", "sweep", f"LossSweep ({args.dtype})")]
+    for key, mode in compiled.items():
+        ours.append((key, f"sweep compiled {mode}", f"LossSweep ({args.dtype}, compile {mode})"))
+    ours = [o for o in ours if isinstance(times[o[0]], dict)]
+    if isinstance(times["published"], dict):
+        for key, what, _ in ours:
+            emit({"part": "2 published", "method": f"speedup published / {what}", "work": work2, "rows": rows,
+                  "ratio": times["published"]["median_s"] / times[key]["median_s"], "target": ">= 10x on GPU"})
+        for key, method in [(k, m) for k, _, m in ours] + [("published", "published loop (fp32)")]:
             rps = rows / times[key]["median_s"]
             emit({"part": "2 projection", "method": method, "work": f"full MSCOCO query: {MSCOCO_ROWS:,} rows",
                   "rows": MSCOCO_ROWS, "rows_per_s": rps, "projected_h": MSCOCO_ROWS / rps / 3600,
@@ -342,7 +359,7 @@ def bench_precisions(args, model, data, sizes: dict, emit, log) -> None:
     plan = ScoringPlan(timesteps=ts, seed=SEED)
     ids = np.arange(sizes["part12_images"])
     rows = len(ids) * 2 * CAPTIONS * len(ts)
-    precisions = ["fp32", "bf16", "mixed"] + (["tf32"] if model.device.type == "cuda" else [])
+    precisions = ["fp32", "bf16", "mixed"] + (["tf32", "fp16"] if model.device.type == "cuda" else [])
     sweeps = {p: LossSweep(model, data, plan, batch_size=sizes["batch_rows"], precision=p) for p in precisions}
     log(f"[precisions] {rows} rows per call, UNet batches of {sizes['batch_rows']} rows: {', '.join(precisions)}")
     times = time_interleaved({p: (lambda p=p: sweeps[p].run([None], ids, progress=False)) for p in precisions},
@@ -484,6 +501,14 @@ def fisher_child(args) -> dict:
                     fisher[k] += g.double().square().sum(0)
                 del grads
             return {k: f / S for k, f in fisher.items()}
+    # One untimed call first: the first call's kernel compilation (Triton), cuDNN and allocator
+    # warm-up are not the Fisher's cost. Peak memory is counted over the timed call only.
+    t0 = time.perf_counter()
+    run()
+    sync()
+    info["warm_up_s"] = time.perf_counter() - t0
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     run()
     sync()
@@ -566,6 +591,24 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+PARTS = frozenset({"sweep", "queries", "fisher", "precisions"})
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_modes_arg(text: str) -> tuple[str, ...]:
+    modes = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    if not modes or set(modes) - set(COMPILE_MODES):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more of {', '.join(COMPILE_MODES)}, comma-separated")
+    return modes
+
+
+def parts_arg(text: str) -> frozenset[str]:
+    parts = frozenset(p.strip() for p in text.split(",") if p.strip())
+    if not parts or parts - PARTS:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more of {', '.join(sorted(PARTS))}, comma-separated")
+    return parts
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -576,13 +619,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--json", metavar="OUT", help="write all measurements as JSON (rewritten after every row)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads(N) first; 0: torch's default")
-    p.add_argument("--only", choices=("sweep", "queries", "fisher", "precisions"),
-                   help="run one part (sweep: parts 1 and 2; precisions: the sweep in fp32, bf16, mixed and on "
-                        "CUDA tf32)")
+    p.add_argument("--only", type=parts_arg, default=PARTS,
+                   help="comma-separated parts to run, of sweep, queries, fisher, precisions (default: all; "
+                        "sweep: parts 1 and 2; precisions: the sweep in fp32, bf16, mixed and on CUDA tf32, fp16)")
     p.add_argument("--rounds", type=int, default=0, help="timed rounds per comparison (default 3 CPU, 5 CUDA)")
     p.add_argument("--fisher-samples", type=int, default=0, help="samples per Fisher method (default 16 CPU, 64 CUDA)")
     p.add_argument("--fisher-chunk", type=int, default=0, help="samples per vmap call of the torch.func Fisher")
     p.add_argument("--fisher-timeout-s", type=int, default=600, help="give up on a Fisher subprocess after this")
+    p.add_argument("--compile", type=compile_modes_arg, default=(),
+                   help="comma-separated torch.compile modes (of " + ", ".join(COMPILE_MODES) + "): part 2 also "
+                        "times the sweep compiled in each, after an untimed call that compiles it")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -603,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     # A child's ru_maxrss starts at the RSS its parent had when it was spawned (fork + exec keep
     # the old peak), so the Fisher subprocesses run first, while this process is still small.
-    fisher_first = args.only in (None, "fisher")
+    fisher_first = "fisher" in args.only
     model = data = None
     result = Results(args.json, {**run_meta(dev), "diffusers": diffusers.__version__, "dtype": args.dtype,
                                  "quick": args.quick, "sizes": sizes, "seed": SEED}, rows=[])
@@ -626,13 +672,13 @@ def main(argv: list[str] | None = None) -> int:
     steps = []
     if fisher_first:
         steps.append(("fisher", lambda: bench_fisher(args, sizes, emit, log)))
-    if args.only in (None, "sweep", "queries", "precisions"):
+    if args.only & {"sweep", "queries", "precisions"}:
         steps.append(("setup", setup))
-    if args.only in (None, "sweep"):
+    if "sweep" in args.only:
         steps.append(("sweep", lambda: bench_sweep_parts(args, model, data, sizes, emit, log)))
-    if args.only in (None, "precisions"):  # before the queries: a time limit should cut the less telling part
+    if "precisions" in args.only:  # before the queries: a time limit should cut the less telling part
         steps.append(("precisions", lambda: bench_precisions(args, model, data, sizes, emit, log)))
-    if args.only in (None, "queries"):
+    if "queries" in args.only:
         steps.append(("queries", lambda: bench_variants(args, model, data, sizes, emit, log)))
     result.run_steps(steps)
     return result.finish(start, report)

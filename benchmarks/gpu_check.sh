@@ -116,29 +116,31 @@ run_step tests "$tests_cap" 0 "kernel tests" -- "$PYTHON" -m pytest -q -x -p no:
   tests/test_noise.py tests/test_add_noise.py tests/test_diffusion_loss.py tests/test_fisher.py tests/test_validation.py
 
 # 6. Sweep benchmark on the MSCOCO-scale UNet (benchmarks 1-4 of the sweep: overhead, the published
-#    loop, several queries, Fisher; needs diffusers: carry it as a wheel in .whl/), the full sizes when
-#    at least 150 s are given to it, else --quick.  It writes its JSON after every row.
+#    loop beside the sweep eager and under torch.compile, several queries, Fisher; needs diffusers:
+#    carry it as a wheel in .whl/), the full sizes when at least 150 s are given to it, else --quick.
+#    It writes its JSON after every row.
 sweep_cap=$(( $(left) - 150 ))
-sweep_cap=$(( sweep_cap > 200 ? 200 : (sweep_cap < 60 ? 60 : sweep_cap) ))
+sweep_cap=$(( sweep_cap > 240 ? 240 : (sweep_cap < 60 ? 60 : sweep_cap) ))
 sweep_quick=""
 if (( sweep_cap < 150 )) || rehearsal; then sweep_quick=1; fi
-run_step sweep "$sweep_cap" 0 "bench_sweep.py --device $DEVICE --dtype bfloat16${sweep_quick:+ --quick}" -- \
-  "$PYTHON" benchmarks/bench_sweep.py --device "$DEVICE" --dtype bfloat16 ${sweep_quick:+--quick} \
-  --json "$OUT/bench_sweep_gpu.json" --fisher-timeout-s $(( sweep_cap > 60 ? sweep_cap / 3 : 20 ))
+run_step sweep "$sweep_cap" 0 "bench_sweep.py --device $DEVICE --dtype bfloat16 --compile default${sweep_quick:+ --quick}" -- \
+  "$PYTHON" benchmarks/bench_sweep.py --device "$DEVICE" --dtype bfloat16 ${sweep_quick:+--quick} --rounds 3 \
+  --compile default --json "$OUT/bench_sweep_gpu.json" --fisher-timeout-s $(( sweep_cap > 60 ? sweep_cap / 4 : 20 ))
 
 # 7. The engine on the GPU with the digits model (and, if carried, a fine-tuned one): precision of
-#    fp32 (IEEE), tf32, bf16, fp16 and mixed scores against fp32, the probed batch size, CUDA graphs
-#    (torch.compile reduce-overhead) and agreement with an fp32 CPU sweep.  A folder .gpu-cache/
+#    fp32 (IEEE), tf32, bf16, fp16 and mixed scores against fp32, the probed batch size and agreement
+#    with an fp32 CPU sweep (CUDA graphs of these small models: RESULTS.md, 2026-11-28; the compiled
+#    sweep is timed on the large UNet in step 6).  A folder .gpu-cache/
 #    holding the digits model (and letter-h/{model,pool}) saves training it here.
 if [[ -d .gpu-cache ]]; then export FORGETSCORE_CACHE="$PWD/.gpu-cache"; fi
 prec_cap=$(( $(left) - 90 ))
 prec_cap=$(( prec_cap > 120 ? 120 : (prec_cap < 40 ? 40 : prec_cap) ))
-# The rehearsal: no tf32 (CUDA only), the first 48 images, torch.compile's default mode, no CPU cross-check.
-precisions=fp32,tf32,bf16,fp16,mixed prec_extra=(--compile reduce-overhead --cpu-check 64)
-if rehearsal; then precisions=fp32,bf16,fp16,mixed prec_extra=(--images 48 --compile default); fi
+# The rehearsal: no tf32 (CUDA only), the first 48 images, no CPU cross-check.
+precisions=fp32,tf32,bf16,fp16,mixed prec_extra=(--cpu-check 64)
+if rehearsal; then precisions=fp32,bf16,fp16,mixed prec_extra=(--images 48); fi
 run_step precision "$prec_cap" 0 "precision.py --device $DEVICE (digits model)" -- \
   "$PYTHON" benchmarks/precision.py --device "$DEVICE" --batch-size auto --precisions "$precisions" \
-  "${prec_extra[@]}" --compile-precisions bf16,mixed --json "$OUT/precision_gpu.json"
+  "${prec_extra[@]}" --json "$OUT/precision_gpu.json"
 if [[ -d .gpu-cache/letter-h/model ]]; then
   ft_extra=()
   if rehearsal; then ft_extra=(--images 48); fi

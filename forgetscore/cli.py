@@ -56,10 +56,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "bytes each sweep reads; under --precision bf16 (fp16) a bfloat16 (float16) store changes "
                         "no sweep loss where the states go straight into linear layers, as in Stable Diffusion's "
                         "UNet (default: float32)")
-    g.add_argument("--precision", choices=["fp32", "tf32", "bf16", "fp16", "mixed"], default="fp32",
-                   help="UNet precision of the scoring sweeps: bf16/fp16 autocast, tf32 tensor cores (CUDA), "
-                        "mixed (bf16 but the UNet's last up block and output layer in float32, TF32 on CUDA); "
-                        "losses stay float32. fp32 (the default) is IEEE float32, on CUDA too")
+    g.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16", "fp16", "mixed"], default="auto",
+                   help="UNet precision of the scoring sweeps: fp32 is IEEE float32 (on CUDA too), tf32 tensor "
+                        "cores (CUDA), bf16/fp16 autocast, mixed (bf16 but the UNet's last up block and output "
+                        "layer in float32, TF32 on CUDA); losses stay float32. auto (the default): tf32 on CUDA, "
+                        "fp32 elsewhere, as measured in benchmarks/RESULTS.md")
     g.add_argument("--no-prefetch", action="store_true",
                    help="do not prepare the next batch's inputs in a background thread during the current one")
     g.add_argument("--compile", nargs="?", const="auto", default=None,

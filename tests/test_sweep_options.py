@@ -327,6 +327,17 @@ def test_tf32_needs_cuda(setup):
         Attributor(model, setup["att"].train, plan=KEYED, precision="fp8", cache_dir=setup["root"] / "cache")
 
 
+def test_auto_precision_is_the_measured_default_of_each_device(setup):
+    model = setup["att"].model
+    assert Attributor(model, setup["att"].train, plan=KEYED, cache_dir=setup["root"] / "cache").precision == "fp32"
+    assert LossSweep(model, setup["data"], KEYED, precision="auto").precision == "fp32"
+    # The resolution needs no GPU: only the device's type.
+    assert losses_mod.resolve_precision("auto", torch.device("cuda")) == "tf32"
+    assert losses_mod.resolve_precision("bf16", torch.device("cuda")) == "bf16"
+    with pytest.raises(ValueError, match=r"^precision: 'tf32' is a CUDA"):
+        losses_mod.resolve_precision("tf32", torch.device("cpu"))
+
+
 def test_back_off_logic():
     sizes = []
 

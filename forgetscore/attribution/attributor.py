@@ -64,10 +64,10 @@ class Attributor:
     def __init__(self, model: DiffusionModel, train: TrainingSet, *, plan: ScoringPlan | None = None,
                  weights: str = "kv", cache_dir: str | os.PathLike | None = None, batch_size: int | str = 256,
                  backend: str = "auto", progress: bool = True, resize: bool = False, chunk_size: int = 4096,
-                 precision: str = "fp32", prefetch: bool = True, compile: str | None = None,
+                 precision: str = "auto", prefetch: bool = True, compile: str | None = None,
                  fisher_batch_size: int = 64, fisher_chunk_size: int = FISHER_CHUNK, text_dtype: str = "float32"):
         from .. import kernels
-        from .losses import auto_batch_size, check_noise_device, check_precision, compile_mode
+        from .losses import auto_batch_size, check_noise_device, compile_mode, resolve_precision
 
         self.model, self.train = model, train
         self.plan = plan or ScoringPlan()
@@ -84,8 +84,7 @@ class Attributor:
         if text_dtype not in TEXT_DTYPES:
             raise ValueError(f"text_dtype: {text_dtype!r} is not one of {list(TEXT_DTYPES)}")
         self.text_dtype = text_dtype
-        check_precision(precision, model.device)
-        self.precision = precision
+        self.precision = precision = resolve_precision(precision, model.device)
         # Sweep options that leave the numbers as they are (prefetch) or change only their last bits (compile).
         self.prefetch, self.compile = bool(prefetch), compile_mode(compile, model.device)
         # Under torchrun every rank runs the same calls; rank 0 writes what is shared.
