@@ -110,8 +110,6 @@ def fisher_sums(model: DiffusionModel, data: PreparedData, names: list[str], *, 
                 finally:
                     cap_hooks.close()
                 owners = list(cap_hooks.outputs)
-                # check=False below: a synchronisation per layer and batch otherwise; a non-finite
-                # Fisher is refused where it is used (unlearning checks it).
                 # Each row's loss depends only on its own sample, so the gradient of the sum w.r.t. a layer's
                 # output rows is each sample's own output gradient.
                 grads = torch.autograd.grad(losses.sum(), [cap_hooks.outputs[o] for o in owners],
@@ -122,6 +120,8 @@ def fisher_sums(model: DiffusionModel, data: PreparedData, names: list[str], *, 
                     g3 = g.reshape(n_rows, -1, g.shape[-1])
                     wname = f"{o}.weight"
                     if wname in sums:
+                        # check=False: a synchronisation per layer and batch otherwise; a non-finite
+                        # Fisher is refused where it is used (the unlearning step checks it).
                         kernels.fisher_accumulate(sums[wname], x3, g3, backend=backend, check=False)
                     if o in bias_of:
                         sums[bias_of[o]] += g3.double().sum(1).square().sum(0)

@@ -129,11 +129,12 @@ def same_device(**tensors: torch.Tensor) -> torch.device:
 
 def timesteps(value: object, alphas_cumprod: torch.Tensor, batch: int, device: torch.device,
               deferred: Deferred) -> torch.Tensor:
-    """Timesteps on `device`; a deferred range check clamps them, so that the gather of the
-    coefficients stays in bounds until the check is read (it then raises for any clamped value)."""
+    """Timesteps on `device`. Those given on a GPU are clamped, so that the gather of the coefficients
+    stays in bounds whether their range check is read later (it then raises for any clamped value)
+    or skipped (check=False)."""
     on_device = isinstance(value, torch.Tensor) and value.device.type != "cpu"
     ts = id_vector("timesteps", value, alphas_cumprod.shape[0], None, length=batch, deferred=deferred).to(device)
-    return ts.clamp(0, alphas_cumprod.shape[0] - 1) if on_device and deferred.enabled else ts
+    return ts.clamp(0, alphas_cumprod.shape[0] - 1) if on_device else ts
 
 
 def _acp_flag(value: torch.Tensor) -> torch.Tensor:
