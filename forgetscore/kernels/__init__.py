@@ -33,9 +33,8 @@ def _ids(sample_ids: IdsLike, draw_ids: IdsLike, device: torch.device | None, de
     if batch is None and isinstance(sample_ids, int):
         raise ValueError("sample_ids: expected one id per row (a 1-D tensor or list), got a single int; "
                          "wrap it in a list")
-    sample_ids = _v.id_vector("sample_ids", sample_ids, _v.MAX_SAMPLE_ID, device, length=batch, deferred=deferred)
-    draw_ids = _v.id_vector("draw_ids", draw_ids, _v.MAX_DRAW_ID, device, length=sample_ids.shape[0],
-                            deferred=deferred)
+    sample_ids = _v.id_vector("sample_ids", sample_ids, _v.MAX_SAMPLE_ID, device, deferred, length=batch)
+    draw_ids = _v.id_vector("draw_ids", draw_ids, _v.MAX_DRAW_ID, device, deferred, length=sample_ids.shape[0])
     return sample_ids, draw_ids
 
 

@@ -23,6 +23,10 @@ def _fail(name: str, problem: str, fix: str) -> ValueError:
     return ValueError(f"{name}: {problem}; {fix}")
 
 
+def _fail_now(name: str, problem: str, fix: str) -> None:
+    raise _fail(name, problem, fix)
+
+
 def seed(value: object) -> int:
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
         value = int(value.item())
@@ -76,12 +80,12 @@ def _check_range(name: str, value: torch.Tensor, limit: int) -> None:
                     "use non-negative ids below the limit")
 
 
-def id_vector(name: str, value: object, limit: int, device: torch.device | None,
-              length: int | None = None, deferred: Deferred | None = None) -> torch.Tensor:
+def id_vector(name: str, value: object, limit: int, device: torch.device | None, deferred: Deferred,
+              length: int | None = None) -> torch.Tensor:
     """A 1-D int64 tensor of ids in [0, limit); an int broadcasts to `length`.
 
-    The range of ids already on a GPU goes into `deferred` when one is given; ids on the host
-    (lists, CPU tensors) are checked at once, which costs no synchronisation.
+    The range of ids already on a GPU goes into `deferred`; ids on the host (lists, CPU tensors)
+    are checked at once, which costs no synchronisation.
     """
     if isinstance(value, int) and not isinstance(value, bool) and length is not None:
         value = torch.full((length,), value, dtype=torch.int64)
@@ -99,7 +103,7 @@ def id_vector(name: str, value: object, limit: int, device: torch.device | None,
                     "give exactly one id per row")
     value = value.to(torch.int64).contiguous()
     if value.numel():
-        if deferred is not None and value.device.type != "cpu":
+        if value.device.type != "cpu":
             deferred.add(lambda v=value: _range_flag(v, limit), lambda v=value: _check_range(name, v, limit))
         else:
             _check_range(name, value, limit)
@@ -133,7 +137,7 @@ def timesteps(value: object, alphas_cumprod: torch.Tensor, batch: int, device: t
     stays in bounds whether their range check is read later (it then raises for any clamped value)
     or skipped (check=False)."""
     on_device = isinstance(value, torch.Tensor) and value.device.type != "cpu"
-    ts = id_vector("timesteps", value, alphas_cumprod.shape[0], None, length=batch, deferred=deferred).to(device)
+    ts = id_vector("timesteps", value, alphas_cumprod.shape[0], None, deferred, length=batch).to(device)
     return ts.clamp(0, alphas_cumprod.shape[0] - 1) if on_device else ts
 
 
@@ -141,19 +145,14 @@ def _acp_flag(value: torch.Tensor) -> torch.Tensor:
     return (torch.isfinite(value) & (value >= 0) & (value <= 1)).all()
 
 
-def alphas_cumprod(value: object, deferred: Deferred | None = None) -> torch.Tensor:
+def alphas_cumprod(value: object, deferred: Deferred) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() != 1 or value.numel() == 0:
         raise _fail("alphas_cumprod", "expected a non-empty 1-D floating tensor (one value per train timestep)",
                     "pass scheduler.alphas_cumprod")
 
-    def explain() -> None:
-        if not bool(_acp_flag(value)):
-            raise _fail("alphas_cumprod", "values must be finite and lie in [0, 1]", "pass scheduler.alphas_cumprod")
-
-    if deferred is None:
-        explain()
-    else:
-        deferred.add(lambda: _acp_flag(value), explain)
+    deferred.add(lambda: _acp_flag(value),
+                 lambda: _fail_now("alphas_cumprod", "values must be finite and lie in [0, 1]",
+                                   "pass scheduler.alphas_cumprod"))
     return value
 
 
