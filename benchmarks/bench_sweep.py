@@ -59,6 +59,8 @@ if ROOT not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from forgetscore.attribution.losses import COMPILE_MODES  # noqa: E402
+
 SEED = 1234
 CAPTIONS = 5                      # MSCOCO: five captions per image
 TEXT_LEN, TEXT_DIM = 77, 1024     # CLIP-style text states of the MSCOCO model
@@ -591,22 +593,17 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
-PARTS = frozenset({"sweep", "queries", "fisher", "precisions"})
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+PARTS = ("sweep", "queries", "fisher", "precisions")
 
 
-def compile_modes_arg(text: str) -> tuple[str, ...]:
-    modes = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
-    if not modes or set(modes) - set(COMPILE_MODES):
-        raise argparse.ArgumentTypeError(f"{text!r}: give one or more of {', '.join(COMPILE_MODES)}, comma-separated")
-    return modes
-
-
-def parts_arg(text: str) -> frozenset[str]:
-    parts = frozenset(p.strip() for p in text.split(",") if p.strip())
-    if not parts or parts - PARTS:
-        raise argparse.ArgumentTypeError(f"{text!r}: give one or more of {', '.join(sorted(PARTS))}, comma-separated")
-    return parts
+def list_arg(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: comma-separated entries of `choices`, each once, in the order given."""
+    def parse(text: str) -> tuple[str, ...]:
+        got = tuple(dict.fromkeys(e.strip() for e in text.split(",") if e.strip()))
+        if not got or set(got) - set(choices):
+            raise argparse.ArgumentTypeError(f"{text!r}: give one or more of {', '.join(choices)}, comma-separated")
+        return got
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -619,16 +616,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--json", metavar="OUT", help="write all measurements as JSON (rewritten after every row)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads(N) first; 0: torch's default")
-    p.add_argument("--only", type=parts_arg, default=PARTS,
+    p.add_argument("--only", type=list_arg(PARTS), default=PARTS,
                    help="comma-separated parts to run, of sweep, queries, fisher, precisions (default: all; "
                         "sweep: parts 1 and 2; precisions: the sweep in fp32, bf16, mixed and on CUDA tf32, fp16)")
     p.add_argument("--rounds", type=int, default=0, help="timed rounds per comparison (default 3 CPU, 5 CUDA)")
     p.add_argument("--fisher-samples", type=int, default=0, help="samples per Fisher method (default 16 CPU, 64 CUDA)")
     p.add_argument("--fisher-chunk", type=int, default=0, help="samples per vmap call of the torch.func Fisher")
     p.add_argument("--fisher-timeout-s", type=int, default=600, help="give up on a Fisher subprocess after this")
-    p.add_argument("--compile", type=compile_modes_arg, default=(),
-                   help="comma-separated torch.compile modes (of " + ", ".join(COMPILE_MODES) + "): part 2 also "
-                        "times the sweep compiled in each, after an untimed call that compiles it")
+    p.add_argument("--compile", type=list_arg(COMPILE_MODES), default=(),
+                   help="comma-separated torch.compile modes of the sweep (" + ", ".join(COMPILE_MODES) + "): "
+                        "part 2 also times the sweep compiled in each, after an untimed call that compiles it")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -672,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = []
     if fisher_first:
         steps.append(("fisher", lambda: bench_fisher(args, sizes, emit, log)))
-    if args.only & {"sweep", "queries", "precisions"}:
+    if {"sweep", "queries", "precisions"} & set(args.only):
         steps.append(("setup", setup))
     if "sweep" in args.only:
         steps.append(("sweep", lambda: bench_sweep_parts(args, model, data, sizes, emit, log)))
