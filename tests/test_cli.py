@@ -54,7 +54,9 @@ def test_commands_end_to_end(dirs, capsys, tmp_path):
     assert cli.main([a if a != str(out) else str(sub) for a in args] + ["--subset", str(tmp_path / "subset.txt")]) == 0
     sub_scores = np.load(sub / "scores.npy")
     assert np.isfinite(sub_scores[[3, 5]]).all() and np.isneginf(np.delete(sub_scores, [3, 5])).all()
-    np.testing.assert_allclose(sub_scores[[3, 5]], scores[[3, 5]], rtol=1e-6)
+    # Scores are differences of fp32 losses near 1, and a subset batches its rows differently: equal to an ulp of
+    # the losses (not of the much smaller score).
+    np.testing.assert_allclose(sub_scores[[3, 5]], scores[[3, 5]], rtol=1e-6, atol=2e-7)
 
 
 def test_bad_arguments_exit_with_one_line(dirs, capsys):

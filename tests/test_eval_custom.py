@@ -265,7 +265,7 @@ def _pixels_as_features(x: torch.Tensor) -> np.ndarray:
 
 TINY = custom.CustomSettings(concepts=("triangle", "segment"), n_exemplars=3, queries_per_concept=2, gen_steps=2,
                              custom_steps=2, custom_batch=2, reg_per_step=1, plan_stride=500, fisher_samples=8,
-                             fisher_samples_all=2, unlearn={"draws": 20, "micro_batch": 10}, batch_size=64)
+                             unlearn={"draws": 20, "micro_batch": 10}, batch_size=64)
 METHODS = ("unlearning", "unlearning-10steps", "pixel", "feature", "caption")
 
 

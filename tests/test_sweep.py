@@ -289,6 +289,20 @@ def test_the_attributors_own_sweep_folders_survive_kills_at_any_step(setup, tmp_
     assert calls == []  # nothing swept again
     assert list((cache / "sweeps").iterdir()) == []
 
+    # Killed once the before-losses are saved, before their sweep's folder is deleted: the next run, which reads
+    # the saved losses and never resumes that sweep, deletes it.
+    (cache / f"{_attributor(setup, cache)._before_path().name}").unlink()
+    real_forget = attributor_mod.Attributor._forget_sweeps
+    monkeypatch.setattr(attributor_mod.Attributor, "_forget_sweeps",
+                        lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        _attributor(setup, cache).before_losses()
+    monkeypatch.setattr(attributor_mod.Attributor, "_forget_sweeps", real_forget)
+    assert len(list((cache / "sweeps").iterdir())) == 1
+    calls.clear()
+    np.testing.assert_array_equal(_attributor(setup, cache).before_losses(), want)
+    assert calls == [] and list((cache / "sweeps").iterdir()) == []
+
     # A folder whose manifest went first (what an older removal, file by file, could leave when killed):
     # the Attributor's own folder, so its untrusted chunks are removed and the sweep runs afresh.
     _interrupted(monkeypatch, lambda: _attributor(setup, cache)._run(variants, None, desc="after"))

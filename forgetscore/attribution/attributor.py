@@ -147,7 +147,8 @@ class Attributor:
         chunk_size = self.fisher_chunk_size if chunk_size is None else chunk_size
         check_counts(samples=samples, batch_size=batch_size, chunk_size=chunk_size)
         meta = {"unet_id": self.model.unet_id(), "data_id": data.data_id, "names": self.names,
-                "samples": samples, "seed": seed, "flips": self.plan.flips, "captions": self.plan.captions}
+                "samples": samples, "seed": seed, "flips": self.plan.flips, "captions": self.plan.captions,
+                "format": FISHER_FORMAT}
         path = Path(path) if path else self.cache_dir / f"fisher-{self._key(meta)}.safetensors"
         # Rank 0 looks, every rank follows: ranks must make the same collective calls whatever each one's view of
         # a network filesystem.
@@ -155,7 +156,7 @@ class Attributor:
             t = time.perf_counter()
             # Chunks of other settings (batch and chunk sizes change the last bits) have their own folders; the
             # folders are this Attributor's own, so files in them that no manifest vouches for are removed.
-            parts = path.with_name(f"{path.name}.parts-{self._key(meta, batch_size, chunk_size, FISHER_FORMAT)}")
+            parts = path.with_name(f"{path.name}.parts-{self._key(meta, batch_size, chunk_size)}")
             fisher = run_fisher(self.model, data, self.names, parts, samples=samples, chunk_size=chunk_size,
                                 seed=seed, batch_size=batch_size, flips=self.plan.flips,
                                 captions=self.plan.captions, backend=self.backend, progress=self.progress,
@@ -195,9 +196,14 @@ class Attributor:
             if meta["plan"] != self.plan.to_dict() or meta["unet_id"] != self.model.unet_id():
                 raise ValueError(f"cache: {str(path)!r} was made under another plan or model; delete it")
             try:
-                return np.load(path, allow_pickle=False)
+                before = np.load(path, allow_pickle=False)
             except (OSError, ValueError) as exc:
                 raise ValueError(f"cache: cannot read {str(path)!r} ({exc}); delete it to recompute") from None
+            # A run killed between saving them and deleting their sweep's chunks left the chunks behind; no run
+            # would resume that sweep now.
+            self._finished += list(self._interrupted(self.sweep(), [variant_id(None)], np.arange(self.prepare().n)))
+            self._forget_sweeps()
+            return before
         t = time.perf_counter()
         before = self._run([None], None, desc="score (before)")[0]
         self.timings.add("score before", time.perf_counter() - t, len(before), "img")
@@ -213,24 +219,27 @@ class Attributor:
         data = self.prepare()
         sel = np.arange(data.n) if indices is None else np.asarray(indices, dtype=np.int64)
         ids = [variant_id(w) for w in variants]
-        root = self.cache_dir / "sweeps"
         sweep = self.sweep()
-        # This sweep, interrupted under any batch size (chunks of two batch sizes differ in the last bits, so
-        # they cannot be mixed). Rank 0 looks, every rank follows.
-        found = on_rank0(lambda: matching_sweeps(root, sweep_header(sweep, ids, sel, self.chunk_size)))
+        found = self._interrupted(sweep, ids, sel)
         resume = self._resumable_batch_size(found)
         if resume != self.batch_size:
             sweep = self.sweep(resume)
         # The format too: a sweep interrupted under an older version starts afresh in its own folder.
         key = self._key(self.model.unet_id(), data.data_id, self.plan.to_dict(), sweep.batch_size, self.chunk_size,
                         self.precision, ids, indices_id(sel), SWEEP_FORMAT)
-        out_dir = root / key
+        out_dir = self.cache_dir / "sweeps" / key
         # The folder is this Attributor's own and named by all the settings: chunk files no manifest vouches
         # for (e.g. what a removal file by file, as older versions did, left when killed) are removed.
         losses = run_sweep(sweep, variants, out_dir, indices=sel, chunk_size=self.chunk_size,
                            variant_ids=ids, progress=self.progress, desc=desc, untrusted="remove")
         self._finished += [out_dir, *found]  # the same sweep under other batch sizes is superseded too
         return losses
+
+    def _interrupted(self, sweep: LossSweep, ids: list, sel: np.ndarray) -> dict[Path, tuple[int, int]]:
+        """The folders of this sweep interrupted under any batch size (chunks of two batch sizes differ in the
+        last bits, so they cannot be mixed). Rank 0 looks, every rank follows."""
+        return on_rank0(lambda: matching_sweeps(self.cache_dir / "sweeps",
+                                                sweep_header(sweep, ids, sel, self.chunk_size)))
 
     def _forget_sweeps(self) -> None:
         """Delete the chunks of finished sweeps (they only serve a resume), once every rank has read them."""

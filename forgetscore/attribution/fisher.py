@@ -1,20 +1,23 @@
 """The diagonal Fisher of the training loss over the selected weights.
 
 F = mean over S samples of the squared per-sample gradient, each sample an image,
-one random caption of it, one random timestep and fresh noise. The image is drawn at random
-(with replacement, keyed on the sample's index, so that any range of samples can be computed
-alone); the paper's five epochs visit each image exactly five times instead, which gives the
-same Fisher in expectation with a little less sampling noise. For linear layers
-(every preset but ``all``) the per-sample gradients are never formed: hooks capture
-each layer's inputs X and output gradients G, and ``kernels.fisher_accumulate`` adds
-sum_b (G_b^T X_b)^2. Other parameters (convolutions, norms under ``all``) fall back to
-one backward pass per sample. Accumulated in float64.
+one random caption of it, one random timestep and fresh noise. As in the paper, the samples go
+through the training set in epochs: samples [e * n, (e + 1) * n) visit each of the n images once,
+in an order of its own for each epoch, so S = 5 n (the default) visits every image exactly five
+times. The order, caption, timestep and noise are keyed on (seed, sample index), so that any
+range of samples can be computed alone. The per-sample gradients are never formed for linear
+and convolution layers, group and layer norms (every parameter of a diffusers UNet): hooks capture
+each layer's inputs X and output gradients G in one batched backward pass, and
+:mod:`.per_sample` sums the squares of each sample's gradient from them (for linear layers,
+``kernels.fisher_accumulate`` adds sum_b (G_b^T X_b)^2). Any other parameter takes one backward
+pass per sample. Accumulated in float64.
 
 :func:`compute_fisher` computes it in memory; :func:`run_fisher` in resumable chunks of
 samples written into a directory and shared by the ranks of a torchrun job (see below).
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .. import kernels
+from . import per_sample
 from .data import PreparedData
 from .io import write_bytes
 from .model import DiffusionModel
@@ -30,32 +34,50 @@ from .ranks import barrier, broadcast, deal_chunks, on_rank0
 from .train_loss import row_losses
 
 FISHER_STREAM = 0x46495348  # separates the Fisher's random draws from the scoring plan's
+ORDER_STREAM = 0x4F524452  # the epochs' image orders: keyed on image ids, which must not meet the samples' keys
+
+
+@functools.lru_cache(maxsize=4)  # a batch of samples spans one or two epochs; n int64s each
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The order in which epoch `epoch` visits images 0 .. n - 1: sorted by a 63-bit hash of (seed, epoch, image)."""
+    bits = kernels.random_bits(seed ^ ORDER_STREAM, torch.arange(n), epoch, 2)
+    return torch.sort((bits[:, 0] << 31) | (bits[:, 1] >> 1), stable=True).indices
 
 
 def sample_draws(seed: int, start: int, count: int, data: PreparedData, num_train_timesteps: int,
                  flips: bool) -> dict[str, torch.Tensor]:
-    """Sample s -> (image, caption, timestep, flip), keyed on (seed, s): the same whatever the batching."""
-    bits = kernels.random_bits(seed ^ FISHER_STREAM, torch.arange(start, start + count), 0, 4)
-    image = bits[:, 0] % data.n
+    """Sample s -> (image, caption, timestep, flip), keyed on (seed, s): the same whatever the batching.
+
+    Sample s is position s % n of epoch s // n's order of the n images.
+    """
+    sample_id = torch.arange(start, start + count)
+    epoch, position = sample_id // data.n, sample_id % data.n
+    image = torch.empty(count, dtype=torch.int64)
+    for e in torch.unique(epoch).tolist():
+        at = epoch == e
+        image[at] = epoch_order(seed, e, data.n)[position[at]]
+    bits = kernels.random_bits(seed ^ FISHER_STREAM, sample_id, 0, 3)
     offsets = torch.as_tensor(data.caption_offsets)
     n_caps = offsets[image + 1] - offsets[image]
-    return {"image": image, "caption": bits[:, 1] % n_caps, "timestep": bits[:, 2] % num_train_timesteps,
-            "version": (bits[:, 3] & 1) if flips else torch.zeros(count, dtype=torch.int64),
-            "sample_id": torch.arange(start, start + count)}
+    return {"image": image, "caption": bits[:, 0] % n_caps, "timestep": bits[:, 1] % num_train_timesteps,
+            "version": (bits[:, 2] & 1) if flips else torch.zeros(count, dtype=torch.int64),
+            "sample_id": sample_id}
 
 
 class _Capture:
-    """Forward hooks that keep each linear layer's input and output for one backward pass."""
+    """Forward hooks that keep each layer's input and output, and count its calls, for one backward pass."""
 
-    def __init__(self, modules: dict[str, torch.nn.Linear]):
+    def __init__(self, modules: dict[str, torch.nn.Module]):
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, int] = {}
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
         def hook(module, args, output):
             self.inputs[name] = args[0].detach()
             self.outputs[name] = output
+            self.calls[name] = self.calls.get(name, 0) + 1
         return hook
 
     def close(self) -> None:
@@ -63,21 +85,20 @@ class _Capture:
             h.remove()
 
 
-def _split(unet: torch.nn.Module, names: list[str]) -> tuple[dict, dict, list[str]]:
-    """The selected weights as ({linear layer: module}, {layer: its bias's name}, [other parameters])."""
+def _split(unet: torch.nn.Module, names: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """The selected parameters as ({layer: {"weight"/"bias": parameter name}} for the layers whose
+    per-sample gradients come from their inputs and output gradients, [every other parameter])."""
     modules = dict(unet.named_modules())
-    linear, bias_of, other = {}, {}, []
+    layers: dict[str, dict[str, str]] = {}
+    other = []
     for n in names:
         owner, _, kind = n.rpartition(".")
         mod = modules.get(owner)
-        if isinstance(mod, torch.nn.Linear) and kind == "weight":
-            linear[owner] = mod
-        elif isinstance(mod, torch.nn.Linear) and kind == "bias":
-            linear[owner] = mod
-            bias_of[owner] = n
+        if mod is not None and kind in ("weight", "bias") and per_sample.supported(mod):
+            layers.setdefault(owner, {})[kind] = n
         else:
             other.append(n)
-    return linear, bias_of, other
+    return layers, other
 
 
 def fisher_sums(model: DiffusionModel, data: PreparedData, names: list[str], *, start: int, count: int,
@@ -87,7 +108,8 @@ def fisher_sums(model: DiffusionModel, data: PreparedData, names: list[str], *, 
     in batches of `batch_size` from `start` (so a range is always computed the same way)."""
     unet = model.unet
     all_params = dict(unet.named_parameters())
-    linear, bias_of, other = _split(unet, names)
+    modules = dict(unet.named_modules())
+    layers, other = _split(unet, names)
     sums = {n: torch.zeros(all_params[n].shape, dtype=torch.float64, device=model.device) for n in names}
     selected = [all_params[n] for n in names]
     for p in selected:
@@ -103,37 +125,37 @@ def fisher_sums(model: DiffusionModel, data: PreparedData, names: list[str], *, 
             ctx = text[first + cap].to(model.device)
             args = (x0, ctx, d["timestep"].to(model.device), seed ^ FISHER_STREAM,
                     d["sample_id"].to(model.device), torch.ones(n_rows, dtype=torch.int64, device=model.device))
-            if linear:
-                cap_hooks = _Capture(linear)
+            per_row = list(other)
+            if layers:
+                hooks = _Capture({o: modules[o] for o in layers})
                 try:
                     losses = row_losses(model, *args, backend=backend)
                 finally:
-                    cap_hooks.close()
-                owners = list(cap_hooks.outputs)
+                    hooks.close()
+                # A layer that ran twice in the forward pass (shared weights) kept only its last call: its
+                # parameters take the per-sample backward passes below.
+                twice = {o for o, c in hooks.calls.items() if c > 1}
+                per_row += [n for o in layers if o in twice for n in layers[o].values()]
+                owners = [o for o in hooks.outputs if o not in twice]
                 # Each row's loss depends only on its own sample, so the gradient of the sum w.r.t. a layer's
                 # output rows is each sample's own output gradient.
-                grads = torch.autograd.grad(losses.sum(), [cap_hooks.outputs[o] for o in owners],
-                                            retain_graph=bool(other))
+                grads = torch.autograd.grad(losses.sum(), [hooks.outputs[o] for o in owners],
+                                            retain_graph=bool(per_row), allow_unused=True)
                 for o, g in zip(owners, grads):
-                    x = cap_hooks.inputs[o]
-                    x3 = x.reshape(n_rows, -1, x.shape[-1])
-                    g3 = g.reshape(n_rows, -1, g.shape[-1])
-                    wname = f"{o}.weight"
-                    if wname in sums:
-                        # check=False: a synchronisation per layer and batch otherwise; a non-finite
-                        # Fisher is refused where it is used (the unlearning step checks it).
-                        kernels.fisher_accumulate(sums[wname], x3, g3, backend=backend, check=False)
-                    if o in bias_of:
-                        sums[bias_of[o]] += g3.double().sum(1).square().sum(0)
-                del cap_hooks
-            if other:
-                extra = [all_params[n] for n in other]
-                if not linear:
+                    if g is not None:  # None: the layer's output does not reach the loss
+                        per_sample.accumulate(modules[o], hooks.inputs[o], g,
+                                              {kind: sums[n] for kind, n in layers[o].items()}, n_rows,
+                                              backend=backend)
+                del hooks, grads
+            if per_row:
+                extra = [all_params[n] for n in per_row]
+                if not layers:
                     losses = row_losses(model, *args, backend=backend)
                 for b in range(n_rows):
-                    gs = torch.autograd.grad(losses[b], extra, retain_graph=b < n_rows - 1)
-                    for n, g in zip(other, gs):
-                        sums[n] += g.double().square()
+                    gs = torch.autograd.grad(losses[b], extra, retain_graph=b < n_rows - 1, allow_unused=True)
+                    for n, g in zip(per_row, gs):
+                        if g is not None:
+                            sums[n] += g.double().square()
             if bar is not None:
                 bar.update(n_rows)
     finally:
@@ -171,7 +193,7 @@ def compute_fisher(model: DiffusionModel, data: PreparedData, names: list[str], 
 # the same order whichever ranks computed which chunks and wherever a run was interrupted. Under
 # torchrun the ranks store their chunks in rounds, which keeps that bound (two rounds of chunks).
 
-FISHER_FORMAT = 1
+FISHER_FORMAT = 2  # 2: samples go through the images in epochs (1 drew them with replacement)
 FISHER_CHUNK = 16384  # samples per chunk: about 12 s of the demo model on 2 CPU cores (its Fisher: 1,411 samples/s)
 MANIFEST = "fisher.json"
 PREFIX = "prefix.safetensors"

@@ -1,0 +1,87 @@
+"""Squared per-sample gradients of each layer kind from one batched pass, against one pass per sample."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from forgetscore.attribution import per_sample
+
+
+def _layers(rng: torch.Generator) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """(label, layer, one sample's input shape) of every kind, with sizes drawn afresh."""
+    c = int(torch.randint(2, 5, (1,), generator=rng))
+    return [
+        ("linear tokens", nn.Linear(5, 7), (6, 5)),
+        ("linear flat", nn.Linear(4, 3, bias=False), (4,)),
+        ("conv 3x3", nn.Conv2d(c, 4, 3, padding=1), (c, 7, 6)),
+        ("conv stride 2", nn.Conv2d(c, 3, 3, stride=2, padding=1, bias=False), (c, 8, 7)),
+        ("conv 1x1", nn.Conv2d(c, 5, 1), (c, 5, 5)),
+        ("conv dilated", nn.Conv2d(2, 3, (3, 2), dilation=2, padding=(2, 1), stride=(1, 2)), (2, 9, 8)),
+        ("group norm", nn.GroupNorm(2, 2 * c, eps=1e-3), (2 * c, 5, 4)),
+        ("layer norm", nn.LayerNorm(6), (5, 6)),
+        ("layer norm 2-D, no bias", nn.LayerNorm((3, 4), bias=False), (2, 3, 4)),
+    ]
+
+
+def _randomise(layer: nn.Module, rng: torch.Generator) -> None:
+    with torch.no_grad():  # norms start at w = 1, b = 0: move them so that a mixed-up w and b would show
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=rng) * 0.5 + 0.3)
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_each_kind_equals_squared_gradients_of_one_pass_per_sample(index):
+    rng = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    label, layer, shape = _layers(rng)[index]
+    _randomise(layer, rng)
+    assert per_sample.supported(layer), label
+    b = 4
+    x = torch.randn(b, *shape, generator=rng)
+    out = layer(x)
+    target = torch.randn(out.shape, generator=rng)
+
+    def loss_of(y, t):  # each sample's own loss, nonlinear in the layer's output
+        return ((y - t) ** 2).flatten(1).mean(1) + (y.flatten(1) ** 3).mean(1)
+
+    captured = {}
+    layer.register_forward_hook(lambda m, inp, o: captured.update(x=inp[0].detach(), y=o))
+    (g,) = torch.autograd.grad(loss_of(layer(x), target).sum(), [captured["y"]])
+    params = dict(layer.named_parameters())
+    sums = {kind: torch.zeros(p.shape, dtype=torch.float64) for kind, p in params.items()}
+    per_sample.accumulate(layer, captured["x"], g, sums, b)
+
+    ref = copy.deepcopy(layer).double()
+    want = {kind: torch.zeros(p.shape, dtype=torch.float64) for kind, p in params.items()}
+    for i in range(b):
+        ref.zero_grad()
+        loss_of(ref(x[i:i + 1].double()), target[i:i + 1].double()).sum().backward()
+        for kind, p in ref.named_parameters():
+            want[kind] += p.grad ** 2
+    for kind in params:
+        # float32 layer inputs: entries are sums over positions, so allow float32 rounding of the largest.
+        torch.testing.assert_close(sums[kind], want[kind], rtol=1e-4, atol=1e-5 * float(want[kind].abs().max()),
+                                   msg=lambda m: f"{label} {kind}: {m}")
+
+
+def test_only_the_requested_parameters_are_added_to():
+    rng = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    for label, layer, shape in _layers(rng):
+        if getattr(layer, "bias", None) is None:
+            continue
+        x = torch.randn(3, *shape, generator=rng)
+        y = layer(x)
+        g = torch.randn(y.shape, generator=rng)
+        only_bias = {"bias": torch.zeros(layer.bias.shape, dtype=torch.float64)}
+        per_sample.accumulate(layer, x, g, only_bias, 3)
+        both = {kind: torch.zeros(p.shape, dtype=torch.float64) for kind, p in layer.named_parameters()}
+        per_sample.accumulate(layer, x, g, both, 3)
+        assert torch.equal(only_bias["bias"], both["bias"]), label
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(2, 3, 3, padding="same"),
+                                   nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
+                                   nn.GroupNorm(2, 4, affine=False), nn.LayerNorm(4, elementwise_affine=False),
+                                   nn.Embedding(5, 3), nn.BatchNorm2d(3)])
+def test_other_layers_are_left_to_one_pass_per_sample(layer):
+    assert not per_sample.supported(layer)
