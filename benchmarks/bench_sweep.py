@@ -202,6 +202,16 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], sync: Callable[[], None]
     return out
 
 
+def cudnn_benchmark(fn: Callable[[], Any]) -> Any:
+    """fn() with cuDNN timing its convolution algorithms per shape (torch.backends.cudnn.benchmark), then as before."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        return fn()
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 # --------------------------------------------------------------------------- 1 + 2: sweep, bare, published
 
 def bare_batches(sweep, ids: np.ndarray) -> list[tuple[torch.Tensor, ...]]:
@@ -226,6 +236,14 @@ def bare_batches(sweep, ids: np.ndarray) -> list[tuple[torch.Tensor, ...]]:
             out.append((x_t[lo:hi].contiguous(), ts[lo:hi].contiguous(), ctx[lo:hi].contiguous(), captions,
                         text_row[lo:hi].contiguous()))
     return out
+
+
+def bare_compiled(sweep, pre: list[tuple[torch.Tensor, ...]]) -> None:
+    """The batches of :func:`bare_batches` through `sweep`'s compiled UNet, called as its sweep calls it
+    (the same padding, precision and shared caption keys and values), and nothing else."""
+    with torch.inference_mode(), sweep._shared_text.installed() as shared:
+        for x_t, t, _, captions, text_row in pre:
+            sweep._forward(x_t, t, captions, text_row, shared)
 
 
 def published_loop(model, data, ids: np.ndarray, images_per_batch: int, timesteps: list[int],
@@ -308,6 +326,12 @@ def bench_sweep_parts(args, model, data, sizes: dict, emit, log) -> None:
         sweep_c = LossSweep(model, data, noflip_plan, batch_size=B, compile=mode,
                             precision="bf16" if dtype == torch.bfloat16 else "fp32")
         fns[key] = lambda sweep_c=sweep_c: sweep_c.run([None], ids2, progress=False)
+        fns[f"bare_compiled:{mode}"] = lambda sweep_c=sweep_c: bare_compiled(sweep_c, pre)
+    # Our sweeps again with cuDNN choosing its convolution algorithms by timing them (the published loop keeps
+    # PyTorch's default, heuristics): the same compiled functions, so no second compilation.
+    cudnn = {f"{key}+cudnn": key for key in ("sweep_noflip", *compiled)} if args.cudnn_benchmark else {}
+    for key, base in cudnn.items():
+        fns[key] = lambda fn=fns[base]: cudnn_benchmark(fn)
 
     log(f"[1+2] {rows} rows per call ({n1} images x 2 flips x {CAPTIONS} captions x {len(ts)} timesteps, "
         f"or {2 * n1} images without flips); UNet batches of {B} rows; published batches of {pub_rows_per_batch} rows")
@@ -322,6 +346,11 @@ def bench_sweep_parts(args, model, data, sizes: dict, emit, log) -> None:
               "published": ("2 published", "published loop (fp32)", work2, pub_rows_per_batch)}
     for key, mode in compiled.items():
         labels[key] = ("2 published", f"LossSweep.run ({args.dtype}, compile {mode})", work2, B)
+        labels[f"bare_compiled:{mode}"] = ("1 overhead", f"bare forwards, caption K/V once ({args.dtype}, "
+                                                         f"compile {mode})", work1, B)
+    for key, base in cudnn.items():
+        part, method, work, batch = labels[base]
+        labels[key] = (part, f"{method[:-1]}, cudnn.benchmark)", work, batch)
     for key, (part, method, work, batch) in labels.items():
         tm = times[key]
         row = {"part": part, "method": method, "work": work, "rows": rows, "batch_rows": batch}
@@ -330,14 +359,20 @@ def bench_sweep_parts(args, model, data, sizes: dict, emit, log) -> None:
         else:
             row.update(median_s=tm["median_s"], rows_per_s=rows / tm["median_s"], timing=tm)
         emit(row)
-    for base, method, target in (("bare_shared", "ratio sweep / bare, caption K/V once", "<= 1.10x"),
-                                 ("bare", "ratio sweep / bare", "")):
-        if all(isinstance(times[k], dict) for k in (base, "sweep_flips")):
+    overheads = [("sweep_flips", "bare_shared", "ratio sweep / bare, caption K/V once", "<= 1.10x"),
+                 ("sweep_flips", "bare", "ratio sweep / bare", "")]
+    # The compiled sweep (no flips: the same rows and batch shapes) against its own compiled UNet.
+    overheads += [(key, f"bare_compiled:{mode}", f"ratio sweep / bare, compile {mode}", "")
+                  for key, mode in compiled.items()]
+    for sweep_key, base, method, target in overheads:
+        if all(isinstance(times[k], dict) for k in (base, sweep_key)):
             emit({"part": "1 overhead", "method": method, "work": work1, "rows": rows,
-                  "ratio": times["sweep_flips"]["median_s"] / times[base]["median_s"], "target": target})
+                  "ratio": times[sweep_key]["median_s"] / times[base]["median_s"], "target": target})
     ours = [("sweep_noflip", "sweep", f"LossSweep ({args.dtype})")]
     for key, mode in compiled.items():
         ours.append((key, f"sweep compiled {mode}", f"LossSweep ({args.dtype}, compile {mode})"))
+    ours += [(key, f"{what}, cudnn.benchmark", f"{method[:-1]}, cudnn.benchmark)")
+             for key, base in cudnn.items() for b, what, method in list(ours) if b == base]
     ours = [o for o in ours if isinstance(times[o[0]], dict)]
     if isinstance(times["published"], dict):
         for key, what, _ in ours:
@@ -452,7 +487,6 @@ def fisher_child(args) -> dict:
     S = args.fisher_samples or sizes["fisher_samples"]
     model = build_model(dev)
     data = build_data(model, max(8, S))
-    names = select_weights(model.unet, "kv")
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     status0 = proc_status()
     sync = make_sync(dev)
@@ -461,11 +495,15 @@ def fisher_child(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         mem0 = torch.cuda.memory_allocated()
     info: dict[str, Any] = {"samples": S}
-    if args.child == "fisher-kernel":
+    if args.child in ("fisher-kernel", "fisher-kernel-all"):
+        preset = "kv" if args.child == "fisher-kernel" else "all"
+        names = select_weights(model.unet, preset)
+
         def run():
             with autocast(dev, DTYPES[args.dtype]):
                 return compute_fisher(model, data, names, samples=S, batch_size=S, progress=False)
-        info["weights"] = f"{len(names)} K/V tensors, {sum(model.unet.get_parameter(n).numel() for n in names):,} weights"
+        info["weights"] = (f"{'K/V' if preset == 'kv' else 'all'} {len(names)} tensors, "
+                           f"{sum(model.unet.get_parameter(n).numel() for n in names):,} weights")
     else:
         from diffusers.models.attention_processor import AttnProcessor
         from torch.func import functional_call, grad, vmap
@@ -529,15 +567,16 @@ def fisher_child(args) -> dict:
 def bench_fisher(args, sizes: dict, emit, log) -> None:
     S = args.fisher_samples or sizes["fisher_samples"]
     methods = (("fisher-kernel", "compute_fisher: hooks + kernel, K/V weights"),
+               ("fisher-kernel-all", "compute_fisher: hooks + kernel, all weights"),
                ("fisher-func", "torch.func vmap(grad) per-sample, all weights"))
     for key, method in methods:
+        dtype = "float32" if key == "fisher-func" else args.dtype  # the published way stays fp32
         cmd = [sys.executable, os.path.abspath(__file__), "--child", key, "--device", args.device,
-               "--dtype", args.dtype if key == "fisher-kernel" else "float32", "--threads", str(args.threads),
+               "--dtype", dtype, "--threads", str(args.threads),
                "--fisher-samples", str(S)] + (["--fisher-chunk", str(args.fisher_chunk)] if args.fisher_chunk else []) \
             + (["--quick"] if args.quick else [])
         log(f"[4] {method}: {S} samples in a subprocess")
-        row: dict[str, Any] = {"part": "4 fisher", "method": method, "rows": S,
-                               "dtype": args.dtype if key == "fisher-kernel" else "float32"}
+        row: dict[str, Any] = {"part": "4 fisher", "method": method, "rows": S, "dtype": dtype}
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.fisher_timeout_s)
             lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
@@ -626,6 +665,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", type=list_arg(COMPILE_MODES), default=(),
                    help="comma-separated torch.compile modes of the sweep (" + ", ".join(COMPILE_MODES) + "): "
                         "part 2 also times the sweep compiled in each, after an untimed call that compiles it")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="part 2 also times each of our sweeps with torch.backends.cudnn.benchmark on (CUDA only)")
+    p.add_argument("--batch-rows", type=int, default=0,
+                   help="UNet rows per batch of the sweep and the bare forwards (default 200 CPU, 2000 CUDA)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -638,9 +681,17 @@ def main(argv: list[str] | None = None) -> int:
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here", file=sys.stderr)
         return 2
+    if args.cudnn_benchmark and dev.type != "cuda":
+        print("--cudnn-benchmark: cuDNN runs on CUDA only; drop it or pass --device cuda", file=sys.stderr)
+        return 2
+    if args.batch_rows < 0:
+        print(f"--batch-rows: {args.batch_rows} must be >= 1 (or 0 for the default)", file=sys.stderr)
+        return 2
     sizes = dict((QUICK if args.quick else SIZES)[dev.type])
     if args.rounds:
         sizes["rounds"] = args.rounds
+    if args.batch_rows:
+        sizes["batch_rows"] = args.batch_rows
     import diffusers
 
     start = time.perf_counter()

@@ -16,6 +16,14 @@
 #                       took about 440 s on 2026-11-28, and the benchmark gets what is left)
 #   PYTHON              interpreter (default: python or python3, whichever imports torch)
 #   GPU_CHECK_DEVICE    cuda (default) or cpu (the rehearsal)
+#   GPU_CHECK_STEPS     comma-separated steps to run (default: all): env, wheels, build, info, tests,
+#                       sweep, precision, precision_ft, crosscheck, bench
+#   GPU_CHECK_COMPILE   torch.compile modes of the sweep step (default: default)
+#   GPU_CHECK_BATCH_ROWS  UNet rows per batch of the sweep step (default: bench_sweep.py's, 2000 on CUDA)
+#
+# After a full check, the sweep's speed alone (its build is not needed: the Triton kernels load without it):
+#   GPU_CHECK_STEPS=env,wheels,sweep GPU_CHECK_COMPILE=default,max-autotune-no-cudagraphs \
+#     GPU_CHECK_BATCH_ROWS=4000 bash benchmarks/gpu_check.sh
 #
 # Every step runs under `timeout` with its own cap, cut down to what is left of the
 # budget, and its output goes to $OUT/<step>.log.  A failing step does not stop the
@@ -59,6 +67,11 @@ run_step() {
   local name=$1 cap=$2 quiet=$3 note=$4
   shift 5
   local avail limit t0 rc
+  if [[ -n ${GPU_CHECK_STEPS:-} && ",${GPU_CHECK_STEPS// /}," != *",$name,"* ]]; then
+    printf '%s\tskipped\t0\tnot in GPU_CHECK_STEPS\n' "$name" >> "$STEPS"
+    STEP_RC=125
+    return
+  fi
   avail=$(left)
   limit=$(( cap < avail ? cap : avail ))
   if (( limit < 10 )); then
@@ -103,7 +116,10 @@ if rehearsal; then build_cuda=0; fi
 run_step build 240 1 "FORGETSCORE_BUILD_CUDA=$build_cuda pip install -e . (log: build.log)" -- \
   env FORGETSCORE_BUILD_CUDA=$build_cuda FORGETSCORE_STRICT_BUILD=1 \
   "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
-if [[ $STEP_RC != 0 ]]; then
+if [[ $STEP_RC == 125 ]]; then
+  # Not built here (GPU_CHECK_STEPS): the package from the source tree, without its C++/CUDA kernels.
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+elif [[ $STEP_RC != 0 ]]; then
   echo "!!! CUDA build failed: the remaining steps run with whatever backends load (Triton, torch)"
 fi
 
@@ -125,9 +141,12 @@ sweep_cap=$(( $(left) - 150 ))
 sweep_cap=$(( sweep_cap > 240 ? 240 : (sweep_cap < 60 ? 60 : sweep_cap) ))
 sweep_quick=""
 if (( sweep_cap < 150 )) || rehearsal; then sweep_quick=1; fi
-run_step sweep "$sweep_cap" 0 "bench_sweep.py --device $DEVICE --dtype bfloat16 --compile default${sweep_quick:+ --quick}" -- \
+# Beside each of our sweeps, the same with cuDNN timing its convolution algorithms (CUDA only).
+sweep_args=(--compile "${GPU_CHECK_COMPILE:-default}" ${GPU_CHECK_BATCH_ROWS:+--batch-rows "$GPU_CHECK_BATCH_ROWS"})
+if ! rehearsal; then sweep_args+=(--cudnn-benchmark); fi
+run_step sweep "$sweep_cap" 0 "bench_sweep.py --device $DEVICE --dtype bfloat16 ${sweep_args[*]}${sweep_quick:+ --quick}" -- \
   "$PYTHON" benchmarks/bench_sweep.py --device "$DEVICE" --dtype bfloat16 ${sweep_quick:+--quick} --rounds 3 \
-  --compile default --json "$OUT/bench_sweep_gpu.json" --fisher-timeout-s $(( sweep_cap > 60 ? sweep_cap / 4 : 20 ))
+  "${sweep_args[@]}" --json "$OUT/bench_sweep_gpu.json" --fisher-timeout-s $(( sweep_cap > 60 ? sweep_cap / 4 : 20 ))
 
 # 7. The engine on the GPU with the digits model (and, if carried, a fine-tuned one): precision of
 #    fp32 (IEEE), tf32, bf16, fp16 and mixed scores against fp32, the probed batch size and agreement
