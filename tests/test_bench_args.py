@@ -1,12 +1,13 @@
-"""The sweep benchmark's list arguments: parts and torch.compile modes."""
+"""The sweep benchmark's arguments: parts, torch.compile modes, the cuDNN switch and batch rows."""
 import argparse
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_sweep import COMPILE_MODES, PARTS, list_arg  # noqa: E402
+from bench_sweep import COMPILE_MODES, PARTS, cudnn_benchmark, list_arg, main  # noqa: E402
 
 
 def test_parts_and_modes_parse_as_lists():
@@ -20,3 +21,21 @@ def test_parts_and_modes_parse_as_lists():
 def test_unknown_entries_are_refused_with_the_choices(choices, text):
     with pytest.raises(argparse.ArgumentTypeError, match="give one or more of"):
         list_arg(choices)(text)
+
+
+@pytest.mark.parametrize("start", [False, True])
+def test_cudnn_benchmark_is_on_for_the_call_only(start, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", start)
+    seen = []
+    assert cudnn_benchmark(lambda: seen.append(torch.backends.cudnn.benchmark) or 7) == 7
+    assert seen == [True] and torch.backends.cudnn.benchmark is start
+    with pytest.raises(KeyError):
+        cudnn_benchmark(lambda: {}["missing"])
+    assert torch.backends.cudnn.benchmark is start
+
+
+@pytest.mark.parametrize("argv,message", [(["--cudnn-benchmark"], "--cudnn-benchmark: cuDNN runs on CUDA only"),
+                                          (["--batch-rows", "-5"], "--batch-rows: -5 must be >= 1")])
+def test_bad_options_exit_with_a_message_naming_them(argv, message, capsys):
+    assert main(["--device", "cpu", *argv]) == 2
+    assert message in capsys.readouterr().err
