@@ -131,7 +131,8 @@ run_step info 60 0 "python -m forgetscore info" -- "$PYTHON" -m forgetscore info
 tests_cap=$(( $(left) - 300 ))
 tests_cap=$(( tests_cap > 120 ? 120 : (tests_cap < 45 ? 45 : tests_cap) ))
 run_step tests "$tests_cap" 0 "kernel tests" -- "$PYTHON" -m pytest -q -x -p no:cacheprovider \
-  tests/test_noise.py tests/test_add_noise.py tests/test_diffusion_loss.py tests/test_fisher.py tests/test_validation.py
+  tests/test_noise.py tests/test_add_noise.py tests/test_diffusion_loss.py tests/test_fisher.py tests/test_validation.py \
+  tests/test_fisher_layers.py
 
 # 6. Sweep benchmark on the MSCOCO-scale UNet (benchmarks 1-4 of the sweep: overhead, the published
 #    loop beside the sweep eager and under torch.compile, several queries, Fisher; needs diffusers:

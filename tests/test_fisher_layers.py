@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from forgetscore.attribution import per_sample
+from forgetscore.attribution.losses import _cuda_fp32_math
 
 
 def _layers(rng: torch.Generator) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
@@ -30,28 +31,38 @@ def _randomise(layer: nn.Module, rng: torch.Generator) -> None:
             p.copy_(torch.randn(p.shape, generator=rng) * 0.5 + 0.3)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("index", range(9))
-def test_each_kind_equals_squared_gradients_of_one_pass_per_sample(index):
+def test_each_kind_equals_squared_gradients_of_one_pass_per_sample(index, device):
+    # IEEE float32 on a GPU too: cuDNN's default TF32 would move the layer's outputs by ~1e-3.
+    with _cuda_fp32_math("ieee"):
+        _check_kind(index, device)
+
+
+def _check_kind(index: int, device: str) -> None:
     rng = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
     label, layer, shape = _layers(rng)[index]
     _randomise(layer, rng)
     assert per_sample.supported(layer), label
     b = 4
     x = torch.randn(b, *shape, generator=rng)
-    out = layer(x)
-    target = torch.randn(out.shape, generator=rng)
+    target = torch.randn(layer(x).shape, generator=rng)
+    ref = copy.deepcopy(layer).double()
+    layer, x_dev, target_dev = layer.to(device), x.to(device), target.to(device)
 
     def loss_of(y, t):  # each sample's own loss, nonlinear in the layer's output
         return ((y - t) ** 2).flatten(1).mean(1) + (y.flatten(1) ** 3).mean(1)
 
     captured = {}
     layer.register_forward_hook(lambda m, inp, o: captured.update(x=inp[0].detach(), y=o))
-    (g,) = torch.autograd.grad(loss_of(layer(x), target).sum(), [captured["y"]])
+    (g,) = torch.autograd.grad(loss_of(layer(x_dev), target_dev).sum(), [captured["y"]])
     params = dict(layer.named_parameters())
-    sums = {kind: torch.zeros(p.shape, dtype=torch.float64) for kind, p in params.items()}
+    sums = {kind: torch.zeros(p.shape, dtype=torch.float64, device=device) for kind, p in params.items()}
     per_sample.accumulate(layer, captured["x"], g, sums, b)
 
-    ref = copy.deepcopy(layer).double()
     want = {kind: torch.zeros(p.shape, dtype=torch.float64) for kind, p in params.items()}
     for i in range(b):
         ref.zero_grad()
@@ -60,7 +71,7 @@ def test_each_kind_equals_squared_gradients_of_one_pass_per_sample(index):
             want[kind] += p.grad ** 2
     for kind in params:
         # float32 layer inputs: entries are sums over positions, so allow float32 rounding of the largest.
-        torch.testing.assert_close(sums[kind], want[kind], rtol=1e-4, atol=1e-5 * float(want[kind].abs().max()),
+        torch.testing.assert_close(sums[kind].cpu(), want[kind], rtol=1e-4, atol=1e-5 * float(want[kind].abs().max()),
                                    msg=lambda m: f"{label} {kind}: {m}")
 
 
