@@ -566,10 +566,8 @@ def fisher_child(args) -> dict:
 
 def bench_fisher(args, sizes: dict, emit, log) -> None:
     S = args.fisher_samples or sizes["fisher_samples"]
-    methods = (("fisher-kernel", "compute_fisher: hooks + kernel, K/V weights"),
-               ("fisher-kernel-all", "compute_fisher: hooks + kernel, all weights"),
-               ("fisher-func", "torch.func vmap(grad) per-sample, all weights"))
-    for key, method in methods:
+    for name in args.fisher_methods:
+        key, method = FISHER_METHODS[name]
         dtype = "float32" if key == "fisher-func" else args.dtype  # the published way stays fp32
         cmd = [sys.executable, os.path.abspath(__file__), "--child", key, "--device", args.device,
                "--dtype", dtype, "--threads", str(args.threads),
@@ -633,6 +631,10 @@ def report(result: dict) -> str:
 
 
 PARTS = ("sweep", "queries", "fisher", "precisions")
+# --fisher-methods: (subprocess role, row label)
+FISHER_METHODS = {"kv": ("fisher-kernel", "compute_fisher: hooks + kernel, K/V weights"),
+                  "all": ("fisher-kernel-all", "compute_fisher: hooks + kernel, all weights"),
+                  "func": ("fisher-func", "torch.func vmap(grad) per-sample, all weights")}
 
 
 def list_arg(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
@@ -661,6 +663,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=0, help="timed rounds per comparison (default 3 CPU, 5 CUDA)")
     p.add_argument("--fisher-samples", type=int, default=0, help="samples per Fisher method (default 16 CPU, 64 CUDA)")
     p.add_argument("--fisher-chunk", type=int, default=0, help="samples per vmap call of the torch.func Fisher")
+    p.add_argument("--fisher-methods", type=list_arg(tuple(FISHER_METHODS)), default=tuple(FISHER_METHODS),
+                   help="comma-separated Fisher methods of part 4: kv, all (ours over K/V or all weights), func "
+                        "(torch.func per-sample gradients of all weights, the published way); default: all three")
     p.add_argument("--fisher-timeout-s", type=int, default=600, help="give up on a Fisher subprocess after this")
     p.add_argument("--compile", type=list_arg(COMPILE_MODES), default=(),
                    help="comma-separated torch.compile modes of the sweep (" + ", ".join(COMPILE_MODES) + "): "

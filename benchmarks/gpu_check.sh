@@ -20,10 +20,11 @@
 #                       sweep, precision, precision_ft, crosscheck, bench
 #   GPU_CHECK_COMPILE   torch.compile modes of the sweep step (default: default)
 #   GPU_CHECK_BATCH_ROWS  UNet rows per batch of the sweep step (default: bench_sweep.py's, 2000 on CUDA)
+#   GPU_CHECK_FISHER    Fisher methods of the sweep step (default kv,func; all: ours over every weight too)
 #
 # After a full check, the sweep's speed alone (its build is not needed: the Triton kernels load without it):
 #   GPU_CHECK_STEPS=env,wheels,sweep GPU_CHECK_COMPILE=default,max-autotune-no-cudagraphs \
-#     GPU_CHECK_BATCH_ROWS=4000 bash benchmarks/gpu_check.sh
+#     GPU_CHECK_BATCH_ROWS=4000 GPU_CHECK_FISHER=kv,all,func bash benchmarks/gpu_check.sh
 #
 # Every step runs under `timeout` with its own cap, cut down to what is left of the
 # budget, and its output goes to $OUT/<step>.log.  A failing step does not stop the
@@ -147,7 +148,8 @@ sweep_args=(--compile "${GPU_CHECK_COMPILE:-default}" ${GPU_CHECK_BATCH_ROWS:+--
 if ! rehearsal; then sweep_args+=(--cudnn-benchmark); fi
 run_step sweep "$sweep_cap" 0 "bench_sweep.py --device $DEVICE --dtype bfloat16 ${sweep_args[*]}${sweep_quick:+ --quick}" -- \
   "$PYTHON" benchmarks/bench_sweep.py --device "$DEVICE" --dtype bfloat16 ${sweep_quick:+--quick} --rounds 3 \
-  "${sweep_args[@]}" --json "$OUT/bench_sweep_gpu.json" --fisher-timeout-s $(( sweep_cap > 60 ? sweep_cap / 4 : 20 ))
+  "${sweep_args[@]}" --json "$OUT/bench_sweep_gpu.json" --fisher-methods "${GPU_CHECK_FISHER:-kv,func}" \
+  --fisher-timeout-s $(( sweep_cap > 60 ? sweep_cap / 4 : 20 ))
 
 # 7. The engine on the GPU with the digits model (and, if carried, a fine-tuned one): precision of
 #    fp32 (IEEE), tf32, bf16, fp16 and mixed scores against fp32, the probed batch size and agreement
