@@ -96,3 +96,24 @@ def test_only_the_requested_parameters_are_added_to():
                                    nn.Embedding(5, 3), nn.BatchNorm2d(3)])
 def test_other_layers_are_left_to_one_pass_per_sample(layer):
     assert not per_sample.supported(layer)
+
+
+def test_convolution_patches_are_taken_a_few_samples_at_a_time(monkeypatch):
+    rng = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    layer = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(5, 3, 6, 6, generator=rng)
+    g = torch.randn(5, 4, 6, 6, generator=rng)
+
+    def fisher() -> torch.Tensor:
+        sums = {"weight": torch.zeros(layer.weight.shape, dtype=torch.float64)}
+        per_sample.accumulate(layer, x, g, sums, 5)
+        return sums["weight"]
+
+    whole = fisher()
+    monkeypatch.setattr(per_sample, "PATCH_BYTES", 2 * 3 * 9 * 36 * 4)  # two samples' patches
+    calls = []
+    real = per_sample.kernels.fisher_accumulate
+    monkeypatch.setattr(per_sample.kernels, "fisher_accumulate", lambda f, xs, *a, **kw: (calls.append(len(xs)),
+                                                                                         real(f, xs, *a, **kw))[1])
+    torch.testing.assert_close(fisher(), whole, rtol=1e-12, atol=0)
+    assert calls == [2, 2, 1]

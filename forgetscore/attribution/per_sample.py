@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from .. import kernels
 
+PATCH_BYTES = 256 * 2 ** 20  # a convolution's unfolded inputs held at once (Stable Diffusion's first layers: 24 MB a sample)
+
 
 def supported(module: torch.nn.Module) -> bool:
     """Whether :func:`accumulate` knows this layer's per-sample gradients."""
@@ -54,10 +56,14 @@ def accumulate(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, sums: 
     elif isinstance(module, torch.nn.Conv2d):
         g3 = g.flatten(2).transpose(1, 2)  # [B, positions, C_out]
         if "weight" in sums:
-            patches = F.unfold(x.to(g.dtype), module.kernel_size, dilation=module.dilation, padding=module.padding,
-                               stride=module.stride).transpose(1, 2)  # [B, positions, C_in * kh * kw]
-            kernels.fisher_accumulate(sums["weight"].view(sums["weight"].shape[0], -1), patches, g3,
-                                      backend=backend, check=False)
+            # The patches are kh * kw times the input: a few samples at a time keep them under PATCH_BYTES.
+            per_row = g3.shape[1] * x.shape[1] * module.kernel_size[0] * module.kernel_size[1] * g.element_size()
+            step = max(1, PATCH_BYTES // max(1, per_row))
+            for lo in range(0, n_rows, step):
+                patches = F.unfold(x[lo:lo + step].to(g.dtype), module.kernel_size, dilation=module.dilation,
+                                   padding=module.padding, stride=module.stride)
+                kernels.fisher_accumulate(sums["weight"].view(sums["weight"].shape[0], -1),
+                                          patches.transpose(1, 2), g3[lo:lo + step], backend=backend, check=False)
         if "bias" in sums:
             sums["bias"] += g3.double().sum(1).square().sum(0)
     else:
