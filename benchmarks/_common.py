@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -42,6 +43,30 @@ def run_meta(dev: torch.device) -> dict:
             "argv": sys.argv, "load_average": load_average()}
 
 
+class TimeUp(BaseException):
+    """SIGTERM arrived (what `timeout` sends first): stop measuring and keep what was measured.
+
+    A BaseException, so that the handlers that keep one failing method from stopping the others
+    do not swallow it.
+    """
+
+
+_STOP = {"requested": False}
+
+
+def stop_on_sigterm() -> None:
+    """From now on, SIGTERM raises :class:`TimeUp` in the main thread (and :func:`stop_requested` is true)."""
+    def handler(signum, frame):
+        _STOP["requested"] = True
+        raise TimeUp
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def stop_requested() -> bool:
+    return _STOP["requested"]
+
+
 class Results(dict):
     """A benchmark's JSON record ({"meta", *sections, "errors"}), written whole to `path` (temp file,
     then rename) at every save, so that a run cut short keeps what it measured."""
@@ -58,10 +83,21 @@ class Results(dict):
             os.replace(tmp, self.path)
 
     def run_steps(self, steps: list[tuple[str, Callable[[], object]]]) -> None:
-        """Each step in turn; one that fails is recorded in "errors" and the others still run."""
+        """Each step in turn; one that fails is recorded in "errors" and the others still run.
+
+        After a SIGTERM (see :func:`stop_on_sigterm`) the step under way keeps what it has recorded
+        and the later ones are not started.
+        """
         for name, step in steps:
             try:
-                step()
+                if stop_requested():
+                    self["errors"].append(f"{name}: not run (stopped by SIGTERM)")
+                else:
+                    step()
+                    if stop_requested():  # it caught the signal itself and reported its finished rounds
+                        raise TimeUp
+            except TimeUp:
+                self["errors"].append(f"{name}: stopped by SIGTERM; the rows it had recorded are kept")
             except Exception as exc:  # noqa: BLE001 - keep what the other steps measure
                 traceback.print_exc()
                 self["errors"].append(f"{name}: {type(exc).__name__}: {exc}")

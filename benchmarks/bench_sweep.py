@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from _common import Results, fmt_bytes, make_sync, run_meta, table
+from _common import Results, TimeUp, fmt_bytes, make_sync, run_meta, stop_on_sigterm, table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without installing
@@ -170,35 +170,43 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], sync: Callable[[], None]
     """
     out: dict[str, dict | str] = {}
     live: dict[str, float | None] = {}
-    for k, (name, fn) in enumerate(fns.items()):
-        if k and not warm_all and name not in always_warm:
-            live[name] = None
-            continue
-        try:
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            live[name] = time.perf_counter() - t0
-            log(f"  warm-up {name}: {live[name]:.2f} s")
-        except Exception as exc:  # noqa: BLE001 - report, keep the others
-            traceback.print_exc()
-            out[name] = f"n/a ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})"
-    samples: dict[str, list[float]] = {n: [] for n in live}
-    for k in range(rounds):
-        for name in list(samples):
+    samples: dict[str, list[float]] = {}
+    try:
+        for k, (name, fn) in enumerate(fns.items()):
+            if k and not warm_all and name not in always_warm:
+                live[name] = None
+                continue
             try:
                 t0 = time.perf_counter()
-                fns[name]()
+                fn()
                 sync()
-                samples[name].append(time.perf_counter() - t0)
-            except Exception as exc:  # noqa: BLE001 - a function never warmed up may fail here
+                live[name] = time.perf_counter() - t0
+                log(f"  warm-up {name}: {live[name]:.2f} s")
+            except Exception as exc:  # noqa: BLE001 - report, keep the others
                 traceback.print_exc()
                 out[name] = f"n/a ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})"
-                del samples[name]
-        log(f"  round {k + 1}/{rounds}: " + ", ".join(f"{n} {xs[-1]:.2f} s" for n, xs in samples.items()))
-    for name, xs in samples.items():
-        out[name] = {"median_s": statistics.median(xs), "min_s": min(xs), "max_s": max(xs), "rounds": len(xs),
-                     "warm_up_s": live[name]}
+        samples.update({n: [] for n in live})
+        for k in range(rounds):
+            for name in list(samples):
+                try:
+                    t0 = time.perf_counter()
+                    fns[name]()
+                    sync()
+                    samples[name].append(time.perf_counter() - t0)
+                except Exception as exc:  # noqa: BLE001 - a function never warmed up may fail here
+                    traceback.print_exc()
+                    out[name] = f"n/a ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})"
+                    del samples[name]
+            log(f"  round {k + 1}/{rounds}: " + ", ".join(f"{n} {xs[-1]:.2f} s" for n, xs in samples.items()))
+    except TimeUp:  # the caller reports the rounds finished; the run then stops (Results.run_steps)
+        log("  SIGTERM: reporting the rounds finished so far")
+    for name in fns:
+        xs = samples.get(name)
+        if xs:
+            out[name] = {"median_s": statistics.median(xs), "min_s": min(xs), "max_s": max(xs), "rounds": len(xs),
+                         "warm_up_s": live[name]}
+        elif name not in out:
+            out[name] = "n/a (stopped by SIGTERM before a timed round)"
     return out
 
 
@@ -680,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(fisher_child(args)), flush=True)
         return 0
+    # Under `timeout` (the GPU check): the part being timed reports its finished rounds, then the run ends.
+    stop_on_sigterm()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)

@@ -138,7 +138,8 @@ run_step tests "$tests_cap" 0 "kernel tests" -- "$PYTHON" -m pytest -q -x -p no:
 # 6. Sweep benchmark on the MSCOCO-scale UNet (benchmarks 1-4 of the sweep: overhead, the published
 #    loop beside the sweep eager and under torch.compile, several queries, Fisher; needs diffusers:
 #    carry it as a wheel in .whl/), the full sizes when at least 150 s are given to it, else --quick.
-#    It writes its JSON after every row.
+#    It writes its JSON after every row; cut by its time limit (SIGTERM), the part under way reports
+#    the rounds it finished and the later parts do not start.
 sweep_cap=$(( $(left) - 150 ))
 sweep_cap=$(( sweep_cap > 240 ? 240 : (sweep_cap < 60 ? 60 : sweep_cap) ))
 sweep_quick=""

@@ -41,3 +41,77 @@ def test_cudnn_benchmark_is_on_for_the_call_only(start, monkeypatch):
 def test_bad_options_exit_with_a_message_naming_them(argv, message, capsys):
     assert main(["--device", "cpu", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.fixture
+def sigterm_stops(monkeypatch):
+    """SIGTERM raises TimeUp for the test's length; the handler and the flag are restored after."""
+    import signal
+
+    import _common
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setitem(_common._STOP, "requested", False)
+    _common.stop_on_sigterm()
+    yield _common
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_keeps_the_finished_rounds_and_stops_the_later_steps(sigterm_stops, tmp_path):
+    import json
+    import os
+    import signal
+
+    from bench_sweep import time_interleaved
+
+    calls = {"a": 0, "b": 0}
+
+    def fn(name, kill_on=None):
+        def run():
+            calls[name] += 1
+            if calls[name] == kill_on:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return run
+
+    # b's third call (warm-up, round 1, round 2) is cut: a and c have one round more than b.
+    times = time_interleaved({"a": fn("a"), "b": fn("b", kill_on=3), "c": lambda: None}, lambda: None, 5,
+                             lambda msg: None)
+    assert (times["a"]["rounds"], times["b"]["rounds"], times["c"]["rounds"]) == (2, 1, 1)
+    assert sigterm_stops.stop_requested()
+    # Cut during the warm-ups: nothing was timed.
+    calls.update(a=0, b=0)
+    times = time_interleaved({"a": fn("a"), "b": fn("b", kill_on=1)}, lambda: None, 5, lambda msg: None)
+    assert times == {n: "n/a (stopped by SIGTERM before a timed round)" for n in ("a", "b")}
+
+    result = sigterm_stops.Results(str(tmp_path / "r.json"), {}, rows=[])
+    ran = []
+    result.run_steps([("later", lambda: ran.append("later"))])
+    assert ran == [] and result["errors"] == ["later: not run (stopped by SIGTERM)"]
+
+    # A step that caught the signal itself (as time_interleaved does) is recorded as cut too.
+    sigterm_stops._STOP["requested"] = False
+    result = sigterm_stops.Results(str(tmp_path / "r.json"), {}, rows=[])
+    result.run_steps([("timed", lambda: time_interleaved({"a": fn("a", kill_on=calls["a"] + 2)}, lambda: None, 5,
+                                                         lambda msg: None)),
+                      ("later", lambda: ran.append("later"))])
+    assert ran == [] and result["errors"] == ["timed: stopped by SIGTERM; the rows it had recorded are kept",
+                                              "later: not run (stopped by SIGTERM)"]
+    assert json.loads((tmp_path / "r.json").read_text())["errors"] == result["errors"]
+
+
+def test_a_step_cut_by_sigterm_is_recorded(sigterm_stops):
+    import os
+    import signal
+
+    result = sigterm_stops.Results(None, {}, rows=[])
+    ran = []
+
+    def cut():
+        result["rows"].append({"kept": True})
+        os.kill(os.getpid(), signal.SIGTERM)
+        ran.append("after the signal")  # never reached
+
+    result.run_steps([("first", cut), ("second", lambda: ran.append("second"))])
+    assert ran == [] and result["rows"] == [{"kept": True}]
+    assert result["errors"] == ["first: stopped by SIGTERM; the rows it had recorded are kept",
+                                "second: not run (stopped by SIGTERM)"]
