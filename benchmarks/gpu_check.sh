@@ -21,10 +21,14 @@
 #   GPU_CHECK_COMPILE   torch.compile modes of the sweep step (default: default)
 #   GPU_CHECK_BATCH_ROWS  UNet rows per batch of the sweep step (default: bench_sweep.py's, 2000 on CUDA)
 #   GPU_CHECK_FISHER    Fisher methods of the sweep step (default kv,func; all: ours over every weight too)
+#   GPU_CHECK_SWEEP_CAP_S  the sweep step's own cap (default 240)
 #
 # After a full check, the sweep's speed alone (its build is not needed: the Triton kernels load without it):
-#   GPU_CHECK_STEPS=env,wheels,sweep GPU_CHECK_COMPILE=default,max-autotune-no-cudagraphs \
-#     GPU_CHECK_BATCH_ROWS=4000 GPU_CHECK_FISHER=kv,all,func bash benchmarks/gpu_check.sh
+#   GPU_CHECK_STEPS=env,wheels,sweep GPU_CHECK_BATCH_ROWS=4000 GPU_CHECK_FISHER=kv,all,func \
+#     bash benchmarks/gpu_check.sh
+# and a slower-compiling mode on its own, since nothing is timed until every warm-up (compilation) is done:
+#   GPU_CHECK_STEPS=env,wheels,sweep GPU_CHECK_COMPILE=max-autotune-no-cudagraphs GPU_CHECK_SWEEP_CAP_S=420 \
+#     GPU_CHECK_BUDGET_S=600 bash benchmarks/gpu_check.sh
 #
 # Every step runs under `timeout` with its own cap, cut down to what is left of the
 # budget, and its output goes to $OUT/<step>.log.  A failing step does not stop the
@@ -141,7 +145,8 @@ run_step tests "$tests_cap" 0 "kernel tests" -- "$PYTHON" -m pytest -q -x -p no:
 #    It writes its JSON after every row; cut by its time limit (SIGTERM), the part under way reports
 #    the rounds it finished and the later parts do not start.
 sweep_cap=$(( $(left) - 150 ))
-sweep_cap=$(( sweep_cap > 240 ? 240 : (sweep_cap < 60 ? 60 : sweep_cap) ))
+sweep_max=${GPU_CHECK_SWEEP_CAP_S:-240}
+sweep_cap=$(( sweep_cap > sweep_max ? sweep_max : (sweep_cap < 60 ? 60 : sweep_cap) ))
 sweep_quick=""
 if (( sweep_cap < 150 )) || rehearsal; then sweep_quick=1; fi
 # Beside each of our sweeps, the same with cuDNN timing its convolution algorithms (CUDA only).
