@@ -117,3 +117,17 @@ def test_convolution_patches_are_taken_a_few_samples_at_a_time(monkeypatch):
                                                                                          real(f, xs, *a, **kw))[1])
     torch.testing.assert_close(fisher(), whole, rtol=1e-12, atol=0)
     assert calls == [2, 2, 1]
+
+
+class _Doubled(nn.Linear):
+    def forward(self, x):  # the same weight, another function of it
+        return 2 * super().forward(x)
+
+
+class _Named(nn.Conv2d):  # a subclass that keeps the layer's own forward
+    pass
+
+
+def test_subclasses_count_only_with_the_layers_own_forward():
+    assert not per_sample.supported(_Doubled(3, 4))
+    assert per_sample.supported(_Named(2, 3, 3, padding=1))

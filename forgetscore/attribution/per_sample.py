@@ -24,16 +24,34 @@ from .. import kernels
 
 PATCH_BYTES = 256 * 2 ** 20  # a convolution's unfolded inputs held at once (Stable Diffusion's first layers: 24 MB a sample)
 
+KINDS = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
+# Older diffusers wrap its layers in these; their forward adds an optional LoRA branch to the layer's own
+# output, which leaves the layer's weight gradient G^T X.
+_LORA_WRAPPERS = {"LoRACompatibleLinear": torch.nn.Linear, "LoRACompatibleConv": torch.nn.Conv2d}
+
+
+def _kind(module: torch.nn.Module) -> type | None:
+    """The layer kind whose rule applies: one of KINDS for that class, a subclass that keeps its forward, or
+    a known wrapper; None for anything else (a rewritten forward may compute something else with the same
+    parameters, e.g. a quantised one, and then only a backward pass per sample is right)."""
+    cls = type(module)
+    for kind in KINDS:
+        if isinstance(module, kind) and (cls.forward is kind.forward or (
+                cls.__module__.startswith("diffusers.") and _LORA_WRAPPERS.get(cls.__name__) is kind)):
+            return kind
+    return None
+
 
 def supported(module: torch.nn.Module) -> bool:
     """Whether :func:`accumulate` knows this layer's per-sample gradients."""
-    if isinstance(module, torch.nn.Linear):
+    kind = _kind(module)
+    if kind is torch.nn.Linear:
         return True
-    if isinstance(module, torch.nn.Conv2d):
+    if kind is torch.nn.Conv2d:
         return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
-    if isinstance(module, torch.nn.GroupNorm):
+    if kind is torch.nn.GroupNorm:
         return module.affine
-    if isinstance(module, torch.nn.LayerNorm):
+    if kind is torch.nn.LayerNorm:
         return module.elementwise_affine
     return False
 
@@ -45,7 +63,8 @@ def accumulate(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, sums: 
     `x` is the layer's input and `g` the gradient w.r.t. its output, for `n_rows` samples; `sums`
     holds float64 tensors shaped like the parameters, for the kinds ("weight", "bias") wanted.
     """
-    if isinstance(module, torch.nn.Linear):
+    kind = _kind(module)
+    if kind is torch.nn.Linear:
         x3, g3 = x.reshape(n_rows, -1, x.shape[-1]), g.reshape(n_rows, -1, g.shape[-1])
         if "weight" in sums:
             # check=False: a synchronisation per layer and batch otherwise; a non-finite Fisher is
@@ -53,7 +72,7 @@ def accumulate(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, sums: 
             kernels.fisher_accumulate(sums["weight"], x3, g3, backend=backend, check=False)
         if "bias" in sums:
             sums["bias"] += g3.double().sum(1).square().sum(0)
-    elif isinstance(module, torch.nn.Conv2d):
+    elif kind is torch.nn.Conv2d:
         g3 = g.flatten(2).transpose(1, 2)  # [B, positions, C_out]
         if "weight" in sums:
             # The patches are kh * kw times the input: a few samples at a time keep them under PATCH_BYTES.
@@ -67,7 +86,7 @@ def accumulate(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, sums: 
         if "bias" in sums:
             sums["bias"] += g3.double().sum(1).square().sum(0)
     else:
-        if isinstance(module, torch.nn.GroupNorm):
+        if kind is torch.nn.GroupNorm:
             x_hat = F.group_norm(x.float(), module.num_groups, eps=module.eps)
             # [B, C, positions]: the affine parameters are per channel (dim 1).
             x_hat, g3 = x_hat.flatten(2), g.float().flatten(2)
