@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from .. import kernels
 
-PATCH_BYTES = 256 * 2 ** 20  # a convolution's unfolded inputs held at once (Stable Diffusion's first layers: 24 MB a sample)
+# A convolution's unfolded inputs held at once (Stable Diffusion's first layers unfold to 24 MB a sample in bf16).
+PATCH_BYTES = 256 * 2 ** 20
 
 KINDS = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
 # Older diffusers wrap its layers in these; their forward adds an optional LoRA branch to the layer's own
