@@ -426,9 +426,21 @@ def _check_reads(data, train):
                 np.testing.assert_array_equal(text.numpy(), np.concatenate(rows))
             else:
                 assert text.shape[0] == 0
+        # One chosen caption of each image, read alone.
+        which = np.array([gen.integers(0, caps[i]) for i in ids], dtype=np.int64)
+        one = data.caption_states(ids, which)
+        assert one.shape == (len(ids), *data._text[0].shape[1:]) and one.dtype == torch.float32
+        if len(ids):
+            np.testing.assert_array_equal(one.numpy(), np.stack([t[c] for t, c in zip(want_text, which)]))
     for bad in (np.array([N]), np.array([0, -1])):
         raises("indices", rf"ids must lie in \[0, {N}\)", data.inputs, bad)
         raises("indices", rf"ids must lie in \[0, {N}\)", data.text, bad, "all")
+        raises("indices", rf"ids must lie in \[0, {N}\)", data.caption_states, bad, np.zeros(len(bad), dtype=int))
+    few = int(np.argmin(caps))
+    raises("captions", rf"image {few} has {caps[few]} caption\(s\), so caption {caps[few]} does not exist",
+           data.caption_states, np.array([few]), np.array([caps[few]]))
+    raises("captions", "one integer caption index per image", data.caption_states, np.array([0, 1]), np.array([0]))
+    raises("captions", "one integer caption index per image", data.caption_states, np.array([0]), np.array([0.0]))
 
 
 def _counting(monkeypatch, model, fail_at: int | None = None) -> list[int]:

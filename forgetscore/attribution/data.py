@@ -213,18 +213,42 @@ class PreparedData:
         """
         idx = self._ids(indices)
         offsets = np.asarray(self.caption_offsets, dtype=np.int64)
-        shard = idx // self.shard_size
-        lo = offsets[idx] - offsets[shard * self.shard_size]  # first caption row within its shard's file
         counts = np.ones_like(idx) if captions == "first" else offsets[idx + 1] - offsets[idx]
         # Row r of the result is caption (r - first row of its image) of its image.
         image = np.repeat(np.arange(len(idx)), counts)
-        row = lo[image] + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        return self._captions(idx[image], within, stored), counts.tolist()
+
+    def caption_states(self, indices: np.ndarray, captions: np.ndarray, *, stored: bool = False) -> torch.Tensor:
+        """Encoder states of caption ``captions[k]`` of image ``indices[k]``: [len(indices), L, D].
+
+        Reads only those captions (the Fisher's samples need one caption of each image, not all of them).
+        """
+        idx = self._ids(indices)
+        within = np.asarray(captions).reshape(-1)
+        if within.shape != idx.shape or not np.issubdtype(within.dtype, np.integer):
+            raise ValueError(f"captions: expected one integer caption index per image ({idx.shape[0]}), got "
+                             f"{within.shape[0]} of dtype {within.dtype}")
+        within = within.astype(np.int64)
+        offsets = np.asarray(self.caption_offsets, dtype=np.int64)
+        bad = (within < 0) | (within >= offsets[idx + 1] - offsets[idx])
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"captions: image {int(idx[k])} has {self.n_captions(int(idx[k]))} caption(s), so "
+                             f"caption {int(within[k])} does not exist; give indices in [0, its count)")
+        return self._captions(idx, within, stored)
+
+    def _captions(self, image: np.ndarray, within: np.ndarray, stored: bool) -> torch.Tensor:
+        """States of caption ``within[k]`` of image ``image[k]`` for every k (checked ids), one gather."""
+        offsets = np.asarray(self.caption_offsets, dtype=np.int64)
+        shard = image // self.shard_size
+        row = offsets[image] - offsets[shard * self.shard_size] + within  # the caption's row in its shard's file
         np_dtype, torch_dtype = TEXT_DTYPES[self.text_dtype]
         out = np.empty((len(row), *self._text[0].shape[1:]), dtype=np_dtype)
-        states = torch.from_numpy(_gather(self._text, shard[image], row, out))
+        states = torch.from_numpy(_gather(self._text, shard, row, out))
         if torch_dtype == torch.bfloat16:
             states = states.view(torch.bfloat16)  # the stored bits, reinterpreted
-        return (states if stored else states.float()), counts.tolist()
+        return states if stored else states.float()
 
 
 def _gather(files: list[np.ndarray], shard: np.ndarray, local: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -119,10 +119,8 @@ def fisher_sums(model: DiffusionModel, data: PreparedData, names: list[str], *, 
             n_rows = min(batch_size, start + count - lo)
             d = sample_draws(seed, lo, n_rows, data, model.num_train_timesteps, flips)
             x0 = data.inputs(d["image"].numpy())[torch.arange(n_rows), d["version"]].to(model.device)
-            text, counts = data.text(d["image"].numpy(), "all")
-            first = torch.cumsum(torch.as_tensor([0] + counts[:-1]), 0)
             cap = d["caption"] if captions == "all" else torch.zeros_like(d["caption"])
-            ctx = text[first + cap].to(model.device)
+            ctx = data.caption_states(d["image"].numpy(), cap.numpy()).to(model.device)  # only the drawn captions
             args = (x0, ctx, d["timestep"].to(model.device), seed ^ FISHER_STREAM,
                     d["sample_id"].to(model.device), torch.ones(n_rows, dtype=torch.int64, device=model.device))
             per_row = list(other)
