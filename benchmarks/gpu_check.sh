@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check of forgetscore on a CUDA machine, in one call of a few minutes:
 #   env -> [diffusers wheel] -> build with CUDA -> forgetscore info -> kernel tests on the GPU
-#   -> sweep benchmark (JSON) -> engine precision (JSON) -> large-shape cross-check
+#   -> sweep benchmark (JSON) -> large-shape cross-check -> engine precision (JSON)
 #   -> kernel benchmark (JSON) -> summary.
 #
 #   bash benchmarks/gpu_check.sh            # from anywhere; runs in the repository root
@@ -141,10 +141,11 @@ run_step tests "$tests_cap" 0 "kernel tests" -- "$PYTHON" -m pytest -q -x -p no:
 
 # 6. Sweep benchmark on the MSCOCO-scale UNet (benchmarks 1-4 of the sweep: overhead, the published
 #    loop beside the sweep eager and under torch.compile, several queries, Fisher; needs diffusers:
-#    carry it as a wheel in .whl/), the full sizes when at least 150 s are given to it, else --quick.
+#    carry it as a wheel in .whl/), the full sizes when at least 150 s are given to it, else --quick;
+#    it leaves 100 s for the cross-checks and the precision steps, which were measured on 2026-11-28.
 #    It writes its JSON after every row; cut by its time limit (SIGTERM), the part under way reports
 #    the rounds it finished and the later parts do not start.
-sweep_cap=$(( $(left) - 150 ))
+sweep_cap=$(( $(left) - 100 ))
 sweep_max=${GPU_CHECK_SWEEP_CAP_S:-240}
 sweep_cap=$(( sweep_cap > sweep_max ? sweep_max : (sweep_cap < 60 ? 60 : sweep_cap) ))
 sweep_quick=""
@@ -157,7 +158,13 @@ run_step sweep "$sweep_cap" 0 "bench_sweep.py --device $DEVICE --dtype bfloat16 
   "${sweep_args[@]}" --json "$OUT/bench_sweep_gpu.json" --fisher-methods "${GPU_CHECK_FISHER:-kv,func}" \
   --fisher-timeout-s $(( sweep_cap > 60 ? sweep_cap / 4 : 20 ))
 
-# 7. The engine on the GPU with the digits model (and, if carried, a fine-tuned one): precision of
+# 7. Large-shape cross-checks (rows past 2**31 elements, bit-exact noise): correctness before the
+#    precision steps and the kernel timings, which take whatever time is left.
+cc_cap=$(( $(left) < 45 ? $(left) : 45 ))
+run_step crosscheck "$cc_cap" 0 "large shapes" -- "$PYTHON" benchmarks/gpu_check.py crosscheck \
+  --max-s $(( cc_cap > 40 ? cc_cap - 30 : 10 ))
+
+# 8. The engine on the GPU with the digits model (and, if carried, a fine-tuned one): precision of
 #    fp32 (IEEE), tf32, bf16, fp16 and mixed scores against fp32, the probed batch size and agreement
 #    with an fp32 CPU sweep (CUDA graphs of these small models: RESULTS.md, 2026-11-28; the compiled
 #    sweep is timed on the large UNet in step 6).  A folder .gpu-cache/
@@ -179,12 +186,6 @@ if [[ -d .gpu-cache/letter-h/model ]]; then
     --model .gpu-cache/letter-h/model --train .gpu-cache/letter-h/pool --prompt "a <new1>" \
     --json "$OUT/precision_ft_gpu.json"
 fi
-
-# 8. Large-shape cross-checks (rows past 2**31 elements, bit-exact noise): correctness before the
-#    kernel timings, which take whatever time is left.
-cc_cap=$(( $(left) < 45 ? $(left) : 45 ))
-run_step crosscheck "$cc_cap" 0 "large shapes" -- "$PYTHON" benchmarks/gpu_check.py crosscheck \
-  --max-s $(( cc_cap > 40 ? cc_cap - 30 : 10 ))
 
 # 9. Kernel benchmark with the rest of the budget; it writes its JSON after every row, so a timeout
 #    still leaves results.  On the GPU: the two largest batches and no torch.compile pass (its
