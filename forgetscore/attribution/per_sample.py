@@ -17,6 +17,8 @@ Any other layer (or a layer that runs twice in one forward pass) needs a backwar
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -57,6 +59,41 @@ def supported(module: torch.nn.Module) -> bool:
     return False
 
 
+def gradient_terms(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, n_rows: int
+                   ) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+    """{"weight", "bias": (X, G)}: each sample's gradient of that parameter, in one of two forms.
+
+    With X [B, L, d_in] it is G_b^T X_b (G [B, L, d_out]): the parameter as a [d_out, d_in] matrix
+    (a convolution's weight flattened after its first dim). With X None it is the sum of G_b
+    [B, L, numel] over its L positions: the parameter flattened. Only the layer's own parameters
+    appear (a layer without bias gives no "bias").
+    """
+    kind = _kind(module)
+    out: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+    if kind is torch.nn.Linear:
+        g3 = g.reshape(n_rows, -1, g.shape[-1])
+        out["weight"] = (x.reshape(n_rows, -1, x.shape[-1]), g3)
+    elif kind is torch.nn.Conv2d:
+        g3 = g.flatten(2).transpose(1, 2)  # [B, positions, C_out]
+        patches = F.unfold(x.to(g.dtype), module.kernel_size, dilation=module.dilation, padding=module.padding,
+                           stride=module.stride)
+        out["weight"] = (patches.transpose(1, 2), g3)  # [B, positions, C_in * kh * kw]
+    elif kind is torch.nn.GroupNorm:
+        x_hat = F.group_norm(x.float(), module.num_groups, eps=module.eps).flatten(2).transpose(1, 2)
+        g3 = g.float().flatten(2).transpose(1, 2)  # [B, positions, C]: the affine parameters are per channel
+        out["weight"] = (None, g3 * x_hat)
+    elif kind is torch.nn.LayerNorm:
+        shape = tuple(module.normalized_shape)
+        x_hat = F.layer_norm(x.float(), shape, eps=module.eps).reshape(n_rows, -1, math.prod(shape))
+        g3 = g.float().reshape(n_rows, -1, math.prod(shape))  # the parameters are shared by the leading dims
+        out["weight"] = (None, g3 * x_hat)
+    else:
+        raise ValueError(f"module: {type(module).__name__} has no per-sample rule here (see supported())")
+    if getattr(module, "bias", None) is not None:
+        out["bias"] = (None, g3)
+    return out
+
+
 def accumulate(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, sums: dict[str, torch.Tensor],
                n_rows: int, *, backend: str = "auto") -> None:
     """sums[kind] += sum over the batch of each sample's squared gradient of ``module.<kind>``, in place.
@@ -64,40 +101,21 @@ def accumulate(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, sums: 
     `x` is the layer's input and `g` the gradient w.r.t. its output, for `n_rows` samples; `sums`
     holds float64 tensors shaped like the parameters, for the kinds ("weight", "bias") wanted.
     """
-    kind = _kind(module)
-    if kind is torch.nn.Linear:
-        x3, g3 = x.reshape(n_rows, -1, x.shape[-1]), g.reshape(n_rows, -1, g.shape[-1])
-        if "weight" in sums:
-            # check=False: a synchronisation per layer and batch otherwise; a non-finite Fisher is
-            # refused where it is used (the unlearning step checks it).
-            kernels.fisher_accumulate(sums["weight"], x3, g3, backend=backend, check=False)
-        if "bias" in sums:
-            sums["bias"] += g3.double().sum(1).square().sum(0)
-    elif kind is torch.nn.Conv2d:
-        g3 = g.flatten(2).transpose(1, 2)  # [B, positions, C_out]
-        if "weight" in sums:
-            # The patches are kh * kw times the input: a few samples at a time keep them under PATCH_BYTES.
-            per_row = g3.shape[1] * x.shape[1] * module.kernel_size[0] * module.kernel_size[1] * g.element_size()
-            step = max(1, PATCH_BYTES // max(1, per_row))
-            for lo in range(0, n_rows, step):
-                patches = F.unfold(x[lo:lo + step].to(g.dtype), module.kernel_size, dilation=module.dilation,
-                                   padding=module.padding, stride=module.stride)
-                kernels.fisher_accumulate(sums["weight"].view(sums["weight"].shape[0], -1),
-                                          patches.transpose(1, 2), g3[lo:lo + step], backend=backend, check=False)
-        if "bias" in sums:
-            sums["bias"] += g3.double().sum(1).square().sum(0)
-    else:
-        if kind is torch.nn.GroupNorm:
-            x_hat = F.group_norm(x.float(), module.num_groups, eps=module.eps)
-            # [B, C, positions]: the affine parameters are per channel (dim 1).
-            x_hat, g3 = x_hat.flatten(2), g.float().flatten(2)
-            reduce = (2,)
-        else:  # LayerNorm: parameters shaped like the last dims, shared by the leading ones
-            shape = tuple(module.normalized_shape)
-            x_hat = F.layer_norm(x.float(), shape, eps=module.eps).reshape(n_rows, -1, *shape)
-            g3 = g.float().reshape(n_rows, -1, *shape)
-            reduce = (1,)
-        if "weight" in sums:
-            sums["weight"] += (g3 * x_hat).sum(reduce).double().square().sum(0).reshape(sums["weight"].shape)
-        if "bias" in sums:
-            sums["bias"] += g3.sum(reduce).double().square().sum(0).reshape(sums["bias"].shape)
+    step = n_rows
+    if _kind(module) is torch.nn.Conv2d and "weight" in sums:
+        # The patches are kh * kw times the input: a few samples at a time keep them under PATCH_BYTES.
+        positions = g[0, 0].numel()
+        per_row = positions * x.shape[1] * module.kernel_size[0] * module.kernel_size[1] * g.element_size()
+        step = max(1, PATCH_BYTES // max(1, per_row))
+    for lo in range(0, n_rows, step):
+        rows = min(step, n_rows - lo)
+        terms = gradient_terms(module, x[lo:lo + rows], g[lo:lo + rows], rows) if step < n_rows else \
+            gradient_terms(module, x, g, n_rows)
+        for kind, total in sums.items():
+            xs, gs = terms[kind]
+            if xs is not None:
+                # check=False: a synchronisation per layer and batch otherwise; a non-finite Fisher is
+                # refused where it is used (the unlearning step checks it).
+                kernels.fisher_accumulate(total.view(total.shape[0], -1), xs, gs, backend=backend, check=False)
+            else:
+                total += gs.double().sum(1).square().sum(0).reshape(total.shape)
