@@ -164,13 +164,23 @@ def _dtrak_brute(model, names, proj, x0, caps, ts, seed, sid, output):
             parts = []
             for n, g in zip(names, grads):
                 a, b = proj[n]
-                parts.append(a @ g if b is None else torch.kron(a, b) @ g.flatten())
+                parts.append(a @ g.flatten() if b is None else torch.kron(a, b) @ g.flatten())
             feats.append((ci, torch.cat(parts)))
     return torch.stack([torch.stack([f for ci, f in feats if ci == k]).sum(0) for k in range(len(caps))]).mean(0)
 
 
-@pytest.mark.parametrize("output,captions,batch_size", [("square", "first", 4), ("loss", "all", 5)])
-def test_dtrak_equals_explicit_projected_gradients(att, gen, output, captions, batch_size):
+def _with_weights(att, weights):
+    """The module's Attributor, or one over other weights on the same model, data and cache."""
+    if weights == "cross-attn":
+        return att
+    return Attributor(att.model, att.train, plan=PLAN, weights=weights, cache_dir=att.cache_dir, progress=False)
+
+
+@pytest.mark.parametrize("output,captions,batch_size,weights", [("square", "first", 4, "cross-attn"),
+                                                                ("loss", "all", 5, "cross-attn"),
+                                                                ("square", "first", 4, "all")])
+def test_dtrak_equals_explicit_projected_gradients(att, gen, output, captions, batch_size, weights):
+    att = _with_weights(att, weights)
     model = att.model
     dt = gr.DTrak(dim_per_side=3, timesteps=3, output=output, damping=0.1, seed=int(gen.integers(1000)),
                   batch_size=batch_size, captions=captions)
@@ -192,7 +202,13 @@ def test_dtrak_equals_explicit_projected_gradients(att, gen, output, captions, b
         for p in model.unet.parameters():
             p.requires_grad_(False)
     got_train, got_query = dt.train_features(ctx), dt.query_features(ctx, qs)
-    assert got_train.shape == (N, 7 * (4 * 9 + 3))
+    assert got_train.shape == (N, sum(a.shape[0] * (a.shape[0] if b is not None else 1) for a, b in proj.values()))
+    if weights == "cross-attn":  # 4 projections of 3 x 3 per layer, one bias of 3
+        assert got_train.shape == (N, 7 * (4 * 9 + 3))
+    else:  # every kind of layer: convolutions' B span C_in * kh * kw, norms' weights take A alone
+        assert any(b is not None and b.shape[1] % 9 == 0 and model.unet.get_parameter(n).dim() == 4
+                   for n, (a, b) in proj.items())
+        assert any(b is None and n.endswith(".weight") for n, (a, b) in proj.items())
     for got, want in ((got_train, want_train), (got_query, want_query)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
@@ -233,7 +249,9 @@ def _query_grad(model, names, q, config):
     return [g / config.draws for g in total]
 
 
-def test_first_order_influence_equals_brute_force(att, gen, monkeypatch):
+@pytest.mark.parametrize("weights", ["cross-attn", "all"])
+def test_first_order_influence_equals_brute_force(att, gen, monkeypatch, weights):
+    att = _with_weights(att, weights)
     model, names = att.model, att.names
     qs = _queries(gen, 2)
     ctx = EvalContext(att)
@@ -287,13 +305,22 @@ def test_first_order_influence_equals_brute_force(att, gen, monkeypatch):
     assert change == pytest.approx(got[j, i], rel=1e-2, abs=1e-3 * np.abs(got).max())
 
 
+class _Doubled(torch.nn.Linear):
+    def forward(self, x):  # the same weight, another function of it: no per-row rule
+        return 2 * super().forward(x)
+
+
 def test_gradient_baselines_reject_bad_input(att, gen):
     qs = _queries(gen, 1)
-    everything = Attributor(att.model, att.train, plan=PLAN, weights="all", cache_dir=att.cache_dir, progress=False)
-    with pytest.raises(ValueError, match="nn.Linear"):
-        gr.DTrak(timesteps=2).scores(EvalContext(everything), qs)
-    with pytest.raises(ValueError, match="nn.Linear"):
-        gr.FirstOrderInfluence(config=CONFIG).scores(EvalContext(everything), qs)
+    unet = copy.deepcopy(att.model.unet)
+    block = unet.down_blocks[-1].attentions[0].transformer_blocks[0]
+    inner = block.attn2.to_k
+    block.attn2.to_k = _Doubled(inner.in_features, inner.out_features, bias=False)
+    names = [n for n, _ in unet.named_parameters() if "attn2" in n]
+    with pytest.raises(ValueError, match=r"weights: \[.*attn2\.to_k\.weight.*not weights or biases of linear"):
+        gr.rule_layers(unet, names)
+    with pytest.raises(ValueError, match="not weights or biases of linear"):
+        gr.rule_layers(unet, ["time_embedding.missing"])
     with pytest.raises(ValueError, match="output"):
         gr.DTrak(output="norm")
     with pytest.raises(ValueError, match="dim_per_side"):

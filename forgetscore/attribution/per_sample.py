@@ -33,7 +33,7 @@ KINDS = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNor
 _LORA_WRAPPERS = {"LoRACompatibleLinear": torch.nn.Linear, "LoRACompatibleConv": torch.nn.Conv2d}
 
 
-def _kind(module: torch.nn.Module) -> type | None:
+def layer_kind(module: torch.nn.Module) -> type | None:
     """The layer kind whose rule applies: one of KINDS for that class, a subclass that keeps its forward, or
     a known wrapper; None for anything else (a rewritten forward may compute something else with the same
     parameters, e.g. a quantised one, and then only a backward pass per sample is right)."""
@@ -47,7 +47,7 @@ def _kind(module: torch.nn.Module) -> type | None:
 
 def supported(module: torch.nn.Module) -> bool:
     """Whether :func:`accumulate` knows this layer's per-sample gradients."""
-    kind = _kind(module)
+    kind = layer_kind(module)
     if kind is torch.nn.Linear:
         return True
     if kind is torch.nn.Conv2d:
@@ -68,7 +68,7 @@ def gradient_terms(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, n_
     [B, L, numel] over its L positions: the parameter flattened. Only the layer's own parameters
     appear (a layer without bias gives no "bias").
     """
-    kind = _kind(module)
+    kind = layer_kind(module)
     out: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
     if kind is torch.nn.Linear:
         g3 = g.reshape(n_rows, -1, g.shape[-1])
@@ -102,7 +102,7 @@ def accumulate(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, sums: 
     holds float64 tensors shaped like the parameters, for the kinds ("weight", "bias") wanted.
     """
     step = n_rows
-    if _kind(module) is torch.nn.Conv2d and "weight" in sums:
+    if layer_kind(module) is torch.nn.Conv2d and "weight" in sums:
         # The patches are kh * kw times the input: a few samples at a time keep them under PATCH_BYTES.
         positions = g[0, 0].numel()
         per_row = positions * x.shape[1] * module.kernel_size[0] * module.kernel_size[1] * g.element_size()

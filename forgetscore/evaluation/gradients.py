@@ -12,8 +12,10 @@ and G directly:
 
 X comes from forward hooks, G from one ``autograd.grad`` of the summed row scalars
 w.r.t. the hooked outputs (each row's scalar depends on its own row only, so this is
-each row's own output gradient). Only nn.Linear weights and biases are supported
-(every weight preset but ``all``).
+each row's own output gradient). Convolutions take their unfolded input patches as X; biases
+and the weights of group and layer norms have gradients that are sums of a per-position term
+over positions instead (``attribution.per_sample.gradient_terms``), so every weight preset
+works, ``all`` included.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..attribution import per_sample
 from ..attribution.losses import expand_rows
 from ..attribution.model import DiffusionModel
 from ..attribution.plan import CAPTION_CHOICES, ScoringPlan
@@ -41,30 +44,36 @@ OUTPUTS = ("square", "loss")
 _BUDGET = 2 ** 26  # elements of the largest temporary in the influence contraction
 
 
-# --- per-row linear-layer terms -------------------------------------------------------------
-def linear_layers(unet: nn.Module, names: Sequence[str]) -> dict[str, nn.Linear]:
-    """{module name: module} of the selected weights; a ValueError if any is not a Linear weight or bias."""
+# --- per-row terms of each selected parameter ----------------------------------------------
+def rule_layers(unet: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    """{module name: module} of the selected weights' layers; a ValueError if any has no per-sample rule."""
     modules = dict(unet.named_modules())
-    out: dict[str, nn.Linear] = {}
+    out: dict[str, nn.Module] = {}
     bad = []
     for n in names:
         owner, _, kind = n.rpartition(".")
         mod = modules.get(owner)
-        if isinstance(mod, nn.Linear) and kind in ("weight", "bias"):
+        if mod is not None and kind in ("weight", "bias") and per_sample.supported(mod):
             out[owner] = mod
         else:
             bad.append(n)
     if bad:
-        raise ValueError(f"weights: {bad[:3]}{'...' if len(bad) > 3 else ''} are not nn.Linear weights or biases; "
-                         "the gradient baselines handle linear layers only: use the 'kv', 'cross-attn' or 'attn' "
-                         "preset, or a pattern selecting linear layers")
+        raise ValueError(f"weights: {bad[:3]}{'...' if len(bad) > 3 else ''} are not weights or biases of linear or "
+                         "convolution layers (one group, zero padding) or of group or layer norms, the layers "
+                         "the gradient baselines handle; select others")
     return out
+
+
+def _matrix(unet: nn.Module, name: str) -> bool:
+    """Whether the parameter's per-row gradient has the form G^T X (a linear or convolution weight)."""
+    owner, _, kind = name.rpartition(".")
+    return kind == "weight" and per_sample.layer_kind(unet.get_submodule(owner)) in (nn.Linear, nn.Conv2d)
 
 
 class _Taps:
     """Forward hooks keeping each call's input (detached) and output (to differentiate) of some layers."""
 
-    def __init__(self, modules: dict[str, nn.Linear]):
+    def __init__(self, modules: dict[str, nn.Module]):
         self.calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in modules}
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
@@ -106,10 +115,12 @@ def row_output(model: DiffusionModel, x0: torch.Tensor, ctx: torch.Tensor, times
     return pred.square().flatten(1).mean(1)
 
 
-def _row_terms(model: DiffusionModel, modules: dict[str, nn.Linear], x0: torch.Tensor, ctx: torch.Tensor,
-               timesteps: torch.Tensor, seed: int, sample_ids: torch.Tensor, draw_ids: torch.Tensor, output: str,
-               backend: str) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """{layer: [(X [R, L, d_in], G [R, L, d_out]) per call of the layer]} for a batch of R rows (float32)."""
+def _row_terms(model: DiffusionModel, modules: dict[str, nn.Module], names: Sequence[str], x0: torch.Tensor,
+               ctx: torch.Tensor, timesteps: torch.Tensor, seed: int, sample_ids: torch.Tensor,
+               draw_ids: torch.Tensor, output: str, backend: str
+               ) -> dict[str, list[tuple[torch.Tensor | None, torch.Tensor]]]:
+    """{parameter name: [(X, G) per call of its layer]} for a batch of R rows (float32), in the forms of
+    ``per_sample.gradient_terms``: the row's gradient is G^T X, or with X None the sum of G over positions."""
     taps = _Taps(modules)
     try:
         f = row_output(model, x0, ctx, timesteps, seed, sample_ids, draw_ids, output, backend)
@@ -118,10 +129,14 @@ def _row_terms(model: DiffusionModel, modules: dict[str, nn.Linear], x0: torch.T
     flat = [(n, x, y) for n, calls in taps.calls.items() for x, y in calls]
     grads = torch.autograd.grad(f.sum(), [y for _, _, y in flat], allow_unused=True)
     r = x0.shape[0]
-    out: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in modules}
-    for (n, x, _), g in zip(flat, grads):
-        if g is not None:
-            out[n].append((x.reshape(r, -1, x.shape[-1]).float(), g.reshape(r, -1, g.shape[-1]).float()))
+    out: dict[str, list[tuple[torch.Tensor | None, torch.Tensor]]] = {n: [] for n in names}
+    for (owner, x, _), g in zip(flat, grads):
+        if g is None:
+            continue
+        for kind, (xs, gs) in per_sample.gradient_terms(modules[owner], x, g, r).items():
+            name = f"{owner}.{kind}"
+            if name in out:
+                out[name].append((None if xs is None else xs.float(), gs.float()))
     return out
 
 
@@ -166,9 +181,10 @@ class DTrak:
     each image's first caption is used by default (D-TRAK's one-caption setting; cost one
     row per timestep); ``captions="all"`` averages the feature over the captions.
 
-    The projection of a linear weight is A (x) B (A: k x d_out, B: k x d_in, Gaussian/sqrt(k),
-    fixed per weight from `seed` and its name), giving k^2 features; a bias gets A alone
-    (k features). Scores are TRAK's, see :func:`trak_scores`. Training features are kept
+    The projection of a linear or convolution weight is A (x) B (A: k x d_out, B: k x d_in,
+    Gaussian/sqrt(k), fixed per weight from `seed` and its name; a convolution's d_in is
+    C_in * kh * kw), giving k^2 features; a bias or a norm's weight gets A alone (k x its size,
+    k features). Scores are TRAK's, see :func:`trak_scores`. Training features are kept
     in memory between calls for the same model, data and settings.
     """
 
@@ -203,27 +219,28 @@ class DTrak:
 
     def projections(self, model: DiffusionModel, names: Sequence[str]
                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """{weight name: (A [k, d_out], B [k, d_in] or None for a bias)}, float64 on the CPU."""
+        """{weight name: (A [k, d_out], B [k, d_in]) for a linear or convolution weight, (A [k, size], None)
+        for any other parameter}, float64 on the CPU."""
         k = self.dim_per_side
         out = {}
         for n in names:
             p = model.unet.get_parameter(n)
             g = torch.Generator().manual_seed(_generator_seed(self.seed, n))
-            a = torch.randn(k, p.shape[0], generator=g, dtype=torch.float64) / math.sqrt(k)
-            b = torch.randn(k, p.shape[1], generator=g, dtype=torch.float64) / math.sqrt(k) if p.dim() == 2 else None
+            matrix = _matrix(model.unet, n)
+            a = torch.randn(k, p.shape[0] if matrix else p.numel(), generator=g, dtype=torch.float64) / math.sqrt(k)
+            b = torch.randn(k, p[0].numel(), generator=g, dtype=torch.float64) / math.sqrt(k) if matrix else None
             out[n] = (a, b)
         return out
 
-    def _project(self, terms: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], names: Sequence[str],
+    def _project(self, terms: dict[str, list[tuple[torch.Tensor | None, torch.Tensor]]], names: Sequence[str],
                  proj: dict[str, tuple[torch.Tensor, torch.Tensor | None]], rows: int) -> torch.Tensor:
         """[R, D] float64 projected per-row gradients, blocks in the order of `names`."""
         parts = []
         for n in names:
-            owner = n.rpartition(".")[0]
             a, b = proj[n]
             acc = torch.zeros(rows, a.shape[0] * (a.shape[0] if b is not None else 1), dtype=torch.float64,
                               device=a.device)
-            for x, g in terms[owner]:
+            for x, g in terms[n]:
                 ga = g @ a.T  # [R, L, k]
                 if b is None:
                     acc += ga.sum(1).double()
@@ -236,7 +253,7 @@ class DTrak:
                   timesteps: torch.Tensor, seed: int, sample_ids: torch.Tensor, draw_ids: torch.Tensor,
                   backend: str) -> torch.Tensor:
         """[R, D] projected gradients of the rows, in batches of `batch_size` rows (CPU, float64)."""
-        modules = linear_layers(model.unet, names)
+        modules = rule_layers(model.unet, names)
         dev = model.device
         key = (str(dev), tuple(names), self.seed, self.dim_per_side)
         if self._proj_cache.get("key") != key:
@@ -248,8 +265,8 @@ class DTrak:
         with _tracking(model.unet, names):
             for lo in range(0, x0.shape[0], self.batch_size):
                 sl = slice(lo, lo + self.batch_size)
-                terms = _row_terms(model, modules, x0[sl].to(dev), text[sl].to(dev), timesteps[sl].to(dev), seed,
-                                   sample_ids[sl].to(dev), draw_ids[sl].to(dev), self.output, backend)
+                terms = _row_terms(model, modules, names, x0[sl].to(dev), text[sl].to(dev), timesteps[sl].to(dev),
+                                   seed, sample_ids[sl].to(dev), draw_ids[sl].to(dev), self.output, backend)
                 out.append(self._project(terms, names, proj, x0[sl].shape[0]).cpu())
         return torch.cat(out)
 
@@ -257,7 +274,7 @@ class DTrak:
         """Phi: [N, D] float64, one row per training image."""
         att = ctx.attributor
         model, data = att.model, att.prepare()
-        linear_layers(model.unet, att.names)
+        rule_layers(model.unet, att.names)
         key = (model.unet_id(), data.data_id, tuple(att.names), self.dim_per_side, self.timesteps, self.output,
                self.seed, self.captions)
         if key in self._cache:
@@ -299,24 +316,24 @@ class DTrak:
 
 
 # --- first-order influence -----------------------------------------------------------------
-def _directional(terms: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], names: Sequence[str],
+def _directional(terms: dict[str, list[tuple[torch.Tensor | None, torch.Tensor]]], names: Sequence[str],
                  directions: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[R, Q] float64: each row's gradient dotted with each query's direction, as sum((X V^T) * G)."""
+    """[R, Q] float64: each row's gradient dotted with each query's direction, as sum((X V^T) * G), or
+    sum(G) V where the gradient is a sum of G over positions."""
     total = None
     for n in names:
-        owner, _, kind = n.rpartition(".")
-        v = directions[n]  # [Q, d_out, d_in] or [Q, d_out]
+        v = directions[n]  # [Q, *the parameter's shape]
         q = v.shape[0]
-        for x, g in terms[owner]:
-            if kind == "bias":
-                part = (g.sum(1) @ v.T).double()
+        for x, g in terms[n]:
+            if x is None:
+                part = (g.sum(1) @ v.reshape(q, -1).T).double()
             else:
                 r, length, d_in = x.shape
                 d_out = g.shape[-1]
                 step = max(1, _BUDGET // max(1, r * length * d_out))
                 cols = []
                 for q0 in range(0, q, step):
-                    vq = v[q0:q0 + step]
+                    vq = v[q0:q0 + step].reshape(-1, d_out, d_in)
                     xv = (x.reshape(r * length, d_in) @ vq.reshape(-1, d_in).T).view(r, length, -1, d_out)
                     cols.append((xv * g[:, :, None, :]).sum((1, 3)).double())
                 part = torch.cat(cols, 1)
@@ -357,7 +374,7 @@ class FirstOrderInfluence:
         _check_queries(queries)
         att = ctx.attributor
         model = att.model
-        linear_layers(model.unet, att.names)
+        rule_layers(model.unet, att.names)
         damping = self.config.damping if self.damping is None else self.damping
         newton = self.config.method == "newton"
         fisher = att.fisher(self.fisher_samples) if newton else None
@@ -381,7 +398,7 @@ class FirstOrderInfluence:
         _check_queries(queries)
         att = ctx.attributor
         model, data, plan = att.model, att.prepare(), att.plan
-        modules = linear_layers(model.unet, att.names)
+        modules = rule_layers(model.unet, att.names)
         dev = model.device
         directions = {n: v.to(dev, torch.float32) for n, v in self.directions(ctx, queries).items()}
         out = torch.zeros(data.n, len(queries), dtype=torch.float64)
@@ -396,7 +413,7 @@ class FirstOrderInfluence:
                 for lo in range(0, len(rows), self.batch_size):
                     sl = slice(lo, lo + self.batch_size)
                     x0 = inputs[rows.image[sl], rows.version[sl]].to(dev)
-                    terms = _row_terms(model, modules, x0, text[rows.text_row[sl]].to(dev),
+                    terms = _row_terms(model, modules, att.names, x0, text[rows.text_row[sl]].to(dev),
                                        rows.timestep[sl].to(dev), plan.seed, rows.sample_id[sl].to(dev),
                                        rows.draw_id[sl].to(dev), "loss", att.backend)
                     d = _directional(terms, att.names, directions).cpu()
