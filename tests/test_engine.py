@@ -98,7 +98,7 @@ def test_scores_equal_brute_force(tiny_dirs, tmp_path):
 
 
 class _Twice(torch.nn.Module):
-    """A layer run twice in one forward pass (shared weights): its hooks see only the last call."""
+    """A layer run twice in one forward pass (shared weights): a sample's gradient sums both calls'."""
 
     def __init__(self, inner: torch.nn.Module):
         super().__init__()

@@ -61,7 +61,7 @@ def _check_kind(index: int, device: str) -> None:
     (g,) = torch.autograd.grad(loss_of(layer(x_dev), target_dev).sum(), [captured["y"]])
     params = dict(layer.named_parameters())
     sums = {kind: torch.zeros(p.shape, dtype=torch.float64, device=device) for kind, p in params.items()}
-    per_sample.accumulate(layer, captured["x"], g, sums, b)
+    per_sample.accumulate(layer, [(captured["x"], g)], sums, b)
 
     want = {kind: torch.zeros(p.shape, dtype=torch.float64) for kind, p in params.items()}
     for i in range(b):
@@ -84,9 +84,9 @@ def test_only_the_requested_parameters_are_added_to():
         y = layer(x)
         g = torch.randn(y.shape, generator=rng)
         only_bias = {"bias": torch.zeros(layer.bias.shape, dtype=torch.float64)}
-        per_sample.accumulate(layer, x, g, only_bias, 3)
+        per_sample.accumulate(layer, [(x, g)], only_bias, 3)
         both = {kind: torch.zeros(p.shape, dtype=torch.float64) for kind, p in layer.named_parameters()}
-        per_sample.accumulate(layer, x, g, both, 3)
+        per_sample.accumulate(layer, [(x, g)], both, 3)
         assert torch.equal(only_bias["bias"], both["bias"]), label
 
 
@@ -106,7 +106,7 @@ def test_convolution_patches_are_taken_a_few_samples_at_a_time(monkeypatch):
 
     def fisher() -> torch.Tensor:
         sums = {"weight": torch.zeros(layer.weight.shape, dtype=torch.float64)}
-        per_sample.accumulate(layer, x, g, sums, 5)
+        per_sample.accumulate(layer, [(x, g)], sums, 5)
         return sums["weight"]
 
     whole = fisher()
@@ -131,3 +131,37 @@ class _Named(nn.Conv2d):  # a subclass that keeps the layer's own forward
 def test_subclasses_count_only_with_the_layers_own_forward():
     assert not per_sample.supported(_Doubled(3, 4))
     assert per_sample.supported(_Named(2, 3, 3, padding=1))
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Conv2d(2, 3, 3, padding=1), lambda: nn.GroupNorm(2, 2, eps=1e-3),
+                                  lambda: nn.Linear(2, 3)], ids=["conv", "group norm", "linear"])
+def test_a_layer_run_twice_sums_both_calls(make):
+    """Two calls of one layer on inputs of different sizes: each sample's gradient is the sum of both."""
+    rng = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    layer = make()
+    _randomise(layer, rng)
+    b = 3
+    shapes = [(2, 5, 4), (2, 3, 6)] if not isinstance(layer, nn.Linear) else [(4, 2), (7, 2)]
+    xs = [torch.randn(b, *sh, generator=rng) for sh in shapes]
+
+    def loss_of(m, inputs):  # per-sample, nonlinear in both outputs
+        a, c = (m(x) for x in inputs)
+        return (a.flatten(1) ** 2).mean(1) * (c.flatten(1) ** 3).mean(1) + c.flatten(1).mean(1)
+
+    calls = []
+    handle = layer.register_forward_hook(lambda m, inp, o: calls.append((inp[0].detach(), o)))
+    total = loss_of(layer, xs).sum()
+    handle.remove()
+    grads = torch.autograd.grad(total, [y for _, y in calls])
+    sums = {kind: torch.zeros(p.shape, dtype=torch.float64) for kind, p in layer.named_parameters()}
+    per_sample.accumulate(layer, [(x, g) for (x, _), g in zip(calls, grads)], sums, b)
+
+    ref = copy.deepcopy(layer).double()
+    want = {kind: torch.zeros(p.shape, dtype=torch.float64) for kind, p in ref.named_parameters()}
+    for i in range(b):
+        ref.zero_grad()
+        loss_of(ref, [x[i:i + 1].double() for x in xs]).sum().backward()
+        for kind, p in ref.named_parameters():
+            want[kind] += p.grad ** 2
+    for kind in sums:
+        torch.testing.assert_close(sums[kind], want[kind], rtol=1e-4, atol=1e-5 * float(want[kind].abs().max()))

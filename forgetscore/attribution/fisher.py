@@ -7,10 +7,10 @@ in an order of its own for each epoch, so S = 5 n (the default) visits every ima
 times. The order, caption, timestep and noise are keyed on (seed, sample index), so that any
 range of samples can be computed alone. The per-sample gradients are never formed for linear
 and convolution layers, group and layer norms (every parameter of a diffusers UNet): hooks capture
-each layer's inputs X and output gradients G in one batched backward pass, and
-:mod:`.per_sample` sums the squares of each sample's gradient from them (for linear layers,
-``kernels.fisher_accumulate`` adds sum_b (G_b^T X_b)^2). Any other parameter takes one backward
-pass per sample. Accumulated in float64.
+each layer's inputs X and output gradients G (of every call, if it runs more than once) in one
+batched backward pass, and :mod:`.per_sample` sums the squares of each sample's gradient from
+them (for linear layers, ``kernels.fisher_accumulate`` adds sum_b (G_b^T X_b)^2). Any other
+parameter takes one backward pass per sample. Accumulated in float64.
 
 :func:`compute_fisher` computes it in memory; :func:`run_fisher` in resumable chunks of
 samples written into a directory and shared by the ranks of a torchrun job (see below).
@@ -65,19 +65,15 @@ def sample_draws(seed: int, start: int, count: int, data: PreparedData, num_trai
 
 
 class _Capture:
-    """Forward hooks that keep each layer's input and output, and count its calls, for one backward pass."""
+    """Forward hooks that keep each call's input (detached) and output of some layers for one backward pass."""
 
     def __init__(self, modules: dict[str, torch.nn.Module]):
-        self.inputs: dict[str, torch.Tensor] = {}
-        self.outputs: dict[str, torch.Tensor] = {}
-        self.calls: dict[str, int] = {}
+        self.calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in modules}
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            self.inputs[name] = args[0].detach()
-            self.outputs[name] = output
-            self.calls[name] = self.calls.get(name, 0) + 1
+            self.calls[name].append((args[0].detach(), output))
         return hook
 
     def close(self) -> None:
@@ -123,35 +119,32 @@ def fisher_sums(model: DiffusionModel, data: PreparedData, names: list[str], *, 
             ctx = data.caption_states(d["image"].numpy(), cap.numpy()).to(model.device)  # only the drawn captions
             args = (x0, ctx, d["timestep"].to(model.device), seed ^ FISHER_STREAM,
                     d["sample_id"].to(model.device), torch.ones(n_rows, dtype=torch.int64, device=model.device))
-            per_row = list(other)
             if layers:
                 hooks = _Capture({o: modules[o] for o in layers})
                 try:
                     losses = row_losses(model, *args, backend=backend)
                 finally:
                     hooks.close()
-                # A layer that ran twice in the forward pass (shared weights) kept only its last call: its
-                # parameters take the per-sample backward passes below.
-                twice = {o for o, c in hooks.calls.items() if c > 1}
-                per_row += [n for o in layers if o in twice for n in layers[o].values()]
-                owners = [o for o in hooks.outputs if o not in twice]
+                flat = [(o, x, y) for o, calls in hooks.calls.items() for x, y in calls]
                 # Each row's loss depends only on its own sample, so the gradient of the sum w.r.t. a layer's
                 # output rows is each sample's own output gradient.
-                grads = torch.autograd.grad(losses.sum(), [hooks.outputs[o] for o in owners],
-                                            retain_graph=bool(per_row), allow_unused=True)
-                for o, g in zip(owners, grads):
-                    if g is not None:  # None: the layer's output does not reach the loss
-                        per_sample.accumulate(modules[o], hooks.inputs[o], g,
-                                              {kind: sums[n] for kind, n in layers[o].items()}, n_rows,
-                                              backend=backend)
-                del hooks, grads
-            if per_row:
-                extra = [all_params[n] for n in per_row]
+                grads = torch.autograd.grad(losses.sum(), [y for _, _, y in flat], retain_graph=bool(other),
+                                            allow_unused=True)
+                used: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+                for (o, x, _), g in zip(flat, grads):
+                    if g is not None:  # None: that call's output does not reach the loss
+                        used.setdefault(o, []).append((x, g))
+                for o, calls in used.items():
+                    per_sample.accumulate(modules[o], calls, {kind: sums[n] for kind, n in layers[o].items()},
+                                          n_rows, backend=backend)
+                del hooks, flat, grads, used
+            if other:
+                extra = [all_params[n] for n in other]
                 if not layers:
                     losses = row_losses(model, *args, backend=backend)
                 for b in range(n_rows):
                     gs = torch.autograd.grad(losses[b], extra, retain_graph=b < n_rows - 1, allow_unused=True)
-                    for n, g in zip(per_row, gs):
+                    for n, g in zip(other, gs):
                         if g is not None:
                             sums[n] += g.double().square()
             if bar is not None:

@@ -13,7 +13,9 @@ batch without ever forming a gradient per sample:
   grad b_b = sum of G_b over the positions the affine parameters are shared by; x_hat is
   recomputed from the captured input.
 
-Any other layer (or a layer that runs twice in one forward pass) needs a backward pass per sample.
+A layer that runs several times in one forward pass has, per sample, the sum of each call's
+gradient: the calls' terms joined along the positions. Any other kind of layer needs a backward
+pass per sample.
 """
 from __future__ import annotations
 
@@ -94,26 +96,31 @@ def gradient_terms(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, n_
     return out
 
 
-def accumulate(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, sums: dict[str, torch.Tensor],
+def accumulate(module: torch.nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]], sums: dict[str, torch.Tensor],
                n_rows: int, *, backend: str = "auto") -> None:
     """sums[kind] += sum over the batch of each sample's squared gradient of ``module.<kind>``, in place.
 
-    `x` is the layer's input and `g` the gradient w.r.t. its output, for `n_rows` samples; `sums`
-    holds float64 tensors shaped like the parameters, for the kinds ("weight", "bias") wanted.
+    `calls` holds, for each time the layer ran in the forward pass, its input and the gradient
+    w.r.t. its output, for `n_rows` samples; a sample's gradient is the sum over the calls, so the
+    calls' terms are joined along the positions. `sums` holds float64 tensors shaped like the
+    parameters, for the kinds ("weight", "bias") wanted.
     """
     step = n_rows
     if layer_kind(module) is torch.nn.Conv2d and "weight" in sums:
         # The patches are kh * kw times the input: a few samples at a time keep them under PATCH_BYTES.
-        positions = g[0, 0].numel()
-        per_row = positions * x.shape[1] * module.kernel_size[0] * module.kernel_size[1] * g.element_size()
+        per_row = sum(g[0, 0].numel() * x.shape[1] for x, g in calls) * \
+            module.kernel_size[0] * module.kernel_size[1] * calls[0][1].element_size()
         step = max(1, PATCH_BYTES // max(1, per_row))
     for lo in range(0, n_rows, step):
         rows = min(step, n_rows - lo)
-        terms = gradient_terms(module, x[lo:lo + rows], g[lo:lo + rows], rows) if step < n_rows else \
-            gradient_terms(module, x, g, n_rows)
+        # (Sliced only when needed: a linear layer's input may be [B * L, d] rather than [B, L, d].)
+        terms = [gradient_terms(module, x[lo:lo + rows], g[lo:lo + rows], rows) if step < n_rows else
+                 gradient_terms(module, x, g, n_rows) for x, g in calls]
         for kind, total in sums.items():
-            xs, gs = terms[kind]
-            if xs is not None:
+            xs = [t[kind][0] for t in terms]
+            gs = torch.cat([t[kind][1] for t in terms], 1) if len(terms) > 1 else terms[0][kind][1]
+            if xs[0] is not None:
+                xs = torch.cat(xs, 1) if len(xs) > 1 else xs[0]
                 # check=False: a synchronisation per layer and batch otherwise; a non-finite Fisher is
                 # refused where it is used (the unlearning step checks it).
                 kernels.fisher_accumulate(total.view(total.shape[0], -1), xs, gs, backend=backend, check=False)
