@@ -36,6 +36,8 @@ def test_removal_jobs_share_random_sets_and_dedupe():
     n, q = 40, 3
     scores = {"a": rng.normal(size=(q, n)), "b": rng.normal(size=(q, n))}
     scores["b"][1] = scores["a"][1]  # the same ranking for query 1: one retrain
+    # The reverse ranking for query 0: disjoint top-k sets (two independent draws share their top 2 once in 780).
+    scores["b"][0] = -scores["a"][0]
     cfg = loo.LooConfig(ks=(2, 5), methods=("a", "b", "random"), random_sets=2)
     jobs = loo.removal_jobs(scores, cfg, n)
     for k in cfg.ks:
