@@ -31,7 +31,7 @@ def test_each_epoch_visits_every_image_once(n):
     assert ((d["caption"].numpy() >= 0) & (d["caption"].numpy() < data.counts[images])).all()
     assert ((d["timestep"] >= 0) & (d["timestep"] < 1000)).all()
     assert set(d["version"].tolist()) <= {0, 1}
-    if n > 5:  # each epoch has an order of its own, and the seed changes it
+    if n > 20:  # each epoch has an order of its own, and the seed changes it (equal by chance: 1 in n!)
         assert not np.array_equal(images[:n], images[n:2 * n])
         other = sample_draws(seed ^ 1, 0, n, data, 1000, True)["image"].numpy()
         assert not np.array_equal(images[:n], other)
