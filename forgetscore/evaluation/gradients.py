@@ -118,9 +118,11 @@ def row_output(model: DiffusionModel, x0: torch.Tensor, ctx: torch.Tensor, times
 def _row_terms(model: DiffusionModel, modules: dict[str, nn.Module], names: Sequence[str], x0: torch.Tensor,
                ctx: torch.Tensor, timesteps: torch.Tensor, seed: int, sample_ids: torch.Tensor,
                draw_ids: torch.Tensor, output: str, backend: str
-               ) -> dict[str, list[tuple[torch.Tensor | None, torch.Tensor]]]:
-    """{parameter name: [(X, G) per call of its layer]} for a batch of R rows (float32), in the forms of
-    ``per_sample.gradient_terms``: the row's gradient is G^T X, or with X None the sum of G over positions."""
+               ) -> Iterator[tuple[str, torch.Tensor | None, torch.Tensor]]:
+    """(parameter name, X, G) for each call of each selected parameter's layer, for a batch of R rows
+    (float32), in the forms of ``per_sample.gradient_terms``: the row's gradient is G^T X, or with X None the
+    sum of G over positions (a parameter's gradient sums its layer's calls). Made one layer call at a time, so
+    that a convolution's unfolded patches live only while their consumer uses them."""
     taps = _Taps(modules)
     try:
         f = row_output(model, x0, ctx, timesteps, seed, sample_ids, draw_ids, output, backend)
@@ -128,16 +130,13 @@ def _row_terms(model: DiffusionModel, modules: dict[str, nn.Module], names: Sequ
         taps.close()
     flat = [(n, x, y) for n, calls in taps.calls.items() for x, y in calls]
     grads = torch.autograd.grad(f.sum(), [y for _, _, y in flat], allow_unused=True)
-    r = x0.shape[0]
-    out: dict[str, list[tuple[torch.Tensor | None, torch.Tensor]]] = {n: [] for n in names}
+    r, wanted = x0.shape[0], set(names)
     for (owner, x, _), g in zip(flat, grads):
         if g is None:
             continue
         for kind, (xs, gs) in per_sample.gradient_terms(modules[owner], x, g, r).items():
-            name = f"{owner}.{kind}"
-            if name in out:
-                out[name].append((None if xs is None else xs.float(), gs.float()))
-    return out
+            if f"{owner}.{kind}" in wanted:
+                yield f"{owner}.{kind}", (None if xs is None else xs.float()), gs.float()
 
 
 def _image_groups(n: int, per_group: int) -> Iterator[np.ndarray]:
@@ -232,22 +231,19 @@ class DTrak:
             out[n] = (a, b)
         return out
 
-    def _project(self, terms: dict[str, list[tuple[torch.Tensor | None, torch.Tensor]]], names: Sequence[str],
+    def _project(self, terms: Iterator[tuple[str, torch.Tensor | None, torch.Tensor]], names: Sequence[str],
                  proj: dict[str, tuple[torch.Tensor, torch.Tensor | None]], rows: int) -> torch.Tensor:
         """[R, D] float64 projected per-row gradients, blocks in the order of `names`."""
-        parts = []
-        for n in names:
+        acc = {n: torch.zeros(rows, proj[n][0].shape[0] * (proj[n][0].shape[0] if proj[n][1] is not None else 1),
+                              dtype=torch.float64, device=proj[n][0].device) for n in names}
+        for n, x, g in terms:
             a, b = proj[n]
-            acc = torch.zeros(rows, a.shape[0] * (a.shape[0] if b is not None else 1), dtype=torch.float64,
-                              device=a.device)
-            for x, g in terms[n]:
-                ga = g @ a.T  # [R, L, k]
-                if b is None:
-                    acc += ga.sum(1).double()
-                else:
-                    acc += torch.bmm(ga.transpose(1, 2), x @ b.T).flatten(1).double()
-            parts.append(acc)
-        return torch.cat(parts, 1)
+            ga = g @ a.T  # [R, L, k]
+            if b is None:
+                acc[n] += ga.sum(1).double()
+            else:
+                acc[n] += torch.bmm(ga.transpose(1, 2), x @ b.T).flatten(1).double()
+        return torch.cat([acc[n] for n in names], 1)
 
     def _features(self, model: DiffusionModel, names: Sequence[str], x0: torch.Tensor, text: torch.Tensor,
                   timesteps: torch.Tensor, seed: int, sample_ids: torch.Tensor, draw_ids: torch.Tensor,
@@ -316,28 +312,27 @@ class DTrak:
 
 
 # --- first-order influence -----------------------------------------------------------------
-def _directional(terms: dict[str, list[tuple[torch.Tensor | None, torch.Tensor]]], names: Sequence[str],
+def _directional(terms: Iterator[tuple[str, torch.Tensor | None, torch.Tensor]],
                  directions: dict[str, torch.Tensor]) -> torch.Tensor:
     """[R, Q] float64: each row's gradient dotted with each query's direction, as sum((X V^T) * G), or
     sum(G) V where the gradient is a sum of G over positions."""
     total = None
-    for n in names:
+    for n, x, g in terms:
         v = directions[n]  # [Q, *the parameter's shape]
         q = v.shape[0]
-        for x, g in terms[n]:
-            if x is None:
-                part = (g.sum(1) @ v.reshape(q, -1).T).double()
-            else:
-                r, length, d_in = x.shape
-                d_out = g.shape[-1]
-                step = max(1, _BUDGET // max(1, r * length * d_out))
-                cols = []
-                for q0 in range(0, q, step):
-                    vq = v[q0:q0 + step].reshape(-1, d_out, d_in)
-                    xv = (x.reshape(r * length, d_in) @ vq.reshape(-1, d_in).T).view(r, length, -1, d_out)
-                    cols.append((xv * g[:, :, None, :]).sum((1, 3)).double())
-                part = torch.cat(cols, 1)
-            total = part if total is None else total + part
+        if x is None:
+            part = (g.sum(1) @ v.reshape(q, -1).T).double()
+        else:
+            r, length, d_in = x.shape
+            d_out = g.shape[-1]
+            step = max(1, _BUDGET // max(1, r * length * d_out))
+            cols = []
+            for q0 in range(0, q, step):
+                vq = v[q0:q0 + step].reshape(-1, d_out, d_in)
+                xv = (x.reshape(r * length, d_in) @ vq.reshape(-1, d_in).T).view(r, length, -1, d_out)
+                cols.append((xv * g[:, :, None, :]).sum((1, 3)).double())
+            part = torch.cat(cols, 1)
+        total = part if total is None else total + part
     if total is None:
         raise ValueError("weights: no selected layer ran in the UNet's forward pass; select other weights")
     return total
@@ -416,6 +411,6 @@ class FirstOrderInfluence:
                     terms = _row_terms(model, modules, att.names, x0, text[rows.text_row[sl]].to(dev),
                                        rows.timestep[sl].to(dev), plan.seed, rows.sample_id[sl].to(dev),
                                        rows.draw_id[sl].to(dev), "loss", att.backend)
-                    d = _directional(terms, att.names, directions).cpu()
+                    d = _directional(terms, directions).cpu()
                     out.index_add_(0, rows.sample_id[sl], d * weight[sl, None])
         return out.T.numpy()
