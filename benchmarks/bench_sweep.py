@@ -503,14 +503,13 @@ def fisher_child(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         mem0 = torch.cuda.memory_allocated()
     info: dict[str, Any] = {"samples": S}
-    if args.child in ("fisher-kernel", "fisher-kernel-all"):
-        preset = "kv" if args.child == "fisher-kernel" else "all"
-        names = select_weights(model.unet, preset)
+    if args.child in ("kv", "all"):  # ours, over the K/V weights or all of them
+        names = select_weights(model.unet, args.child)
 
         def run():
             with autocast(dev, DTYPES[args.dtype]):
                 return compute_fisher(model, data, names, samples=S, batch_size=S, progress=False)
-        info["weights"] = (f"{'K/V' if preset == 'kv' else 'all'} {len(names)} tensors, "
+        info["weights"] = (f"{'K/V' if args.child == 'kv' else 'all'} {len(names)} tensors, "
                            f"{sum(model.unet.get_parameter(n).numel() for n in names):,} weights")
     else:
         from diffusers.models.attention_processor import AttnProcessor
@@ -575,9 +574,9 @@ def fisher_child(args) -> dict:
 def bench_fisher(args, sizes: dict, emit, log) -> None:
     S = args.fisher_samples or sizes["fisher_samples"]
     for name in args.fisher_methods:
-        key, method = FISHER_METHODS[name]
-        dtype = "float32" if key == "fisher-func" else args.dtype  # the published way stays fp32
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", key, "--device", args.device,
+        method = FISHER_METHODS[name]
+        dtype = "float32" if name == "func" else args.dtype  # the published way stays fp32
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--device", args.device,
                "--dtype", dtype, "--threads", str(args.threads),
                "--fisher-samples", str(S)] + (["--fisher-chunk", str(args.fisher_chunk)] if args.fisher_chunk else []) \
             + (["--quick"] if args.quick else [])
@@ -639,10 +638,10 @@ def report(result: dict) -> str:
 
 
 PARTS = ("sweep", "queries", "fisher", "precisions")
-# --fisher-methods: (subprocess role, row label)
-FISHER_METHODS = {"kv": ("fisher-kernel", "compute_fisher: hooks + kernel, K/V weights"),
-                  "all": ("fisher-kernel-all", "compute_fisher: hooks + kernel, all weights"),
-                  "func": ("fisher-func", "torch.func vmap(grad) per-sample, all weights")}
+# --fisher-methods (each runs in a subprocess: --child NAME): their row labels
+FISHER_METHODS = {"kv": "compute_fisher: hooks + kernel, K/V weights",
+                  "all": "compute_fisher: hooks + kernel, all weights",
+                  "func": "torch.func vmap(grad) per-sample, all weights"}
 
 
 def list_arg(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
