@@ -3,6 +3,7 @@
 The tiny model and training folder are drawn afresh each run (the seed is printed).
 """
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from conftest import fresh_seed
 from PIL import Image
 
 from forgetscore import kernels
-from forgetscore.attribution import Attributor, ScoringPlan, UnlearnConfig
+from forgetscore.attribution import Attributor, ScoringPlan, UnlearnConfig, per_sample
 from forgetscore.attribution import unlearning as unlearn_mod
 from forgetscore.evaluation import baselines as bl
 from forgetscore.evaluation import gradients as gr
@@ -179,7 +180,7 @@ def _with_weights(att, weights):
 @pytest.mark.parametrize("output,captions,batch_size,weights", [("square", "first", 4, "cross-attn"),
                                                                 ("loss", "all", 5, "cross-attn"),
                                                                 ("square", "first", 4, "all")])
-def test_dtrak_equals_explicit_projected_gradients(att, gen, output, captions, batch_size, weights):
+def test_dtrak_equals_explicit_projected_gradients(att, gen, monkeypatch, output, captions, batch_size, weights):
     att = _with_weights(att, weights)
     model = att.model
     dt = gr.DTrak(dim_per_side=3, timesteps=3, output=output, damping=0.1, seed=int(gen.integers(1000)),
@@ -211,6 +212,8 @@ def test_dtrak_equals_explicit_projected_gradients(att, gen, output, captions, b
         assert any(b is None and n.endswith(".weight") for n, (a, b) in proj.items())
     for got, want in ((got_train, want_train), (got_query, want_query)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    if weights == "all":
+        _check_sliced_patches(monkeypatch, lambda: dataclasses.replace(dt).train_features(ctx), got_train)
 
     phi, phi_q = want_train.numpy(), want_query.numpy()
     gram = phi.T @ phi
@@ -226,6 +229,25 @@ def test_dtrak_equals_explicit_projected_gradients(att, gen, output, captions, b
     np.testing.assert_allclose(gr.trak_scores(got_train, got_query, 0.0),
                                phi_q @ phi.T @ np.linalg.inv(phi @ phi.T), rtol=1e-6,
                                atol=1e-8 * np.abs(phi_q @ phi.T).max())
+
+
+def _check_sliced_patches(monkeypatch, compute, whole) -> None:
+    """`compute()` with every convolution's patches made one row at a time equals `whole` (the same sums)."""
+    sizes = []
+    real = per_sample.gradient_terms
+
+    def spy(module, x, g, n_rows):
+        if isinstance(module, torch.nn.Conv2d):
+            sizes.append(n_rows)
+        return real(module, x, g, n_rows)
+
+    with monkeypatch.context() as m:
+        m.setattr(per_sample, "PATCH_BYTES", 1)
+        m.setattr(per_sample, "gradient_terms", spy)
+        sliced = compute()
+    assert sizes and set(sizes) == {1}
+    torch.testing.assert_close(torch.as_tensor(sliced), torch.as_tensor(whole), rtol=1e-6,
+                               atol=1e-6 * float(torch.as_tensor(whole).abs().max()))
 
 
 def _plan_loss(model, unet, train, i, plan):
@@ -262,6 +284,8 @@ def test_first_order_influence_equals_brute_force(att, gen, monkeypatch, weights
     # regrouped, so float32 rounding of the size of the largest terms, not of a small score's own.
     np.testing.assert_allclose(method.scores(ctx, qs), got, rtol=1e-6, atol=1e-6 * np.abs(got).max())
     monkeypatch.undo()
+    if weights == "all":
+        _check_sliced_patches(monkeypatch, lambda: method.scores(ctx, qs), got)
 
     fisher = att.fisher(FISHER_SAMPLES)
     for p in model.unet.parameters():

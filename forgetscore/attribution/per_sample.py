@@ -96,6 +96,19 @@ def gradient_terms(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, n_
     return out
 
 
+def rows_per_slice(module: torch.nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]], n_rows: int,
+                   itemsize: int) -> int:
+    """How many of `n_rows` samples' terms to make at a time: for a convolution's weight, as many as keep
+    the unfolded patches of all `calls` under PATCH_BYTES at `itemsize` bytes an element (at least one);
+    for any other layer, all of them (its terms are no larger than its input and output)."""
+    if layer_kind(module) is not torch.nn.Conv2d:
+        return n_rows
+    # The patches are kh * kw times the input.
+    per_row = sum(g[0, 0].numel() * x.shape[1] for x, g in calls) * \
+        module.kernel_size[0] * module.kernel_size[1] * itemsize
+    return max(1, min(n_rows, PATCH_BYTES // max(1, per_row)))
+
+
 def accumulate(module: torch.nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]], sums: dict[str, torch.Tensor],
                n_rows: int, *, backend: str = "auto") -> None:
     """sums[kind] += sum over the batch of each sample's squared gradient of ``module.<kind>``, in place.
@@ -105,12 +118,7 @@ def accumulate(module: torch.nn.Module, calls: list[tuple[torch.Tensor, torch.Te
     calls' terms are joined along the positions. `sums` holds float64 tensors shaped like the
     parameters, for the kinds ("weight", "bias") wanted.
     """
-    step = n_rows
-    if layer_kind(module) is torch.nn.Conv2d and "weight" in sums:
-        # The patches are kh * kw times the input: a few samples at a time keep them under PATCH_BYTES.
-        per_row = sum(g[0, 0].numel() * x.shape[1] for x, g in calls) * \
-            module.kernel_size[0] * module.kernel_size[1] * calls[0][1].element_size()
-        step = max(1, PATCH_BYTES // max(1, per_row))
+    step = rows_per_slice(module, calls, n_rows, calls[0][1].element_size()) if "weight" in sums else n_rows
     for lo in range(0, n_rows, step):
         rows = min(step, n_rows - lo)
         # (Sliced only when needed: a linear layer's input may be [B * L, d] rather than [B, L, d].)

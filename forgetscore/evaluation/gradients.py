@@ -118,11 +118,12 @@ def row_output(model: DiffusionModel, x0: torch.Tensor, ctx: torch.Tensor, times
 def _row_terms(model: DiffusionModel, modules: dict[str, nn.Module], names: Sequence[str], x0: torch.Tensor,
                ctx: torch.Tensor, timesteps: torch.Tensor, seed: int, sample_ids: torch.Tensor,
                draw_ids: torch.Tensor, output: str, backend: str
-               ) -> Iterator[tuple[str, torch.Tensor | None, torch.Tensor]]:
-    """(parameter name, X, G) for each call of each selected parameter's layer, for a batch of R rows
-    (float32), in the forms of ``per_sample.gradient_terms``: the row's gradient is G^T X, or with X None the
-    sum of G over positions (a parameter's gradient sums its layer's calls). Made one layer call at a time, so
-    that a convolution's unfolded patches live only while their consumer uses them."""
+               ) -> Iterator[tuple[str, torch.Tensor | None, torch.Tensor, slice]]:
+    """(parameter name, X, G, rows) for each call of each selected parameter's layer, for the `rows` of a
+    batch of R rows (float32), in the forms of ``per_sample.gradient_terms``: a row's gradient is G^T X, or
+    with X None the sum of G over positions (a parameter's gradient sums its layer's calls). Made one layer
+    call at a time, and a convolution's for a few rows at a time (``per_sample.rows_per_slice``), so that
+    unfolded patches live only while their consumer uses them and stay under ``per_sample.PATCH_BYTES``."""
     taps = _Taps(modules)
     try:
         f = row_output(model, x0, ctx, timesteps, seed, sample_ids, draw_ids, output, backend)
@@ -134,9 +135,16 @@ def _row_terms(model: DiffusionModel, modules: dict[str, nn.Module], names: Sequ
     for (owner, x, _), g in zip(flat, grads):
         if g is None:
             continue
-        for kind, (xs, gs) in per_sample.gradient_terms(modules[owner], x, g, r).items():
-            if f"{owner}.{kind}" in wanted:
-                yield f"{owner}.{kind}", (None if xs is None else xs.float()), gs.float()
+        mod = modules[owner]
+        # float32 patches: the terms are made in float32 whatever the UNet's dtype.
+        step = per_sample.rows_per_slice(mod, [(x, g)], r, 4) if f"{owner}.weight" in wanted else r
+        for lo in range(0, r, step):
+            rows = slice(lo, min(r, lo + step))
+            # (Sliced only when needed: a linear layer's input may be [R * L, d] rather than [R, L, d].)
+            xr, gr_ = (x, g) if step >= r else (x[rows], g[rows])
+            for kind, (xs, gs) in per_sample.gradient_terms(mod, xr, gr_, rows.stop - rows.start).items():
+                if f"{owner}.{kind}" in wanted:
+                    yield f"{owner}.{kind}", (None if xs is None else xs.float()), gs.float(), rows
 
 
 def _image_groups(n: int, per_group: int) -> Iterator[np.ndarray]:
@@ -236,13 +244,13 @@ class DTrak:
         """[R, D] float64 projected per-row gradients, blocks in the order of `names`."""
         acc = {n: torch.zeros(rows, proj[n][0].shape[0] * (proj[n][0].shape[0] if proj[n][1] is not None else 1),
                               dtype=torch.float64, device=proj[n][0].device) for n in names}
-        for n, x, g in terms:
+        for n, x, g, sl in terms:
             a, b = proj[n]
-            ga = g @ a.T  # [R, L, k]
+            ga = g @ a.T  # [r, L, k]
             if b is None:
-                acc[n] += ga.sum(1).double()
+                acc[n][sl] += ga.sum(1).double()
             else:
-                acc[n] += torch.bmm(ga.transpose(1, 2), x @ b.T).flatten(1).double()
+                acc[n][sl] += torch.bmm(ga.transpose(1, 2), x @ b.T).flatten(1).double()
         return torch.cat([acc[n] for n in names], 1)
 
     def _features(self, model: DiffusionModel, names: Sequence[str], x0: torch.Tensor, text: torch.Tensor,
@@ -312,12 +320,12 @@ class DTrak:
 
 
 # --- first-order influence -----------------------------------------------------------------
-def _directional(terms: Iterator[tuple[str, torch.Tensor | None, torch.Tensor]],
-                 directions: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[R, Q] float64: each row's gradient dotted with each query's direction, as sum((X V^T) * G), or
+def _directional(terms: Iterator[tuple[str, torch.Tensor | None, torch.Tensor, slice]],
+                 directions: dict[str, torch.Tensor], rows: int) -> torch.Tensor:
+    """[rows, Q] float64: each row's gradient dotted with each query's direction, as sum((X V^T) * G), or
     sum(G) V where the gradient is a sum of G over positions."""
     total = None
-    for n, x, g in terms:
+    for n, x, g, sl in terms:
         v = directions[n]  # [Q, *the parameter's shape]
         q = v.shape[0]
         if x is None:
@@ -332,7 +340,9 @@ def _directional(terms: Iterator[tuple[str, torch.Tensor | None, torch.Tensor]],
                 xv = (x.reshape(r * length, d_in) @ vq.reshape(-1, d_in).T).view(r, length, -1, d_out)
                 cols.append((xv * g[:, :, None, :]).sum((1, 3)).double())
             part = torch.cat(cols, 1)
-        total = part if total is None else total + part
+        if total is None:
+            total = torch.zeros(rows, q, dtype=torch.float64, device=part.device)
+        total[sl] += part
     if total is None:
         raise ValueError("weights: no selected layer ran in the UNet's forward pass; select other weights")
     return total
@@ -411,6 +421,6 @@ class FirstOrderInfluence:
                     terms = _row_terms(model, modules, att.names, x0, text[rows.text_row[sl]].to(dev),
                                        rows.timestep[sl].to(dev), plan.seed, rows.sample_id[sl].to(dev),
                                        rows.draw_id[sl].to(dev), "loss", att.backend)
-                    d = _directional(terms, directions).cpu()
+                    d = _directional(terms, directions, len(x0)).cpu()
                     out.index_add_(0, rows.sample_id[sl], d * weight[sl, None])
         return out.T.numpy()
