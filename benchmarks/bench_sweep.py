@@ -506,9 +506,12 @@ def fisher_child(args) -> dict:
     if args.child in ("kv", "all"):  # ours, over the K/V weights or all of them
         names = select_weights(model.unet, args.child)
 
+        batch = args.fisher_batches[0] if args.fisher_batches else S
+        info["batch"] = batch
+
         def run():
             with autocast(dev, DTYPES[args.dtype]):
-                return compute_fisher(model, data, names, samples=S, batch_size=S, progress=False)
+                return compute_fisher(model, data, names, samples=S, batch_size=batch, progress=False)
         info["weights"] = (f"{'K/V' if args.child == 'kv' else 'all'} {len(names)} tensors, "
                            f"{sum(model.unet.get_parameter(n).numel() for n in names):,} weights")
     else:
@@ -568,33 +571,63 @@ def fisher_child(args) -> dict:
         info["rss_before_call_bytes"], info["vm_hwm_bytes"] = status0["VmRSS"], status1["VmHWM"]
     if dev.type == "cuda":
         info["peak_cuda_extra_bytes"] = torch.cuda.max_memory_allocated() - mem0
+    if args.fisher_profile:
+        info["profile"] = profile_table(run, sync, dev)
     return info
+
+
+def profile_table(run: Callable[[], Any], sync: Callable[[], None], dev: torch.device, rows: int = 25) -> str:
+    """One more call of `run` under torch.profiler: the ops (and compute_fisher's phases, which it labels)
+    that took the most time, on the device for CUDA, else on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+        sync()
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    # The labels' totals say where the wall time goes; the ops by self time say which kernels.
+    phases = prof.key_averages().table(sort_by="cpu_time_total", row_limit=rows)
+    ops = prof.key_averages().table(sort_by=key, row_limit=rows)
+    return f"by total CPU time (the phases' labels: wall time):\n{phases}\nby {key}:\n{ops}"
 
 
 def bench_fisher(args, sizes: dict, emit, log) -> None:
     S = args.fisher_samples or sizes["fisher_samples"]
     for name in args.fisher_methods:
-        method = FISHER_METHODS[name]
-        dtype = "float32" if name == "func" else args.dtype  # the published way stays fp32
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--device", args.device,
-               "--dtype", dtype, "--threads", str(args.threads),
-               "--fisher-samples", str(S)] + (["--fisher-chunk", str(args.fisher_chunk)] if args.fisher_chunk else []) \
-            + (["--quick"] if args.quick else [])
-        log(f"[4] {method}: {S} samples in a subprocess")
-        row: dict[str, Any] = {"part": "4 fisher", "method": method, "rows": S, "dtype": dtype}
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.fisher_timeout_s)
-            lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-            if p.returncode != 0 or not lines:
-                tail = (p.stderr.strip().splitlines() or ["?"])[-1][:160]
-                row["skipped"] = f"n/a (child exited {p.returncode}: {tail})"
-            else:
-                info = json.loads(lines[-1])
-                row.update(info, median_s=info["seconds"], rows_per_s=S / info["seconds"],
-                           work=f"{S} samples ({info['weights']})")
-        except subprocess.TimeoutExpired:
-            row["skipped"] = f"n/a (over {args.fisher_timeout_s} s)"
-        emit(row)
+        # Batch sizes apply to ours; torch.func goes by --fisher-chunk.
+        for batch in (args.fisher_batches or (S,)) if name != "func" else (None,):
+            fisher_run(args, name, S, batch, emit, log)
+
+
+def fisher_run(args, name: str, S: int, batch: int | None, emit, log) -> None:
+    """One Fisher method in a subprocess; emits its row (and logs its profile, if asked for)."""
+    method = FISHER_METHODS[name] + (f", batches of {batch}" if batch is not None and batch != S else "")
+    dtype = "float32" if name == "func" else args.dtype  # the published way stays fp32
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--device", args.device,
+           "--dtype", dtype, "--threads", str(args.threads), "--fisher-samples", str(S)] \
+        + (["--fisher-chunk", str(args.fisher_chunk)] if args.fisher_chunk else []) \
+        + (["--fisher-batches", str(batch)] if batch is not None else []) \
+        + (["--fisher-profile"] if args.fisher_profile else []) + (["--quick"] if args.quick else [])
+    log(f"[4] {method}: {S} samples in a subprocess")
+    row: dict[str, Any] = {"part": "4 fisher", "method": method, "rows": S, "dtype": dtype}
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.fisher_timeout_s)
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+        if p.returncode != 0 or not lines:
+            tail = (p.stderr.strip().splitlines() or ["?"])[-1][:160]
+            row["skipped"] = f"n/a (child exited {p.returncode}: {tail})"
+        else:
+            info = json.loads(lines[-1])
+            profile = info.pop("profile", None)
+            row.update(info, median_s=info["seconds"], rows_per_s=S / info["seconds"],
+                       work=f"{S} samples ({info['weights']})")
+            if profile:
+                log(f"[4] {method}: profile of a third call\n{profile}")
+                row["profile"] = {"table": profile}  # a dict: kept in the JSON, left out of the log line
+    except subprocess.TimeoutExpired:
+        row["skipped"] = f"n/a (over {args.fisher_timeout_s} s)"
+    emit(row)
 
 
 # --------------------------------------------------------------------------- report
@@ -626,7 +659,8 @@ def report(result: dict) -> str:
             note = f"bitwise equal: {r['bitwise_equal']}"
         if "projected_h" in r:
             note = f"projected {r['projected_h']:.1f} h " + note
-        rows.append([r["part"], r["method"], r.get("work", ""), str(r.get("batch_rows", "-")), f"{r['rows']:,}",
+        batch = r.get("batch_rows", r.get("batch", "-"))  # UNet rows, or a Fisher's samples per batch
+        rows.append([r["part"], r["method"], r.get("work", ""), str(batch), f"{r['rows']:,}",
                      fmt_s(r.get("median_s")), f"{r['rows_per_s']:.1f}" if "rows_per_s" in r else "-",
                      f"{r['ratio']:.2f}x" if "ratio" in r else "-", mem, note])
     lines.append(table(hdr, rows, first_numeric=4))
@@ -654,6 +688,17 @@ def list_arg(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
     return parse
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    """Comma-separated positive ints, for argparse."""
+    try:
+        out = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. 64,512") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more integers >= 1, e.g. 64,512")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -673,6 +718,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fisher-methods", type=list_arg(tuple(FISHER_METHODS)), default=tuple(FISHER_METHODS),
                    help="comma-separated Fisher methods of part 4: kv, all (ours over K/V or all weights), func "
                         "(torch.func per-sample gradients of all weights, the published way); default: all three")
+    p.add_argument("--fisher-batches", type=int_list, default=(),
+                   help="comma-separated samples per batch of our Fisher methods, each timed in its own subprocess "
+                        "(default: all the samples in one batch)")
+    p.add_argument("--fisher-profile", action="store_true",
+                   help="profile a third call of each Fisher method (torch.profiler) and print its top ops")
     p.add_argument("--fisher-timeout-s", type=int, default=600, help="give up on a Fisher subprocess after this")
     p.add_argument("--compile", type=list_arg(COMPILE_MODES), default=(),
                    help="comma-separated torch.compile modes of the sweep (" + ", ".join(COMPILE_MODES) + "): "

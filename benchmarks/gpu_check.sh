@@ -22,6 +22,8 @@
 #   GPU_CHECK_BATCH_ROWS  UNet rows per batch of the sweep step (default: bench_sweep.py's, 2000 on CUDA)
 #   GPU_CHECK_FISHER    Fisher methods of the sweep step (default kv,func; all: ours over every weight too)
 #   GPU_CHECK_SWEEP_CAP_S  the sweep step's own cap (default 240)
+#   GPU_CHECK_SWEEP_ARGS   more arguments of the sweep step's bench_sweep.py (later ones win), e.g.
+#                       "--only fisher --fisher-samples 512 --fisher-batches 64,512 --fisher-profile"
 #
 # After a full check, the sweep's speed alone (its build is not needed: the Triton kernels load without it):
 #   GPU_CHECK_STEPS=env,wheels,sweep GPU_CHECK_BATCH_ROWS=4000 GPU_CHECK_FISHER=kv,all,func \
@@ -29,6 +31,9 @@
 # and a slower-compiling mode on its own, since nothing is timed until every warm-up (compilation) is done:
 #   GPU_CHECK_STEPS=env,wheels,sweep GPU_CHECK_COMPILE=max-autotune-no-cudagraphs GPU_CHECK_SWEEP_CAP_S=420 \
 #     GPU_CHECK_BUDGET_S=600 bash benchmarks/gpu_check.sh
+# and where our Fisher's time goes on the GPU (by batch size, with a profile of each; about 2 minutes):
+#   GPU_CHECK_STEPS=env,wheels,sweep GPU_CHECK_FISHER=kv,all GPU_CHECK_SWEEP_ARGS="--only fisher \
+#     --fisher-samples 512 --fisher-batches 64,512 --fisher-profile --fisher-timeout-s 150" bash benchmarks/gpu_check.sh
 #
 # Every step runs under `timeout` with its own cap, cut down to what is left of the
 # budget, and its output goes to $OUT/<step>.log.  A failing step does not stop the
@@ -156,7 +161,7 @@ if ! rehearsal; then sweep_args+=(--cudnn-benchmark); fi
 run_step sweep "$sweep_cap" 0 "bench_sweep.py --device $DEVICE --dtype bfloat16 ${sweep_args[*]}${sweep_quick:+ --quick}" -- \
   "$PYTHON" benchmarks/bench_sweep.py --device "$DEVICE" --dtype bfloat16 ${sweep_quick:+--quick} --rounds 3 \
   "${sweep_args[@]}" --json "$OUT/bench_sweep_gpu.json" --fisher-methods "${GPU_CHECK_FISHER:-kv,func}" \
-  --fisher-timeout-s $(( sweep_cap > 60 ? sweep_cap / 4 : 20 ))
+  --fisher-timeout-s $(( sweep_cap > 60 ? sweep_cap / 4 : 20 )) ${GPU_CHECK_SWEEP_ARGS:-}
 
 # 7. Large-shape cross-checks (rows past 2**31 elements, bit-exact noise): correctness before the
 #    precision steps and the kernel timings, which take whatever time is left.

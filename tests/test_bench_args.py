@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_sweep import COMPILE_MODES, FISHER_METHODS, PARTS, cudnn_benchmark, list_arg, main  # noqa: E402
+from bench_sweep import COMPILE_MODES, FISHER_METHODS, PARTS, cudnn_benchmark, int_list, list_arg, main  # noqa: E402
 
 
 def test_parts_and_modes_parse_as_lists():
@@ -115,3 +115,10 @@ def test_a_step_cut_by_sigterm_is_recorded(sigterm_stops):
     assert ran == [] and result["rows"] == [{"kept": True}]
     assert result["errors"] == ["first: stopped by SIGTERM; the rows it had recorded are kept",
                                 "second: not run (stopped by SIGTERM)"]
+
+
+def test_fisher_batches_parse_as_positive_ints():
+    assert int_list("64, 512") == (64, 512)
+    for text in ("", "64,x", "0,64", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="64,512"):
+            int_list(text)

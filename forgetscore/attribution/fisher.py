@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from .. import kernels
 from . import per_sample
@@ -113,40 +114,47 @@ def fisher_sums(model: DiffusionModel, data: PreparedData, names: list[str], *, 
     try:
         for lo in range(start, start + count, batch_size):
             n_rows = min(batch_size, start + count - lo)
-            d = sample_draws(seed, lo, n_rows, data, model.num_train_timesteps, flips)
-            x0 = data.inputs(d["image"].numpy())[torch.arange(n_rows), d["version"]].to(model.device)
-            cap = d["caption"] if captions == "all" else torch.zeros_like(d["caption"])
-            ctx = data.caption_states(d["image"].numpy(), cap.numpy()).to(model.device)  # only the drawn captions
-            args = (x0, ctx, d["timestep"].to(model.device), seed ^ FISHER_STREAM,
-                    d["sample_id"].to(model.device), torch.ones(n_rows, dtype=torch.int64, device=model.device))
+            # The labels name the phases in a torch.profiler trace (benchmarks/bench_sweep.py --fisher-profile).
+            with record_function("fisher: draws and inputs"):
+                d = sample_draws(seed, lo, n_rows, data, model.num_train_timesteps, flips)
+                x0 = data.inputs(d["image"].numpy())[torch.arange(n_rows), d["version"]].to(model.device)
+                cap = d["caption"] if captions == "all" else torch.zeros_like(d["caption"])
+                ctx = data.caption_states(d["image"].numpy(), cap.numpy()).to(model.device)  # only the drawn captions
+                args = (x0, ctx, d["timestep"].to(model.device), seed ^ FISHER_STREAM,
+                        d["sample_id"].to(model.device), torch.ones(n_rows, dtype=torch.int64, device=model.device))
             if layers:
                 hooks = _Capture({o: modules[o] for o in layers})
                 try:
-                    losses = row_losses(model, *args, backend=backend)
+                    with record_function("fisher: forward"):
+                        losses = row_losses(model, *args, backend=backend)
                 finally:
                     hooks.close()
                 flat = [(o, x, y) for o, calls in hooks.calls.items() for x, y in calls]
                 # Each row's loss depends only on its own sample, so the gradient of the sum w.r.t. a layer's
                 # output rows is each sample's own output gradient.
-                grads = torch.autograd.grad(losses.sum(), [y for _, _, y in flat], retain_graph=bool(other),
-                                            allow_unused=True)
+                with record_function("fisher: backward"):
+                    grads = torch.autograd.grad(losses.sum(), [y for _, _, y in flat], retain_graph=bool(other),
+                                                allow_unused=True)
                 used: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
                 for (o, x, _), g in zip(flat, grads):
                     if g is not None:  # None: that call's output does not reach the loss
                         used.setdefault(o, []).append((x, g))
-                for o, calls in used.items():
-                    per_sample.accumulate(modules[o], calls, {kind: sums[n] for kind, n in layers[o].items()},
-                                          n_rows, backend=backend)
+                with record_function("fisher: accumulate"):
+                    for o, calls in used.items():
+                        per_sample.accumulate(modules[o], calls, {kind: sums[n] for kind, n in layers[o].items()},
+                                              n_rows, backend=backend)
                 del hooks, flat, grads, used
             if other:
                 extra = [all_params[n] for n in other]
                 if not layers:
-                    losses = row_losses(model, *args, backend=backend)
-                for b in range(n_rows):
-                    gs = torch.autograd.grad(losses[b], extra, retain_graph=b < n_rows - 1, allow_unused=True)
-                    for n, g in zip(other, gs):
-                        if g is not None:
-                            sums[n] += g.double().square()
+                    with record_function("fisher: forward"):
+                        losses = row_losses(model, *args, backend=backend)
+                with record_function("fisher: backward per sample"):
+                    for b in range(n_rows):
+                        gs = torch.autograd.grad(losses[b], extra, retain_graph=b < n_rows - 1, allow_unused=True)
+                        for n, g in zip(other, gs):
+                            if g is not None:
+                                sums[n] += g.double().square()
             if bar is not None:
                 bar.update(n_rows)
     finally:
