@@ -59,7 +59,7 @@ if ROOT not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from forgetscore.attribution.losses import COMPILE_MODES  # noqa: E402
+from forgetscore.attribution.losses import COMPILE_MODES, PRECISIONS  # noqa: E402
 
 SEED = 1234
 CAPTIONS = 5                      # MSCOCO: five captions per image
@@ -328,13 +328,14 @@ def bench_sweep_parts(args, model, data, sizes: dict, emit, log) -> None:
 
     fns = {"bare": bare, "bare_shared": bare_shared, "sweep_flips": ours_flip, "sweep_noflip": ours_noflip,
            "published": published}
-    compiled = {f"sweep_compiled:{mode}": mode for mode in args.compile}
-    for key, mode in compiled.items():
-        # The sweep's own precision rather than an outer autocast: dynamo traces the UNet under it.
-        sweep_c = LossSweep(model, data, noflip_plan, batch_size=B, compile=mode,
-                            precision="bf16" if dtype == torch.bfloat16 else "fp32")
+    # Each mode in each precision (the sweep's own precision rather than an outer autocast: dynamo traces the
+    # UNet under it); by default the precision of --dtype.
+    precs = args.compile_precisions or ("bf16" if dtype == torch.bfloat16 else "fp32",)
+    compiled = {f"sweep_compiled:{mode}:{prec}": (mode, prec) for mode in args.compile for prec in precs}
+    for key, (mode, prec) in compiled.items():
+        sweep_c = LossSweep(model, data, noflip_plan, batch_size=B, compile=mode, precision=prec)
         fns[key] = lambda sweep_c=sweep_c: sweep_c.run([None], ids2, progress=False)
-        fns[f"bare_compiled:{mode}"] = lambda sweep_c=sweep_c: bare_compiled(sweep_c, pre)
+        fns[f"bare_{key}"] = lambda sweep_c=sweep_c: bare_compiled(sweep_c, pre)
     # Our sweeps again with cuDNN choosing its convolution algorithms by timing them (the published loop keeps
     # PyTorch's default, heuristics): the same compiled functions, so no second compilation.
     cudnn = {f"{key}+cudnn": key for key in ("sweep_noflip", *compiled)} if args.cudnn_benchmark else {}
@@ -352,10 +353,10 @@ def bench_sweep_parts(args, model, data, sizes: dict, emit, log) -> None:
               "sweep_flips": ("1 overhead", f"LossSweep.run ({args.dtype})", work1, B),
               "sweep_noflip": ("2 published", f"LossSweep.run ({args.dtype})", work2, B),
               "published": ("2 published", "published loop (fp32)", work2, pub_rows_per_batch)}
-    for key, mode in compiled.items():
-        labels[key] = ("2 published", f"LossSweep.run ({args.dtype}, compile {mode})", work2, B)
-        labels[f"bare_compiled:{mode}"] = ("1 overhead", f"bare forwards, caption K/V once ({args.dtype}, "
-                                                         f"compile {mode})", work1, B)
+    for key, (mode, prec) in compiled.items():
+        labels[key] = ("2 published", f"LossSweep.run (compile {mode}, precision {prec})", work2, B)
+        labels[f"bare_{key}"] = ("1 overhead", f"bare forwards, caption K/V once (compile {mode}, "
+                                               f"precision {prec})", work1, B)
     for key, base in cudnn.items():
         part, method, work, batch = labels[base]
         labels[key] = (part, f"{method[:-1]}, cudnn.benchmark)", work, batch)
@@ -370,15 +371,15 @@ def bench_sweep_parts(args, model, data, sizes: dict, emit, log) -> None:
     overheads = [("sweep_flips", "bare_shared", "ratio sweep / bare, caption K/V once", "<= 1.10x"),
                  ("sweep_flips", "bare", "ratio sweep / bare", "")]
     # The compiled sweep (no flips: the same rows and batch shapes) against its own compiled UNet.
-    overheads += [(key, f"bare_compiled:{mode}", f"ratio sweep / bare, compile {mode}", "")
-                  for key, mode in compiled.items()]
+    overheads += [(key, f"bare_{key}", f"ratio sweep / bare, compile {mode}, precision {prec}", "")
+                  for key, (mode, prec) in compiled.items()]
     for sweep_key, base, method, target in overheads:
         if all(isinstance(times[k], dict) for k in (base, sweep_key)):
             emit({"part": "1 overhead", "method": method, "work": work1, "rows": rows,
                   "ratio": times[sweep_key]["median_s"] / times[base]["median_s"], "target": target})
     ours = [("sweep_noflip", "sweep", f"LossSweep ({args.dtype})")]
-    for key, mode in compiled.items():
-        ours.append((key, f"sweep compiled {mode}", f"LossSweep ({args.dtype}, compile {mode})"))
+    for key, (mode, prec) in compiled.items():
+        ours.append((key, f"sweep compiled {mode} {prec}", f"LossSweep (compile {mode}, precision {prec})"))
     ours += [(key, f"{what}, cudnn.benchmark", f"{method[:-1]}, cudnn.benchmark)")
              for key, base in cudnn.items() for b, what, method in list(ours) if b == base]
     ours = [o for o in ours if isinstance(times[o[0]], dict)]
@@ -727,6 +728,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", type=list_arg(COMPILE_MODES), default=(),
                    help="comma-separated torch.compile modes of the sweep (" + ", ".join(COMPILE_MODES) + "): "
                         "part 2 also times the sweep compiled in each, after an untimed call that compiles it")
+    p.add_argument("--compile-precisions", type=list_arg(tuple(PRECISIONS)), default=(),
+                   help="comma-separated sweep precisions (" + ", ".join(PRECISIONS) + ") each --compile mode is "
+                        "timed in (default: that of --dtype, bf16 or fp32); each compiles once more")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="part 2 also times each of our sweeps with torch.backends.cudnn.benchmark on (CUDA only)")
     p.add_argument("--batch-rows", type=int, default=0,

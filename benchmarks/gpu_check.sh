@@ -31,6 +31,11 @@
 # and a slower-compiling mode on its own, since nothing is timed until every warm-up (compilation) is done:
 #   GPU_CHECK_STEPS=env,wheels,sweep GPU_CHECK_COMPILE=max-autotune-no-cudagraphs GPU_CHECK_SWEEP_CAP_S=420 \
 #     GPU_CHECK_BUDGET_S=600 bash benchmarks/gpu_check.sh
+# and the compiled sweep in each precision the CUDA default may take (tf32 is the default today; fp16 keeps
+# the precision bar but is untimed at scale and may be as fast as bf16), each compiling once:
+#   GPU_CHECK_STEPS=env,wheels,sweep GPU_CHECK_SWEEP_CAP_S=420 GPU_CHECK_BUDGET_S=600 \
+#     GPU_CHECK_SWEEP_ARGS="--only sweep,precisions --compile-precisions bf16,fp16,tf32 --rounds 2" \
+#     bash benchmarks/gpu_check.sh
 # and where our Fisher's time goes on the GPU (by batch size, with a profile of each; about 2 minutes):
 #   GPU_CHECK_STEPS=env,wheels,sweep GPU_CHECK_FISHER=kv,all GPU_CHECK_SWEEP_ARGS="--only fisher \
 #     --fisher-samples 512 --fisher-batches 64,512 --fisher-profile --fisher-timeout-s 150" bash benchmarks/gpu_check.sh
