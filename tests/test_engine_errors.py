@@ -162,6 +162,15 @@ def test_image_of_another_size_needs_resize(dirs, model, tmp_path):
     data = prepare(model, train, tmp_path / "cache", resize=True, progress=False)
     got = data.inputs(np.array([3]))[0, 0]
     torch.testing.assert_close(got, torch.full_like(got, 200 / 127.5 - 1))
+    # Reused only as prepared: without resizing, the resized image is not what the run would read.
+    raises("resize", r"holds training images resized .*pass resize=True \(--resize\)", prepare, model, train,
+           tmp_path / "cache", progress=False)
+    assert prepare(model, train, tmp_path / "cache", resize=True, progress=False).data_id == data.data_id
+    # Prepared without resizing, every image had the model's size: reused with resize=True too.
+    same = TrainingSet.load(dirs[1])
+    first = prepare(model, same, tmp_path / "cache2", progress=False)
+    again = prepare(model, same, tmp_path / "cache2", resize=True, progress=False)
+    np.testing.assert_array_equal(again.inputs(np.arange(N)), first.inputs(np.arange(N)))
 
 
 # --- model directory --------------------------------------------------------------------------
@@ -188,12 +197,23 @@ def test_model_directory_without_unet(dirs, tmp_path):
     raises("model", r"lacks unet/, scheduler/", DiffusionModel.load, bad)
 
 
-@pytest.mark.parametrize("part", ["unet", "text_encoder"])
-def test_model_part_without_its_files(dirs, tmp_path, part):
+@pytest.mark.parametrize("part,missing,named", [
+    ("unet", "*", "config.json"), ("text_encoder", "*", "config.json"),
+    ("unet", "*.safetensors", r"weights \(diffusion_pytorch_model\.safetensors\)"),
+    ("text_encoder", "*.safetensors", r"weights \(model\.safetensors\)"),
+    ("tokenizer", "tokenizer.json", r"tokenizer\.json \(or vocab\.json\)"),
+    ("scheduler", "*", "scheduler_config.json")])
+def test_model_part_without_its_files(dirs, tmp_path, part, missing, named):
     bad = Path(shutil.copytree(dirs[0], tmp_path / "model"))
-    for f in (bad / part).iterdir():
+    for f in (bad / part).glob(missing):
         f.unlink()
-    raises("model", rf"cannot load {part}/ .*save the pipeline again", DiffusionModel.load, bad)
+    raises("model", rf"{part}/ of .* has no {named}; save the pipeline again", DiffusionModel.load, bad)
+
+
+def test_model_part_that_cannot_be_loaded(dirs, tmp_path):
+    bad = Path(shutil.copytree(dirs[0], tmp_path / "model"))
+    (bad / "unet" / "config.json").write_text("{not json")
+    raises("model", r"cannot load unet/ .*save the pipeline again", DiffusionModel.load, bad)
 
 
 def test_model_with_unsupported_prediction_type(dirs, tmp_path):
@@ -306,7 +326,71 @@ def test_query_with_nan(att):
 def test_query_of_the_wrong_shape(att):
     raises("query", r"shape \(3, 8, 8\) is neither the model's input \(1, 8, 8\) nor its image shape",
            att.query_inputs, torch.zeros(3, 8, 8))
-    raises("query", r"expected a tensor or an image path", att.query_inputs, [[0.0]])
+    raises("query", r"expected an image path, a PIL image or a tensor", att.query_inputs, [[0.0]])
+    raises("query", r"\(8, 8, 1\) .*PIL\.Image\.fromarray", att.query_inputs, np.zeros((8, 8, 1), dtype=np.float32))
+
+
+def test_query_as_a_pil_image_or_an_array_reads_as_the_file(att, tmp_path):
+    pixels = np.random.default_rng(fresh_seed()).integers(0, 256, (8, 8), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "q.png")
+    want = torch.from_numpy(pixels[None].astype(np.float64) / 127.5 - 1).float()  # the tiny model works in pixels
+    torch.testing.assert_close(att.query_inputs(tmp_path / "q.png"), want, rtol=0, atol=1e-7)
+    with Image.open(tmp_path / "q.png") as im:
+        torch.testing.assert_close(att.query_inputs(im), want, rtol=0, atol=1e-7)
+    torch.testing.assert_close(att.query_inputs(want.numpy()), want, rtol=0, atol=0)
+    raises("query", r"is 10x10 but the model takes 8x8; .*resize=True", att.query_inputs,
+           Image.fromarray(np.zeros((10, 10), dtype=np.uint8)))
+
+
+def test_api_arguments_of_the_wrong_type(model, train, dirs, att, tmp_path):
+    from forgetscore.attribution import preset
+
+    raises("plan", r"expected a ScoringPlan .*got str", Attributor, model, train, plan="mscoco", cache_dir=tmp_path)
+    raises("train", r"expected a TrainingSet .*TrainingSet\.load", Attributor, model, str(dirs[1]), cache_dir=tmp_path)
+    raises("model", r"expected a DiffusionModel", Attributor, str(dirs[0]), train, cache_dir=tmp_path)
+    raises("model_dir", r"expected a folder path, got int", Attributor.load, 123, dirs[1])
+    raises("train_dir", r"expected a folder path, got NoneType", Attributor.load, dirs[0], None)
+    query = torch.zeros(1, 8, 8)
+    raises("config", r"expected an UnlearnConfig .*got dict", att.attribute, query, "p", config={"steps": 1})
+    raises("prompt", r"expected a string .*got NoneType", att.attribute, query, None, config=CONFIG)
+    for k in (0, -2, True, 2.5, "3"):
+        raises("k", r"must be an int >= 1", att.attribute, query, "p", k=k, config=CONFIG)
+    raises("alpha", r"must be a number, not str", preset, "mscoco", alpha="0.1")
+    raises("seed", r"must be an integer >= 0", UnlearnConfig, seed=-1)
+    raises("steps", r"must be a positive integer", UnlearnConfig, steps=True)
+
+
+def test_attribute_keeps_k_and_records_its_settings(att, train, tmp_path):
+    import html
+
+    import forgetscore
+
+    pixels = np.random.default_rng(fresh_seed()).integers(0, 256, (8, 8), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "q.png")
+    result = att.attribute(tmp_path / "q.png", "a red dot", k=3, config=CONFIG, fisher_samples=FISHER_SAMPLES,
+                           indices=np.array([4, 0, 2, 5]))
+    assert len(result.top()) == 3 and [r["rank"] for r in result.top_records()] == [1, 2, 3]
+    assert len(result.top(6)) == 4  # only four images were scored
+    out = result.save(tmp_path / "out", train_dir=train.root)
+    rec = json.loads((out / "attribution.json").read_text())
+    assert [r["id"] for r in rec["top"]] == result.top().tolist() and set(result.top().tolist()) < {0, 2, 4, 5}
+    assert rec["n_train"] == N and rec["n_scored"] == 4
+    assert rec["fisher_samples"] == FISHER_SAMPLES and rec["unlearn"]["n_train"] == N
+    assert rec["batch_size"] == att.batch_size and rec["noise"] == "keyed" and rec["version"] == forgetscore.__version__
+    assert rec["query"] == str(tmp_path / "q.png") and Path(rec["model"]).is_absolute()
+    page = (out / "report.html").read_text()
+    settings = json.loads(html.unescape(re.search(r"<h2>Settings</h2><pre[^>]*>(.*?)</pre>", page, re.S).group(1)))
+    assert settings["fisher_samples"] == FISHER_SAMPLES and settings["plan"] == PLAN.to_dict()
+
+
+def test_recorded_settings_resolve_defaults_and_paths(dirs, train, tmp_path, monkeypatch):
+    monkeypatch.chdir(dirs[0].parent)
+    local = Attributor(DiffusionModel.load(dirs[0].name), train, plan=PLAN, cache_dir=tmp_path, progress=False)
+    newton = local._settings(CONFIG, None, "max", None, N)
+    assert newton["fisher_samples"] == 5 * N and newton["unlearn"]["n_train"] == N
+    assert newton["model"] == str(dirs[0].resolve())
+    assert local._settings(replace(CONFIG, method="sgd", n_train=7), None, "max", None, N)["fisher_samples"] is None
+    assert local._settings(replace(CONFIG, n_train=7), 3, "max", None, N)["unlearn"]["n_train"] == 7
 
 
 def test_query_file_missing_unreadable_or_of_another_size(att, tmp_path):

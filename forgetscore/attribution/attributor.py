@@ -25,7 +25,7 @@ import torch
 
 from ..cache import cache_root
 from . import params
-from .data import TEXT_DTYPES, PreparedData, TrainingSet, load_image, prepare
+from .data import TEXT_DTYPES, PreparedData, TrainingSet, image_pixels, load_image, prepare
 from .fisher import FISHER_CHUNK, FISHER_FORMAT, check_counts, run_fisher
 from .generate import generate
 from .io import check_writable, clean_removed, read_json, remove_dir, write_bytes, write_json, write_npy
@@ -69,6 +69,11 @@ class Attributor:
         from .. import kernels
         from .losses import auto_batch_size, check_noise_device, compile_mode, resolve_precision
 
+        for arg, value, kind, hint in (("model", model, DiffusionModel, "DiffusionModel.load(folder)"),
+                                       ("train", train, TrainingSet, "TrainingSet.load(folder)"),
+                                       ("plan", plan, ScoringPlan, "ScoringPlan() or ScoringPlan.with_stride(50)")):
+            if not isinstance(value, kind) and not (arg == "plan" and value is None):
+                raise ValueError(f"{arg}: expected a {kind.__name__} (e.g. {hint}), got {type(value).__name__}")
         self.model, self.train = model, train
         self.plan = plan or ScoringPlan()
         self.plan.check_model(model.num_train_timesteps)
@@ -106,6 +111,9 @@ class Attributor:
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, train_dir: str | os.PathLike, **kw) -> "Attributor":
+        for arg, value in (("model_dir", model_dir), ("train_dir", train_dir)):
+            if not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"{arg}: expected a folder path, got {type(value).__name__}")
         device = rank_device(kw.pop("device", "cpu"))
         train = TrainingSet.load(train_dir)  # cheap checks first: a bad folder fails before a model load
         return cls(DiffusionModel.load(model_dir, device=device), train, **kw)
@@ -281,12 +289,20 @@ class Attributor:
         """A query made by the model itself: UNet-space sample [C, H, W]."""
         return generate(self.model, [prompt], [seed], steps=steps, guidance_scale=guidance_scale)[0]
 
-    def query_inputs(self, query: torch.Tensor | str | os.PathLike) -> torch.Tensor:
-        """A query image (file, or pixels in [-1, 1], or a UNet-space tensor) as UNet input [C, H, W]."""
+    def query_inputs(self, query) -> torch.Tensor:
+        """A query as UNet input [C, H, W]: an image file or a PIL image (read as the training images are), or
+        a tensor or array of pixels [C, H, W] in [-1, 1], or of the UNet's input shape."""
+        from PIL import Image
+
         if isinstance(query, (str, os.PathLike)):
             query = load_image(query, self.model.image_shape, self.resize)
+        elif isinstance(query, Image.Image):
+            query = image_pixels(query, self.model.image_shape, self.resize)
+        elif isinstance(query, np.ndarray):
+            query = torch.from_numpy(np.asarray(query, dtype=np.float32))
         if not isinstance(query, torch.Tensor):
-            raise ValueError(f"query: expected a tensor or an image path, got {type(query).__name__}")
+            raise ValueError(f"query: expected an image path, a PIL image or a tensor of pixels in [-1, 1], got "
+                             f"{type(query).__name__}")
         query = query.detach().float()
         if not bool(torch.isfinite(query).all()):
             raise ValueError("query: holds NaN or inf; pass a finite image or latent")
@@ -295,7 +311,8 @@ class Attributor:
         if tuple(query.shape) == tuple(self.model.image_shape):
             return self.model.encode_images(query[None])[0].float()
         raise ValueError(f"query: shape {tuple(query.shape)} is neither the model's input {self.model.input_shape} "
-                         f"nor its image shape {self.model.image_shape}")
+                         f"nor its image shape {self.model.image_shape} (channels first; for an H x W x C array of "
+                         "8-bit pixels pass PIL.Image.fromarray(array))")
 
     def region_mask(self, region: Sequence[int] | torch.Tensor | None) -> torch.Tensor | None:
         """A box (x0, y0, x1, y1) in image pixels, or an [H, W] mask, as a UNet-space weight mask [1, h, w]."""
@@ -367,7 +384,15 @@ class Attributor:
         """Unlearn each query, then score the training set for all of them in one pass over the data."""
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce: {reduce!r} is not one of {list(REDUCTIONS)}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k: {k!r} must be an int >= 1 (the number of top images a result shows and saves)")
+        if config is not None and not isinstance(config, UnlearnConfig):
+            raise ValueError(f"config: expected an UnlearnConfig (e.g. preset('mscoco')), got {type(config).__name__}")
         config = config or UnlearnConfig()
+        for _, p in queries:
+            if not isinstance(p, str):
+                raise ValueError(f"prompt: expected a string (the query's prompt), got {type(p).__name__}")
+        sources = [str(q) if isinstance(q, (str, os.PathLike)) else None for q, _ in queries]
         queries = [(self.query_inputs(q), p) for q, p in queries]  # bad queries fail before any long stage
         self.region_mask(region)
         data = self.prepare()
@@ -391,17 +416,14 @@ class Attributor:
             if indices is None:
                 self._save_before(before)
         results = []
-        for (q, prompt), after, weights in zip(queries, losses, unlearned):
+        settings = self._settings(config, fisher_samples, reduce, region, len(sel))
+        for (q, prompt), after, weights, source in zip(queries, losses, unlearned, sources):
             tau = after - before
             scores = tau.max(axis=1) if reduce == "max" else tau.mean(axis=1)
             q_before, q_after = (self.query_loss(q, prompt, w) for w in (None, weights))
-            meta = {"plan": self.plan.to_dict(), "unlearn": config.to_dict(), "weights": self.weights,
-                    "n_weights": int(sum(self.model.unet.get_parameter(n).numel() for n in self.names)),
-                    "reduce": reduce, "precision": self.precision, "model": self.model.source,
-                    "unet_id": self.model.unet_id(),
-                    "data_id": data.data_id, "train_dir": str(Path(self.train.root).resolve()),
-                    "region": None if region is None or isinstance(region, torch.Tensor) else list(region),
-                    # How selective the forgetting was: the query's own loss should rise far more.
+            meta = {**settings, "query": source,
+                    # How selective the forgetting was: the query's own loss should rise far more. Both rises
+                    # are relative (divided by the loss before), the training set's averaged over its rows.
                     "query_loss_before": q_before, "query_loss_after": q_after,
                     "query_loss_rise": (q_after - q_before) / q_before,
                     "train_loss_rise_mean": float(np.mean(tau) / np.mean(before))}
@@ -409,10 +431,31 @@ class Attributor:
             full_tau = tau if indices is None else _scatter(tau, sel, data.n)
             pixels = self.model.decode(self.query_inputs(q)[None])[0].cpu()
             results.append(Attribution(full_scores, full_tau, prompt, pixels, self.train.file_names,
-                                       self.train.captions, meta))
+                                       self.train.captions, meta, k=k))
         self._forget_sweeps()
         return results
 
+
+    def _settings(self, config: UnlearnConfig, fisher_samples: int | None, reduce: str,
+                  region: Sequence[int] | torch.Tensor | None, n_scored: int) -> dict:
+        """Everything a result's numbers depend on, for its attribution.json (values as used, defaults resolved)."""
+        from .. import __version__
+
+        data = self.prepare()
+        model = Path(self.model.source) if self.model.source else None
+        newton = config.method == "newton"
+        return {"version": __version__, "plan": self.plan.to_dict(), "noise": self.plan.noise,
+                "unlearn": {**config.to_dict(), "n_train": config.n_train or len(self.train)},
+                "fisher_samples": (5 * data.n if fisher_samples is None else fisher_samples) if newton else None,
+                "weights": self.weights,
+                "n_weights": int(sum(self.model.unet.get_parameter(n).numel() for n in self.names)),
+                "reduce": reduce, "precision": self.precision, "batch_size": self.batch_size,
+                "model": str(model.resolve()) if model is not None and model.is_dir() else self.model.source,
+                "unet_id": self.model.unet_id(), "data_id": data.data_id,
+                "train_dir": str(Path(self.train.root).resolve()),
+                # Images outside a scored subset hold -inf in scores.npy and tau.npy.
+                "n_scored": n_scored,
+                "region": None if region is None or isinstance(region, torch.Tensor) else list(region)}
 
     def score_variants(self, variants: Sequence[dict[str, torch.Tensor]], *, reduce: str = "max") -> np.ndarray:
         """Scores [len(variants), n_train] of arbitrary values of the selected weights (e.g. an ablation's

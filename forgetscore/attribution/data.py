@@ -110,25 +110,32 @@ def load_image(path: str | os.PathLike, shape: tuple[int, int, int], resize: boo
     """An image file as a float tensor in [-1, 1] of shape (C, H, W); a size mismatch is an error unless `resize`."""
     from PIL import Image, UnidentifiedImageError
 
-    c, h, w = shape
     try:
         with Image.open(path) as im:
-            im = eight_bit(im, path, argument).convert("L" if c == 1 else "RGB")
-            if im.size != (w, h):
-                if not resize:
-                    raise ValueError(f"{argument}: image {str(path)!r} is {im.size[0]}x{im.size[1]} but the model "
-                                     f"takes {w}x{h}; resize the images or pass resize=True (--resize)")
-                im = im.resize((w, h), Image.BICUBIC)
-            arr = np.asarray(im, dtype=np.float32)
+            return image_pixels(im, shape, resize, argument, name=f"image {str(path)!r}")
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{argument}: cannot read image {str(path)!r} ({exc}); give a path to a valid image "
                          "file (PNG, JPEG, ...)") from None
-    t = torch.from_numpy(arr / 127.5 - 1.0)
+
+
+def image_pixels(im, shape: tuple[int, int, int], resize: bool = False, argument: str = "query",
+                 name: str = "the image") -> torch.Tensor:
+    """A PIL image as a float tensor in [-1, 1] of shape (C, H, W), as :func:`load_image` reads a file."""
+    from PIL import Image
+
+    c, h, w = shape
+    im = eight_bit(im, name, argument).convert("L" if c == 1 else "RGB")
+    if im.size != (w, h):
+        if not resize:
+            raise ValueError(f"{argument}: {name} is {im.size[0]}x{im.size[1]} but the model "
+                             f"takes {w}x{h}; resize the images or pass resize=True (--resize)")
+        im = im.resize((w, h), Image.BICUBIC)
+    t = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
     return t[None] if c == 1 else t.permute(2, 0, 1)
 
 
-def eight_bit(im, path, argument: str):
-    """`im` with 8-bit channels (Pillow's own conversion clips wider greys at 255).
+def eight_bit(im, name: str, argument: str):
+    """`im` with 8-bit channels (Pillow's own conversion clips wider greys at 255); `name` says which image in errors.
 
     The scale comes from the format, never from the pixels: 16-bit greys (mode I;16, and mode I
     of a PNG, whose integers have at most 16 bits) are divided by 257; float greys are taken as
@@ -140,13 +147,13 @@ def eight_bit(im, path, argument: str):
         arr = np.asarray(im, dtype=np.float64)
         return Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8))
     if im.mode == "I":
-        raise ValueError(f"{argument}: image {str(path)!r} has 32-bit integer pixels, whose range is unknown; save "
+        raise ValueError(f"{argument}: {name} has 32-bit integer pixels, whose range is unknown; save "
                          "it as an 8-bit or 16-bit image")
     if im.mode == "F":
         arr = np.asarray(im, dtype=np.float64)
         top = 1.0 if arr.max(initial=0) <= 1 else 255.0
         if not (np.isfinite(arr).all() and arr.min(initial=0) >= 0 and arr.max(initial=0) <= top):
-            raise ValueError(f"{argument}: image {str(path)!r} holds floating-point values outside [0, 1] and "
+            raise ValueError(f"{argument}: {name} holds floating-point values outside [0, 1] and "
                              "[0, 255]; save it as an 8-bit (or 16-bit) image")
         return Image.fromarray(np.round(arr * (255.0 / top)).astype(np.uint8))
     return im
@@ -349,7 +356,8 @@ def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, 
     manifest_path = cache / "manifest.json"
     header = {"format": CACHE_FORMAT, "encoders_id": model.encoders_id(), "data_id": data.identity(),
               "n_images": len(data), "input_shape": list(model.input_shape), "shard_size": shard_size,
-              "text_dtype": text_dtype, "train_dir": str(data.root), "model": model.source, "complete": False}
+              "text_dtype": text_dtype, "train_dir": str(data.root), "model": model.source, "resize": bool(resize),
+              "complete": False}
 
     counts = np.array([len(c) for c in data.captions], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])
@@ -373,6 +381,11 @@ def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, 
             old = read_json(manifest_path) if manifest_path.is_file() else {}
         except ValueError:  # not JSON: an unfinished prepare's manifest at worst, which starts afresh below
             old = {}
+        # Resized images (finished, or in an unfinished prepare's shards) are not what a run without resizing
+        # reads: its images must have the model's size already. The other way round, nothing needed resizing.
+        if old.get("resize", False) and not resize:
+            raise ValueError(f"resize: {str(cache)!r} holds training images resized to the model's size; pass "
+                             "resize=True (--resize) as when it was prepared, or use a fresh cache directory")
         if old.get("complete"):  # finished: reused if it matches; never overwritten
             for key in PREPARE_KEYS:
                 if old.get(key) != header[key]:

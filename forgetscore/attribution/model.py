@@ -74,6 +74,7 @@ class DiffusionModel:
         if missing:
             raise ValueError(f"model: {str(root)!r} lacks {', '.join(s + '/' for s in missing)}; "
                              "save the pipeline with save_pretrained or pass components")
+        _check_files(root)
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
@@ -223,6 +224,30 @@ class DiffusionModel:
         if self.vae is None:
             return inputs.clamp(-1, 1)
         return self.vae.decode(inputs / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+# What each part's from_pretrained reads (patterns, and what to call them); the loaders' own errors for a missing
+# file name the wrong one (a .bin where safetensors are expected, a tokenizer package to install).
+_WEIGHTS = ("*.safetensors", "*.bin")
+_PART_FILES = {
+    "tokenizer": [(("tokenizer.json", "vocab.json"), "tokenizer.json (or vocab.json)")],
+    "text_encoder": [(("config.json",), "config.json"), (_WEIGHTS, "weights (model.safetensors)")],
+    "unet": [(("config.json",), "config.json"), (_WEIGHTS, "weights (diffusion_pytorch_model.safetensors)")],
+    "scheduler": [(("scheduler_config.json",), "scheduler_config.json")],
+    "vae": [(("config.json",), "config.json"), (_WEIGHTS, "weights (diffusion_pytorch_model.safetensors)")],
+}
+
+
+def _check_files(root: Path) -> None:
+    """Every part of a saved model holds what its loader reads, checked before any part is loaded."""
+    for name, wanted in _PART_FILES.items():
+        folder = root / name
+        if name == "vae" and not folder.is_dir():
+            continue
+        for patterns, label in wanted:
+            if not any(any(folder.glob(p)) for p in patterns):
+                raise ValueError(f"model: {name}/ of {str(root)!r} has no {label}; save the pipeline again with "
+                                 "save_pretrained")
 
 
 def check_device(device: str | torch.device) -> torch.device:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,22 +28,27 @@ class Attribution:
     file_names: list[str]
     captions: list[list[str]]
     metadata: dict = field(default_factory=dict)
+    k: int = 10                        # how many top images top(), top_records() and save() give by default
 
-    def top(self, k: int = 10) -> np.ndarray:
-        if k < 1:
-            raise ValueError(f"k: {k} must be >= 1")
+    def top(self, k: int | None = None) -> np.ndarray:
+        k = self.k if k is None else k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k: {k!r} must be an int >= 1")
         order = np.argsort(-self.scores, kind="stable")
         scored = np.isfinite(self.scores[order])  # images outside a scored subset hold -inf
         return order[scored][:k]
 
-    def top_records(self, k: int = 10) -> list[dict]:
+    def top_records(self, k: int | None = None) -> list[dict]:
         return [{"rank": r + 1, "id": int(i), "file_name": self.file_names[i], "captions": self.captions[i],
                  "score": float(self.scores[i])} for r, i in enumerate(self.top(k))]
 
-    def save(self, out: str | os.PathLike, train_dir: str | os.PathLike | None = None, k: int = 10,
+    def save(self, out: str | os.PathLike, train_dir: str | os.PathLike | None = None, k: int | None = None,
              overwrite: bool = False) -> Path:
-        """Write attribution.json, scores.npy, gallery.png, report.html into `out` (each atomically)."""
+        """Write attribution.json (the top `k`, default the result's own k, and every setting), scores.npy,
+        tau.npy (the loss rise of each version), query.png, gallery.png and report.html into `out` (each
+        atomically)."""
         out = Path(out)
+        k = self.k if k is None else k
         check_output_dir(out, overwrite)
         # Everything that can fail (reading the training images) happens before the first write.
         record = {"prompt": self.prompt, "top": self.top_records(k), "n_train": int(len(self.scores)),
@@ -102,7 +108,7 @@ def _top_images(result: Attribution, train_dir, k: int) -> list[torch.Tensor]:
         path = Path(train_dir) / result.file_names[i]
         try:
             with Image.open(path) as im:
-                im = eight_bit(im, path, "train_dir").convert("L" if c == 1 else "RGB")
+                im = eight_bit(im, f"image {str(path)!r}", "train_dir").convert("L" if c == 1 else "RGB")
                 arr = np.asarray(im, dtype=np.float32) / 127.5 - 1
         except OSError as exc:  # includes a missing file and PIL's UnidentifiedImageError
             raise ValueError(f"train_dir: cannot read {str(path)!r} ({exc}); pass the training folder the "
@@ -143,7 +149,7 @@ def report_html(result: Attribution, record: dict, images: list[torch.Tensor] | 
         caps = "<br>".join(html.escape(c) for c in rec["captions"])
         rows.append(f"<tr><td>{rec['rank']}</td><td>{pic}</td><td>{html.escape(rec['file_name'])}</td>"
                     f"<td>{rec['score']:.4e}</td><td>{caps}</td></tr>")
-    meta = html.escape(str({k_: v for k_, v in record.items() if k_ not in ("top",)}))
+    meta = html.escape(json.dumps({k_: v for k_, v in record.items() if k_ not in ("top",)}, indent=1, default=str))
     scored = result.scores[np.isfinite(result.scores)]
     hist = np.histogram(scored, bins=40)
     peak = max(1, int(hist[0].max()))

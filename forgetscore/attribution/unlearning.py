@@ -43,10 +43,14 @@ class UnlearnConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "draws", "micro_batch"):
+        for name in ("steps", "draws", "micro_batch", "seed"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: {v!r} must be a positive integer")
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "seed" else 1):
+                raise ValueError(f"{name}: {v!r} must be {'an integer >= 0' if name == 'seed' else 'a positive integer'}")
+        for name in ("alpha", "damping"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{name}: {v!r} must be a number, not {type(v).__name__}")
         if self.n_train is not None and (not isinstance(self.n_train, int) or isinstance(self.n_train, bool)
                                          or self.n_train < 1):
             raise ValueError(f"n_train: {self.n_train!r} must be a positive integer (or None: the training set's size)")
