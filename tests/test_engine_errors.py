@@ -355,6 +355,8 @@ def test_api_arguments_of_the_wrong_type(model, train, dirs, att, tmp_path):
     raises("prompt", r"expected a string .*got NoneType", att.attribute, query, None, config=CONFIG)
     for k in (0, -2, True, 2.5, "3"):
         raises("k", r"must be an int >= 1", att.attribute, query, "p", k=k, config=CONFIG)
+    raises("indices", r"empty; give at least one image id", att.attribute, query, "p", config=CONFIG, indices=[])
+    raises("indices", rf"need ids in \[0, {N}\)", att.attribute, query, "p", config=CONFIG, indices=[0, N])
     raises("alpha", r"must be a number, not str", preset, "mscoco", alpha="0.1")
     raises("seed", r"must be an integer >= 0", UnlearnConfig, seed=-1)
     raises("steps", r"must be a positive integer", UnlearnConfig, steps=True)

@@ -398,7 +398,9 @@ class Attributor:
         data = self.prepare()
         # Each listed image once (the scores are placed by id, so the order does not matter).
         sel = np.arange(data.n) if indices is None else np.unique(np.asarray(indices, dtype=np.int64))
-        if sel.size == 0 or sel.min() < 0 or sel.max() >= data.n:
+        if sel.size == 0:
+            raise ValueError("indices: empty; give at least one image id to score (or None for all)")
+        if sel.min() < 0 or sel.max() >= data.n:
             raise ValueError(f"indices: need ids in [0, {data.n}) (positions in the training set)")
         unlearned = [self.unlearn(q, p, config, region, fisher_samples) for q, p in queries]
         # Before-losses come from the cache when there is one: the noise is keyed per image, so the
