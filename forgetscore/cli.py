@@ -7,12 +7,14 @@ import sys
 import time
 from pathlib import Path
 
+from . import __version__
+
 EPILOGS = {
     "info": "examples:\n  forgetscore info\n  forgetscore info --no-self-test",
     "demo": "examples:\n  forgetscore demo --out demo-run\n"
             "  forgetscore demo --out run2 --prompt 'a thick handwritten seven' --topk 20",
     "prepare": "example:\n  forgetscore prepare --model my-model/ --train my-images/",
-    "fisher": "example:\n  forgetscore fisher --model my-model/ --train my-images/ --samples 20000",
+    "fisher": "example:\n  forgetscore fisher --model my-model/ --train my-images/ --fisher-samples 20000",
     "score": "example:\n  forgetscore score --model my-model/ --train my-images/ --timestep-stride 50",
     "attribute": "examples:\n  forgetscore attribute --model m/ --train t/ --query q.png --prompt 'a red bus' --out r/\n"
                  "  forgetscore attribute --model m/ --train t/ --generate-seed 3 --prompt 'a red bus' --out r/ "
@@ -98,15 +100,17 @@ def _add_unlearn_args(p: argparse.ArgumentParser) -> None:
                         "(100 steps, alpha 0.1, 160 draws in backward passes of 16; pair it with "
                         "--timestep-stride 100, and for a model pretrained on more images than --train holds, "
                         "--n-train: 400000000 for Stable Diffusion, as published)")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--alpha", type=float)
+    g.add_argument("--steps", type=int, help="unlearning steps (default: the preset's)")
+    g.add_argument("--alpha", type=float, help="step size (default: the preset's)")
     g.add_argument("--draws", type=int, help="(noise, timestep) draws per step")
-    g.add_argument("--micro-batch", type=int)
+    g.add_argument("--micro-batch", type=int, help="draws per backward pass (default: the preset's)")
     g.add_argument("--damping", type=float, help="lambda = damping x mean(F) per layer (default 0)")
     g.add_argument("--n-train", type=int,
                    help="N of the Newton step alpha / N: the number of images the model was trained on "
                         "(default: the training folder's size)")
-    g.add_argument("--method", choices=["newton", "sgd"])
+    g.add_argument("--method", choices=["newton", "sgd"],
+                   help="newton: the Fisher-preconditioned step; sgd: the ablation without the Fisher "
+                        "(default: the preset's, newton)")
     g.add_argument("--reduce", choices=["max", "mean"], default="max", help="over flips (default: max)")
     g.add_argument("--region", help="unlearn only a box of the query: x0,y0,x1,y1 in pixels")
 
@@ -126,6 +130,9 @@ def _plan(args: argparse.Namespace):
 
 def _attributor(args: argparse.Namespace):
     from .attribution import Attributor
+    from .attribution.io import check_writable
+    if args.cache is not None:
+        check_writable(args.cache, "--cache")
     fisher = {k: getattr(args, k) for k in ("fisher_batch_size", "fisher_chunk_size")
               if getattr(args, k, None) is not None}  # only the commands that compute a Fisher take these
     return Attributor.load(args.model, args.train, plan=_plan(args), weights=args.weights, cache_dir=args.cache,
@@ -232,15 +239,20 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _attribute(args: argparse.Namespace) -> int:
+    from .attribution.io import check_writable
     from .attribution.results import check_output_dir
     started = time.perf_counter()
+    check_writable(args.out, "--out")
     check_output_dir(Path(args.out), args.overwrite)
     # Checked before the model loads and the long stages run.
     if (args.query is None) == (args.generate_seed is None):
         raise ValueError("--query/--generate-seed: give exactly one: an image file, or a seed to generate the "
                          "query from the prompt")
-    if args.generate_seed is not None and args.generate_seed < 0:
-        raise ValueError(f"--generate-seed: {args.generate_seed} must be >= 0")
+    if args.generate_seed is not None and not 0 <= args.generate_seed < 2 ** 64:
+        raise ValueError(f"--generate-seed: {args.generate_seed} is outside [0, 2**64); give a non-negative seed")
+    if not args.prompt.strip():
+        raise ValueError(f"--prompt: {args.prompt!r} has no words; give the words the picture was made from, e.g. "
+                         "--prompt 'a red bus'")
     if args.topk < 1:
         raise ValueError(f"--topk: {args.topk} must be >= 1")
     config, region = _config(args), _region(args.region)
@@ -265,10 +277,12 @@ def _print_top(result, k: int) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from .attribution.io import check_writable
     from .attribution.results import redraw
 
     if args.topk is not None and args.topk < 1:
         raise ValueError(f"--topk: {args.topk} must be >= 1")
+    check_writable(args.out, "--out")
     result, k = redraw(args.out, args.topk)
     _print_top(result, k)
     print(f"\nrewrote {args.out}/gallery.png and {args.out}/report.html")
@@ -276,7 +290,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from .attribution.io import check_writable
     from .demo import run_demo
+
+    check_writable(args.out, "--out")
     return run_demo(args)
 
 
@@ -287,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "by unlearning the picture and measuring whose training loss rises.",
         epilog="Start with `forgetscore demo --out demo-run`. Each command has --help.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name: str, help_: str, func) -> argparse.ArgumentParser:
@@ -303,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must not hold results already)")
     p.add_argument("--prompt", default=None, help="the query prompt (default: a slanted seven)")
     p.add_argument("--query-seed", type=int, default=0, help="seed of the generated query (default: 0)")
-    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--topk", type=int, default=10, help="how many top training images to print and save "
+                                                        "(default: 10)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--retrain", action="store_true", help="train the digits model again even if cached")
 
@@ -322,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="the query's prompt")
     g.add_argument("--query", help="query image file (the model's image size)")
     g.add_argument("--generate-seed", type=int, help="instead of --query: generate the query from --prompt")
-    g.add_argument("--topk", type=int, default=10)
+    g.add_argument("--topk", type=int, default=10, help="how many top training images to print and save "
+                                                        "(default: 10)")
     g.add_argument("--subset", help="score only these training images: a file with one file name (or "
                                     "position in metadata.jsonl) per line, e.g. the top-M of a cheaper ranking")
     g.add_argument("--out", required=True, help="output directory")
@@ -345,14 +365,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValueError as exc:
+        _close_bars()
         print(f"forgetscore {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the filesystem: a full disk, permissions, a path that went away
+        _close_bars()
         print(f"forgetscore {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        _close_bars()
         print("interrupted; finished stages are cached and a rerun resumes from them", file=sys.stderr)
         return 130
+
+
+def _close_bars() -> None:
+    """Close the progress bars a failed stage left open, so that its message starts on a line of its own and no
+    bar is redrawn after it when the stage's objects are freed."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None:
+        for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+            bar.close()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from . import __version__, kernels
+from .cache import cache_root
 from .kernels import reference
 
 KERNELS = ("normal", "add_noise", "diffusion_loss", "fisher_accumulate")
@@ -88,6 +89,7 @@ def report(run_self_test: bool = True) -> tuple[str, bool]:
     for pkg in ("torch", "triton", "diffusers", "transformers", "safetensors", "numpy"):
         lines.append(f"{pkg:<13} {_version(pkg)}")
     lines.append(f"cuda devices  {torch.cuda.device_count() if torch.cuda.is_available() else 0}")
+    lines.append(f"cache         {cache_root()} (set $FORGETSCORE_CACHE to move it)")
     lines.append("")
     lines.append("backends:")
     for s in kernels.status():

@@ -3,19 +3,50 @@
 Trains the default digits model on first use (a few minutes on two cores; cached in
 $FORGETSCORE_CACHE afterwards), then checks what the method must show on it.
 """
+import contextlib
+import io
 import json
 
 import numpy as np
 import pytest
 
+import tiny
 from forgetscore import cli
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def demo_output(tmp_path_factory):
+    """The demo's output folder and what it printed. Its digit accuracy is measured afresh, not read from the
+    record beside the cached model, so that this stage runs too."""
+    from forgetscore.digits.train import default_model_dir
+
+    (default_model_dir() / "digit_accuracy.json").unlink(missing_ok=True)
     out = tmp_path_factory.mktemp("demo") / "run"
-    assert cli.main(["demo", "--out", str(out), "--topk", "10"]) == 0
-    return out
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli.main(["demo", "--out", str(out), "--topk", "10"]) == 0
+    return out, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_output):
+    return demo_output[0]
+
+
+def test_demo_times_every_stage(demo_output):
+    table = demo_output[1].split("time per stage:")[1]
+    for stage in ("digit accuracy", "generate query", "unlearn", "score after", "total"):
+        assert f"\n  {stage} " in table, stage
+
+
+def test_digit_accuracy_shows_its_progress(tmp_path, capsys):
+    from forgetscore.digits.classifier import digit_accuracy
+
+    model = tiny.build_model(tmp_path / "model")
+    capsys.readouterr()
+    res = digit_accuracy(model, n_per_digit=3, steps=1, progress=True)
+    assert res["predictions"].shape == (10, 3)
+    assert "digit accuracy: 100%" in capsys.readouterr().err
 
 
 def test_demo_writes_every_output(demo_run):

@@ -100,6 +100,15 @@ def check_writable(path: str | os.PathLike, argument: str) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"{argument}: {str(probe)!r} cannot be written to (permissions, or a read-only filesystem); "
                          "choose another path")
+    # Permission bits do not tell everything (a superuser passes them; some filesystems refuse files all the
+    # same): a file is made there and removed.
+    try:
+        fd, made = tempfile.mkstemp(prefix=".forgetscore-probe-", suffix=".tmp", dir=probe)
+    except OSError as exc:
+        raise ValueError(f"{argument}: {str(probe)!r} cannot be written to ({exc.strerror}); choose another "
+                         "path") from None
+    os.close(fd)
+    os.unlink(made)
 
 
 def read_json(path: Path) -> dict:

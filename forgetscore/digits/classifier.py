@@ -80,8 +80,12 @@ def heldout_accuracy(resolution: int = 8) -> float:
     return float((mlp.predict(x[perm[cut:]]) == labels[perm[cut:]]).mean())
 
 
-def _samples(model_or_dir, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float) -> torch.Tensor:
-    """Pixels [n, 1, R, R] in [-1, 1], made as the queries are (``attribution.generate``)."""
+def _samples(model_or_dir, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float,
+             desc: str | None = None) -> torch.Tensor:
+    """Pixels [n, 1, R, R] in [-1, 1], made as the queries are (``attribution.generate``); ``desc``: the label of
+    a progress bar (none without)."""
+    from tqdm.auto import tqdm
+
     from ..attribution.generate import generate
     from ..attribution.model import DiffusionModel, quiet_loading
 
@@ -90,12 +94,21 @@ def _samples(model_or_dir, prompts: list[str], seeds: list[int], steps: int, gui
     else:
         with quiet_loading():
             model = DiffusionModel.load(model_or_dir)
-    return model.decode(generate(model, prompts, seeds, steps=steps, guidance_scale=guidance_scale)).float().cpu()
+    # In parts, for the bar to move: each sample's noise is keyed on its own seed, so the parts draw the same
+    # samples as one call would.
+    part, out = 20, []
+    with tqdm(total=len(prompts), desc=desc, unit="img", disable=desc is None) as bar:
+        for lo in range(0, len(prompts), part):
+            x = generate(model, prompts[lo:lo + part], seeds[lo:lo + part], steps=steps,
+                         guidance_scale=guidance_scale)
+            out.append(model.decode(x).float().cpu())
+            bar.update(len(x))
+    return torch.cat(out)
 
 
 def digit_accuracy(model_or_dir, n_per_digit: int = 20, seed: int = 0, template: str = "a handwritten {digit}", *,
-                   steps: int = SAMPLE_STEPS, guidance_scale: float = SAMPLE_GUIDANCE) -> dict:
-    """Generate ``n_per_digit`` samples per digit and classify them.
+                   steps: int = SAMPLE_STEPS, guidance_scale: float = SAMPLE_GUIDANCE, progress: bool = False) -> dict:
+    """Generate ``n_per_digit`` samples per digit and classify them (with a progress bar if ``progress``).
 
     ``model_or_dir``: a model directory or a loaded ``DiffusionModel``.  Returns
     ``{"accuracy": float, "per_digit": {word: float}, "predictions": int array [10, n_per_digit],
@@ -104,7 +117,7 @@ def digit_accuracy(model_or_dir, n_per_digit: int = 20, seed: int = 0, template:
     """
     prompts = [template.format(digit=w) for w in DIGIT_WORDS for _ in range(n_per_digit)]
     seeds = [seed + i for _ in DIGIT_WORDS for i in range(n_per_digit)]
-    images = _samples(model_or_dir, prompts, seeds, steps, guidance_scale)
+    images = _samples(model_or_dir, prompts, seeds, steps, guidance_scale, "digit accuracy" if progress else None)
     pred = get_classifier(images.shape[-1]).predict(images).reshape(10, n_per_digit)
     hit = pred == np.arange(10)[:, None]
     return {"accuracy": float(hit.mean()),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 EPILOG = """examples:
   forgetscore evaluate loo --out loo-run                 # the full leave-K-out table (54 min on 2 cores)
-  forgetscore evaluate loo --out loo-quick --quick       # a five-minute version
+  forgetscore evaluate loo --out loo-quick --quick       # a short version (minutes on a CPU)
   forgetscore evaluate loo --out loo-unc --uncoupled     # retrain the usual way (randomness not coupled)
   forgetscore evaluate custom --out custom-run           # the customized-model benchmark (Recall@10, mAP)"""
 
@@ -40,8 +40,8 @@ def add_parser(sub) -> None:
     loo = which.add_parser("loo", help="remove each method's top-K images, retrain, measure the query's loss rise",
                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     loo.add_argument("--out", required=True, help="output directory (resumes a run already there)")
-    loo.add_argument("--quick", action="store_true", help="a few-minute version: 4 queries, K = 54, methods "
-                                                          "unlearning, random, random-class, pixel")
+    loo.add_argument("--quick", action="store_true", help="a short version (minutes on a CPU): 4 queries, K = 54, "
+                                                          "methods unlearning, random, random-class, pixel")
     loo.add_argument("--uncoupled", action="store_true",
                      help="retrain the usual way: one generator consumed in order, so removals shift every batch")
     loo.add_argument("--methods", type=_csv(str), help=f"comma-separated (default: {','.join(DEFAULT_METHODS)})")
@@ -71,8 +71,10 @@ def add_parser(sub) -> None:
 
 
 def _loo(args: argparse.Namespace) -> int:
+    from ..attribution.io import check_writable
     from ..digits import evaluation as de
     from ..digits.data import write_image_folder
+    from ..digits.train import RECIPES
     from ..attribution.plan import ScoringPlan
     from .loo import DEFAULT_PLAN_STRIDE, LooConfig, LooSetup, QuerySpec, run_loo
     from .methods import METHODS
@@ -90,17 +92,26 @@ def _loo(args: argparse.Namespace) -> int:
     stride = DEFAULT_PLAN_STRIDE if args.plan_stride is None else args.plan_stride
     if not 1 <= stride <= 999:
         raise ValueError(f"--plan-stride: {stride} must be in [1, 999]")
-    config = LooConfig(ks=quick.get("ks", DEFAULT_KS) if args.ks is None else args.ks, methods=tuple(methods),
-                       plan=ScoringPlan.with_stride(stride, flips=False),
-                       random_sets=quick.get("random_sets", 3) if args.random_sets is None else args.random_sets,
-                       coupled=not args.uncoupled,
+    if args.recipe not in RECIPES:
+        raise ValueError(f"--recipe: unknown {args.recipe!r}; choose from {', '.join(RECIPES)}")
+    labels = de.labels()
+    ks = quick.get("ks", DEFAULT_KS) if args.ks is None else args.ks
+    if not ks or not all(1 <= k < len(labels) for k in ks):
+        raise ValueError(f"--ks: {','.join(map(str, ks))!r}: give Ks in [1, {len(labels) - 1}] (a retrain needs "
+                         "images left)")
+    random_sets = quick.get("random_sets", 3) if args.random_sets is None else args.random_sets
+    if random_sets < 1:
+        raise ValueError(f"--random-sets: {random_sets} must be >= 1 (random removals are the noise floor)")
+    check_writable(args.out, "--out")
+    config = LooConfig(ks=ks, methods=tuple(methods), plan=ScoringPlan.with_stride(stride, flips=False),
+                       random_sets=random_sets, coupled=not args.uncoupled,
                        workers=args.workers, effectiveness="unlearning" in methods)
     out = Path(args.out)
     train_dir = out / "train"
     if not (train_dir / "metadata.jsonl").is_file():
         write_image_folder(train_dir, overwrite=True)
     specs = [QuerySpec(p, seed=i, label=de.prompt_label(p)) for i, p in enumerate(de.QUERY_PROMPTS[:n_queries])]
-    setup = LooSetup(de.DigitsTrainer(args.recipe), train_dir, specs, labels=de.labels(), features=de.features)
+    setup = LooSetup(de.DigitsTrainer(args.recipe), train_dir, specs, labels=labels, features=de.features)
     t = time.perf_counter()
     results = run_loo(out, setup, config, log=print)
     print()
@@ -111,8 +122,10 @@ def _loo(args: argparse.Namespace) -> int:
 
 
 def _custom(args: argparse.Namespace) -> int:
+    from ..attribution.io import check_writable
     from .custom import run_custom
 
+    check_writable(args.out, "--out")
     run_custom(Path(args.out), methods=args.methods, quick=args.quick, pool_captions=args.pool_captions, log=print)
     print((Path(args.out) / "table.md").read_text())
     return 0

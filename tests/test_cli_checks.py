@@ -1,0 +1,141 @@
+"""The command line's own checks: bad arguments fail before any work or write, and its help holds true."""
+import argparse
+import re
+import shlex
+import tempfile
+
+import pytest
+
+from forgetscore import __version__, cli
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_help_examples_parse():
+    parser = cli.build_parser()
+    examples = []
+    for p in _parsers(parser):
+        p.allow_abbrev = False  # an example must spell each option out
+        examples += re.findall(r"forgetscore [^`\n]*", p.epilog or "")
+    assert len(set(examples)) >= 10
+    for line in examples:
+        try:
+            parser.parse_args(shlex.split(line, comments=True)[1:])
+        except SystemExit:
+            pytest.fail(f"a help example does not parse: {line}")
+
+
+def test_every_option_has_help():
+    for p in _parsers(cli.build_parser()):
+        bare = [a.option_strings[0] for a in p._actions if a.option_strings and not a.help]
+        assert not bare, f"{p.prog}: {bare} have no help text"
+    loo = next(p for p in _parsers(cli.build_parser()) if p.prog.endswith("evaluate loo"))
+    assert "minutes on a CPU" in loo.format_help()  # --quick promises no exact time
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"forgetscore {__version__}"
+
+
+def test_info_shows_the_cache(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("FORGETSCORE_CACHE", str(tmp_path / "elsewhere"))
+    assert cli.main(["info", "--no-self-test"]) == 0
+    assert re.search(rf"^cache +{re.escape(str(tmp_path / 'elsewhere'))}", capsys.readouterr().out, re.M)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """The long stages of demo and evaluate fail the test if they are reached."""
+    def work(*args, **kwargs):
+        raise AssertionError("the work started before the arguments were checked")
+
+    import forgetscore.digits.data
+    import forgetscore.digits.train
+    import forgetscore.evaluation.custom
+    import forgetscore.evaluation.loo
+    for module, name in ((forgetscore.digits.train, "ensure_model"), (forgetscore.digits.train, "train"),
+                         (forgetscore.digits.data, "write_image_folder"), (forgetscore.evaluation.loo, "run_loo"),
+                         (forgetscore.evaluation.custom, "run_custom")):
+        monkeypatch.setattr(module, name, work)
+
+
+def _fails(capsys, argv, says: str) -> None:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"error: {says}" in err[0], err
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--query-seed", "-1"], "--query-seed: -1 "),
+    (["--query-seed", str(2 ** 64)], f"--query-seed: {2 ** 64} "),
+    (["--prompt", ""], "--prompt: '' "),
+    (["--prompt", " \t"], "--prompt: ' \\t' "),
+    (["--topk", "0"], "--topk: 0 "),
+])
+def test_bad_demo_arguments_fail_before_any_write(no_work, tmp_path, capsys, extra, says):
+    _fails(capsys, ["demo", "--out", str(tmp_path / "d1"), *extra], says)
+    assert not (tmp_path / "d1").exists()
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--recipe", "nope"], "--recipe: unknown 'nope'"),
+    (["--ks", "0"], "--ks: '0'"),
+    (["--ks", "9,1797"], "--ks: '9,1797'"),
+    (["--random-sets", "0"], "--random-sets: 0 "),
+])
+def test_bad_loo_arguments_fail_before_any_write(no_work, tmp_path, capsys, extra, says):
+    _fails(capsys, ["evaluate", "loo", "--out", str(tmp_path / "e8"), *extra], says)
+    assert not (tmp_path / "e8").exists()
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_attribute_refuses_a_blank_prompt(tmp_path, capsys, prompt):
+    _fails(capsys, ["attribute", "--model", "m", "--train", "t", "--generate-seed", "1", "--prompt", prompt,
+                    "--out", str(tmp_path / "r")], f"--prompt: {prompt!r} ")
+    assert not (tmp_path / "r").exists()
+
+
+COMMANDS = [["attribute", "--model", "m", "--train", "t", "--prompt", "x", "--generate-seed", "1", "--out"],
+            ["demo", "--out"], ["report", "--out"], ["evaluate", "loo", "--out"], ["evaluate", "custom", "--out"],
+            ["score", "--model", "m", "--train", "t", "--cache"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=["attribute", "demo", "report", "loo", "custom", "score-cache"])
+def test_output_folders_are_checked_first(no_work, monkeypatch, tmp_path, capsys, command):
+    (tmp_path / "a-file").write_bytes(b"")
+    _fails(capsys, [*command, str(tmp_path / "a-file")], f"{command[-1]}: {str(tmp_path / 'a-file')!r} cannot be")
+    # A folder that refuses files whatever its permission bits say (as some filesystems do, and to a superuser).
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    mkstemp = tempfile.mkstemp
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and str(dir) == str(locked):
+            raise PermissionError(13, "Permission denied")
+        return mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    _fails(capsys, [*command, str(locked / "out")], f"{command[-1]}: {str(locked)!r} cannot be written to")
+    assert list(locked.iterdir()) == []
+
+
+def test_an_error_starts_its_own_line_after_a_progress_bar(monkeypatch, capsys):
+    from tqdm.auto import tqdm
+
+    def stage(args):
+        bar = tqdm(total=10, desc="stage")  # left open, as a stage that fails midway leaves its bar
+        bar.update(3)
+        raise ValueError("--x: bad")
+
+    monkeypatch.setattr(cli, "_info", stage)
+    assert cli.main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert "3/10" in err and err.endswith("\nforgetscore info: error: --x: bad\n"), repr(err)
