@@ -221,7 +221,8 @@ def _fisher(args: argparse.Namespace) -> int:
         return 0
     total = sum(f.numel() for f in fisher.values())
     print(f"Fisher of {len(fisher)} tensors ({total:,} weights); mean per tensor "
-          f"{min(float(f.mean()) for f in fisher.values()):.2e} .. {max(float(f.mean()) for f in fisher.values()):.2e}")
+          f"{min(float(f.mean()) for f in fisher.values()):.2e} .. {max(float(f.mean()) for f in fisher.values()):.2e}; "
+          f"cached in {att.cache_dir}")
     _print_timings(att, started)
     return 0
 
@@ -232,7 +233,8 @@ def _score(args: argparse.Namespace) -> int:
     before = att.before_losses()
     if att.rank:
         return 0
-    print(f"before-unlearning losses of {before.shape[0]} images x {before.shape[1]} version(s): "
+    versions = "2 versions (as is and flipped)" if before.shape[1] == 2 else "1 version (no flips)"
+    print(f"before-unlearning losses of {before.shape[0]} images x {versions}: "
           f"mean {before.mean():.4e}; cached in {att.cache_dir}")
     _print_timings(att, started)
     return 0
@@ -366,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ValueError as exc:
         _close_bars()
-        print(f"forgetscore {args.command}: error: {exc}", file=sys.stderr)
+        print(f"forgetscore {args.command}: error: {_as_flag(str(exc), parser, argv)}", file=sys.stderr)
         return 2
     except OSError as exc:  # the filesystem: a full disk, permissions, a path that went away
         _close_bars()
@@ -376,6 +378,32 @@ def main(argv: list[str] | None = None) -> int:
         _close_bars()
         print("interrupted; finished stages are cached and a rerun resumes from them", file=sys.stderr)
         return 130
+
+
+# The library names its arguments as Python does; these are its names for options spelt otherwise here.
+_PY_NAMES = {"samples": "fisher_samples", "stride": "timestep_stride", "indices": "subset"}
+
+
+def _as_flag(message: str, parser: argparse.ArgumentParser, argv: list[str] | None) -> str:
+    """`message` with a leading "name: " that is one of the command's options written as its flag (--name)."""
+    name, sep, rest = message.partition(": ")
+    if not sep or not name.isidentifier():
+        return message
+    flags = {a.dest: a.option_strings[0] for p in _command_parsers(parser, argv) for a in p._actions
+             if a.option_strings and a.option_strings[0].startswith("--")}
+    flag = flags.get(_PY_NAMES.get(name, name))
+    return f"{flag}: {rest}" if flag else message
+
+
+def _command_parsers(parser: argparse.ArgumentParser, argv: list[str] | None) -> list[argparse.ArgumentParser]:
+    """The parser and the subcommand parsers `argv` went through."""
+    out, words = [parser], list(sys.argv[1:] if argv is None else argv)
+    while True:
+        subs = [a for a in out[-1]._actions if isinstance(a, argparse._SubParsersAction)]
+        nxt = next((subs[0].choices[w] for w in words if subs and w in subs[0].choices), None)
+        if nxt is None:
+            return out
+        out.append(nxt)
 
 
 def _close_bars() -> None:

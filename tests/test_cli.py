@@ -69,7 +69,7 @@ def test_bad_arguments_exit_with_one_line(dirs, capsys):
     assert cli.main(["attribute", *common, "--prompt", "x", "--generate-seed", "1", "--n-train", "0",
                      "--out", "/tmp/never-written-fs"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "n_train: 0 must be a positive integer" in err[0], err
+    assert len(err) == 1 and "--n-train: 0 must be a positive integer" in err[0], err
     (root := dirs[2] / "a-file").write_bytes(b"")
     for extra, says in ((["--generate-seed", "1", "--out", str(root / "out")], "out: "),
                         (["--generate-seed", "1", "--topk", "0", "--out", "/tmp/never-written-fs"], "--topk: 0"),
@@ -80,8 +80,8 @@ def test_bad_arguments_exit_with_one_line(dirs, capsys):
     assert not (root.parent / "never-written-fs").exists()
 
     if not torch.cuda.is_available():  # CUDA-only settings on a machine without a GPU
-        for extra, says in ((["--precision", "tf32"], "error: precision: 'tf32' is a CUDA"),
-                            (["--device", "cuda"], "error: device: 'cuda' but this PyTorch")):
+        for extra, says in ((["--precision", "tf32"], "error: --precision: 'tf32' is a CUDA"),
+                            (["--device", "cuda"], "error: --device: 'cuda' but this PyTorch")):
             assert cli.main(["score", *common, *extra]) == 2
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and says in err[0], err

@@ -139,3 +139,19 @@ def test_an_error_starts_its_own_line_after_a_progress_bar(monkeypatch, capsys):
     assert cli.main(["info"]) == 2
     err = capsys.readouterr().err
     assert "3/10" in err and err.endswith("\nforgetscore info: error: --x: bad\n"), repr(err)
+
+
+def test_library_errors_name_the_command_line_flag(tmp_path, capsys):
+    import tiny
+
+    model, train = tiny.build_model(tmp_path / "model"), tiny.build_train(tmp_path / "train", n=4)
+    capsys.readouterr()  # what building them printed
+    common = ["--model", str(model), "--train", str(train), "--cache", str(tmp_path / "cache")]
+    _fails(capsys, ["score", *common, "--timestep-stride", "0"], "--timestep-stride: 0 must be")
+    _fails(capsys, ["fisher", *common, "--fisher-samples", "0"], "--fisher-samples: 0 must be")
+    assert not (tmp_path / "cache").exists()  # refused before the training set was prepared
+    _fails(capsys, ["attribute", *common, "--query", str(train / "000.png"), "--prompt", "a red dot", "--out",
+                    str(tmp_path / "r"), "--steps", "0"], "--steps: 0 must be")
+    # A name that is no option of the command stays as the library wrote it.
+    assert cli._as_flag("chunk_id: 3 is missing", cli.build_parser(), ["score"]) == "chunk_id: 3 is missing"
+    assert cli._as_flag("indices: empty", cli.build_parser(), ["attribute"]) == "--subset: empty"

@@ -738,6 +738,6 @@ def test_cli_attribute_with_a_missing_train_folder(dirs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert re.match(r"forgetscore attribute: error: train: '.*nowhere/metadata\.jsonl' not found; the training "
+    assert re.match(r"forgetscore attribute: error: --train: '.*nowhere/metadata\.jsonl' not found; the training "
                     r"folder needs a metadata\.jsonl", err), err
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()

@@ -149,11 +149,11 @@ class Attributor:
         Computed once and cached; in resumable chunks of samples that the ranks share under torchrun
         (`batch_size`, `chunk_size`: default the Attributor's `fisher_batch_size`, `fisher_chunk_size`).
         """
-        data = self.prepare()
-        samples = 5 * data.n if samples is None else samples
         batch_size = self.fisher_batch_size if batch_size is None else batch_size
         chunk_size = self.fisher_chunk_size if chunk_size is None else chunk_size
-        check_counts(samples=samples, batch_size=batch_size, chunk_size=chunk_size)
+        check_counts(batch_size=batch_size, chunk_size=chunk_size, **({} if samples is None else {"samples": samples}))
+        data = self.prepare()  # after the cheap checks
+        samples = 5 * data.n if samples is None else samples
         meta = {"unet_id": self.model.unet_id(), "data_id": data.data_id, "names": self.names,
                 "samples": samples, "seed": seed, "flips": self.plan.flips, "captions": self.plan.captions,
                 "format": FISHER_FORMAT}
