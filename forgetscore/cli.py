@@ -242,7 +242,7 @@ def _score(args: argparse.Namespace) -> int:
 
 def _attribute(args: argparse.Namespace) -> int:
     from .attribution.io import check_writable
-    from .attribution.results import check_output_dir
+    from .attribution.results import RESULT_FILES, check_output_dir
     started = time.perf_counter()
     check_writable(args.out, "--out")
     check_output_dir(Path(args.out), args.overwrite)
@@ -267,7 +267,7 @@ def _attribute(args: argparse.Namespace) -> int:
         return 0
     result.save(args.out, train_dir=args.train, k=args.topk, overwrite=args.overwrite)
     _print_top(result, args.topk)
-    print(f"\nresults in {args.out}/ (attribution.json, scores.npy, gallery.png, report.html)")
+    print(f"\nresults in {args.out}/ ({', '.join(RESULT_FILES)})")
     _print_timings(att, started)
     return 0
 

@@ -38,7 +38,7 @@ def _copy_dir(src: Path, dst: Path) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from .attribution import Attributor, ScoringPlan, UnlearnConfig
     from .cache import cache_root
-    from .attribution.results import check_output_dir
+    from .attribution.results import RESULT_FILES, check_output_dir
     from .digits.classifier import digit_accuracy
     from .digits.data import write_image_folder
     from .digits.train import default_model_dir, ensure_model, train
@@ -104,7 +104,7 @@ def run_demo(args: argparse.Namespace) -> int:
         top = result.top(args.topk)
         print(f"{np.mean(labels[top] == digit):.0%} of the top {args.topk} are {prompt.split()[-1]}s "
               f"(chance: {np.mean(labels == digit):.0%})")
-    print(f"\nwrote {out}/: model/, train/, attribution.json, scores.npy, gallery.png, report.html")
+    print(f"\nwrote {out}/: model/, train/, {', '.join(RESULT_FILES)}")
     print("\ntime per stage:")
     for line in att.timings.lines():
         print(line)
