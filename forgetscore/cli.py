@@ -42,22 +42,30 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train", required=True, help="training image folder with metadata.jsonl")
     g.add_argument("--cache", help="cache directory for prepared data, Fisher and losses "
                                    "(default: under $FORGETSCORE_CACHE or ~/.cache/forgetscore)")
-    g.add_argument("--weights", default="kv", help="weights to unlearn: kv, cross-attn, attn, all, or a regex "
-                                                   "(default: kv)")
     g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     g.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton", "cuda"],
                    help="kernel backend (default: auto)")
-    g.add_argument("--batch-size", type=_batch_size, default=256,
-                   help="UNet rows per forward pass, or auto: the largest power of two that fits in free GPU "
-                        "memory (probed, at most 4096), 256 on the CPU (default: 256)")
-    g.add_argument("--chunk-size", type=int, default=4096,
-                   help="images per resumable chunk of a sweep; torchrun ranks share chunks (default: 4096)")
     g.add_argument("--resize", action="store_true", help="resize images that do not match the model's size")
     g.add_argument("--text-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="how the prepared caption states are stored: a half-width store halves the cache and the "
                         "bytes each sweep reads; under --precision bf16 (fp16) a bfloat16 (float16) store changes "
                         "no sweep loss where the states go straight into linear layers, as in Stable Diffusion's "
                         "UNet (default: float32)")
+
+
+def _add_weights_arg(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("weights")
+    g.add_argument("--weights", default="kv", help="weights to unlearn: kv, cross-attn, attn, all, or a regex "
+                                                   "(default: kv)")
+
+
+def _add_sweep_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scoring sweep")
+    g.add_argument("--batch-size", type=_batch_size, default=256,
+                   help="UNet rows per forward pass, or auto: the largest power of two that fits in free GPU "
+                        "memory (probed, at most 4096), 256 on the CPU (default: 256)")
+    g.add_argument("--chunk-size", type=int, default=4096,
+                   help="images per resumable chunk of a sweep; torchrun ranks share chunks (default: 4096)")
     g.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16", "fp16", "mixed"], default="auto",
                    help="UNet precision of the scoring sweeps: fp32 is IEEE float32 (on CUDA too), tf32 tensor "
                         "cores (CUDA), bf16/fp16 autocast, mixed (bf16 but the UNet's last up block and output "
@@ -69,11 +77,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    choices=["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="run the sweeps' UNet under torch.compile with this mode; auto (the default when given "
                         "without a mode): max-autotune (with CUDA graphs) on CUDA, default on the CPU")
+
+
+def _add_version_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("captions and flips (of the scores and the Fisher's samples)")
+    g.add_argument("--captions", choices=["all", "first"], default="all", help="captions per image (default: all)")
+    g.add_argument("--no-flips", action="store_true", help="do not score horizontal flips")
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scoring plan")
     g.add_argument("--timestep-stride", type=int, default=50, help="score timesteps 0, s, 2s, ... (default: 50)")
     g.add_argument("--timesteps", help="explicit comma-separated timesteps (overrides --timestep-stride)")
-    g.add_argument("--captions", choices=["all", "first"], default="all", help="captions per image (default: all)")
-    g.add_argument("--no-flips", action="store_true", help="do not score horizontal flips")
     g.add_argument("--seed", type=int, default=0, help="noise seed of the plan (default: 0)")
     g.add_argument("--noise", choices=["keyed", "reference"], default="keyed",
                    help="keyed: noise per (seed, image, draw), independent of batching (default); reference: "
@@ -83,6 +98,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "(captions x timesteps); MSCOCO: 80)")
     g.add_argument("--noise-device", choices=["cpu", "cuda"],
                    help="with --noise reference: the generator's device kind (default: cuda, as published)")
+
+
+# The option groups a command may take beyond the model and data; see _command_args.
+_GROUPS = (_add_weights_arg, _add_sweep_args, _add_version_args, _add_plan_args)
+
+
+def _command_args(p: argparse.ArgumentParser, *groups) -> None:
+    """The model-and-data options and `groups` of _GROUPS. A group the command does not take is not shown in its
+    help; its options keep their defaults (the Attributor is built from them, and nothing the command does reads
+    them otherwise)."""
+    _add_model_args(p)
+    for add in _GROUPS:
+        if add in groups:
+            add(p)
+        else:
+            scratch = argparse.ArgumentParser(add_help=False)
+            add(scratch)
+            p.set_defaults(**vars(scratch.parse_args([])))
 
 
 def _add_fisher_args(p: argparse.ArgumentParser) -> None:
@@ -329,14 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain", action="store_true", help="train the digits model again even if cached")
 
     p = add("prepare", "encode the training images (and flips) and captions once, into the cache", _prepare)
-    _add_model_args(p)
+    _command_args(p)
     p = add("fisher", "compute the diagonal Fisher of the selected weights over the training data", _fisher)
-    _add_model_args(p)
+    _command_args(p, _add_weights_arg, _add_version_args)
     _add_fisher_args(p)
     p = add("score", "compute the original model's per-image losses under the plan (cached)", _score)
-    _add_model_args(p)
+    _command_args(p, _add_sweep_args, _add_version_args, _add_plan_args)
     p = add("attribute", "unlearn a query image and rank the training set by loss increase", _attribute)
-    _add_model_args(p)
+    _command_args(p, *_GROUPS)
     _add_fisher_args(p)
     _add_unlearn_args(p)
     g = p.add_argument_group("query and output")

@@ -20,15 +20,19 @@ def dirs(tmp_path_factory):
     return tiny.build_model(root / "model"), tiny.build_train(root / "train", n=9), root
 
 
-def _common(dirs):
+def _data(dirs):
     model, train, root = dirs
-    return ["--model", str(model), "--train", str(train), "--cache", str(root / "cache")] + PLAN_ARGS
+    return ["--model", str(model), "--train", str(train), "--cache", str(root / "cache")]
+
+
+def _common(dirs):
+    return _data(dirs) + PLAN_ARGS
 
 
 def test_commands_end_to_end(dirs, capsys, tmp_path):
     common = _common(dirs)
-    assert cli.main(["prepare", *common]) == 0
-    assert cli.main(["fisher", *common, "--fisher-samples", "10"]) == 0
+    assert cli.main(["prepare", *_data(dirs)]) == 0
+    assert cli.main(["fisher", *_data(dirs), "--fisher-samples", "10"]) == 0
     assert cli.main(["score", *common]) == 0
     out = tmp_path / "result"
     args = ["attribute", *common, "--fisher-samples", "10", "--prompt", "a red square", "--generate-seed", "1",
@@ -132,3 +136,26 @@ def test_attribute_under_torchrun_equals_one_process(dirs, tmp_path):
     assert two.stdout.count("top 3 training images") == 1  # only rank 0 reports and writes
     a, b = np.load(tmp_path / "out-a" / "scores.npy"), np.load(tmp_path / "out-b" / "scores.npy")
     assert np.isfinite(a).all() and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("command,takes,refuses", [
+    ("prepare", ["--resize", "--text-dtype", "bfloat16"], ["--precision", "bf16", "--weights", "all", "--no-flips"]),
+    ("fisher", ["--weights", "all", "--no-flips", "--captions", "first"], ["--batch-size", "8", "--timesteps", "5"]),
+    ("score", ["--precision", "fp32", "--timesteps", "5", "--no-flips"], ["--weights", "all", "--fisher-samples", "4"]),
+])
+def test_each_command_takes_only_the_options_it_uses(command, takes, refuses, capsys):
+    parser = cli.build_parser()
+    data = ["--model", "m", "--train", "t"]
+    args = parser.parse_args([command, *data, *takes])
+    for i in range(0, len(refuses), 2):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, *data, *refuses[i:i + 2]])
+        assert f"unrecognized arguments: {refuses[i]}" in capsys.readouterr().err
+        sub = parser._subparsers._group_actions[0].choices[command]
+        assert refuses[i] not in {flag for action in sub._actions for flag in action.option_strings}
+    # The options it does not take keep the defaults the attribute command has.
+    full = vars(parser.parse_args(["attribute", *data, "--prompt", "p", "--out", "o"]))
+    for key, value in vars(args).items():
+        if key in full and f"--{key.replace('_', '-')}" not in takes and key not in ("command", "func"):
+            assert value == full[key], key
+
