@@ -141,14 +141,31 @@ def test_unreadable_image_is_named_at_prepare(dirs, model, tmp_path):
     att = Attributor(model, train, plan=PLAN, cache_dir=tmp_path / "cache", progress=False)
     raises("train", rf"cannot read image '{re.escape(str(folder / '002.png'))}' .*give a path to a valid image",
            att.prepare)
-    cache = tmp_path / "cache" / "prepared"
-    # Nothing half-written: no shard, no temporary file, and a manifest that says the prepare is unfinished.
-    assert not list(cache.glob("*.npy")) and no_temporaries(cache)
-    raises("cache", r"unfinished prepare; run prepare again to resume it", PreparedData, cache)
+    # Nothing half-written, and nothing left: no shard was finished, so there was nothing to resume.
+    assert (tmp_path / "cache").is_dir() and list((tmp_path / "cache").iterdir()) == []
     shutil.copy(dirs[1] / "002.png", folder / "002.png")  # repaired: prepare now goes through
     data = Attributor(model, TrainingSet.load(folder), plan=PLAN, cache_dir=tmp_path / "cache",
                       progress=False).prepare()
     assert data.n == N and data.manifest["complete"]
+
+
+def test_a_failed_prepare_leaves_no_folder_in_the_cache_root(dirs, model, tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGETSCORE_CACHE", str(tmp_path / "root"))
+    folder = copy_train(dirs, tmp_path / "train")
+    (folder / "000.png").write_bytes(b"junk")
+    att = Attributor(model, TrainingSet.load(folder), plan=PLAN, progress=False)
+    raises("train", r"cannot read image .*000\.png", att.prepare)
+    assert list((tmp_path / "root" / "runs").iterdir()) == []
+    # A run whose folder holds other stages' files keeps it; finished shards are kept for a resume.
+    (folder / "000.png").write_bytes((dirs[1] / "000.png").read_bytes())
+    (folder / "004.png").write_bytes(b"junk")
+    att = Attributor(model, TrainingSet.load(folder), plan=PLAN, progress=False)
+    from forgetscore.attribution import data as data_mod
+    real = data_mod.prepare
+    monkeypatch.setattr("forgetscore.attribution.attributor.prepare",
+                        lambda *a, **kw: real(*a, **{**kw, "shard_size": 2}))
+    raises("train", r"cannot read image .*004\.png", att.prepare)
+    assert list((att.cache_dir / "prepared").glob("inputs-[0-9]*.npy"))
 
 
 def test_image_of_another_size_needs_resize(dirs, model, tmp_path):

@@ -12,6 +12,7 @@ plan, and reused whenever they match.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -102,6 +103,7 @@ class Attributor:
             raise ValueError(f"batch_size: {batch_size!r} must be an int >= 1 or 'auto'")
         self.batch_size = batch_size
         self.progress = progress and self.rank == 0
+        self._own_cache_dir = cache_dir is None  # made here, under the cache root: removable when left empty
         root = Path(cache_dir) if cache_dir is not None else cache_root() / "runs"
         self.cache_dir = root / f"{model.encoders_id()}-{train.identity()}" if cache_dir is None else root
         check_writable(self.cache_dir, "cache")
@@ -127,10 +129,25 @@ class Attributor:
             # Each caption store has its own folder (and data_id), so a cache can hold both; the folders are
             # this Attributor's own, so shard files no manifest vouches for are removed.
             folder = "prepared" if self.text_dtype == "float32" else f"prepared-{self.text_dtype}"
-            self._data = prepare(self.model, self.train, self.cache_dir / folder, resize=self.resize,
-                                 text_dtype=self.text_dtype, progress=self.progress, untrusted="remove")
+            try:
+                self._data = prepare(self.model, self.train, self.cache_dir / folder, resize=self.resize,
+                                     text_dtype=self.text_dtype, progress=self.progress, untrusted="remove")
+            except BaseException:
+                if self.rank == 0:  # not a collective: the other ranks may not have failed
+                    self._drop_unstarted(self.cache_dir / folder)
+                raise
             self.timings.add("prepare", time.perf_counter() - t, len(self.train), "img")
         return self._data
+
+    def _drop_unstarted(self, folder: Path) -> None:
+        """Remove a prepare's folder that holds no finished shard (e.g. its first image was unreadable), and the
+        training set's cache folder under the cache root if nothing else is in it: once the training folder is
+        fixed it has another identity, so they would stay behind for good."""
+        if folder.is_dir() and not any(folder.glob("inputs-[0-9]*.npy")):
+            remove_dir(folder)
+            if self._own_cache_dir:
+                with contextlib.suppress(OSError):  # not empty: other stages' files
+                    self.cache_dir.rmdir()
 
     def _tidy(self) -> None:
         """Finish what killed runs left in the cache: folder removals cut short, temporary files of writes."""
