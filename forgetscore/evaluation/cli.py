@@ -117,7 +117,8 @@ def _loo(args: argparse.Namespace) -> int:
     print()
     print((out / "table.md").read_text())
     print(f"{results['retrains']} retrains, {results['retrain_seconds_mean']:.0f} s each on average; "
-          f"total {(time.perf_counter() - t) / 60:.1f} min. Results in {out}/results.json, table.md, delta_loss.png")
+          f"{(time.perf_counter() - t) / 60:.1f} min in this run (a resumed run reuses what earlier runs made). "
+          f"Results in {out}/results.json, table.md, delta_loss.png")
     return 0
 
 
