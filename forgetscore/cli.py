@@ -218,6 +218,10 @@ def _subset(path: str | None, file_names: list[str]):
                              f"below {len(file_names)}")
     if not ids:
         raise ValueError(f"--subset: {path!r} lists no image")
+    repeated = len(ids) - len(set(ids))
+    if repeated:  # each image is scored once
+        print(f"--subset: {repeated} of its {len(ids)} lines name an image listed before; {len(set(ids))} images "
+              "are scored", file=sys.stderr)
     return np.array(ids, dtype=np.int64)
 
 

@@ -155,3 +155,13 @@ def test_library_errors_name_the_command_line_flag(tmp_path, capsys):
     # A name that is no option of the command stays as the library wrote it.
     assert cli._as_flag("chunk_id: 3 is missing", cli.build_parser(), ["score"]) == "chunk_id: 3 is missing"
     assert cli._as_flag("indices: empty", cli.build_parser(), ["attribute"]) == "--subset: empty"
+
+
+def test_a_subset_says_how_many_of_its_lines_repeat_an_image(tmp_path, capsys):
+    (tmp_path / "s.txt").write_text("b.png\nb.png\n1\n0\n")
+    ids = cli._subset(str(tmp_path / "s.txt"), ["a.png", "b.png", "c.png"])
+    assert sorted(set(ids.tolist())) == [0, 1]
+    assert "2 of its 4 lines name an image listed before; 2 images are scored" in capsys.readouterr().err
+    (tmp_path / "t.txt").write_text("c.png\n0\n")
+    cli._subset(str(tmp_path / "t.txt"), ["a.png", "b.png", "c.png"])
+    assert capsys.readouterr().err == ""

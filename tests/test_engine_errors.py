@@ -397,6 +397,7 @@ def test_attribute_keeps_k_and_records_its_settings(att, train, tmp_path):
     assert rec["fisher_samples"] == FISHER_SAMPLES and rec["unlearn"]["n_train"] == N
     assert rec["batch_size"] == att.batch_size and rec["noise"] == "keyed" and rec["version"] == forgetscore.__version__
     assert rec["query"] == str(tmp_path / "q.png") and Path(rec["model"]).is_absolute()
+    assert rec["text_dtype"] == "float32"
     page = (out / "report.html").read_text()
     settings = json.loads(html.unescape(re.search(r"<h2>Settings</h2><pre[^>]*>(.*?)</pre>", page, re.S).group(1)))
     assert settings["fisher_samples"] == FISHER_SAMPLES and settings["plan"] == PLAN.to_dict()
@@ -758,3 +759,41 @@ def test_cli_attribute_with_a_missing_train_folder(dirs, tmp_path, capsys):
     assert re.match(r"forgetscore attribute: error: --train: '.*nowhere/metadata\.jsonl' not found; the training "
                     r"folder needs a metadata\.jsonl", err), err
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_building_blocks_name_their_bad_arguments(model, att):
+    from forgetscore.attribution import compute_fisher
+    from forgetscore.attribution.dattri import DattriAttributor
+
+    data = att.prepare()
+    names = att.names
+    x0 = att.query_inputs(torch.zeros(1, 8, 8))
+    ctx = model.encode_text(["a red dot"])[0]
+    for n_train in (0, -5, 2.5, None):
+        raises("n_train", r"must be a positive integer", unlearn, model, names, None, x0, ctx,
+               replace(CONFIG, method="sgd"), n_train)
+    sweep = LossSweep(model, data, PLAN, batch_size=8)
+    raises("indices", rf"must lie in \[0, {N}\)", sweep.run, [None], np.array([N]))
+    raises("indices", r"must be integer image ids", sweep.run, [None], np.array([0.5, 1.7]))
+    weight = model.unet.get_parameter(names[0])
+    raises("variants", r"no weight named 'nope\.weight'", sweep.run, [{"nope.weight": weight}], np.array([0]))
+    raises("variants", rf"{re.escape(names[0])} is \(1, 1\), the weight is", sweep.run,
+           [{names[0]: torch.zeros(1, 1)}], np.array([0]))
+    raises("data", r"expected Attributor\.prepare\(\)", LossSweep, model, "/tmp/x", PLAN)
+    raises("names", r"expected a list of weight names", compute_fisher, model, data, names[0], samples=2)
+    raises("names", r"no weight named 'nope'", compute_fisher, model, data, ["nope"], samples=2)
+    raises("captions", r"'some' is not one of", compute_fisher, model, data, names, samples=2, captions="some")
+    raises("reduce", r"'sum' is not one of", DattriAttributor, model, reduce="sum")
+    raises("fisher_samples", r"must be an int >= 1", DattriAttributor, model, fisher_samples=0)
+
+
+def test_unlearn_names_a_query_text_or_mask_of_the_wrong_shape(model, att):
+    names = att.names
+    x0 = att.query_inputs(torch.zeros(1, 8, 8))
+    ctx = model.encode_text(["a red dot"])[0]
+    sgd = replace(CONFIG, method="sgd")
+    raises("x0", r"shape \(8, 8\) is not the UNet's input \(1, 8, 8\)", unlearn, model, names, None, x0[0], ctx, sgd, N)
+    raises("ctx", r"is not one prompt's text states", unlearn, model, names, None, x0, ctx[None], sgd, N)
+    raises("ctx", r"is not one prompt's text states", unlearn, model, names, None, x0, ctx[:, :3], sgd, N)
+    raises("mask", r"does not broadcast to the query's", unlearn, model, names, None, x0, ctx, sgd, N,
+           mask=torch.ones(3, 3))

@@ -208,3 +208,32 @@ def test_deferred_reads_every_flag_and_explains_the_false_ones_in_order():
     off.add(lambda: pytest.fail("a disabled Deferred computes no flag"), lambda: said.append("no"))
     off.resolve()
     assert said == [1, 3]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_empty_batches_give_empty_results(backend):
+    dev = backend_device(backend)
+    empty = {k: (v[:0] if isinstance(v, torch.Tensor) and k != "alphas_cumprod" else v)
+             for k, v in _loss_args(str(dev)).items()}
+    x_t = kernels.add_noise(*[empty[k] for k in ("x0", "timesteps", "alphas_cumprod", "seed", "sample_ids",
+                                                 "draw_ids")], backend=backend)
+    assert x_t.shape == (0, 2, 4, 4) and x_t.dtype == empty["x0"].dtype
+    loss = kernels.diffusion_loss(*empty.values(), backend=backend)
+    assert loss.shape == (0,) and loss.dtype == torch.float32
+    for mask in (torch.ones(1, 4, 4, device=dev), torch.ones(0, 2, 4, 4, device=dev)):
+        assert kernels.diffusion_loss(*empty.values(), mask=mask, backend=backend).shape == (0,)
+    fisher = torch.rand(4, 5, dtype=torch.float64, device=dev)
+    before = fisher.clone()
+    for rows, tokens in ((0, 3), (2, 0)):
+        out = kernels.fisher_accumulate(fisher, torch.randn(rows, tokens, 5, device=dev),
+                                        torch.randn(rows, tokens, 4, device=dev), backend=backend)
+        assert out is fisher and torch.equal(fisher, before)
+    # Ids and timesteps must still match the (empty) batch.
+    with pytest.raises(ValueError, match="^timesteps"):
+        kernels.add_noise(empty["x0"], torch.tensor([1], device=dev), ACP.to(dev), 7, empty["sample_ids"],
+                          empty["draw_ids"], backend=backend)
+
+
+def test_a_mask_that_is_no_tensor_is_named():
+    with pytest.raises(ValueError, match="^mask: expected a tensor"):
+        _loss(mask=[[1.0]])

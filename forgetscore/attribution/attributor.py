@@ -54,7 +54,8 @@ class Timings:
     def lines(self) -> list[str]:
         out = []
         for name, (s, n, unit) in self.stages.items():
-            rate = f"  ({n / s:,.0f} {unit}/s)" if n and s > 0 else ""
+            r = n / s if n and s > 0 else None
+            rate = "" if r is None else f"  ({r:,.0f} {unit}/s)" if r >= 10 else f"  ({r:.2g} {unit}/s)"
             out.append(f"  {name:<16} {s:8.1f} s{rate}")
         return out
 
@@ -426,8 +427,10 @@ class Attributor:
         cached = self.before_losses() if self._cached_before() else None
         variants = unlearned if cached is not None else [None] + unlearned
         t = time.perf_counter()
-        losses = self._run(variants, sel, desc="score (after)")
-        self.timings.add("score after", time.perf_counter() - t, len(sel) * len(variants), "img")
+        # Without cached before-losses the same pass computes them too (one more variant per image), and says so.
+        stage = "score after" if cached is not None else "score before+after"
+        losses = self._run(variants, sel, desc="score (after)" if cached is not None else "score (before+after)")
+        self.timings.add(stage, time.perf_counter() - t, len(sel), "img")
         if cached is not None:
             before = cached[sel]
         else:
@@ -469,6 +472,7 @@ class Attributor:
                 "weights": self.weights,
                 "n_weights": int(sum(self.model.unet.get_parameter(n).numel() for n in self.names)),
                 "reduce": reduce, "precision": self.precision, "batch_size": self.batch_size,
+                "text_dtype": self.text_dtype,
                 "model": str(model.resolve()) if model is not None and model.is_dir() else self.model.source,
                 "unet_id": self.model.unet_id(), "data_id": data.data_id,
                 "train_dir": str(Path(self.train.root).resolve()),

@@ -92,6 +92,13 @@ class DattriAttributor:
         self.plan = plan or ScoringPlan()
         self.config = config or UnlearnConfig()
         self.names = select(self.model.unet, weights)
+        from .attributor import REDUCTIONS
+
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce: {reduce!r} is not one of {list(REDUCTIONS)}")
+        if fisher_samples is not None and (isinstance(fisher_samples, bool) or not isinstance(fisher_samples, int)
+                                           or fisher_samples < 1):
+            raise ValueError(f"fisher_samples: {fisher_samples!r} must be an int >= 1 (or None: five epochs)")
         self.fisher_samples, self.reduce = fisher_samples, reduce
         self.batch_size, self.backend, self.progress = batch_size, backend, progress
         self.fisher: dict[str, torch.Tensor] | None = None
@@ -101,7 +108,7 @@ class DattriAttributor:
         """The Fisher of the full training data (the unlearning's regulariser)."""
         data = collect(self.model, full_train_dataloader)
         self.n_train = data.n
-        self.fisher = compute_fisher(self.model, data, self.names, samples=self.fisher_samples or 5 * data.n,
+        self.fisher = compute_fisher(self.model, data, self.names, samples=5 * data.n if self.fisher_samples is None else self.fisher_samples,
                                      flips=self.plan.flips, captions=self.plan.captions, backend=self.backend,
                                      progress=self.progress)
 

@@ -170,6 +170,24 @@ def check_counts(**counts: int) -> None:
             raise ValueError(f"{name}: {v!r} must be an int >= 1")
 
 
+def check_draws(model: DiffusionModel, names: list[str], captions: str) -> None:
+    """The weights named and the caption choice of a Fisher, checked before any work."""
+    from .plan import CAPTION_CHOICES
+
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise ValueError("names: expected a list of weight names (e.g. select_weights(unet, 'kv')), got "
+                         f"{type(names).__name__}")
+    if not names:
+        raise ValueError("names: empty; give the weights the Fisher is for (e.g. select_weights(unet, 'kv'))")
+    params = dict(model.unet.named_parameters())
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise ValueError(f"names: the UNet has no weight named {unknown[0]!r}; use select_weights(unet, preset) "
+                         "or names from unet.named_parameters()")
+    if captions not in CAPTION_CHOICES:
+        raise ValueError(f"captions: {captions!r} is not one of {list(CAPTION_CHOICES)}")
+
+
 def compute_fisher(model: DiffusionModel, data: PreparedData, names: list[str], *, samples: int, seed: int = 0,
                    batch_size: int = 64, flips: bool = True, captions: str = "all", backend: str = "auto",
                    progress: bool = True) -> dict[str, torch.Tensor]:
@@ -177,6 +195,7 @@ def compute_fisher(model: DiffusionModel, data: PreparedData, names: list[str], 
     from tqdm.auto import tqdm
 
     check_counts(samples=samples, batch_size=batch_size)
+    check_draws(model, names, captions)
     with tqdm(total=samples, desc="fisher", unit="sample", disable=not progress) as bar:
         sums = fisher_sums(model, data, names, start=0, count=samples, seed=seed, batch_size=batch_size,
                            flips=flips, captions=captions, backend=backend, bar=bar)
@@ -294,6 +313,7 @@ def run_fisher(model: DiffusionModel, data: PreparedData, names: list[str], out_
     from tqdm.auto import tqdm
 
     check_counts(samples=samples, batch_size=batch_size, chunk_size=chunk_size)
+    check_draws(model, names, captions)
     out_dir = Path(out_dir)
     shapes = {n: tuple(model.unet.get_parameter(n).shape) for n in names}
     n_chunks = (samples + chunk_size - 1) // chunk_size

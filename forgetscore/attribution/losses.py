@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
+from . import params
 from .data import PreparedData
 from .model import DiffusionModel
 from .plan import ScoringPlan
@@ -375,6 +376,11 @@ class LossSweep:
                  batch_size: int | str = 256, backend: str = "auto", precision: str = "fp32",
                  prefetch: bool = True, compile: str | None = None,
                  compile_backend: str | Callable = "inductor"):
+        for arg, value, attr, hint in (("model", model, "encoders_id", "DiffusionModel.load(folder)"),
+                                       ("data", data, "model_id", "Attributor.prepare() or prepare(...)"),
+                                       ("plan", plan, "check_model", "a ScoringPlan")):
+            if not hasattr(value, attr):
+                raise ValueError(f"{arg}: expected {hint}, got {type(value).__name__}")
         if data.model_id != model.encoders_id():
             raise ValueError("cache: the prepared data was made with another tokenizer, text encoder or VAE "
                              "than this model's; prepare again for this model")
@@ -550,7 +556,18 @@ class LossSweep:
         """[len(variants), len(indices), versions] float64 losses."""
         from tqdm.auto import tqdm
 
-        indices = np.arange(self.data.n) if indices is None else np.asarray(indices, dtype=np.int64)
+        if indices is None:
+            indices = np.arange(self.data.n)
+        else:
+            given = np.asarray(indices)
+            if given.dtype.kind not in "iu" and given.size:
+                raise ValueError(f"indices: must be integer image ids, got {given.dtype}")
+            indices = given.astype(np.int64).reshape(-1)
+            if indices.size and (indices.min() < 0 or indices.max() >= self.data.n):
+                raise ValueError(f"indices: must lie in [0, {self.data.n}), got values in "
+                                 f"[{indices.min()}, {indices.max()}]")
+        for w in variants:
+            params.check_values(self.model.unet, w, "variants")
         out = np.empty((len(variants), len(indices), self.plan.versions), dtype=np.float64)
         batches = self.image_batches(indices)
         pos = 0

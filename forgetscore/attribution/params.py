@@ -41,6 +41,23 @@ def get(unet: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     return {n: params[n].detach().clone() for n in names}
 
 
+def check_values(unet: torch.nn.Module, values: dict[str, torch.Tensor] | None, argument: str) -> None:
+    """That `values` names weights of `unet`, each with the weight's shape (None or {}: nothing to check)."""
+    if not values:
+        return
+    if not isinstance(values, dict):
+        raise ValueError(f"{argument}: expected a dict {{weight name: tensor}} (or None), got {type(values).__name__}")
+    params = dict(unet.named_parameters())
+    for n, v in values.items():
+        if n not in params:
+            raise ValueError(f"{argument}: the UNet has no weight named {n!r}; use the names of "
+                             "unet.named_parameters() (e.g. those Attributor.names lists)")
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(params[n].shape):
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"{argument}: {n} is {got}, the weight is {tuple(params[n].shape)}; give a tensor "
+                             "of the weight's shape")
+
+
 @contextmanager
 def swapped(unet: torch.nn.Module, values: dict[str, torch.Tensor] | None) -> Iterator[None]:
     """Temporarily load `values` into the named parameters (None: leave the model as it is)."""

@@ -60,7 +60,7 @@ class ScoringPlan:
         ts = tuple(int(t) for t in self.timesteps)
         if not ts or any(not 0 <= t < MAX_TIMESTEP for t in ts) or len(set(ts)) != len(ts):
             raise ValueError(f"timesteps: need distinct integers in [0, {MAX_TIMESTEP}), got {self.timesteps!r}; "
-                             "use e.g. ScoringPlan.with_stride(50)")
+                             "e.g. every 50th (ScoringPlan.with_stride(50); on the command line --timestep-stride 50)")
         object.__setattr__(self, "timesteps", ts)
         if self.captions not in CAPTION_CHOICES:
             raise ValueError(f"captions: {self.captions!r} is not one of {list(CAPTION_CHOICES)}")
@@ -79,8 +79,10 @@ class ScoringPlan:
     def _check_reference_noise(self) -> None:
         b = self.reference_batch
         if not isinstance(b, int) or isinstance(b, bool) or b < 1:
-            raise ValueError(f"reference_batch: {b!r} must be an int >= 1 with noise='reference': the images per "
-                             "batch of the published loop (its batch_size / (captions x timesteps))")
+            raise ValueError(("reference_batch: not given; noise='reference' needs" if b is None else
+                              f"reference_batch: {b!r} must be an int >= 1 with noise='reference':") +
+                             " the images per batch of the published loop (its batch_size / (captions x timesteps);"
+                             " MSCOCO: 80)")
         if self.noise_device is None:
             object.__setattr__(self, "noise_device", "cuda")
         if self.noise_device not in NOISE_DEVICES:

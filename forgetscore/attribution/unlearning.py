@@ -146,6 +146,24 @@ def unlearn(model: DiffusionModel, names: list[str], fisher: dict[str, torch.Ten
     """The unlearned values of the selected weights; the model itself is left unchanged."""
     from tqdm.auto import tqdm
 
+    if config.n_train is None and (isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1):
+        raise ValueError(f"n_train: {n_train!r} must be a positive integer (the number of images the model was "
+                         "trained on: N of the step alpha / N)")
+    if tuple(x0.shape) != tuple(model.input_shape):
+        raise ValueError(f"x0: shape {tuple(x0.shape)} is not the UNet's input {tuple(model.input_shape)}; pass the "
+                         "query as the UNet takes it (Attributor.query_inputs)")
+    width = getattr(getattr(model.unet, "config", None), "cross_attention_dim", None)
+    if ctx.dim() != 2 or (isinstance(width, int) and ctx.shape[-1] != width):
+        raise ValueError(f"ctx: shape {tuple(ctx.shape)} is not one prompt's text states [tokens, "
+                         f"{width if isinstance(width, int) else 'dim'}]; pass model.encode_text([prompt])[0]")
+    if mask is not None:
+        try:
+            fits = torch.broadcast_shapes(mask.shape, x0.shape) == x0.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to the query's {tuple(x0.shape)}; "
+                             "use Attributor.region_mask")
     if not bool(torch.isfinite(x0).all()):
         raise ValueError("query: holds NaN or inf; pass a finite image or latent")
     if config.method == "newton":

@@ -128,5 +128,5 @@ def _custom(args: argparse.Namespace) -> int:
 
     check_writable(args.out, "--out")
     run_custom(Path(args.out), methods=args.methods, quick=args.quick, pool_captions=args.pool_captions, log=print)
-    print((Path(args.out) / "table.md").read_text())
+    print(f"Results in {args.out}/results.json and table.md (printed above)")
     return 0

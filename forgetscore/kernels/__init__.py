@@ -106,6 +106,9 @@ def add_noise(x0: torch.Tensor, timesteps: torch.Tensor | Sequence[int], alphas_
     deferred = _v.Deferred(check)
     seed, sids, dids, a, b = _noising_args(x0, timesteps, alphas_cumprod, seed, sample_ids, draw_ids, deferred)
     _v.finite_rows_later("x0", x0, deferred)
+    if x0.shape[0] == 0:  # no rows: nothing to launch (a kernel grid may not be empty)
+        deferred.resolve()
+        return x0.clone()
     flat = x0.reshape(x0.shape[0], -1).contiguous()
     out = resolve(backend, x0.device).add_noise(flat, a, b, seed, sids, dids)
     deferred.resolve()
@@ -126,6 +129,8 @@ def _mask_rows(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     m = mask.float()
     if not bool(torch.isfinite(m).all()) or bool((m < 0).any()):
         raise ValueError("mask: values must be finite and non-negative; use a 0/1 or weight mask")
+    if shape[0] == 0:  # no rows to weigh
+        return m.new_zeros(0, math.prod(shape[1:]))
     if m.dim() == len(shape) and m.shape[0] == shape[0] and shape[0] > 1:
         rows = torch.broadcast_to(m, shape).reshape(shape[0], -1)
     else:
@@ -161,6 +166,9 @@ def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, timesteps: torc
     deferred = _v.Deferred(check)
     seed, sids, dids, a, b = _noising_args(x0, timesteps, alphas_cumprod, seed, sample_ids, draw_ids, deferred)
     rows = None if mask is None else _mask_rows(mask, model_output.shape)
+    if x0.shape[0] == 0:
+        deferred.resolve()
+        return torch.empty(0, dtype=torch.float32, device=x0.device)
     out = resolve(backend, x0.device).diffusion_loss(
         model_output.reshape(x0.shape[0], -1).contiguous(), x0.reshape(x0.shape[0], -1).contiguous(),
         a, b, seed, sids, dids, prediction_type, rows)
@@ -207,6 +215,8 @@ def fisher_accumulate(fisher: torch.Tensor, inputs: torch.Tensor, grad_outputs: 
     _v.finite_rows_later("inputs", inputs, deferred)
     _v.finite_rows_later("grad_outputs", grad_outputs, deferred)
     deferred.resolve()  # before the kernel: `fisher` is updated in place
+    if inputs.shape[0] == 0 or inputs.shape[1] == 0:  # no samples (or tokens): nothing to add
+        return fisher
     if inputs.dtype != grad_outputs.dtype:
         inputs, grad_outputs = inputs.float(), grad_outputs.float()
     target = fisher if fisher.is_contiguous() else fisher.contiguous()

@@ -122,7 +122,7 @@ def float_tensor(name: str, value: object, *, min_dim: int = 1) -> torch.Tensor:
 
 
 def same_device(**tensors: torch.Tensor) -> torch.device:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
     first = next(iter(devices.values()))
     for name, dev in devices.items():
         if dev != first:
@@ -157,8 +157,9 @@ def alphas_cumprod(value: object, deferred: Deferred) -> torch.Tensor:
 
 
 def _row_sums(value: torch.Tensor) -> torch.Tensor:
-    rows = value.reshape(value.shape[0], -1) if value.dim() else value.reshape(1, 1)
-    return rows.sum(dim=1)
+    if value.dim() < 2:
+        return value.reshape(-1)
+    return value.flatten(1).sum(dim=1)  # (flatten, not reshape(B, -1): B may be 0)
 
 
 def finite_rows_later(name: str, value: torch.Tensor, deferred: Deferred) -> None:
