@@ -183,6 +183,8 @@ def test_dattri_adapter_matches_the_attributor(tiny_dirs, tmp_path):
     want = att.attribute_many(list(zip(queries, prompts)), config=CONFIG, fisher_samples=12)
     for j in range(2):
         np.testing.assert_allclose(scores[:, j].numpy(), want[j].scores, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match=r"^test_dataloader: images are \(3, 8, 8\), the model makes"):
+        adapter.attribute(loader, [(torch.zeros(1, 3, 8, 8), ["a red square"])])
 
 
 def test_model_identity_does_not_depend_on_where_it_was_loaded_from(tiny_dirs, tmp_path):

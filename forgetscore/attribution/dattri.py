@@ -108,9 +108,9 @@ class DattriAttributor:
         """The Fisher of the full training data (the unlearning's regulariser)."""
         data = collect(self.model, full_train_dataloader)
         self.n_train = data.n
-        self.fisher = compute_fisher(self.model, data, self.names, samples=5 * data.n if self.fisher_samples is None else self.fisher_samples,
-                                     flips=self.plan.flips, captions=self.plan.captions, backend=self.backend,
-                                     progress=self.progress)
+        samples = 5 * data.n if self.fisher_samples is None else self.fisher_samples
+        self.fisher = compute_fisher(self.model, data, self.names, samples=samples, flips=self.plan.flips,
+                                     captions=self.plan.captions, backend=self.backend, progress=self.progress)
 
     def attribute(self, train_dataloader: Iterable, test_dataloader: Iterable) -> torch.Tensor:
         """Scores [n_train, n_test]: the rise of each training row's loss when each test row is unlearned."""
@@ -119,6 +119,9 @@ class DattriAttributor:
         train = collect(self.model, train_dataloader)
         variants = []
         for image, prompts in _rows(test_dataloader):
+            if tuple(image.shape[1:]) != tuple(self.model.image_shape):
+                raise ValueError(f"test_dataloader: images are {tuple(image.shape[1:])}, the model makes "
+                                 f"{self.model.image_shape}")
             for img, prompt in zip(image, prompts):
                 x0 = self.model.encode_images(img[None])[0].float()
                 ctx = self.model.encode_text([prompt if isinstance(prompt, str) else prompt[0]])[0]
