@@ -352,7 +352,7 @@ def _summary_sweep(path: str) -> None:
                 figure += f"  peak {_mib(r['peak_rss_bytes'])}"
         else:
             figure = r.get("note", "")
-        print(f"  {r.get('part', ''):<13} {r.get('method', '')[:64]:<64} {figure}")
+        print(f"  {r.get('part', ''):<13} {r.get('method', '')[:80]:<80} {figure}")
     for e in d.get("errors", []):
         print(f"  error: {e}")
 
