@@ -163,6 +163,7 @@ def test_attributor_fisher_resumes_in_its_cache_and_cleans_up(setup, tmp_path, m
     assert len(parts) == 1 and fisher_mod._folded(parts[0]) == 1
     monkeypatch.setattr(fisher_mod, "fisher_sums", real)
     got = att.fisher(SAMPLES, seed=7)
+    assert att.timings.stages["fisher"][1] == SAMPLES - CHUNK  # the resumed run's own samples, for its rate
     assert not list(att.cache_dir.glob("fisher-*.parts-*"))
     _assert_same({n: got[n] for n in got}, _run(setup, tmp_path / "direct"))
     with pytest.raises(ValueError, match="fisher_chunk_size: 0 must be an int >= 1"):

@@ -183,11 +183,13 @@ class Attributor:
             # Chunks of other settings (batch and chunk sizes change the last bits) have their own folders; the
             # folders are this Attributor's own, so files in them that no manifest vouches for are removed.
             parts = path.with_name(f"{path.name}.parts-{self._key(meta, batch_size, chunk_size)}")
+            stats: dict = {}
             fisher = run_fisher(self.model, data, self.names, parts, samples=samples, chunk_size=chunk_size,
                                 seed=seed, batch_size=batch_size, flips=self.plan.flips,
                                 captions=self.plan.captions, backend=self.backend, progress=self.progress,
-                                untrusted="remove")
-            self.timings.add("fisher", time.perf_counter() - t, samples, "samples")
+                                untrusted="remove", stats=stats)
+            # The rate of what this run computed (a resumed run reuses finished chunks; ranks share the rest).
+            self.timings.add("fisher", time.perf_counter() - t, stats["samples_computed"] * self.world, "samples")
 
             def keep() -> None:
                 from safetensors.torch import save

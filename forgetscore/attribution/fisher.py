@@ -298,7 +298,7 @@ class _Prefix:
 def run_fisher(model: DiffusionModel, data: PreparedData, names: list[str], out_dir: str | os.PathLike, *,
                samples: int, chunk_size: int = FISHER_CHUNK, seed: int = 0, batch_size: int = 64,
                flips: bool = True, captions: str = "all", backend: str = "auto",
-               progress: bool = True, untrusted: str = "refuse") -> dict[str, torch.Tensor]:
+               progress: bool = True, untrusted: str = "refuse", stats: dict | None = None) -> dict[str, torch.Tensor]:
     """The Fisher of :func:`compute_fisher`, computed in resumable chunks of `chunk_size` samples.
 
     A run killed at any moment resumes from the chunks in `out_dir`; under torch.distributed
@@ -308,7 +308,8 @@ def run_fisher(model: DiffusionModel, data: PreparedData, names: list[str], out_
     device and thread count); with one chunk it is exactly :func:`compute_fisher`'s. Every rank
     returns the whole Fisher. Files in `out_dir` that no matching manifest vouches for (chunks or a
     running sum made under other settings, or with no manifest) are refused, or with
-    ``untrusted="remove"`` deleted (for a folder the caller owns).
+    ``untrusted="remove"`` deleted (for a folder the caller owns). `stats`, if given, receives
+    ``samples_computed``: the samples this rank computes in this call.
     """
     from tqdm.auto import tqdm
 
@@ -351,6 +352,8 @@ def run_fisher(model: DiffusionModel, data: PreparedData, names: list[str], out_
     # holds at most two rounds of chunks even when one rank is slower than the others; without the
     # rounds, a fast rank 0 would stop folding at the first chunk a slow rank had not finished, and
     # every later chunk would wait on disk (a chunk of every weight of a Stable Diffusion UNet is 7 GB).
+    if stats is not None:  # what this call computes (the rest was resumed), e.g. for a timing
+        stats["samples_computed"] = sum(count(k) for k in mine)
     rounds = broadcast(len(mine))  # rank 0 is dealt the most chunks
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgetscore-fisher-io") as io, \
             tqdm(total=sum(count(k) for k in mine), desc="fisher" if world == 1 else f"fisher (rank 0 of {world})",
