@@ -194,7 +194,8 @@ def _region(text: str | None):
     return box
 
 
-def _subset(path: str | None, file_names: list[str]):
+def _subset(path: str | None, file_names: list[str], report: bool = True):
+    """The ids a --subset file lists (None without one); `report`: say how many lines repeat an image."""
     if not path:
         return None
     import numpy as np
@@ -219,7 +220,7 @@ def _subset(path: str | None, file_names: list[str]):
     if not ids:
         raise ValueError(f"--subset: {path!r} lists no image")
     repeated = len(ids) - len(set(ids))
-    if repeated:  # each image is scored once
+    if repeated and report:  # each image is scored once
         print(f"--subset: {repeated} of its {len(ids)} lines name an image listed before; {len(set(ids))} images "
               "are scored", file=sys.stderr)
     return np.array(ids, dtype=np.int64)
@@ -296,10 +297,10 @@ def _attribute(args: argparse.Namespace) -> int:
         raise ValueError(f"--topk: {args.topk} must be >= 1")
     config, region = _config(args), _region(args.region)
     att = _attributor(args)
+    subset = _subset(args.subset, att.train.file_names, report=att.rank == 0)  # before the query is made
     query = args.query if args.query else att.generate(args.prompt, args.generate_seed)
     result = att.attribute(query, args.prompt, k=args.topk, config=config, region=region,
-                           reduce=args.reduce, fisher_samples=args.fisher_samples,
-                           indices=_subset(args.subset, att.train.file_names))
+                           reduce=args.reduce, fisher_samples=args.fisher_samples, indices=subset)
     if att.rank:
         return 0
     result.save(args.out, train_dir=args.train, k=args.topk, overwrite=args.overwrite)
