@@ -459,7 +459,6 @@ class Attributor:
         self._forget_sweeps()
         return results
 
-
     def _settings(self, config: UnlearnConfig, fisher_samples: int | None, reduce: str,
                   region: Sequence[int] | torch.Tensor | None, n_scored: int) -> dict:
         """Everything a result's numbers depend on, for its attribution.json (values as used, defaults resolved)."""
