@@ -41,6 +41,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .attribution.results import RESULT_FILES, check_output_dir
     from .digits.classifier import digit_accuracy
     from .digits.data import write_image_folder
+    from .digits.tokenizer import check_prompt
     from .digits.train import default_model_dir, ensure_model, train
 
     started = time.perf_counter()
@@ -53,6 +54,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError(f"--prompt: {args.prompt!r} has no words; give a prompt such as 'a thin handwritten two', "
                          "or leave --prompt out for the default")
+    if args.prompt is not None:
+        check_prompt(args.prompt, "--prompt")
     check_output_dir(out, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     stage = time.perf_counter()

@@ -79,6 +79,9 @@ def _fails(capsys, argv, says: str) -> None:
     (["--prompt", ""], "--prompt: '' "),
     (["--prompt", " \t"], "--prompt: ' \\t' "),
     (["--topk", "0"], "--topk: 0 "),
+    (["--prompt", "a red handwritten seven"], "--prompt: 'red' not in the digits model's vocabulary"),
+    (["--prompt", "a Fancy, thin seven!"], "--prompt: 'fancy', ',', '!' not in"),
+    (["--prompt", "a " * 14 + "seven"], "--prompt: 15 words; the digits model reads at most 14"),
 ])
 def test_bad_demo_arguments_fail_before_any_write(no_work, tmp_path, capsys, extra, says):
     _fails(capsys, ["demo", "--out", str(tmp_path / "d1"), *extra], says)

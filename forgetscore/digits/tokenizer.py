@@ -14,6 +14,8 @@ earlier tokens' features).
 """
 from __future__ import annotations
 
+import re
+
 from .data import VOCABULARY
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -38,6 +40,21 @@ def build_tokenizer(words=VOCABULARY, max_length: int = MAX_LENGTH):
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, unk_token=UNK,
                                   pad_token=PAD, model_max_length=max_length, padding_side="right")
     return tok
+
+
+def check_prompt(prompt: str, name: str = "prompt", max_length: int = MAX_LENGTH) -> None:
+    """Refuses a prompt the digits model cannot read whole: words it never saw, or too many of them.
+
+    The tokenizer would map an unknown word to ``<unk>`` and cut a long prompt short without a word,
+    so the model would quietly follow another prompt than the one asked for.
+    """
+    words = re.findall(r"\w+|[^\w\s]+", prompt.lower())  # the tokenizer's Whitespace pre-tokenizer
+    unknown = sorted(set(words) - set(VOCABULARY), key=words.index)
+    if unknown:
+        raise ValueError(f"{name}: {', '.join(map(repr, unknown))} not in the digits model's vocabulary; "
+                         f"use its words: {' '.join(VOCABULARY)}")
+    if len(words) > max_length - 2:
+        raise ValueError(f"{name}: {len(words)} words; the digits model reads at most {max_length - 2}")
 
 
 def encode(tokenizer, texts, max_length: int | None = None):
