@@ -359,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", "run the whole method on the embedded digits model (trained on first use, then cached)",
             _demo)
     p.add_argument("--out", required=True, help="output directory (must not hold results already)")
-    p.add_argument("--prompt", default=None, help="the query prompt, in the digit captions' words (default: a slanted seven)")
+    p.add_argument("--prompt", default=None,
+                   help="the query prompt, in the digit captions' words (default: a slanted seven)")
     p.add_argument("--query-seed", type=int, default=0, help="seed of the generated query (default: 0)")
     p.add_argument("--topk", type=int, default=10, help="how many top training images to print and save "
                                                         "(default: 10)")
