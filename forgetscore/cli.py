@@ -417,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         _close_bars()
         print("interrupted; finished stages are cached and a rerun resumes from them", file=sys.stderr)
         return 130
+    finally:
+        from .attribution.ranks import leave_distributed
+
+        leave_distributed()
 
 
 # The library names its arguments as Python does; these are its names for options spelt otherwise here.

@@ -10,6 +10,7 @@ from forgetscore import kernels
 from forgetscore.attribution import Attributor, ScoringPlan, UnlearnConfig
 from forgetscore.attribution import fisher as fisher_mod
 from forgetscore.attribution import unlearning as unlearn_mod
+from forgetscore.attribution import params
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +109,27 @@ class _Twice(torch.nn.Module):
         return self.inner(x) + 0.5 * self.inner(x)
 
 
-@pytest.mark.parametrize("weights", ["cross-attn", "all", "all, one layer twice"])
+def _bias_kv(unet: torch.nn.Module) -> int:
+    """Gives every cross-attention key/value projection a bias, as some models have; how many there are."""
+    kv = [n for n, _ in unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
+    for name in kv:
+        parent, child = name.rsplit(".", 1)
+        old = unet.get_submodule(name)
+        new = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+            new.bias.uniform_(-0.5, 0.5)
+        setattr(unet.get_submodule(parent), child, new.requires_grad_(False))
+    return len(kv)
+
+
+@pytest.mark.parametrize("weights", ["cross-attn", "all", "all, one layer twice", "kv, with biases"])
 def test_fisher_equals_per_sample_gradients(tiny_dirs, tmp_path, weights):
     att = _attributor(tiny_dirs, tmp_path / "cache", weights=weights.split(",")[0])
+    if weights.endswith("biases"):  # the preset takes them too, as the published code's name match does
+        count = _bias_kv(att.model.unet)
+        att.names = params.select(att.model.unet, "kv")
+        assert len(att.names) == 2 * count and sum(n.endswith("bias") for n in att.names) == count
     if weights.endswith("twice"):
         block = att.model.unet.down_blocks[-1].attentions[0].transformer_blocks[0]
         block.attn1.to_out[0] = _Twice(block.attn1.to_out[0])

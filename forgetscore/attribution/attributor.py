@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from .data import TEXT_DTYPES, PreparedData, TrainingSet, image_pixels, load_ima
 from .fisher import FISHER_CHUNK, FISHER_FORMAT, check_counts, run_fisher
 from .generate import generate
 from .io import check_writable, clean_removed, read_json, remove_dir, write_bytes, write_json, write_npy
+from .locks import stage_lock, unless_busy
 from .losses import LossSweep
 from .model import DiffusionModel
 from .plan import ScoringPlan
@@ -110,7 +112,7 @@ class Attributor:
         check_writable(self.cache_dir, "cache")
         self.timings = Timings()
         self._data: PreparedData | None = None
-        self._finished: list[Path] = []  # sweep folders whose losses the caller has not yet kept
+        self._finished: list[tuple[Path, Path]] = []  # sweep folders (and their locks) not yet kept
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, train_dir: str | os.PathLike, **kw) -> "Attributor":
@@ -131,24 +133,29 @@ class Attributor:
             # this Attributor's own, so shard files no manifest vouches for are removed.
             folder = "prepared" if self.text_dtype == "float32" else f"prepared-{self.text_dtype}"
             try:
-                self._data = prepare(self.model, self.train, self.cache_dir / folder, resize=self.resize,
-                                     text_dtype=self.text_dtype, progress=self.progress, untrusted="remove")
+                with stage_lock(self.cache_dir / f".{folder}.lock", "preparing this training set", self._log):
+                    try:
+                        self._data = prepare(self.model, self.train, self.cache_dir / folder, resize=self.resize,
+                                             text_dtype=self.text_dtype, progress=self.progress, untrusted="remove")
+                    except BaseException:
+                        if self.rank == 0:  # not a collective: the other ranks may not have failed
+                            self._drop_unstarted(self.cache_dir / folder)
+                        raise
             except BaseException:
-                if self.rank == 0:  # not a collective: the other ranks may not have failed
-                    self._drop_unstarted(self.cache_dir / folder)
+                # Once its lock file is gone too: the training set's cache folder under the cache root, if
+                # nothing else is in it (once the training folder is fixed it has another identity).
+                if self.rank == 0 and self._own_cache_dir:
+                    with contextlib.suppress(OSError):  # not empty: other stages' files
+                        self.cache_dir.rmdir()
                 raise
             self.timings.add("prepare", time.perf_counter() - t, len(self.train), "img")
         return self._data
 
     def _drop_unstarted(self, folder: Path) -> None:
-        """Remove a prepare's folder that holds no finished shard (e.g. its first image was unreadable), and the
-        training set's cache folder under the cache root if nothing else is in it: once the training folder is
-        fixed it has another identity, so they would stay behind for good."""
+        """Remove a prepare's folder that holds no finished shard (e.g. its first image was unreadable): once the
+        training folder is fixed it has another identity, so it would stay behind for good."""
         if folder.is_dir() and not any(folder.glob("inputs-[0-9]*.npy")):
             remove_dir(folder)
-            if self._own_cache_dir:
-                with contextlib.suppress(OSError):  # not empty: other stages' files
-                    self.cache_dir.rmdir()
 
     def _tidy(self) -> None:
         """Finish what killed runs left in the cache: folder removals cut short, temporary files of writes."""
@@ -179,28 +186,37 @@ class Attributor:
         # Rank 0 looks, every rank follows: ranks must make the same collective calls whatever each one's view of
         # a network filesystem.
         if not on_rank0(path.is_file):
-            t = time.perf_counter()
-            # Chunks of other settings (batch and chunk sizes change the last bits) have their own folders; the
-            # folders are this Attributor's own, so files in them that no manifest vouches for are removed.
-            parts = path.with_name(f"{path.name}.parts-{self._key(meta, batch_size, chunk_size)}")
-            stats: dict = {}
-            fisher = run_fisher(self.model, data, self.names, parts, samples=samples, chunk_size=chunk_size,
-                                seed=seed, batch_size=batch_size, flips=self.plan.flips,
-                                captions=self.plan.captions, backend=self.backend, progress=self.progress,
-                                untrusted="remove", stats=stats)
-            # The rate of what this run computed (a resumed run reuses finished chunks; ranks share the rest).
-            self.timings.add("fisher", time.perf_counter() - t, stats["samples_computed"] * self.world, "samples")
-
-            def keep() -> None:
-                from safetensors.torch import save
-
-                write_bytes(path, save({n: f.cpu().contiguous() for n, f in fisher.items()},
-                                       metadata={"forgetscore": json.dumps(meta)}))
-                for stale in path.parent.glob(f"{path.name}.parts-*"):
-                    remove_dir(stale)
-
-            on_rank0(keep)
+            with stage_lock(path.with_name(f".{path.name}.lock"), "computing this Fisher", self._log):
+                if not on_rank0(path.is_file):  # it may have been made by the job this one waited for
+                    self._make_fisher(path, meta, batch_size, chunk_size)
         return load_fisher(path, self.model, self.names)
+
+    def _make_fisher(self, path: Path, meta: dict, batch_size: int, chunk_size: int) -> None:
+        t = time.perf_counter()
+        # Chunks of other settings (batch and chunk sizes change the last bits) have their own folders; the
+        # folders are this Attributor's own, so files in them that no manifest vouches for are removed.
+        parts = path.with_name(f"{path.name}.parts-{self._key(meta, batch_size, chunk_size)}")
+        stats: dict = {}
+        fisher = run_fisher(self.model, self.prepare(), self.names, parts, samples=meta["samples"],
+                            chunk_size=chunk_size, seed=meta["seed"], batch_size=batch_size, flips=self.plan.flips,
+                            captions=self.plan.captions, backend=self.backend, progress=self.progress,
+                            untrusted="remove", stats=stats)
+        # The rate of what this run computed (a resumed run reuses finished chunks; ranks share the rest).
+        self.timings.add("fisher", time.perf_counter() - t, stats["samples_computed"] * self.world, "samples")
+
+        def keep() -> None:
+            from safetensors.torch import save
+
+            write_bytes(path, save({n: f.cpu().contiguous() for n, f in fisher.items()},
+                                   metadata={"forgetscore": json.dumps(meta)}))
+            for stale in path.parent.glob(f"{path.name}.parts-*"):
+                remove_dir(stale)
+
+        on_rank0(keep)
+
+    def _log(self, message: str) -> None:
+        if self.progress:
+            print(message, file=sys.stderr, flush=True)
 
     def sweep(self, batch_size: int | None = None) -> LossSweep:
         """A :class:`LossSweep` of this Attributor's settings (`batch_size`: default its own)."""
@@ -216,26 +232,35 @@ class Attributor:
 
     def before_losses(self) -> np.ndarray:
         """[n_train, versions] losses of the original model under the plan (computed once, then cached)."""
-        path = self._before_path()
         if self._cached_before():
-            if not path.with_suffix(".json").is_file():
-                raise ValueError(f"cache: {str(path)!r} has no metadata beside it; delete it to recompute")
-            meta = read_json(path.with_suffix(".json"))
-            if meta["plan"] != self.plan.to_dict() or meta["unet_id"] != self.model.unet_id():
-                raise ValueError(f"cache: {str(path)!r} was made under another plan or model; delete it")
-            try:
-                before = np.load(path, allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise ValueError(f"cache: cannot read {str(path)!r} ({exc}); delete it to recompute") from None
-            # A run killed between saving them and deleting their sweep's chunks left the chunks behind; no run
-            # would resume that sweep now.
-            self._finished += list(self._interrupted(self.sweep(), [variant_id(None)], np.arange(self.prepare().n)))
+            return self._read_before()
+        everything = np.arange(self.prepare().n)
+        with stage_lock(self._sweep_lock([variant_id(None)], everything), "sweeping these losses", self._log):
+            if self._cached_before():  # made by the job this one waited for
+                return self._read_before()
+            t = time.perf_counter()
+            before = self._run([None], None, desc="score (before)")[0]
+            self.timings.add("score before", time.perf_counter() - t, len(before), "img")
+            self._save_before(before)
             self._forget_sweeps()
-            return before
-        t = time.perf_counter()
-        before = self._run([None], None, desc="score (before)")[0]
-        self.timings.add("score before", time.perf_counter() - t, len(before), "img")
-        self._save_before(before)
+        return before
+
+    def _read_before(self) -> np.ndarray:
+        path = self._before_path()
+        if not path.with_suffix(".json").is_file():
+            raise ValueError(f"cache: {str(path)!r} has no metadata beside it; delete it to recompute")
+        meta = read_json(path.with_suffix(".json"))
+        if meta["plan"] != self.plan.to_dict() or meta["unet_id"] != self.model.unet_id():
+            raise ValueError(f"cache: {str(path)!r} was made under another plan or model; delete it")
+        try:
+            before = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cache: cannot read {str(path)!r} ({exc}); delete it to recompute") from None
+        # A run killed between saving them and deleting their sweep's chunks left the chunks behind; no run
+        # would resume that sweep now (unless another job is in it: it is then left to that job).
+        ids, everything = [variant_id(None)], np.arange(self.prepare().n)
+        lock = self._sweep_lock(ids, everything)
+        self._finished += [(folder, lock) for folder in self._interrupted(self.sweep(), ids, everything)]
         self._forget_sweeps()
         return before
 
@@ -247,21 +272,33 @@ class Attributor:
         data = self.prepare()
         sel = np.arange(data.n) if indices is None else np.asarray(indices, dtype=np.int64)
         ids = [variant_id(w) for w in variants]
-        sweep = self.sweep()
-        found = self._interrupted(sweep, ids, sel)
-        resume = self._resumable_batch_size(found)
-        if resume != self.batch_size:
-            sweep = self.sweep(resume)
-        # The format too: a sweep interrupted under an older version starts afresh in its own folder.
-        key = self._key(self.model.unet_id(), data.data_id, self.plan.to_dict(), sweep.batch_size, self.chunk_size,
-                        self.precision, ids, indices_id(sel), SWEEP_FORMAT)
-        out_dir = self.cache_dir / "sweeps" / key
-        # The folder is this Attributor's own and named by all the settings: chunk files no manifest vouches
-        # for (e.g. what a removal file by file, as older versions did, left when killed) are removed.
-        losses = run_sweep(sweep, variants, out_dir, indices=sel, chunk_size=self.chunk_size,
-                           variant_ids=ids, progress=self.progress, desc=desc, untrusted="remove")
-        self._finished += [out_dir, *found]  # the same sweep under other batch sizes is superseded too
+        lock = self._sweep_lock(ids, sel)
+        # One job at a time sweeps these losses, under any batch size: a job that waited resumes from the
+        # chunks of the one before it.
+        with stage_lock(lock, "sweeping these losses", self._log):
+            sweep = self.sweep()
+            found = self._interrupted(sweep, ids, sel)
+            resume = self._resumable_batch_size(found)
+            if resume != self.batch_size:
+                sweep = self.sweep(resume)
+            # The format too: a sweep interrupted under an older version starts afresh in its own folder.
+            key = self._key(self.model.unet_id(), data.data_id, self.plan.to_dict(), sweep.batch_size,
+                            self.chunk_size, self.precision, ids, indices_id(sel), SWEEP_FORMAT)
+            out_dir = self.cache_dir / "sweeps" / key
+            # The folder is this Attributor's own and named by all the settings: chunk files no manifest vouches
+            # for (e.g. what a removal file by file, as older versions did, left when killed) are removed.
+            losses = run_sweep(sweep, variants, out_dir, indices=sel, chunk_size=self.chunk_size,
+                               variant_ids=ids, progress=self.progress, desc=desc, untrusted="remove")
+        # The same sweep under other batch sizes is superseded too.
+        self._finished += [(folder, lock) for folder in (out_dir, *found)]
         return losses
+
+    def _sweep_lock(self, ids: list[str], sel: np.ndarray) -> Path:
+        """The lock file of a sweep's stage: its identity but the batch size (see :func:`.sweep.matching_sweeps`)."""
+        data = self.prepare()
+        key = self._key(self.model.unet_id(), data.data_id, self.plan.to_dict(), self.chunk_size, self.precision,
+                        ids, indices_id(sel), SWEEP_FORMAT)
+        return self.cache_dir / "sweeps" / f".{key}.lock"
 
     def _interrupted(self, sweep: LossSweep, ids: list, sel: np.ndarray) -> dict[Path, tuple[int, int]]:
         """The folders of this sweep interrupted under any batch size (chunks of two batch sizes differ in the
@@ -270,11 +307,14 @@ class Attributor:
                                                 sweep_header(sweep, ids, sel, self.chunk_size)))
 
     def _forget_sweeps(self) -> None:
-        """Delete the chunks of finished sweeps (they only serve a resume), once every rank has read them."""
+        """Delete the chunks of finished sweeps (they only serve a resume), once every rank has read them;
+        a sweep another job is in is left to that job."""
         barrier()
         if self.rank == 0:
-            for folder in self._finished:
-                remove_dir(folder)
+            for folder, lock in self._finished:
+                with unless_busy(lock) as free:
+                    if free:
+                        remove_dir(folder)
         self._finished.clear()
 
     def _resumable_batch_size(self, found: dict[Path, tuple[int, int]]) -> int:

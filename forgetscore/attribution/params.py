@@ -1,7 +1,8 @@
 """Which UNet weights are unlearned.
 
 Presets follow the paper's ablation: ``kv`` (every cross-attention key/value
-projection, the default), ``cross-attn`` (all of attn2), ``attn`` (attn1 and attn2),
+projection, the default; their biases too where a model has them, as the published
+code's name match takes them), ``cross-attn`` (all of attn2), ``attn`` (attn1 and attn2),
 ``all`` (every weight). Anything else is taken as a regular expression on
 parameter names.
 """
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 import torch
 
 PRESETS = {
-    "kv": r"(^|\.)attn2\.to_[kv]\.weight$",
+    "kv": r"(^|\.)attn2\.to_[kv]\.(weight|bias)$",
     "cross-attn": r"(^|\.)attn2\.",
     "attn": r"(^|\.)attn[12]\.",
     "all": r".",

@@ -65,6 +65,18 @@ def init_distributed(device: torch.device | str = "cpu", timeout: timedelta = ti
     return dist.get_rank(), dist.get_world_size()
 
 
+def leave_distributed() -> None:
+    """Leave the process group, if this process joined one.
+
+    Its communication threads then stop before the interpreter's teardown; left to that teardown, a
+    rank was seen to abort on exit ("terminate called without an active exception") after all its work.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _dist_group_active() -> bool:
     import torch.distributed as dist
 

@@ -1,0 +1,108 @@
+"""Jobs that share a cache take turns at each stage.
+
+Two jobs started together on one training set (two queries, say) would otherwise prepare it,
+compute its Fisher or sweep the same losses in one folder at the same time: one job's tidying
+would delete the other's files in the middle of their writes, two running sums would fold the
+same chunks, and the first job to finish would delete chunks the other still needs. Each such
+stage runs under an exclusive lock named for what it computes. A job that finds the lock held
+waits, then finds the result made (or the finished chunks to resume from). Under torchrun, rank 0
+holds the lock for its job while the other ranks wait with it. Where ``fcntl`` is missing
+(Windows) nothing is locked, and one job at a time may use a cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .ranks import on_rank0
+
+try:
+    import fcntl
+except ImportError:
+    fcntl = None
+
+# The stages this process holds, with how deep: a stage entered again from within itself goes on at once.
+_HELD: dict[str, int] = {}
+
+
+def _acquire(path: Path, wait: bool) -> int | None:
+    """A descriptor that holds `path` exclusively; None if another process holds it and not `wait`."""
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return fd
+        # The holder we waited for removed this file on release; whoever holds the path's new file goes first.
+        os.close(fd)
+
+
+def _release(path: Path, fd: int) -> None:
+    # Removed while still held, so that lock files do not pile up in the cache; a process waiting on
+    # this file sees it gone once it gets it, and locks the path afresh.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def stage_lock(path: Path, doing: str, log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """This job's turn at the stage that `path` (a lock file) names, for the `with`; waits for another job's.
+
+    Every rank of a job enters it together; rank 0 holds the lock. `doing` says in the waiting message
+    what the other job is doing ("computing the Fisher").
+    """
+    key = os.path.abspath(path)
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    held: list[int] = []
+
+    def take() -> None:
+        fd = _acquire(path, wait=False)
+        if fd is None:
+            if log is not None:
+                log(f"waiting for another job {doing} in {str(path.parent)!r}")
+            fd = _acquire(path, wait=True)
+        held.append(fd)
+
+    if fcntl is not None:
+        on_rank0(take)  # the other ranks wait here for rank 0's turn (a failure there raises on every rank)
+    _HELD[key] = 1
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        if held:
+            _release(path, held[0])
+
+
+@contextlib.contextmanager
+def unless_busy(path: Path) -> Iterator[bool]:
+    """Whether no job holds the stage `path` names, holding it for the `with` if so (one process; no waiting).
+
+    For tidying: what another job is working on is left to that job. A stage this process is in is free.
+    """
+    if fcntl is None or os.path.abspath(path) in _HELD:
+        yield True
+        return
+    fd = _acquire(path, wait=False)
+    try:
+        yield fd is not None
+    finally:
+        if fd is not None:
+            _release(path, fd)
