@@ -155,7 +155,7 @@ def test_fisher_equals_per_sample_gradients(tiny_dirs, tmp_path, weights):
             want[n] += ps[n].grad.double() ** 2
             ps[n].requires_grad_(False)
     assert any(n.endswith(".bias") for n in att.names)  # to_out.0.bias: the bias path is checked too
-    if weights != "cross-attn":  # every kind of layer of the UNet is in the Fisher
+    if weights.startswith("all"):  # every kind of layer of the UNet is in the Fisher
         kinds = {type(m) for n, m in model.unet.named_modules() if any(p.startswith(f"{n}.") for p in att.names)}
         assert {torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm} <= kinds
     for n in att.names:
