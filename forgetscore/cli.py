@@ -120,7 +120,8 @@ def _command_args(p: argparse.ArgumentParser, *groups) -> None:
 
 def _add_fisher_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Fisher")
-    g.add_argument("--fisher-samples", type=int, help="samples (default: 5 x training-set size, as the paper)")
+    g.add_argument("--fisher-samples", type=int, help="samples (default: 5 x training-set size, as the paper, "
+                   "or, when that is not cached, the largest count cached for these settings)")
     g.add_argument("--fisher-batch-size", type=int, help="samples per backward pass (default: 64)")
     g.add_argument("--fisher-chunk-size", type=int,
                    help="samples per resumable chunk, the unit shared among torchrun ranks (default: 16384)")

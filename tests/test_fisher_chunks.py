@@ -310,3 +310,35 @@ def test_an_unreadable_manifest_is_an_error_and_deletes_nothing(setup, tmp_path,
     with pytest.raises(ValueError, match=r"cache: .*fisher\.json' cannot be read .*Permission denied"):
         _run(setup, out, untrusted="remove")
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_the_default_fisher_is_a_cached_one_of_another_count_when_only_that_exists(setup, tmp_path, monkeypatch):
+    """`fisher --fisher-samples M` then `attribute`: the cached Fisher serves, not hours on a second one."""
+    att = Attributor.load(setup["model"], setup["train"], cache_dir=tmp_path / "cache", plan=PLAN,
+                          weights="cross-attn", progress=False)
+    n5 = 5 * att.prepare().n
+    assert att.fisher_samples() == n5  # nothing cached: five epochs
+    made = att.fisher(SAMPLES)
+    assert att.fisher(SAMPLES + 1) is not None  # two counts cached: the larger serves
+    said: list[str] = []
+    att._log = said.append
+    computed = []
+    monkeypatch.setattr(fisher_mod, "fisher_sums", lambda *a, **kw: computed.append(1))
+    assert att.fisher_samples() == SAMPLES + 1
+    got = att.fisher()
+    assert computed == [] and said == [f"fisher: using the cached Fisher of {SAMPLES + 1} samples, not five "
+                                       f"epochs ({n5}); --fisher-samples N computes one of N samples"]
+    _assert_same(got, att.fisher(SAMPLES + 1))
+    assert not torch.equal(got[att.names[0]], made[att.names[0]])
+    att.fisher()
+    assert len(said) == 1  # said once
+    from forgetscore.attribution import UnlearnConfig
+    assert att._settings(UnlearnConfig(), None, "max", None, 9)["fisher_samples"] == SAMPLES + 1  # as recorded
+    # Another seed, or other weights: not the same Fisher, so not a candidate.
+    assert att.fisher_samples(seed=1) == n5
+    other = Attributor.load(setup["model"], setup["train"], cache_dir=tmp_path / "cache", plan=PLAN, weights="kv",
+                            progress=False)
+    assert other.fisher_samples() == 5 * other.prepare().n
+    # A damaged file in the cache is passed over.
+    (tmp_path / "cache" / "fisher-0000.safetensors").write_bytes(b"junk")
+    assert att.fisher_samples() == SAMPLES + 1

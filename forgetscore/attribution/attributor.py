@@ -112,6 +112,7 @@ class Attributor:
         check_writable(self.cache_dir, "cache")
         self.timings = Timings()
         self._data: PreparedData | None = None
+        self._said_samples: set[int] = set()  # cached Fisher counts used in place of the default, said once
         self._finished: list[tuple[Path, Path]] = []  # sweep folders (and their locks) not yet kept
 
     @classmethod
@@ -169,7 +170,7 @@ class Attributor:
 
     def fisher(self, samples: int | None = None, *, seed: int = 0, batch_size: int | None = None,
                chunk_size: int | None = None, path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
-        """The diagonal Fisher of the selected weights (default: 5 epochs' worth of samples, the paper).
+        """The diagonal Fisher of the selected weights (`samples`: default :meth:`fisher_samples`).
 
         Computed once and cached; in resumable chunks of samples that the ranks share under torchrun
         (`batch_size`, `chunk_size`: default the Attributor's `fisher_batch_size`, `fisher_chunk_size`).
@@ -177,11 +178,14 @@ class Attributor:
         batch_size = self.fisher_batch_size if batch_size is None else batch_size
         chunk_size = self.fisher_chunk_size if chunk_size is None else chunk_size
         check_counts(batch_size=batch_size, chunk_size=chunk_size, **({} if samples is None else {"samples": samples}))
-        data = self.prepare()  # after the cheap checks
-        samples = 5 * data.n if samples is None else samples
-        meta = {"unet_id": self.model.unet_id(), "data_id": data.data_id, "names": self.names,
-                "samples": samples, "seed": seed, "flips": self.plan.flips, "captions": self.plan.captions,
-                "format": FISHER_FORMAT}
+        if samples is None and path is None:
+            samples = self.fisher_samples(seed=seed)
+            if samples != 5 * self.prepare().n and samples not in self._said_samples:
+                self._said_samples.add(samples)
+                self._log(f"fisher: using the cached Fisher of {samples} samples, not five epochs "
+                          f"({5 * self.prepare().n}); --fisher-samples N computes one of N samples")
+        samples = 5 * self.prepare().n if samples is None else samples  # after the cheap checks
+        meta = self._fisher_meta(samples, seed)
         path = Path(path) if path else self.cache_dir / f"fisher-{self._key(meta)}.safetensors"
         # Rank 0 looks, every rank follows: ranks must make the same collective calls whatever each one's view of
         # a network filesystem.
@@ -190,6 +194,45 @@ class Attributor:
                 if not on_rank0(path.is_file):  # it may have been made by the job this one waited for
                     self._make_fisher(path, meta, batch_size, chunk_size)
         return load_fisher(path, self.model, self.names)
+
+    def fisher_samples(self, samples: int | None = None, *, seed: int = 0) -> int:
+        """The sample count of the Fisher that :meth:`fisher` uses for `samples` (None: the default).
+
+        The default is five epochs of the training set (5n, the paper), unless that Fisher is not cached
+        and another count's is, for these weights and settings (made e.g. by ``forgetscore fisher
+        --fisher-samples M``): then the largest cached count, rather than hours spent on a second Fisher.
+        """
+        if samples is not None:
+            return samples
+        epochs5 = 5 * self.prepare().n
+
+        def cached() -> list[int]:
+            if (self.cache_dir / f"fisher-{self._key(self._fisher_meta(epochs5, seed))}.safetensors").is_file():
+                return [epochs5]
+            return [m for m in map(self._cached_fisher_samples, self.cache_dir.glob("fisher-*.safetensors"))
+                    if m is not None and (self.cache_dir / f"fisher-{self._key(self._fisher_meta(m, seed))}"
+                                                            ".safetensors").is_file()]
+
+        found = on_rank0(cached)  # rank 0 looks, every rank follows
+        return max(found) if found else epochs5
+
+    def _fisher_meta(self, samples: int, seed: int) -> dict:
+        data = self.prepare()
+        return {"unet_id": self.model.unet_id(), "data_id": data.data_id, "names": self.names,
+                "samples": samples, "seed": seed, "flips": self.plan.flips, "captions": self.plan.captions,
+                "format": FISHER_FORMAT}
+
+    @staticmethod
+    def _cached_fisher_samples(path: Path) -> int | None:
+        """The sample count a cached Fisher file records (None: unreadable); whether it fits is the caller's check."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["forgetscore"])
+            return int(meta["samples"])
+        except Exception:  # noqa: BLE001  (a damaged or foreign file is no candidate)
+            return None
 
     def _make_fisher(self, path: Path, meta: dict, batch_size: int, chunk_size: int) -> None:
         t = time.perf_counter()
@@ -509,7 +552,7 @@ class Attributor:
         newton = config.method == "newton"
         return {"version": __version__, "plan": self.plan.to_dict(), "noise": self.plan.noise,
                 "unlearn": {**config.to_dict(), "n_train": config.n_train or len(self.train)},
-                "fisher_samples": (5 * data.n if fisher_samples is None else fisher_samples) if newton else None,
+                "fisher_samples": self.fisher_samples(fisher_samples) if newton else None,
                 "weights": self.weights,
                 "n_weights": int(sum(self.model.unet.get_parameter(n).numel() for n in self.names)),
                 "reduce": reduce, "precision": self.precision, "batch_size": self.batch_size,
