@@ -340,6 +340,26 @@ def test_query_with_nan(att):
     raises("query", r"NaN or inf; pass a finite image", att.query_inputs, query)
 
 
+def test_query_pixels_out_of_range_or_8_bit(att, tmp_path):
+    """Pixels in [0, 255] or 8-bit arrays would otherwise be scored as if in [-1, 1]."""
+    rng = np.random.default_rng(fresh_seed())
+    raises("query", r"8-bit pixels \(uint8\); .*x / 127\.5 - 1", att.query_inputs,
+           rng.integers(0, 256, (1, 8, 8), dtype=np.uint8))
+    raises("query", r"8-bit pixels", att.query_inputs, torch.zeros(1, 8, 8, dtype=torch.uint8))
+    raises("query", r"pixels must lie in \[-1, 1\]; these span \[0, 255\]", att.query_inputs,
+           torch.from_numpy(np.concatenate([[0.0, 255.0], rng.uniform(0, 255, 62)]).reshape(1, 8, 8)).float())
+    # The tiny model works in pixels: its own samples may overshoot [-1, 1] a little, and are taken as they are.
+    q = torch.full((1, 8, 8), 1.3)
+    torch.testing.assert_close(att.query_inputs(q), q)
+    # A latent model's VAE takes pixels in [-1, 1] exactly; its latents are not bounded.
+    model = DiffusionModel.load(tiny.build_model(tmp_path / "latent", latent=True))
+    latent_att = Attributor(model, att.train, plan=PLAN, cache_dir=tmp_path / "c", progress=False)
+    raises("query", r"these span \[-1, 1\.2\]", latent_att.query_inputs,
+           torch.linspace(-1, 1.2, int(np.prod(model.image_shape))).reshape(model.image_shape))
+    latents = torch.full(model.input_shape, 3.0)
+    torch.testing.assert_close(latent_att.query_inputs(latents), latents)
+
+
 def test_query_of_the_wrong_shape(att):
     raises("query", r"shape \(3, 8, 8\) is neither the model's input \(1, 8, 8\) nor its image shape",
            att.query_inputs, torch.zeros(3, 8, 8))

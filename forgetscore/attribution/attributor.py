@@ -402,16 +402,29 @@ class Attributor:
         elif isinstance(query, Image.Image):
             query = image_pixels(query, self.model.image_shape, self.resize)
         elif isinstance(query, np.ndarray):
+            if query.dtype == np.uint8:
+                raise ValueError(_EIGHT_BIT_QUERY)
             query = torch.from_numpy(np.asarray(query, dtype=np.float32))
         if not isinstance(query, torch.Tensor):
             raise ValueError(f"query: expected an image path, a PIL image or a tensor of pixels in [-1, 1], got "
                              f"{type(query).__name__}")
+        if query.dtype == torch.uint8:
+            raise ValueError(_EIGHT_BIT_QUERY)
         query = query.detach().float()
         if not bool(torch.isfinite(query).all()):
             raise ValueError("query: holds NaN or inf; pass a finite image or latent")
-        if tuple(query.shape) == tuple(self.model.input_shape):
+        latent = self.model.vae is not None
+        if tuple(query.shape) == tuple(self.model.input_shape) and latent:
             return query.to(self.model.device)
-        if tuple(query.shape) == tuple(self.model.image_shape):
+        if tuple(query.shape) in (tuple(self.model.image_shape), tuple(self.model.input_shape)):
+            # Pixels for the VAE lie in [-1, 1]; a pixel-space model's own sample may overshoot a little.
+            low, high = float(query.min()), float(query.max())
+            bound = 1 + 1e-3 if latent else 2.0
+            if low < -bound or high > bound:
+                raise ValueError(f"query: pixels must lie in [-1, 1]; these span [{low:.4g}, {high:.4g}] "
+                                 "(from [0, 1]: 2 * x - 1; from 0..255: x / 127.5 - 1)")
+            if not latent:
+                return query.to(self.model.device)
             return self.model.encode_images(query[None])[0].float()
         raise ValueError(f"query: shape {tuple(query.shape)} is neither the model's input {self.model.input_shape} "
                          f"nor its image shape {self.model.image_shape} (channels first; for an H x W x C array of "
@@ -579,6 +592,10 @@ def _scatter(values: np.ndarray, sel: np.ndarray, n: int) -> np.ndarray:
     out = np.full((n,) + values.shape[1:], -np.inf)
     out[sel] = values
     return out
+
+
+_EIGHT_BIT_QUERY = ("query: 8-bit pixels (uint8); pass a float tensor of pixels in [-1, 1] (x / 127.5 - 1), "
+                    "or PIL.Image.fromarray(array) for an H x W x C array")
 
 
 def load_fisher(path: str | os.PathLike, model: DiffusionModel, names: list[str]) -> dict[str, torch.Tensor]:
