@@ -233,6 +233,38 @@ def test_model_part_that_cannot_be_loaded(dirs, tmp_path):
     raises("model", r"cannot load unet/ .*save the pipeline again", DiffusionModel.load, bad)
 
 
+def test_model_saved_as_an_fp16_variant_loads(dirs, tmp_path):
+    """Parts saved only as ``*.fp16.safetensors`` (as many downloads are) load, their weights as stored."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    variant = Path(shutil.copytree(dirs[0], tmp_path / "model"))
+    for part, cls in (("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel)):
+        for f in (variant / part).glob("*.safetensors"):
+            f.unlink()
+        cls.from_pretrained(dirs[0] / part).half().save_pretrained(variant / part, variant="fp16")
+        assert [f.name for f in (variant / part).glob("*.safetensors")][0].endswith(".fp16.safetensors")
+    got, want = DiffusionModel.load(variant), DiffusionModel.load(dirs[0])
+    for part in ("unet", "text_encoder"):
+        theirs = dict(getattr(want, part).named_parameters())
+        for name, p in getattr(got, part).named_parameters():
+            assert p.dtype == torch.float32
+            torch.testing.assert_close(p, theirs[name].half().float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_latent_model_without_its_vae_folder(tmp_path, listed):
+    root = tiny.build_model(tmp_path / "latent", latent=True)
+    shutil.rmtree(root / "vae")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                       "vae": ["diffusers", "AutoencoderKL"] if listed else [None, None]}))
+    if listed:
+        raises("model", r"lacks vae/, which its model_index\.json lists; copy the vae/ folder", DiffusionModel.load,
+               root)
+    else:  # a pipeline saved without one works on pixels
+        assert DiffusionModel.load(root).vae is None
+
+
 def test_model_with_unsupported_prediction_type(dirs, tmp_path):
     bad = Path(shutil.copytree(dirs[0], tmp_path / "model"))
     cfg = bad / "scheduler" / "scheduler_config.json"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -87,7 +88,8 @@ class DiffusionModel:
                     parts[name] = None
                     continue
                 try:
-                    parts[name] = loader.from_pretrained(root / name, local_files_only=True)
+                    variant = {"variant": v} if (v := _weights_variant(root / name)) else {}
+                    parts[name] = loader.from_pretrained(root / name, local_files_only=True, **variant)
                 except (OSError, ValueError) as exc:
                     raise ValueError(f"model: cannot load {name}/ of {str(root)!r} ({exc}); save the pipeline "
                                      "again with save_pretrained") from None
@@ -238,8 +240,29 @@ _PART_FILES = {
 }
 
 
+_WEIGHT_FILE = re.compile(r"^(?:model|diffusion_pytorch_model|pytorch_model)(?:\.(?P<variant>\w+))?"
+                          r"\.(?:safetensors|bin)$")
+
+
+def _weights_variant(folder: Path) -> str | None:
+    """The variant (e.g. "fp16") of a part saved only as one (``*.fp16.safetensors``, as many downloads
+    are), which its loader must be told; None for plain weights (or several variants: the loader's error)."""
+    found = {m.group("variant") for p in folder.glob("*") if (m := _WEIGHT_FILE.match(p.name))}
+    return next(iter(found)) if None not in found and len(found) == 1 else None
+
+
 def _check_files(root: Path) -> None:
     """Every part of a saved model holds what its loader reads, checked before any part is loaded."""
+    index = root / "model_index.json"
+    if not (root / "vae").is_dir() and index.is_file():
+        try:
+            entry = json.loads(index.read_text()).get("vae")
+            listed = isinstance(entry, list) and any(e is not None for e in entry)  # [null, null]: none
+        except (OSError, ValueError, AttributeError):
+            listed = False
+        if listed:  # without it the UNet would be taken to work on pixels
+            raise ValueError(f"model: {str(root)!r} lacks vae/, which its model_index.json lists; copy the "
+                             "vae/ folder of the pipeline (a latent model cannot run without it)")
     for name, wanted in _PART_FILES.items():
         folder = root / name
         if name == "vae" and not folder.is_dir():
