@@ -304,6 +304,10 @@ def _attribute(args: argparse.Namespace) -> int:
                            reduce=args.reduce, fisher_samples=args.fisher_samples, indices=subset)
     if att.rank:
         return 0
+    if args.generate_seed is not None:  # what makes the query again (query.png is only its 8-bit picture)
+        from .attribution.attributor import generation_record
+
+        result.metadata["generated"] = generation_record(args.generate_seed)
     result.save(args.out, train_dir=args.train, k=args.topk, overwrite=args.overwrite)
     _print_top(result, args.topk)
     print(f"\nresults in {args.out}/ ({', '.join(RESULT_FILES)})")

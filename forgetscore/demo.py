@@ -41,6 +41,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .attribution.results import RESULT_FILES, check_output_dir
     from .digits.classifier import digit_accuracy
     from .digits.data import write_image_folder
+    from .attribution.attributor import generation_record
     from .digits.tokenizer import check_prompt
     from .digits.train import default_model_dir, ensure_model, train
 
@@ -94,6 +95,7 @@ def run_demo(args: argparse.Namespace) -> int:
     config = UnlearnConfig(steps=1, alpha=0.01, draws=DEMO_DRAWS, micro_batch=250, seed=args.query_seed)
     result = att.attribute(query, prompt, k=args.topk, config=config, fisher_samples=DEMO_FISHER_SAMPLES)
     result.metadata["digits_model_accuracy"] = accuracy["accuracy"]
+    result.metadata["generated"] = generation_record(args.query_seed, DEMO_SAMPLING_STEPS, DEMO_GUIDANCE)
     result.save(out, train_dir=train_dir, k=args.topk, overwrite=args.overwrite)
 
     labels = np.array([json.loads(line)["label"] for line in open(train_dir / "metadata.jsonl")])

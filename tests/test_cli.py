@@ -45,6 +45,7 @@ def test_commands_end_to_end(dirs, capsys, tmp_path):
     scores = np.load(out / "scores.npy")
     assert scores.shape == (9,) and [r["id"] for r in rec["top"]] == list(np.argsort(-scores, kind="stable")[:3])
     assert rec["region"] == [0, 0, 4, 8] and rec["unlearn"]["draws"] == 8 and rec["unlearn"]["n_train"] == 90
+    assert rec["generated"] == {"seed": 1, "steps": 50, "guidance_scale": 3.0} and rec["query"] is None
     for f in ("gallery.png", "report.html", "query.png", "tau.npy"):
         assert (out / f).stat().st_size > 0
     # Running again into the same directory is refused; report redraws.

@@ -62,6 +62,8 @@ def test_demo_writes_every_output(demo_run):
 def test_model_makes_the_prompted_digits(demo_run):
     rec = json.loads((demo_run / "attribution.json").read_text())
     assert rec["digits_model_accuracy"] >= 0.7
+    from forgetscore.demo import DEMO_GUIDANCE, DEMO_SAMPLING_STEPS
+    assert rec["generated"] == {"seed": 0, "steps": DEMO_SAMPLING_STEPS, "guidance_scale": DEMO_GUIDANCE}
 
 
 def test_unlearning_is_selective(demo_run):

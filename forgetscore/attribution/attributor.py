@@ -389,7 +389,8 @@ class Attributor:
 
     # --- queries -------------------------------------------------------------------------
     def generate(self, prompt: str, seed: int = 0, *, steps: int = 50, guidance_scale: float = 3.0) -> torch.Tensor:
-        """A query made by the model itself: UNet-space sample [C, H, W]."""
+        """A query made by the model itself: UNet-space sample [C, H, W] (the same for the same arguments, on
+        the same kind of device: record them, with :func:`generation_record`, to make it again)."""
         return generate(self.model, [prompt], [seed], steps=steps, guidance_scale=guidance_scale)[0]
 
     def query_inputs(self, query) -> torch.Tensor:
@@ -592,6 +593,11 @@ def _scatter(values: np.ndarray, sel: np.ndarray, n: int) -> np.ndarray:
     out = np.full((n,) + values.shape[1:], -np.inf)
     out[sel] = values
     return out
+
+
+def generation_record(seed: int, steps: int = 50, guidance_scale: float = 3.0) -> dict:
+    """How a generated query was made, for a result's metadata (``Attributor.generate``'s arguments)."""
+    return {"seed": int(seed), "steps": int(steps), "guidance_scale": float(guidance_scale)}
 
 
 _EIGHT_BIT_QUERY = ("query: 8-bit pixels (uint8); pass a float tensor of pixels in [-1, 1] (x / 127.5 - 1), "
