@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -87,7 +88,8 @@ def _add_version_args(p: argparse.ArgumentParser) -> None:
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scoring plan")
-    g.add_argument("--timestep-stride", type=int, default=50, help="score timesteps 0, s, 2s, ... (default: 50)")
+    g.add_argument("--timestep-stride", type=int, default=50,
+                   help="score timesteps 0, s, 2s, ... below the model's num_train_timesteps (default: 50)")
     g.add_argument("--timesteps", help="explicit comma-separated timesteps (overrides --timestep-stride)")
     g.add_argument("--seed", type=int, default=0, help="noise seed of the plan (default: 0)")
     g.add_argument("--noise", choices=["keyed", "reference"], default="keyed",
@@ -159,7 +161,17 @@ def _plan(args: argparse.Namespace):
         except ValueError:
             raise ValueError(f"--timesteps: {args.timesteps!r} is not a comma-separated list of integers") from None
         return ScoringPlan(timesteps=ts, **common)
-    return ScoringPlan.with_stride(args.timestep_stride, **common)
+    return ScoringPlan.with_stride(args.timestep_stride, _train_timesteps(args.model), **common)
+
+
+def _train_timesteps(model: str) -> int:
+    """The scheduler's num_train_timesteps of the model folder (1000, the usual, if its config cannot be read:
+    loading the model then says why), so that a stride spans the model's own range."""
+    try:
+        config = json.loads((Path(model) / "scheduler" / "scheduler_config.json").read_text())
+        return int(config.get("num_train_timesteps", 1000))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1000
 
 
 def _attributor(args: argparse.Namespace):

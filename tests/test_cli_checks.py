@@ -168,3 +168,13 @@ def test_a_subset_says_how_many_of_its_lines_repeat_an_image(tmp_path, capsys):
     (tmp_path / "t.txt").write_text("c.png\n0\n")
     cli._subset(str(tmp_path / "t.txt"), ["a.png", "b.png", "c.png"])
     assert capsys.readouterr().err == ""
+
+
+def test_a_timestep_stride_spans_the_models_own_train_timesteps(tmp_path):
+    (tmp_path / "m" / "scheduler").mkdir(parents=True)
+    (tmp_path / "m" / "scheduler" / "scheduler_config.json").write_text('{"num_train_timesteps": 500}')
+    args = cli.build_parser().parse_args(["score", "--model", str(tmp_path / "m"), "--train", "t",
+                                          "--timestep-stride", "100"])
+    assert cli._plan(args).timesteps == (0, 100, 200, 300, 400)
+    args.model = str(tmp_path / "nothing")  # unreadable: the usual 1000 (loading the model then says why)
+    assert cli._plan(args).timesteps == tuple(range(0, 1000, 100))

@@ -101,7 +101,7 @@ class ScoringPlan:
     def check_model(self, num_train_timesteps: int) -> None:
         if max(self.timesteps) >= num_train_timesteps:
             raise ValueError(f"timesteps: {max(self.timesteps)} is beyond the model's {num_train_timesteps} "
-                             "train timesteps; use a smaller stride or list")
+                             f"train timesteps; list timesteps below {num_train_timesteps}")
 
     @staticmethod
     def draw_id(version: int, caption: int, timestep: int) -> int:
