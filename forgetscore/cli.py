@@ -241,9 +241,8 @@ def _subset(path: str | None, file_names: list[str], report: bool = True):
 
 def _print_timings(att, started: float) -> None:
     print("\ntime per stage:")
-    for line in att.timings.lines():
+    for line in att.timings.lines(total=time.perf_counter() - started):
         print(line)
-    print(f"  {'total':<16} {time.perf_counter() - started:8.1f} s")
 
 
 # --- subcommands ------------------------------------------------------------------------------

@@ -297,7 +297,7 @@ def test_candidate_subset_reuses_the_cached_before_losses(tiny_dirs, tmp_path):
     # Listed twice, or out of order: each image is scored once, with the same numbers.
     swept = []
     real = att._run
-    att._run = lambda variants, sel, desc: (swept.append(list(sel)), real(variants, sel, desc))[1]
+    att._run = lambda variants, sel, desc, **kw: (swept.append(list(sel)), real(variants, sel, desc, **kw))[1]
     again = att.attribute(query, "a green line", config=CONFIG, fisher_samples=12, indices=[4, 7, 2, 7, 4])
     assert swept == [[2, 4, 7]]
     np.testing.assert_array_equal(again.scores, part.scores)

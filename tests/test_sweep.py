@@ -381,3 +381,25 @@ def test_two_rank_gloo_sweep_equals_single_process(setup, tmp_path):
         np.testing.assert_array_equal(np.load(str(result).format(rank=rank)), want)
     assert sorted(p.name for p in out.iterdir()) == [chunk_name(k) for k in range(3)] + ["sweep.json"]
     assert json.loads((out / "sweep.json").read_text())["variant_ids"] == _ids(setup)
+
+
+def test_a_resumed_sweeps_rate_counts_the_images_it_computed(setup, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    _interrupted(monkeypatch, _attributor(setup, cache).before_losses)  # 1 chunk of 3 images done
+    att = _attributor(setup, cache)
+    att.before_losses()
+    assert att.timings.stages["score before"][1:] == (9 - CHUNK, "img")
+
+
+def test_timings_add_up_a_stage_run_again_and_fit_long_names():
+    from forgetscore.attribution.attributor import Timings
+
+    t = Timings()
+    t.add("unlearn", 2.0, 10, "draws")
+    t.add("unlearn", 3.0, 15, "draws")  # a second query
+    t.add("score before+after", 4.0, 8, "img")
+    assert t.stages["unlearn"] == (5.0, 25, "draws")
+    assert t.lines(total=9.25) == ["  unlearn                 5.0 s  (5 draws/s)",
+                                   "  score before+after      4.0 s  (2 img/s)",
+                                   "  total                   9.2 s"]
+    assert t.lines()[0] == "  unlearn                 5.0 s  (5 draws/s)"

@@ -47,18 +47,24 @@ QUERY_LOSS_STREAM = 0x514C4F53
 
 @dataclass
 class Timings:
-    """Seconds and item counts of each stage, for the report at the end of a run."""
+    """Seconds and item counts of each stage, for the report at the end of a run (a stage run again, e.g.
+    the unlearning of each of several queries, adds up)."""
     stages: dict[str, tuple[float, int, str]] = field(default_factory=dict)
 
     def add(self, name: str, seconds: float, count: int = 0, unit: str = "") -> None:
-        self.stages[name] = (seconds, count, unit)
+        before_s, before_n, _ = self.stages.get(name, (0.0, 0, unit))
+        self.stages[name] = (before_s + seconds, before_n + count, unit)
 
-    def lines(self) -> list[str]:
+    def lines(self, total: float | None = None, width: int = 16) -> list[str]:
+        """One line per stage, then one of the `total` seconds if given, in columns."""
+        width = max([width, *map(len, self.stages)])
         out = []
         for name, (s, n, unit) in self.stages.items():
             r = n / s if n and s > 0 else None
             rate = "" if r is None else f"  ({r:,.0f} {unit}/s)" if r >= 10 else f"  ({r:.2g} {unit}/s)"
-            out.append(f"  {name:<16} {s:8.1f} s{rate}")
+            out.append(f"  {name:<{width}} {s:8.1f} s{rate}")
+        if total is not None:
+            out.append(f"  {'total':<{width}} {total:8.1f} s")
         return out
 
 
@@ -281,9 +287,10 @@ class Attributor:
         with stage_lock(self._sweep_lock([variant_id(None)], everything), "sweeping these losses", self._log):
             if self._cached_before():  # made by the job this one waited for
                 return self._read_before()
-            t = time.perf_counter()
-            before = self._run([None], None, desc="score (before)")[0]
-            self.timings.add("score before", time.perf_counter() - t, len(before), "img")
+            t, stats = time.perf_counter(), {}
+            before = self._run([None], None, desc="score (before)", stats=stats)[0]
+            # The rate of what this run computed (a resumed sweep reuses finished chunks).
+            self.timings.add("score before", time.perf_counter() - t, stats["images_computed"] * self.world, "img")
             self._save_before(before)
             self._forget_sweeps()
         return before
@@ -307,7 +314,7 @@ class Attributor:
         self._forget_sweeps()
         return before
 
-    def _run(self, variants: list, indices: np.ndarray | None, desc: str) -> np.ndarray:
+    def _run(self, variants: list, indices: np.ndarray | None, desc: str, stats: dict | None = None) -> np.ndarray:
         """A resumable, sharded sweep (chunks in the cache; ranks share them under torchrun).
 
         Its chunks stay until :meth:`_forget_sweeps`, which the caller calls once it has kept what it needs.
@@ -331,7 +338,7 @@ class Attributor:
             # The folder is this Attributor's own and named by all the settings: chunk files no manifest vouches
             # for (e.g. what a removal file by file, as older versions did, left when killed) are removed.
             losses = run_sweep(sweep, variants, out_dir, indices=sel, chunk_size=self.chunk_size,
-                               variant_ids=ids, progress=self.progress, desc=desc, untrusted="remove")
+                               variant_ids=ids, progress=self.progress, desc=desc, untrusted="remove", stats=stats)
         # The same sweep under other batch sizes is superseded too.
         self._finished += [(folder, lock) for folder in (out_dir, *found)]
         return losses
@@ -525,11 +532,12 @@ class Attributor:
         # pass as the after-losses (and cached when the pass covers the whole set).
         cached = self.before_losses() if self._cached_before() else None
         variants = unlearned if cached is not None else [None] + unlearned
-        t = time.perf_counter()
+        t, stats = time.perf_counter(), {}
         # Without cached before-losses the same pass computes them too (one more variant per image), and says so.
         stage = "score after" if cached is not None else "score before+after"
-        losses = self._run(variants, sel, desc="score (after)" if cached is not None else "score (before+after)")
-        self.timings.add(stage, time.perf_counter() - t, len(sel), "img")
+        losses = self._run(variants, sel, desc="score (after)" if cached is not None else "score (before+after)",
+                           stats=stats)
+        self.timings.add(stage, time.perf_counter() - t, stats["images_computed"] * self.world, "img")
         if cached is not None:
             before = cached[sel]
         else:

@@ -116,7 +116,8 @@ def matching_sweeps(root: str | os.PathLike, header: dict) -> dict[Path, tuple[i
 
 def run_sweep(sweep: LossSweep, variants: Sequence[dict[str, torch.Tensor] | None], out_dir: str | os.PathLike, *,
               indices: np.ndarray | None = None, chunk_size: int = 1024, variant_ids: Sequence[str] | None = None,
-              progress: bool = True, desc: str = "score", untrusted: str = "refuse") -> np.ndarray:
+              progress: bool = True, desc: str = "score", untrusted: str = "refuse",
+              stats: dict | None = None) -> np.ndarray:
     """[len(variants), len(indices), versions] float64 losses, computed chunk by chunk into `out_dir`.
 
     Bitwise equal to ``sweep.run(variants, indices)`` whenever that run's image batches fall on
@@ -126,7 +127,8 @@ def run_sweep(sweep: LossSweep, variants: Sequence[dict[str, torch.Tensor] | Non
     `variant_ids` name the variants in the manifest (default: :func:`variant_id` of each).
     Under torch.distributed every rank must call it with the same arguments, and every rank
     returns the whole array. Chunk files in `out_dir` that no matching manifest vouches for are
-    refused, or with ``untrusted="remove"`` deleted (for a folder the caller owns).
+    refused, or with ``untrusted="remove"`` deleted (for a folder the caller owns). `stats`, if given,
+    receives ``images_computed``: the images this rank computes in this call (the rest were resumed).
     """
     from tqdm.auto import tqdm
 
@@ -159,6 +161,8 @@ def run_sweep(sweep: LossSweep, variants: Sequence[dict[str, torch.Tensor] | Non
         defaults=IDENTITY_DEFAULTS, caller="run_sweep", untrusted=untrusted,
         same_hint="every rank must sweep the same model, data, plan, variants and indices (compute the "
                   "variants on rank 0 and broadcast them)")
+    if stats is not None:
+        stats["images_computed"] = sum(len(chunk_ids(k)) for k in mine)
     with tqdm(total=sum(len(chunk_ids(k)) for k in mine), unit="img", disable=not progress or rank != 0,
               desc=desc if world == 1 else f"{desc} (rank 0 of {world})") as bar:
         for k in mine:
