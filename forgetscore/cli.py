@@ -327,8 +327,9 @@ def _attribute(args: argparse.Namespace) -> int:
 
 
 def _print_top(result, k: int) -> None:
-    print(f"\ntop {k} training images for {result.prompt!r}:")
-    for rec in result.top_records(k):
+    records = result.top_records(k)  # fewer when fewer images were scored
+    print(f"\ntop {len(records)} training images for {result.prompt!r}:")
+    for rec in records:
         print(f"  {rec['rank']:>3}. {rec['file_name']:<16} score {rec['score']:+.4e}  {rec['captions'][0]}")
 
 

@@ -57,6 +57,7 @@ def test_commands_end_to_end(dirs, capsys, tmp_path):
     (tmp_path / "subset.txt").write_text("003.png\n5\n")
     sub = tmp_path / "sub"
     assert cli.main([a if a != str(out) else str(sub) for a in args] + ["--subset", str(tmp_path / "subset.txt")]) == 0
+    assert "top 2 training images" in capsys.readouterr().out  # --topk 3, two scored
     sub_scores = np.load(sub / "scores.npy")
     assert np.isfinite(sub_scores[[3, 5]]).all() and np.isneginf(np.delete(sub_scores, [3, 5])).all()
     # Scores are differences of fp32 losses near 1, and a subset batches its rows differently: equal to an ulp of

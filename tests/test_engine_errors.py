@@ -372,6 +372,13 @@ def test_query_with_nan(att):
     raises("query", r"NaN or inf; pass a finite image", att.query_inputs, query)
 
 
+def test_an_unusable_cache_is_named_as_the_user_chose_it(model, train, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("FORGETSCORE_CACHE", str(tmp_path / "file" / "cache"))
+    raises("FORGETSCORE_CACHE", r"cannot be a folder", Attributor, model, train, plan=PLAN)
+    raises("cache", r"cannot be a folder", Attributor, model, train, plan=PLAN, cache_dir=tmp_path / "file" / "c")
+
+
 def test_query_pixels_out_of_range_or_8_bit(att, tmp_path):
     """Pixels in [0, 255] or 8-bit arrays would otherwise be scored as if in [-1, 1]."""
     rng = np.random.default_rng(fresh_seed())

@@ -319,7 +319,7 @@ def test_cpu_precisions_leave_cuda_flags_alone_and_autocast_the_unet():
 
 def test_tf32_needs_cuda(setup):
     model = setup["att"].model
-    with pytest.raises(ValueError, match=r"^precision: 'tf32' is a CUDA .* use fp32, bf16 or fp16"):
+    with pytest.raises(ValueError, match=r"^precision: 'tf32' is a CUDA .* use fp32, bf16, fp16 or mixed there"):
         LossSweep(model, setup["data"], KEYED, precision="tf32")
     with pytest.raises(ValueError, match=r"^precision: 'tf32' is a CUDA"):
         Attributor(model, setup["att"].train, plan=KEYED, precision="tf32", cache_dir=setup["root"] / "cache")

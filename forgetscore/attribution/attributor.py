@@ -115,7 +115,9 @@ class Attributor:
         self._own_cache_dir = cache_dir is None  # made here, under the cache root: removable when left empty
         root = Path(cache_dir) if cache_dir is not None else cache_root() / "runs"
         self.cache_dir = root / f"{model.encoders_id()}-{train.identity()}" if cache_dir is None else root
-        check_writable(self.cache_dir, "cache")
+        # Named as the user chose the folder: the argument, or the environment variable that moves the default.
+        check_writable(self.cache_dir, "cache" if cache_dir is not None or "FORGETSCORE_CACHE" not in os.environ
+                       else "FORGETSCORE_CACHE")
         self.timings = Timings()
         self._data: PreparedData | None = None
         self._said_samples: set[int] = set()  # cached Fisher counts used in place of the default, said once

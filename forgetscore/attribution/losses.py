@@ -225,7 +225,7 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ValueError(f"precision: {precision!r} is not one of {['auto', *PRECISIONS]}")
     if precision == "tf32" and device.type != "cuda":
         raise ValueError(f"precision: 'tf32' is a CUDA tensor-core mode and the model is on {device.type}; "
-                         "use fp32, bf16 or fp16 there")
+                         "use fp32, bf16, fp16 or mixed there")
 
 
 @contextlib.contextmanager
