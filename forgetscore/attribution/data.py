@@ -16,6 +16,7 @@ import itertools
 import json
 import mmap
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,19 +70,34 @@ class TrainingSet:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"train: metadata.jsonl line {lineno} has no \"file_name\"; give the name of "
                                  "its image in the folder, like \"0001.png\"")
+            if text is None:
+                other = next((k for k in ("caption", "captions", "prompt", "texts") if k in rec), None)
+                hint = f" (this line has {other!r}: rename it to \"text\")" if other else ""
+                raise ValueError(f"train: metadata.jsonl line {lineno} ({name}) has no \"text\"{hint}; give its "
+                                 "caption, or a list of them, as \"text\"")
             if isinstance(text, str):
                 text = [text]
-            if not isinstance(text, list) or not text or not all(isinstance(t, str) and t.strip() for t in text):
+            if not isinstance(text, list) or not text or not all(isinstance(t, str) for t in text):
                 raise ValueError(f"train: metadata.jsonl line {lineno} ({name}) has no caption; give \"text\" "
                                  "as a non-empty string or list of strings")
-            if name in seen:
+            blank = next((i for i, t in enumerate(text) if not t.strip()), None)
+            if blank is not None:
+                which = "its caption is" if len(text) == 1 else f"caption {blank + 1} of {len(text)} is"
+                raise ValueError(f"train: metadata.jsonl line {lineno} ({name}): {which} blank; write it, or "
+                                 "drop it from the list")
+            # One image, one line, inside the folder: "./a.png" and "a.png" are the same file.
+            key = posixpath.normpath(name.replace("\\", "/"))
+            if posixpath.isabs(key) or key == ".." or key.startswith("../"):
+                raise ValueError(f"train: metadata.jsonl line {lineno} names {name!r}, outside the training "
+                                 "folder; give paths relative to the folder, inside it")
+            if key in seen:
                 raise ValueError(f"train: metadata.jsonl line {lineno} lists {name!r} again (first on line "
-                                 f"{seen[name]}); each image must appear once: merge the captions into one "
+                                 f"{seen[key]}); each image must appear once: merge the captions into one "
                                  "\"text\" list")
             if not (root / name).is_file():
                 raise ValueError(f"train: image {name!r} (metadata.jsonl line {lineno}) is missing from "
                                  f"{str(root)!r}; add the file or remove its line")
-            seen[name] = lineno
+            seen[key] = lineno
             names.append(name)
             caps.append(text)
             extra.append({k: v for k, v in rec.items() if k not in ("file_name", "text")})
