@@ -306,3 +306,18 @@ def test_candidate_subset_reuses_the_cached_before_losses(tiny_dirs, tmp_path):
     alone = fresh.attribute(query, "a green line", config=CONFIG, fisher_samples=12, indices=subset)
     np.testing.assert_allclose(alone.scores[subset], full.scores[subset], rtol=1e-6, atol=1e-10)
     assert not fresh._before_path().is_file()
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_dattri_loader_reads_default_collated_caption_lists(batch_size):
+    """PyTorch's default collate turns per-image caption lists into caption k of every image."""
+    from torch.utils.data import DataLoader
+
+    from forgetscore.attribution.dattri import _rows
+
+    items = [{"image": torch.full((1, 8, 8), i / 10), "text": [f"cap {i} a", f"cap {i} b"]} for i in range(5)]
+    got = [caps for _, text in _rows(DataLoader(items, batch_size=batch_size)) for caps in text]
+    assert got == [item["text"] for item in items]
+    # Per-image lists as a custom collate gives them are read as they are.
+    custom = [{"image": torch.stack([it["image"] for it in items[:2]]), "text": [it["text"] for it in items[:2]]}]
+    assert [caps for _, text in _rows(custom) for caps in text] == [items[0]["text"], items[1]["text"]]

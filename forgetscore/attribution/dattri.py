@@ -6,7 +6,9 @@
 
 Loaders yield batches as dicts ``{"image": pixels in [-1, 1] [B, C, H, W], "text": [caption or
 [captions...] per row]}`` or as ``(image, text)`` tuples; for the test loader the text is each
-query's prompt. Rows are numbered in loader order, which keys their noise.
+query's prompt. Rows are numbered in loader order, which keys their noise. Several captions per
+image may also come as PyTorch's default ``collate`` lays them out: a list of tuples, the k-th tuple
+holding the k-th caption of every image of the batch (tuples of the batch's length are read so).
 """
 from __future__ import annotations
 
@@ -56,7 +58,11 @@ def _rows(loader: Iterable) -> Iterable[tuple[torch.Tensor, list]]:
         if not isinstance(image, torch.Tensor) or image.dim() != 4:
             raise ValueError("loader: 'image' must be a [B, C, H, W] tensor of pixels in [-1, 1]")
         text = [text] if isinstance(text, str) else list(text)
-        if len(text) != image.shape[0]:
+        b = image.shape[0]
+        if text and all(isinstance(t, tuple) and len(t) == b and all(isinstance(c, str) for c in t) for t in text):
+            # default_collate of per-image caption lists: caption k of every image; back to captions per image.
+            text = [list(caps) for caps in zip(*text)]
+        if len(text) != b:
             raise ValueError(f"loader: a batch has {image.shape[0]} images but {len(text)} texts")
         yield image, text
 
