@@ -143,6 +143,37 @@ def test_bad_training_folder(dirs, tmp_path, case):
     assert snapshot(folder) == before
 
 
+def test_a_prepared_cache_of_a_changed_training_folder_says_what_differs(dirs, model, tmp_path):
+    folder = copy_train(dirs, tmp_path / "train")
+    prepare(model, TrainingSet.load(folder), tmp_path / "cache", progress=False)
+    st = (folder / "003.png").stat()
+    os.utime(folder / "003.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # touched
+    raises("cache", r"another training set: the folder's list of images, their captions, or an image's size or "
+           r"modification time changed since; use a fresh cache directory, or delete that folder",
+           prepare, model, TrainingSet.load(folder), tmp_path / "cache", progress=False)
+
+
+def test_the_cache_of_a_training_folder_before_it_changed_is_pointed_out(dirs, model, tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGETSCORE_CACHE", str(tmp_path / "root"))
+    folder = copy_train(dirs, tmp_path / "train")
+    first = Attributor(model, TrainingSet.load(folder), plan=PLAN)
+    first.prepare()
+    st = (folder / "003.png").stat()
+    os.utime(folder / "003.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # touched: another identity
+    said: list[str] = []
+    again = Attributor(model, TrainingSet.load(folder), plan=PLAN)
+    again._log = said.append
+    again.prepare()
+    assert again.cache_dir != first.cache_dir
+    assert len(said) == 1 and said[0].startswith(f"cache: {str(first.cache_dir)!r} (0.0 GiB) holds this training "
+                                                 "folder as it was before it changed")
+    other = copy_train(dirs, tmp_path / "other")  # another training folder's cache is not its concern
+    elsewhere = Attributor(model, TrainingSet.load(other), plan=PLAN)
+    elsewhere._log = said.append
+    elsewhere.prepare()
+    assert len(said) == 1
+
+
 def test_unreadable_image_is_named_at_prepare(dirs, model, tmp_path):
     folder = copy_train(dirs, tmp_path / "train")
     (folder / "002.png").write_bytes(b"\x89PNG but not really" + bytes(range(256)))

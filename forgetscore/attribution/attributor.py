@@ -137,6 +137,8 @@ class Attributor:
         if self._data is None:
             t = time.perf_counter()
             on_rank0(self._tidy)
+            if self._own_cache_dir:
+                on_rank0(self._note_earlier_states)
             # Under torchrun the ranks share the shards; every rank gets the finished data.
             # Each caption store has its own folder (and data_id), so a cache can hold both; the folders are
             # this Attributor's own, so shard files no manifest vouches for are removed.
@@ -158,7 +160,28 @@ class Attributor:
                         self.cache_dir.rmdir()
                 raise
             self.timings.add("prepare", time.perf_counter() - t, len(self.train), "img")
+            source = self.cache_dir / "train_dir.txt"
+            if self._own_cache_dir and self.rank == 0 and not source.is_file():
+                write_bytes(source, str(Path(self.train.root).resolve()).encode())
         return self._data
+
+    def _note_earlier_states(self) -> None:
+        """Say which cache folders under the cache root hold this training folder as it was before a change.
+
+        Their name holds the folder's identity (its files' sizes and modification times), so a change starts
+        a new folder and the old one, as large as the prepared data, would stay unnoticed. Each folder records
+        the training folder it was made for (written once its data is prepared); the user decides what to delete.
+        """
+        here = str(Path(self.train.root).resolve())
+        for other in sorted(self.cache_dir.parent.glob(f"{self.model.encoders_id()}-*")):
+            try:
+                if other == self.cache_dir or (other / "train_dir.txt").read_text() != here:
+                    continue
+                size = sum(p.stat().st_size for p in other.rglob("*") if p.is_file())
+            except OSError:
+                continue
+            self._log(f"cache: {str(other)!r} ({size / 2 ** 30:.1f} GiB) holds this training folder as it was "
+                      "before it changed; nothing reads it now: delete it to free the space")
 
     def _drop_unstarted(self, folder: Path) -> None:
         """Remove a prepare's folder that holds no finished shard (e.g. its first image was unreadable): once the

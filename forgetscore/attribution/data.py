@@ -331,6 +331,12 @@ def _stored_text(states: torch.Tensor, text_dtype: str) -> np.ndarray:
     return states.numpy().astype(TEXT_DTYPES[text_dtype][0])
 
 
+# What a finished prepare that differs in a key was made from, said in words.
+_PREPARED_DIFFERS = {
+    "data_id": "another training set: the folder's list of images, their captions, or an image's size or "
+               "modification time changed since",
+    "encoders_id": "another model's tokenizer, text encoder or VAE",
+}
 PREPARE_KEYS = ("format", "encoders_id", "data_id", "n_images", "input_shape", "shard_size", "text_dtype")
 
 
@@ -405,8 +411,9 @@ def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, 
         if old.get("complete"):  # finished: reused if it matches; never overwritten
             for key in PREPARE_KEYS:
                 if old.get(key) != header[key]:
-                    raise ValueError(f"cache: {str(cache)!r} was prepared with another {key} ({old.get(key)!r} vs "
-                                     f"{header[key]!r}); use a fresh cache directory")
+                    why = _PREPARED_DIFFERS.get(key, f"another {key} ({old.get(key)!r} vs {header[key]!r})")
+                    raise ValueError(f"cache: {str(cache)!r} was prepared with {why}; use a fresh cache directory, "
+                                     "or delete that folder to prepare there again")
             # Files lost or damaged since: the same settings, so only the bad shards are made again below.
             return intact()
         return False
