@@ -340,7 +340,7 @@ def _report(args: argparse.Namespace) -> int:
     if args.topk is not None and args.topk < 1:
         raise ValueError(f"--topk: {args.topk} must be >= 1")
     check_writable(args.out, "--out")
-    result, k = redraw(args.out, args.topk)
+    result, k = redraw(args.out, args.topk, args.train)
     _print_top(result, k)
     print(f"\nrewrote {args.out}/gallery.png and {args.out}/report.html")
     return 0
@@ -408,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("report", "redraw gallery.png and report.html of a result directory", _report)
     p.add_argument("--out", required=True, help="a directory written by attribute or demo")
     p.add_argument("--topk", type=int, help="how many images to show (default: as saved)")
+    p.add_argument("--train", help="the training folder, if it moved since (default: as saved)")
     from .evaluation.cli import add_parser as add_evaluate
     add_evaluate(sub)
     return parser

@@ -784,6 +784,11 @@ def test_redraw_refuses_a_training_folder_changed_since_and_damaged_results(dirs
     redraw(out, 4)  # unchanged: fine
     os.utime(folder / "000.png", (1, 1))  # as after a copy: the same images under the same names
     redraw(out, 4)
+    moved = folder.rename(tmp_path / "moved")  # results copied to another machine, say
+    raises("train", r"the training folder '.*train' of this result is gone; pass where it is now", redraw, out)
+    assert redraw(out, 2, moved)[1] == 2
+    assert cli.main(["report", "--out", str(out), "--train", str(moved)]) == 0
+    moved.rename(folder)
     lines = (folder / "metadata.jsonl").read_text().splitlines()
     write_meta(folder, lines[::-1])  # the same images in another order: scores would name the wrong ones
     raises("train", r"has changed since these scores were made .*run attribute again", redraw, out)

@@ -196,8 +196,10 @@ def _array(out: Path, name: str) -> np.ndarray:
         raise ValueError(f"out: {str(out / name)!r} is missing or damaged ({exc}); run attribute again") from None
 
 
-def redraw(out: str | os.PathLike, k: int | None = None) -> tuple[Attribution, int]:
-    """Rebuild gallery.png and report.html of a saved result (e.g. with another k)."""
+def redraw(out: str | os.PathLike, k: int | None = None,
+           train_dir: str | os.PathLike | None = None) -> tuple[Attribution, int]:
+    """Rebuild gallery.png and report.html of a saved result (e.g. with another k); `train_dir`: the training
+    folder where it is now (default: where the result says it was)."""
     from PIL import Image
 
     from .data import TrainingSet, load_image
@@ -210,7 +212,10 @@ def redraw(out: str | os.PathLike, k: int | None = None) -> tuple[Attribution, i
     except OSError as exc:
         raise ValueError(f"out: {str(out / 'query.png')!r} is missing or damaged ({exc}); run attribute again") from None
     query = load_image(out / "query.png", (channels, h, w), argument="out")
-    train = TrainingSet.load(rec["train_dir"])
+    if train_dir is None and not Path(rec["train_dir"]).is_dir():
+        raise ValueError(f"train: the training folder {rec['train_dir']!r} of this result is gone; pass where it is "
+                         "now (train_dir=..., --train)")
+    train = TrainingSet.load(rec["train_dir"] if train_dir is None else train_dir)
     # The scores are matched to the training set by position: a folder changed since would name the wrong images.
     # (A copy of the folder has new modification times, and so another identity: its names are compared then.)
     same_names = len(train) == len(rec["scores"]) and all(
