@@ -1,5 +1,6 @@
 """Sweep options: reference (published) noise, prefetch, batch_size="auto", torch.compile."""
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -418,3 +419,13 @@ def test_command_line_options_reach_the_attributor():
     for bad in ("0", "many"):
         with pytest.raises(SystemExit):
             parser.parse_args(["score", *base, "--batch-size", bad])
+
+
+def test_fp16_on_the_cpu_warns_that_it_is_slow():
+    from forgetscore.attribution.losses import resolve_precision
+
+    with pytest.warns(UserWarning, match=r"^precision: fp16 on the CPU runs several times slower than fp32"):
+        assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_precision("bf16", torch.device("cpu")) == "bf16"

@@ -16,6 +16,7 @@ memory, ``compile`` runs the UNet under ``torch.compile``.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -217,6 +218,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         precision = AUTO_PRECISION.get(device.type, "fp32")
     check_precision(precision, device)
+    if precision == "fp16" and device.type == "cpu":
+        warnings.warn("precision: fp16 on the CPU runs several times slower than fp32 (few CPU kernels take "
+                      "float16); bf16 is the CPU's fast half precision", stacklevel=2)
     return precision
 
 
