@@ -728,6 +728,25 @@ def _result(train, seed: int) -> Attribution:
                        train.captions, {"train_dir": str(train.root)})
 
 
+def test_gallery_wraps_into_rows_of_tiles(train, monkeypatch):
+    import io
+
+    from forgetscore.attribution import results
+
+    monkeypatch.setattr(results, "GALLERY_ROW", 4)
+    result = _result(train, fresh_seed())
+    k = len(train)  # the query and k images: rows of 4
+    images = [train.load_pixels(int(i), (1, 8, 8)) for i in result.top(k)]
+    canvas = Image.open(io.BytesIO(results.gallery(result, images, k))).convert("L")
+    rows = -(-(k + 1) // 4)
+    assert canvas.size == ((96 + 8) * 4 + 8, (96 + 30) * rows)
+    for n in range(k + 1):  # each tile where its row and column put it: the query, then the top images in order
+        x, y = 8 + (n % 4) * (96 + 8), (n // 4) * (96 + 30) + 8
+        want = result.query if n == 0 else images[n - 1]
+        want = np.asarray(Image.fromarray(results._to_uint8(want)).resize((96, 96), Image.NEAREST))
+        np.testing.assert_array_equal(np.asarray(canvas.crop((x, y, x + 96, y + 96))), want)
+
+
 def test_output_directory_holding_results(train, tmp_path):
     out = tmp_path / "out"
     _result(train, 0).save(out, train_dir=train.root, k=3)

@@ -118,6 +118,9 @@ def _top_images(result: Attribution, train_dir, k: int) -> list[torch.Tensor]:
     return out
 
 
+GALLERY_ROW = 11  # the query and ten training images
+
+
 def gallery(result: Attribution, images: list[torch.Tensor] | None, k: int) -> bytes:
     """The query beside its top-K training images, each captioned with rank and score."""
     from PIL import Image, ImageDraw
@@ -127,13 +130,16 @@ def gallery(result: Attribution, images: list[torch.Tensor] | None, k: int) -> b
     if images:
         tiles += [(_png(img), f"#{r + 1} {result.scores[i]:.2e}") for r, (i, img) in
                   enumerate(zip(result.top(k), images))]
-    canvas = Image.new("RGB", ((tile + 8) * len(tiles) + 8, tile + 30), "white")
+    # Rows of GALLERY_ROW tiles, the query first: a long top-K stays a picture one can look at.
+    per_row = min(len(tiles), GALLERY_ROW)
+    rows = -(-len(tiles) // per_row)
+    canvas = Image.new("RGB", ((tile + 8) * per_row + 8, (tile + 30) * rows), "white")
     draw = ImageDraw.Draw(canvas)
     for n, (png, label) in enumerate(tiles):
         im = Image.open(io.BytesIO(png)).convert("RGB").resize((tile, tile), Image.NEAREST)
-        x = 8 + n * (tile + 8)
-        canvas.paste(im, (x, 8))
-        draw.text((x, tile + 12), label, fill="black" if n else "darkred")
+        x, y = 8 + (n % per_row) * (tile + 8), (n // per_row) * (tile + 30)
+        canvas.paste(im, (x, y + 8))
+        draw.text((x, y + tile + 12), label, fill="black" if n else "darkred")
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     return buf.getvalue()
