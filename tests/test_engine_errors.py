@@ -855,6 +855,15 @@ def test_metadata_not_utf8_and_with_a_byte_order_mark(dirs, tmp_path):
     raises("train", r"is not UTF-8 text .*save it as UTF-8", TrainingSet.load, folder)
 
 
+def test_reference_noise_settings_name_the_python_and_command_line_forms():
+    raises("reference_batch", r"only used with noise='reference' \(--noise reference\); drop it", ScoringPlan,
+           timesteps=(5,), reference_batch=3)
+    raises("noise_device", r"only used with noise='reference' \(--noise reference\)", ScoringPlan, timesteps=(5,),
+           noise_device="cpu")
+    raises("reference_batch", r"not given; noise='reference' \(--noise reference\) needs the images per batch",
+           ScoringPlan, timesteps=(5,), noise="reference")
+
+
 def test_settings_that_fail_before_any_work(model, train, tmp_path):
     raises("chunk_size", r"must be an int >= 1", Attributor, model, train, cache_dir=tmp_path / "c", chunk_size=0)
     raises("backend", r"is not available here|runs on", Attributor, model, train, cache_dir=tmp_path / "c",

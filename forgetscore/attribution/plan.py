@@ -73,14 +73,14 @@ class ScoringPlan:
         else:
             for name in ("reference_batch", "noise_device"):
                 if getattr(self, name) is not None:
-                    raise ValueError(f"{name}: only used with noise='reference'; drop it or pass "
-                                     "noise='reference'")
+                    raise ValueError(f"{name}: only used with noise='reference' (--noise reference); drop it "
+                                     "or pass that")
 
     def _check_reference_noise(self) -> None:
         b = self.reference_batch
         if not isinstance(b, int) or isinstance(b, bool) or b < 1:
-            raise ValueError(("reference_batch: not given; noise='reference' needs" if b is None else
-                              f"reference_batch: {b!r} must be an int >= 1 with noise='reference':") +
+            raise ValueError(("reference_batch: not given; noise='reference' (--noise reference) needs" if b is None
+                              else f"reference_batch: {b!r} must be an int >= 1 with noise='reference':") +
                              " the images per batch of the published loop (its batch_size / (captions x timesteps);"
                              " MSCOCO: 80)")
         if self.noise_device is None:
