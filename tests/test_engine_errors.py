@@ -539,7 +539,7 @@ def test_region_mask_selecting_nothing(att):
 def test_prepared_cache_of_another_text_encoder(model, other_model, train, tmp_path):
     data = prepare(model, train, tmp_path / "prepared", progress=False)
     before = snapshot(tmp_path)
-    raises("cache", r"another encoders_id .*use a fresh cache directory",
+    raises("cache", r"another model's tokenizer, text encoder or VAE; use a fresh cache directory",
            Attributor(other_model, train, plan=PLAN, cache_dir=tmp_path, progress=False).prepare)
     raises("cache", r"another tokenizer, text encoder or VAE .*prepare again for this model",
            LossSweep, other_model, data, PLAN)
@@ -550,7 +550,7 @@ def test_prepared_cache_of_other_data_or_shards(model, train, tmp_path):
     prepare(model, train, tmp_path / "prepared", progress=False)
     before = snapshot(tmp_path)
     other = TrainingSet.load(tiny.build_train(tmp_path / "other-train", n=N, seed=1))
-    raises("cache", r"another data_id .*use a fresh cache directory", prepare, model, other, tmp_path / "prepared")
+    raises("cache", r"another training set: .*; use a fresh cache directory", prepare, model, other, tmp_path / "prepared")
     raises("cache", r"another shard_size .*use a fresh cache directory", prepare, model, train, tmp_path / "prepared",
            shard_size=2)
     after = snapshot(tmp_path)
