@@ -19,7 +19,8 @@ EPILOGS = {
     "score": "example:\n  forgetscore score --model my-model/ --train my-images/ --timestep-stride 50",
     "attribute": "examples:\n  forgetscore attribute --model m/ --train t/ --query q.png --prompt 'a red bus' --out r/\n"
                  "  forgetscore attribute --model m/ --train t/ --generate-seed 3 --prompt 'a red bus' --out r/ "
-                 "--preset custom --region 0,0,32,32",
+                 "--preset custom --region 0,0,32,32\n"
+                 "  forgetscore attribute --model m/ --train t/ --queries list.jsonl --out results/",
     "report": "example:\n  forgetscore report --out r/",
 }
 
@@ -291,39 +292,63 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _attribute(args: argparse.Namespace) -> int:
+    from .attribution.attributor import generation_record
     from .attribution.io import check_writable
     from .attribution.results import RESULT_FILES, check_output_dir
     started = time.perf_counter()
     check_writable(args.out, "--out")
-    check_output_dir(Path(args.out), args.overwrite)
     # Checked before the model loads and the long stages run.
-    if (args.query is None) == (args.generate_seed is None):
-        raise ValueError("--query/--generate-seed: give exactly one: an image file, or a seed to generate the "
-                         "query from the prompt")
-    if args.generate_seed is not None and not 0 <= args.generate_seed < 2 ** 64:
-        raise ValueError(f"--generate-seed: {args.generate_seed} is outside [0, 2**64); give a non-negative seed")
-    if not args.prompt.strip():
-        raise ValueError(f"--prompt: {args.prompt!r} has no words; give the words the picture was made from, e.g. "
-                         "--prompt 'a red bus'")
+    specs = _query_specs(args)
+    outs = [Path(args.out) / s.name if args.queries else Path(args.out) for s in specs]
+    for out in outs:
+        check_output_dir(out, args.overwrite)
     if args.topk < 1:
         raise ValueError(f"--topk: {args.topk} must be >= 1")
     config, region = _config(args), _region(args.region)
     att = _attributor(args)
-    subset = _subset(args.subset, att.train.file_names, report=att.rank == 0)  # before the query is made
-    query = args.query if args.query else att.generate(args.prompt, args.generate_seed)
-    result = att.attribute(query, args.prompt, k=args.topk, config=config, region=region,
-                           reduce=args.reduce, fisher_samples=args.fisher_samples, indices=subset)
+    subset = _subset(args.subset, att.train.file_names, report=att.rank == 0)  # before the queries are made
+    queries = [(s.query if s.query is not None else att.generate(s.prompt, s.generate_seed), s.prompt)
+               for s in specs]
+    # All queries in one pass over the training set.
+    results = att.attribute_many(queries, k=args.topk, config=config, region=region, reduce=args.reduce,
+                                 fisher_samples=args.fisher_samples, indices=subset)
     if att.rank:
         return 0
-    if args.generate_seed is not None:  # what makes the query again (query.png is only its 8-bit picture)
-        from .attribution.attributor import generation_record
-
-        result.metadata["generated"] = generation_record(args.generate_seed)
-    result.save(args.out, train_dir=args.train, k=args.topk, overwrite=args.overwrite)
-    _print_top(result, args.topk)
-    print(f"\nresults in {args.out}/ ({', '.join(RESULT_FILES)})")
+    for spec, result, out in zip(specs, results, outs):
+        if spec.generate_seed is not None:  # what makes the query again (query.png is only its 8-bit picture)
+            result.metadata["generated"] = generation_record(spec.generate_seed)
+        result.save(out, train_dir=args.train, k=args.topk, overwrite=args.overwrite)
+        if args.queries:
+            print(f"\n{spec.name}:", end="")
+        _print_top(result, args.topk)
+    where = f"{args.out}/<name>/" if args.queries else f"{args.out}/"
+    print(f"\nresults in {where} ({', '.join(RESULT_FILES)})")
     _print_timings(att, started)
     return 0
+
+
+def _query_specs(args: argparse.Namespace) -> list:
+    """The run's queries: those of --queries, or the one of --query / --generate-seed with --prompt."""
+    from .query_list import QuerySpec, read_queries
+
+    if args.queries is not None:
+        given = [flag for flag, value in (("--query", args.query), ("--generate-seed", args.generate_seed),
+                                          ("--prompt", args.prompt)) if value is not None]
+        if given:
+            raise ValueError(f"--queries: the list gives each query and prompt; drop {', '.join(given)}")
+        return read_queries(args.queries)
+    if (args.query is None) == (args.generate_seed is None):
+        raise ValueError("--query/--generate-seed: give exactly one: an image file, or a seed to generate the "
+                         "query from the prompt (or --queries: a list of them)")
+    if args.generate_seed is not None and not 0 <= args.generate_seed < 2 ** 64:
+        raise ValueError(f"--generate-seed: {args.generate_seed} is outside [0, 2**64); give a non-negative seed")
+    if args.prompt is None:
+        raise ValueError("--prompt: required with --query or --generate-seed: the words the picture was made from")
+    if not args.prompt.strip():
+        raise ValueError(f"--prompt: {args.prompt!r} has no words; give the words the picture was made from, e.g. "
+                         "--prompt 'a red bus'")
+    return [QuerySpec(name="", prompt=args.prompt, query=Path(args.query) if args.query else None,
+                      generate_seed=args.generate_seed)]
 
 
 def _print_top(result, k: int) -> None:
@@ -396,9 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fisher_args(p)
     _add_unlearn_args(p)
     g = p.add_argument_group("query and output")
-    g.add_argument("--prompt", required=True, help="the query's prompt")
+    g.add_argument("--prompt", help="the query's prompt")
     g.add_argument("--query", help="query image file (the model's image size)")
     g.add_argument("--generate-seed", type=int, help="instead of --query: generate the query from --prompt")
+    g.add_argument("--queries", help="instead: a JSON-lines list of queries, one result folder each under --out, "
+                                     'all scored in one pass; lines like {"query": "q.png", "prompt": "a red bus"} '
+                                     'or {"generate_seed": 3, "prompt": "a red bus", "name": "bus-3"}')
     g.add_argument("--topk", type=int, default=10, help="how many top training images to print and save "
                                                         "(default: 10)")
     g.add_argument("--subset", help="score only these training images: a file with one file name (or "

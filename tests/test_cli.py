@@ -161,3 +161,60 @@ def test_each_command_takes_only_the_options_it_uses(command, takes, refuses, ca
         if key in full and f"--{key.replace('_', '-')}" not in takes and key not in ("command", "func"):
             assert value == full[key], key
 
+
+
+def test_attribute_a_list_of_queries_in_one_pass(dirs, capsys, tmp_path):
+    common = _common(dirs) + ["--fisher-samples", "10", "--draws", "8", "--micro-batch", "4", "--topk", "3"]
+    train = dirs[1]
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "pic.png").write_bytes((train / "003.png").read_bytes())
+    queries = tmp_path / "q" / "list.jsonl"  # a relative image path is read from the list's folder
+    queries.write_text('{"query": "pic.png", "prompt": "a red square"}\n\n'
+                       '{"generate_seed": 1, "prompt": "a red square", "name": "gen"}\n')
+    out = tmp_path / "many"
+    assert cli.main(["attribute", *common, "--queries", str(queries), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "pic:" in text and "gen:" in text and text.count("top 3 training images") == 2
+    # Each equals the query attributed on its own.
+    for name, alone in (("pic", ["--query", str(train / "003.png")]), ("gen", ["--generate-seed", "1"])):
+        one = tmp_path / f"one-{name}"
+        assert cli.main(["attribute", *common, *alone, "--prompt", "a red square", "--out", str(one)]) == 0
+        np.testing.assert_allclose(np.load(out / name / "scores.npy"), np.load(one / "scores.npy"), rtol=1e-6,
+                                   atol=1e-9)
+        rec, rec1 = (json.loads((d / "attribution.json").read_text()) for d in (out / name, one))
+        assert rec.get("generated") == rec1.get("generated") and [r["id"] for r in rec["top"]] == \
+            [r["id"] for r in rec1["top"]]
+    capsys.readouterr()
+    # The list is checked before any work; the single-query options do not mix with it.
+    assert cli.main(["attribute", *common, "--queries", str(queries), "--prompt", "x", "--out",
+                     str(tmp_path / "x")]) == 2
+    assert "--queries: the list gives each query and prompt; drop --prompt" in capsys.readouterr().err
+    assert cli.main(["attribute", *common, "--queries", str(queries), "--out", str(out)]) == 2
+    assert "already holds results" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("lines, says", [
+    ([], "lists no query"),
+    (["{"], "line 1 is not JSON"),
+    (['["a.png"]'], "line 1 is a JSON list, not an object"),
+    (['{"query": "a.png", "prompt": "p", "seed": 1}'], "line 1 has 'seed'; the keys are query, generate_seed"),
+    (['{"query": "a.png"}'], 'line 1 has no "prompt"'),
+    (['{"query": "a.png", "prompt": " "}'], 'line 1 has no "prompt"'),
+    (['{"prompt": "p"}'], 'line 1: give exactly one of "query"'),
+    (['{"query": "a.png", "generate_seed": 1, "prompt": "p"}'], 'line 1: give exactly one of "query"'),
+    (['{"query": "nope.png", "prompt": "p"}'], "nope.png' is not a file"),
+    (['{"generate_seed": -1, "prompt": "p"}'], '"generate_seed" -1 must be an int in [0, 2**64)'),
+    (['{"generate_seed": true, "prompt": "p"}'], '"generate_seed" True must be an int'),
+    (['{"query": "a.png", "prompt": "p", "name": "../up"}'], "the name '../up' cannot be a folder name"),
+    (['{"query": "a.png", "prompt": "p"}', '{"generate_seed": 2, "prompt": "q", "name": "a"}'],
+     "line 2 has the name 'a' of line 1"),
+])
+def test_a_bad_query_list_is_named_by_line(tmp_path, lines, says):
+    from forgetscore.query_list import read_queries
+
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "list.jsonl").write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(ValueError) as info:
+        read_queries(tmp_path / "list.jsonl")
+    assert str(info.value).startswith("--queries: ") and says in str(info.value), str(info.value)
