@@ -803,6 +803,12 @@ def test_redraw_refuses_a_training_folder_changed_since_and_damaged_results(dirs
     redraw(out, 4)  # unchanged: fine
     os.utime(folder / "000.png", (1, 1))  # as after a copy: the same images under the same names
     redraw(out, 4)
+    back = Attribution.load(out)  # read back as saved
+    np.testing.assert_array_equal(back.scores, result.scores)
+    np.testing.assert_array_equal(back.tau, result.tau)
+    assert back.k == 3 and back.prompt == result.prompt and back.file_names == copied.file_names
+    assert list(back.top()) == list(result.top(3)) and back.metadata["train_dir"] == str(folder)
+    torch.testing.assert_close(back.query, result.query, rtol=0, atol=1 / 127.5)  # through 8-bit query.png
     moved = folder.rename(tmp_path / "moved")  # results copied to another machine, say
     raises("train", r"the training folder '.*train' of this result is gone; pass where it is now", redraw, out)
     assert redraw(out, 2, moved)[1] == 2

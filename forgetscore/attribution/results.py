@@ -42,6 +42,12 @@ class Attribution:
         return [{"rank": r + 1, "id": int(i), "file_name": self.file_names[i], "captions": self.captions[i],
                  "score": float(self.scores[i])} for r, i in enumerate(self.top(k))]
 
+    @classmethod
+    def load(cls, out: str | os.PathLike, train_dir: str | os.PathLike | None = None) -> "Attribution":
+        """A result :meth:`save` wrote into `out` (its k: the top it saved); `train_dir`: the training folder where
+        it is now (default: where the result says it was). The query is read back from query.png."""
+        return load_result(out, train_dir)
+
     def save(self, out: str | os.PathLike, train_dir: str | os.PathLike | None = None, k: int | None = None,
              overwrite: bool = False) -> Path:
         """Write attribution.json (the top `k`, default the result's own k, and every setting), scores.npy,
@@ -202,10 +208,9 @@ def _array(out: Path, name: str) -> np.ndarray:
         raise ValueError(f"out: {str(out / name)!r} is missing or damaged ({exc}); run attribute again") from None
 
 
-def redraw(out: str | os.PathLike, k: int | None = None,
-           train_dir: str | os.PathLike | None = None) -> tuple[Attribution, int]:
-    """Rebuild gallery.png and report.html of a saved result (e.g. with another k); `train_dir`: the training
-    folder where it is now (default: where the result says it was)."""
+def load_result(out: str | os.PathLike, train_dir: str | os.PathLike | None = None) -> Attribution:
+    """A result that :meth:`Attribution.save` wrote into `out`, with its training set's names and captions;
+    `train_dir`: the training folder where it is now (default: where the result says it was)."""
     from PIL import Image
 
     from .data import TrainingSet, load_image
@@ -231,10 +236,20 @@ def redraw(out: str | os.PathLike, k: int | None = None,
         raise ValueError(f"train: {str(train.root)!r} has changed since these scores were made (its metadata.jsonl "
                          "or images), so they would be shown beside the wrong images; run attribute again")
     meta = {key: v for key, v in rec.items() if key not in ("scores", "top", "prompt")}
-    result = Attribution(rec["scores"], _array(out, "tau.npy"), rec["prompt"], query, train.file_names,
-                         train.captions, meta)
-    k = len(rec["top"]) if k is None else k
-    images = _top_images(result, train.root, k)
+    return Attribution(rec["scores"], _array(out, "tau.npy"), rec["prompt"], query, train.file_names,
+                       train.captions, meta, k=max(1, len(rec["top"])))
+
+
+def redraw(out: str | os.PathLike, k: int | None = None,
+           train_dir: str | os.PathLike | None = None) -> tuple[Attribution, int]:
+    """Rebuild gallery.png and report.html of a saved result (e.g. with another k); `train_dir`: the training
+    folder where it is now (default: where the result says it was)."""
+    out = Path(out)
+    result = load_result(out, train_dir)
+    rec = load(out)
+    k = result.k if k is None else k
+    train = Path(result.metadata["train_dir"]) if train_dir is None else Path(train_dir)
+    images = _top_images(result, train, k)
     record = {**{key: v for key, v in rec.items() if key != "scores"}, "top": result.top_records(k)}
     picture, page = gallery(result, images, k), report_html(result, record, images, k).encode()
     write_bytes(out / "gallery.png", picture)
