@@ -187,3 +187,13 @@ def test_a_waiter_locks_the_paths_new_file_when_the_holder_removed_the_old_one(t
     assert os.fstat(fd).st_ino == os.stat(lock).st_ino  # it holds the file now at the path
     assert locks._acquire(lock, wait=False) is None
     locks._release(lock, fd)
+
+
+def test_the_ranks_meet_before_rank_0_lets_go(tmp_path, monkeypatch):
+    """Under torchrun a slower rank may still read the stage's files after rank 0 is done with them."""
+    lock, seen = tmp_path / ".s.lock", []
+    monkeypatch.setattr(locks, "barrier", lambda: seen.append(locks._acquire(lock, wait=False) is None))
+    with locks.stage_lock(lock, "doing s"):
+        pass
+    assert seen == [True]  # the meeting came while the lock was still held
+    assert not lock.exists()

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .ranks import on_rank0
+from .ranks import barrier, on_rank0
 
 try:
     import fcntl
@@ -85,6 +85,7 @@ def stage_lock(path: Path, doing: str, log: Callable[[str], None] | None = None)
     _HELD[key] = 1
     try:
         yield
+        barrier()  # every rank is done with the stage's files before another job may take them (or delete them)
     finally:
         del _HELD[key]
         if held:
