@@ -342,3 +342,22 @@ def test_the_default_fisher_is_a_cached_one_of_another_count_when_only_that_exis
     # A damaged file in the cache is passed over.
     (tmp_path / "cache" / "fisher-0000.safetensors").write_bytes(b"junk")
     assert att.fisher_samples() == SAMPLES + 1
+
+
+def test_a_result_records_the_fisher_it_took_when_a_larger_one_is_cached_meanwhile(setup, tmp_path, monkeypatch):
+    from forgetscore.attribution import UnlearnConfig
+
+    att = Attributor.load(setup["model"], setup["train"], cache_dir=tmp_path / "cache", plan=PLAN,
+                          weights="cross-attn", progress=False)
+    att.fisher(SAMPLES)
+    real_run = Attributor._run
+
+    def run_while_another_job_caches_more(self, *a, **kw):
+        Attributor.load(setup["model"], setup["train"], cache_dir=tmp_path / "cache", plan=PLAN,
+                        weights="cross-attn", progress=False).fisher(SAMPLES + 5)
+        return real_run(self, *a, **kw)
+
+    monkeypatch.setattr(Attributor, "_run", run_while_another_job_caches_more)
+    result = att.attribute(torch.rand(1, 8, 8) * 2 - 1, "a red dot", config=UnlearnConfig(draws=4, micro_batch=4))
+    assert result.metadata["fisher_samples"] == SAMPLES
+    assert att.fisher_samples() == SAMPLES + 5  # what a later run takes

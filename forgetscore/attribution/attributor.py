@@ -210,11 +210,7 @@ class Attributor:
         chunk_size = self.fisher_chunk_size if chunk_size is None else chunk_size
         check_counts(batch_size=batch_size, chunk_size=chunk_size, **({} if samples is None else {"samples": samples}))
         if samples is None and path is None:
-            samples = self.fisher_samples(seed=seed)
-            if samples != 5 * self.prepare().n and samples not in self._said_samples:
-                self._said_samples.add(samples)
-                self._log(f"fisher: using the cached Fisher of {samples} samples, not five epochs "
-                          f"({5 * self.prepare().n}); --fisher-samples N computes one of N samples")
+            samples = self._default_fisher_samples(seed)
         samples = 5 * self.prepare().n if samples is None else samples  # after the cheap checks
         meta = self._fisher_meta(samples, seed)
         path = Path(path) if path else self.cache_dir / f"fisher-{self._key(meta)}.safetensors"
@@ -246,6 +242,15 @@ class Attributor:
 
         found = on_rank0(cached)  # rank 0 looks, every rank follows
         return max(found) if found else epochs5
+
+    def _default_fisher_samples(self, seed: int = 0) -> int:
+        """:meth:`fisher_samples`' default, said once when it is not five epochs."""
+        samples = self.fisher_samples(seed=seed)
+        if samples != 5 * self.prepare().n and samples not in self._said_samples:
+            self._said_samples.add(samples)
+            self._log(f"fisher: using the cached Fisher of {samples} samples, not five epochs "
+                      f"({5 * self.prepare().n}); --fisher-samples N computes one of N samples")
+        return samples
 
     def _fisher_meta(self, samples: int, seed: int) -> dict:
         data = self.prepare()
@@ -551,6 +556,10 @@ class Attributor:
             raise ValueError("indices: empty; give at least one image id to score (or None for all)")
         if sel.min() < 0 or sel.max() >= data.n:
             raise ValueError(f"indices: need ids in [0, {data.n}) (positions in the training set)")
+        if fisher_samples is None and config.method == "newton":
+            # Resolved once: every query takes the same Fisher, and the results record the one they took (another
+            # job may cache a larger one meanwhile).
+            fisher_samples = self._default_fisher_samples()
         unlearned = [self.unlearn(q, p, config, region, fisher_samples) for q, p in queries]
         # Before-losses come from the cache when there is one: the noise is keyed per image, so the
         # cached numbers are exactly those of any subset. Otherwise they are computed in the same
