@@ -197,3 +197,23 @@ def test_the_ranks_meet_before_rank_0_lets_go(tmp_path, monkeypatch):
         pass
     assert seen == [True]  # the meeting came while the lock was still held
     assert not lock.exists()
+
+
+def test_a_filesystem_without_locks_runs_unguarded_and_says_so(tmp_path, monkeypatch):
+    import errno
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(locks.fcntl, "flock", no_locks)
+    monkeypatch.setattr(locks, "_said_unlockable", set())
+    lock = tmp_path / "cache" / ".p.lock"
+    ran = []
+    with pytest.warns(UserWarning, match=r"is on a filesystem without file locks .*must not run at the same time"):
+        with locks.stage_lock(lock, "doing p"):
+            ran.append(1)
+    with locks.stage_lock(lock, "doing p"):  # said once
+        ran.append(2)
+    with locks.unless_busy(lock) as free:
+        assert free
+    assert ran == [1, 2] and not lock.exists()

@@ -7,12 +7,15 @@ same chunks, and the first job to finish would delete chunks the other still nee
 stage runs under an exclusive lock named for what it computes. A job that finds the lock held
 waits, then finds the result made (or the finished chunks to resume from). Under torchrun, rank 0
 holds the lock for its job while the other ranks wait with it. Where ``fcntl`` is missing
-(Windows) nothing is locked, and one job at a time may use a cache.
+(Windows), or the cache's filesystem takes no locks (a warning says so), nothing is locked, and
+one job at a time may use a cache.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,8 +30,21 @@ except ImportError:
 _HELD: dict[str, int] = {}
 
 
+class Unlockable(Exception):
+    """The filesystem of a lock file takes no locks (e.g. Lustre without its flock option, NFS without a lock
+    daemon)."""
+
+
+# What flock() says on a filesystem without locks.
+_NO_LOCKS = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}
+_said_unlockable: set[str] = set()
+
+
 def _acquire(path: Path, wait: bool) -> int | None:
-    """A descriptor that holds `path` exclusively; None if another process holds it and not `wait`."""
+    """A descriptor that holds `path` exclusively; None if another process holds it and not `wait`.
+
+    Raises :class:`Unlockable` where the filesystem takes no locks.
+    """
     while True:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -37,6 +53,13 @@ def _acquire(path: Path, wait: bool) -> int | None:
         except BlockingIOError:
             os.close(fd)
             return None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in _NO_LOCKS:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise Unlockable(str(exc)) from None
+            raise
         try:
             current = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -73,11 +96,18 @@ def stage_lock(path: Path, doing: str, log: Callable[[str], None] | None = None)
     held: list[int] = []
 
     def take() -> None:
-        fd = _acquire(path, wait=False)
-        if fd is None:
-            if log is not None:
-                log(f"waiting for another job {doing} in {str(path.parent)!r}")
-            fd = _acquire(path, wait=True)
+        try:
+            fd = _acquire(path, wait=False)
+            if fd is None:
+                if log is not None:
+                    log(f"waiting for another job {doing} in {str(path.parent)!r}")
+                fd = _acquire(path, wait=True)
+        except Unlockable as exc:  # as on Windows: unguarded, and said once per folder
+            if str(path.parent) not in _said_unlockable:
+                _said_unlockable.add(str(path.parent))
+                warnings.warn(f"cache: {str(path.parent)!r} is on a filesystem without file locks ({exc}); jobs "
+                              "sharing this cache must not run at the same time", stacklevel=4)
+            return
         held.append(fd)
 
     if fcntl is not None:
@@ -101,7 +131,11 @@ def unless_busy(path: Path) -> Iterator[bool]:
     if fcntl is None or os.path.abspath(path) in _HELD:
         yield True
         return
-    fd = _acquire(path, wait=False)
+    try:
+        fd = _acquire(path, wait=False)
+    except Unlockable:
+        yield True
+        return
     try:
         yield fd is not None
     finally:
