@@ -217,3 +217,27 @@ def test_a_filesystem_without_locks_runs_unguarded_and_says_so(tmp_path, monkeyp
     with locks.unless_busy(lock) as free:
         assert free
     assert ran == [1, 2] and not lock.exists()
+
+
+def test_threads_of_one_process_take_turns_too(tmp_path):
+    lock, events, inside = tmp_path / ".t.lock", [], threading.Event()
+
+    def other_thread():
+        with locks.stage_lock(lock, "doing t"):
+            events.append("other in")
+            inside.set()
+            time.sleep(0.5)
+            with locks.unless_busy(lock) as free:  # its own stage
+                assert free
+            events.append("other out")
+
+    thread = threading.Thread(target=other_thread, daemon=True)
+    thread.start()
+    inside.wait(30)
+    with locks.unless_busy(lock) as free:  # another thread's stage is busy for this one
+        assert not free
+    said: list[str] = []
+    with locks.stage_lock(lock, "doing t", said.append):
+        events.append("this in")
+    thread.join(30)
+    assert events == ["other in", "other out", "this in"] and len(said) == 1

@@ -403,3 +403,22 @@ def test_timings_add_up_a_stage_run_again_and_fit_long_names():
                                    "  score before+after      4.0 s  (2 img/s)",
                                    "  total                   9.2 s"]
     assert t.lines()[0] == "  unlearn                 5.0 s  (5 draws/s)"
+
+
+def test_a_killed_before_and_after_pass_resumes_after_another_job_cached_the_before_losses(setup, tmp_path,
+                                                                                         monkeypatch):
+    """Its chunks would otherwise stay in the cache for good: the rerun, finding the before-losses cached, would
+    sweep the after-losses alone."""
+    from forgetscore.attribution import UnlearnConfig
+
+    config, query = UnlearnConfig(draws=4, micro_batch=4), torch.rand(1, 8, 8) * 2 - 1
+    cache = tmp_path / "cache"
+    want = _attributor(setup, tmp_path / "alone").attribute(query, "a red dot", config=config, fisher_samples=6)
+    _interrupted(monkeypatch, lambda: _attributor(setup, cache).attribute(query, "a red dot", config=config,
+                                                                          fisher_samples=6))
+    _attributor(setup, cache).before_losses()  # another job caches them
+    calls = _count_runs(monkeypatch)
+    got = _attributor(setup, cache).attribute(query, "a red dot", config=config, fisher_samples=6)
+    assert calls == [[3, 4, 5], [6, 7, 8]]  # the killed pass's first chunk served
+    np.testing.assert_array_equal(got.scores, want.scores)
+    assert list((cache / "sweeps").iterdir()) == []

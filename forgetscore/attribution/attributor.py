@@ -419,6 +419,10 @@ class Attributor:
                 "precision": self.precision}
 
         def write() -> None:
+            # The first job to save them wins: another job's pass (at another batch size, say) may differ in the
+            # last bits, and every later run should read the same numbers.
+            if path.is_file():
+                return
             write_json(path.with_suffix(".json"), meta)
             write_npy(path, before)
 
@@ -565,19 +569,21 @@ class Attributor:
         # cached numbers are exactly those of any subset. Otherwise they are computed in the same
         # pass as the after-losses (and cached when the pass covers the whole set).
         cached = self.before_losses() if self._cached_before() else None
-        variants = unlearned if cached is not None else [None] + unlearned
-        t, stats = time.perf_counter(), {}
         # Without cached before-losses the same pass computes them too (one more variant per image), and says so.
-        stage = "score after" if cached is not None else "score before+after"
-        losses = self._run(variants, sel, desc="score (after)" if cached is not None else "score (before+after)",
-                           stats=stats)
+        # So does a pass that a killed run began that way, before another job cached them: its chunks serve.
+        begun = self._interrupted(self.sweep(), [variant_id(w) for w in [None, *unlearned]], sel)
+        both = cached is None or any(chunks for _, chunks in begun.values())
+        variants = [None] + unlearned if both else unlearned
+        t, stats = time.perf_counter(), {}
+        stage = "score before+after" if both else "score after"
+        losses = self._run(variants, sel, desc=f"score ({stage[6:]})", stats=stats)
         self.timings.add(stage, time.perf_counter() - t, stats["images_computed"] * self.world, "img")
-        if cached is not None:
-            before = cached[sel]
-        else:
+        if both:
             before, losses = losses[0], losses[1:]
-            if indices is None:
-                self._save_before(before)
+        if cached is not None:
+            before = cached[sel]  # the cached numbers, whatever batch size this pass ran
+        elif indices is None:
+            self._save_before(before)
         results = []
         settings = self._settings(config, fisher_samples, reduce, region, len(sel))
         for (q, prompt), after, weights, source in zip(queries, losses, unlearned, sources):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,8 +28,20 @@ try:
 except ImportError:
     fcntl = None
 
-# The stages this process holds, with how deep: a stage entered again from within itself goes on at once.
-_HELD: dict[str, int] = {}
+# The stages this thread holds, with how deep: a stage entered again from within itself goes on at once. Per
+# thread: another thread of the process takes its turn as another process does (flock() tells two open files
+# apart, whichever process opened them).
+_HELD = threading.local()
+
+# Seconds between two tries at a stage another job holds. Each try is one collective under torchrun, so a
+# wait of any length never runs into the process group's timeout.
+POLL_S = 1.0
+
+
+def _held() -> dict[str, int]:
+    if not hasattr(_HELD, "stages"):
+        _HELD.stages = {}
+    return _HELD.stages
 
 
 class Unlockable(Exception):
@@ -85,39 +99,42 @@ def stage_lock(path: Path, doing: str, log: Callable[[str], None] | None = None)
     Every rank of a job enters it together; rank 0 holds the lock. `doing` says in the waiting message
     what the other job is doing ("computing the Fisher").
     """
-    key = os.path.abspath(path)
-    if key in _HELD:
-        _HELD[key] += 1
+    key, stages = os.path.abspath(path), _held()
+    if key in stages:
+        stages[key] += 1
         try:
             yield
         finally:
-            _HELD[key] -= 1
+            stages[key] -= 1
         return
     held: list[int] = []
 
-    def take() -> None:
+    def take() -> bool:
+        """One try (rank 0): whether this job may go on."""
         try:
             fd = _acquire(path, wait=False)
-            if fd is None:
-                if log is not None:
-                    log(f"waiting for another job {doing} in {str(path.parent)!r}")
-                fd = _acquire(path, wait=True)
         except Unlockable as exc:  # as on Windows: unguarded, and said once per folder
             if str(path.parent) not in _said_unlockable:
                 _said_unlockable.add(str(path.parent))
                 warnings.warn(f"cache: {str(path.parent)!r} is on a filesystem without file locks ({exc}); jobs "
-                              "sharing this cache must not run at the same time", stacklevel=4)
-            return
-        held.append(fd)
+                              "sharing this cache must not run at the same time", stacklevel=5)
+            return True
+        if fd is not None:
+            held.append(fd)
+        return fd is not None
 
-    if fcntl is not None:
-        on_rank0(take)  # the other ranks wait here for rank 0's turn (a failure there raises on every rank)
-    _HELD[key] = 1
+    # Every rank learns each try's outcome (a failure on rank 0 raises on every rank).
+    if fcntl is not None and not on_rank0(take):
+        if log is not None:
+            log(f"waiting for another job {doing} in {str(path.parent)!r}")
+        while not on_rank0(take):
+            time.sleep(POLL_S)
+    stages[key] = 1
     try:
         yield
         barrier()  # every rank is done with the stage's files before another job may take them (or delete them)
     finally:
-        del _HELD[key]
+        del stages[key]
         if held:
             _release(path, held[0])
 
@@ -128,7 +145,7 @@ def unless_busy(path: Path) -> Iterator[bool]:
 
     For tidying: what another job is working on is left to that job. A stage this process is in is free.
     """
-    if fcntl is None or os.path.abspath(path) in _HELD:
+    if fcntl is None or os.path.abspath(path) in _held():
         yield True
         return
     try:
