@@ -9,10 +9,11 @@ the image file's stem, or ``seed-N``). The whole list is checked before any long
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from .attribution.io import json_line
 
 KEYS = ("query", "generate_seed", "prompt", "name")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -54,14 +55,7 @@ def read_queries(path: str | Path) -> list[QuerySpec]:
 
 def _spec(line: str, lineno: int, folder: Path) -> QuerySpec:
     where = f"--queries: line {lineno}"
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where} is not JSON ({exc}); write one object per line, like "
-                         '{"query": "bus.png", "prompt": "a red bus"}') from None
-    if not isinstance(rec, dict):
-        raise ValueError(f"{where} is a JSON {type(rec).__name__}, not an object like "
-                         '{"query": "bus.png", "prompt": "a red bus"}')
+    rec = json_line(line, where, '{"query": "bus.png", "prompt": "a red bus"}')
     unknown = sorted(set(rec) - set(KEYS))
     if unknown:
         raise ValueError(f"{where} has {', '.join(map(repr, unknown))}; the keys are {', '.join(KEYS)}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import mmap
 import os
 import posixpath
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import read_json, write_json, write_npy, write_npy_rows
+from .io import json_line, read_json, write_json, write_npy, write_npy_rows
 from .model import DiffusionModel
 
 CACHE_FORMAT = 1
@@ -58,14 +57,8 @@ class TrainingSet:
         for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"train: metadata.jsonl line {lineno} is not JSON ({exc}); write one JSON "
-                                 'object per line, like {"file_name": "0001.png", "text": "a caption"}') from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"train: metadata.jsonl line {lineno} is a JSON {type(rec).__name__}, not an "
-                                 'object; write it like {"file_name": "0001.png", "text": "a caption"}')
+            rec = json_line(line, f"train: metadata.jsonl line {lineno}",
+                            '{"file_name": "0001.png", "text": "a caption"}')
             name, text = rec.get("file_name"), rec.get("text")
             if not isinstance(name, str) or not name:
                 raise ValueError(f"train: metadata.jsonl line {lineno} has no \"file_name\"; give the name of "

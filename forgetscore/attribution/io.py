@@ -111,6 +111,18 @@ def check_writable(path: str | os.PathLike, argument: str) -> None:
     os.unlink(made)
 
 
+def json_line(line: str, where: str, example: str) -> dict:
+    """One line of a JSON-lines file, which must be an object; otherwise a ValueError naming `where` (e.g.
+    "train: metadata.jsonl line 3") and showing `example`."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where} is not JSON ({exc}); write one JSON object per line, like {example}") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where} is a JSON {type(rec).__name__}, not an object; write it like {example}")
+    return rec
+
+
 def read_json(path: Path) -> dict:
     with open(path) as f:
         return json.load(f)
