@@ -143,7 +143,7 @@ def stage_lock(path: Path, doing: str, log: Callable[[str], None] | None = None)
 def unless_busy(path: Path) -> Iterator[bool]:
     """Whether no job holds the stage `path` names, holding it for the `with` if so (one process; no waiting).
 
-    For tidying: what another job is working on is left to that job. A stage this process is in is free.
+    For tidying: what another job is working on is left to that job. A stage this thread is in is free.
     """
     if fcntl is None or os.path.abspath(path) in _held():
         yield True
