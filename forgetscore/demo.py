@@ -38,10 +38,10 @@ def _copy_dir(src: Path, dst: Path) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from .attribution import Attributor, ScoringPlan, UnlearnConfig
     from .cache import cache_root
+    from .attribution.attributor import generation_record
     from .attribution.results import RESULT_FILES, check_output_dir
     from .digits.classifier import digit_accuracy
     from .digits.data import write_image_folder
-    from .attribution.attributor import generation_record
     from .digits.tokenizer import check_prompt
     from .digits.train import default_model_dir, ensure_model, train
 

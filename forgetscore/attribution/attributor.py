@@ -42,6 +42,9 @@ from .train_loss import row_losses
 from .unlearning import UnlearnConfig, unlearn
 
 REDUCTIONS = ("max", "mean")
+GENERATE_STEPS, GENERATE_GUIDANCE = 50, 3.0  # Attributor.generate's sampling, as generation_record records it
+# In each cache folder under the cache root: the training folder it holds (see Attributor._note_earlier_states).
+TRAIN_DIR_FILE = "train_dir.txt"
 QUERY_LOSS_STREAM = 0x514C4F53
 
 
@@ -160,7 +163,7 @@ class Attributor:
                         self.cache_dir.rmdir()
                 raise
             self.timings.add("prepare", time.perf_counter() - t, len(self.train), "img")
-            source = self.cache_dir / "train_dir.txt"
+            source = self.cache_dir / TRAIN_DIR_FILE
             if self._own_cache_dir and self.rank == 0 and not source.is_file():
                 write_bytes(source, str(Path(self.train.root).resolve()).encode())
         return self._data
@@ -175,7 +178,7 @@ class Attributor:
         here = str(Path(self.train.root).resolve())
         for other in sorted(self.cache_dir.parent.glob(f"{self.model.encoders_id()}-*")):
             try:
-                if other == self.cache_dir or (other / "train_dir.txt").read_text() != here:
+                if other == self.cache_dir or (other / TRAIN_DIR_FILE).read_text() != here:
                     continue
                 size = sum(p.stat().st_size for p in other.rglob("*") if p.is_file())
             except OSError:
@@ -361,10 +364,7 @@ class Attributor:
             resume = self._resumable_batch_size(found)
             if resume != self.batch_size:
                 sweep = self.sweep(resume)
-            # The format too: a sweep interrupted under an older version starts afresh in its own folder.
-            key = self._key(self.model.unet_id(), data.data_id, self.plan.to_dict(), sweep.batch_size,
-                            self.chunk_size, self.precision, ids, indices_id(sel), SWEEP_FORMAT)
-            out_dir = self.cache_dir / "sweeps" / key
+            out_dir = self.cache_dir / "sweeps" / self._key(*self._sweep_identity(ids, sel, sweep.batch_size))
             # The folder is this Attributor's own and named by all the settings: chunk files no manifest vouches
             # for (e.g. what a removal file by file, as older versions did, left when killed) are removed.
             losses = run_sweep(sweep, variants, out_dir, indices=sel, chunk_size=self.chunk_size,
@@ -373,12 +373,16 @@ class Attributor:
         self._finished += [(folder, lock) for folder in (out_dir, *found)]
         return losses
 
+    def _sweep_identity(self, ids: list[str], sel: np.ndarray, batch_size: int | None = None) -> list:
+        """What a sweep's numbers depend on, the format too (a sweep interrupted under an older version starts
+        afresh in its own folder); with `batch_size` for its folder, without it for its stage's lock, which
+        covers every batch size (see :func:`.sweep.matching_sweeps`)."""
+        batch = [] if batch_size is None else [batch_size]
+        return [self.model.unet_id(), self.prepare().data_id, self.plan.to_dict(), *batch, self.chunk_size,
+                self.precision, ids, indices_id(sel), SWEEP_FORMAT]
+
     def _sweep_lock(self, ids: list[str], sel: np.ndarray) -> Path:
-        """The lock file of a sweep's stage: its identity but the batch size (see :func:`.sweep.matching_sweeps`)."""
-        data = self.prepare()
-        key = self._key(self.model.unet_id(), data.data_id, self.plan.to_dict(), self.chunk_size, self.precision,
-                        ids, indices_id(sel), SWEEP_FORMAT)
-        return self.cache_dir / "sweeps" / f".{key}.lock"
+        return self.cache_dir / "sweeps" / f".{self._key(*self._sweep_identity(ids, sel))}.lock"
 
     def _interrupted(self, sweep: LossSweep, ids: list, sel: np.ndarray) -> dict[Path, tuple[int, int]]:
         """The folders of this sweep interrupted under any batch size (chunks of two batch sizes differ in the
@@ -429,7 +433,8 @@ class Attributor:
         on_rank0(write)  # a failed write raises on every rank
 
     # --- queries -------------------------------------------------------------------------
-    def generate(self, prompt: str, seed: int = 0, *, steps: int = 50, guidance_scale: float = 3.0) -> torch.Tensor:
+    def generate(self, prompt: str, seed: int = 0, *, steps: int = GENERATE_STEPS,
+                 guidance_scale: float = GENERATE_GUIDANCE) -> torch.Tensor:
         """A query made by the model itself: UNet-space sample [C, H, W] (the same for the same arguments, on
         the same kind of device: record them, with :func:`generation_record`, to make it again)."""
         return generate(self.model, [prompt], [seed], steps=steps, guidance_scale=guidance_scale)[0]
@@ -571,8 +576,8 @@ class Attributor:
         cached = self.before_losses() if self._cached_before() else None
         # Without cached before-losses the same pass computes them too (one more variant per image), and says so.
         # So does a pass that a killed run began that way, before another job cached them: its chunks serve.
-        begun = self._interrupted(self.sweep(), [variant_id(w) for w in [None, *unlearned]], sel)
-        both = cached is None or any(chunks for _, chunks in begun.values())
+        both = cached is None or any(chunks for _, chunks in self._interrupted(
+            self.sweep(), [variant_id(w) for w in [None, *unlearned]], sel).values())
         variants = [None] + unlearned if both else unlearned
         t, stats = time.perf_counter(), {}
         stage = "score before+after" if both else "score after"
@@ -643,7 +648,7 @@ def _scatter(values: np.ndarray, sel: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def generation_record(seed: int, steps: int = 50, guidance_scale: float = 3.0) -> dict:
+def generation_record(seed: int, steps: int = GENERATE_STEPS, guidance_scale: float = GENERATE_GUIDANCE) -> dict:
     """How a generated query was made, for a result's metadata (``Attributor.generate``'s arguments)."""
     return {"seed": int(seed), "steps": int(steps), "guidance_scale": float(guidance_scale)}
 

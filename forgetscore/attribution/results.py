@@ -246,11 +246,10 @@ def redraw(out: str | os.PathLike, k: int | None = None,
     folder where it is now (default: where the result says it was)."""
     out = Path(out)
     result = load_result(out, train_dir)
-    rec = load(out)
     k = result.k if k is None else k
     train = Path(result.metadata["train_dir"]) if train_dir is None else Path(train_dir)
     images = _top_images(result, train, k)
-    record = {**{key: v for key, v in rec.items() if key != "scores"}, "top": result.top_records(k)}
+    record = {"prompt": result.prompt, "top": result.top_records(k), **result.metadata}  # as save() lays it out
     picture, page = gallery(result, images, k), report_html(result, record, images, k).encode()
     write_bytes(out / "gallery.png", picture)
     write_bytes(out / "report.html", page)
