@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import Results, TimeUp, fmt_bytes, make_sync, run_meta, stop_on_sigterm, table
+from _profile import kinds_note, kinds_table, profile_kinds, profile_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without installing
@@ -383,6 +384,10 @@ def bench_sweep_parts(args, model, data, sizes: dict, emit, log) -> None:
     ours += [(key, f"{what}, cudnn.benchmark", f"{method[:-1]}, cudnn.benchmark)")
              for key, base in cudnn.items() for b, what, method in list(ours) if b == base]
     ours = [o for o in ours if isinstance(times[o[0]], dict)]
+    if args.sweep_profile:
+        for key, _, method in ours:
+            if not key.endswith("+cudnn"):
+                profile_sweep(fns[key], sync, dev, method, work2, rows, times[key]["median_s"], emit, log)
     if isinstance(times["published"], dict):
         for key, what, _ in ours:
             emit({"part": "2 published", "method": f"speedup published / {what}", "work": work2, "rows": rows,
@@ -392,6 +397,23 @@ def bench_sweep_parts(args, model, data, sizes: dict, emit, log) -> None:
             emit({"part": "2 projection", "method": method, "work": f"full MSCOCO query: {MSCOCO_ROWS:,} rows",
                   "rows": MSCOCO_ROWS, "rows_per_s": rps, "projected_h": MSCOCO_ROWS / rps / 3600,
                   "note": "projected from the measured rows/s, one process on this device"})
+
+
+def profile_sweep(fn: Callable[[], Any], sync: Callable[[], None], dev: torch.device, method: str, work: str,
+                  rows: int, median_s: float, emit, log) -> None:
+    """One more call of a timed sweep under torch.profiler: its device time by kind of kernel, and how busy
+    the device was over the unprofiled median call (what is left is the device waiting on the host)."""
+    try:
+        info = profile_kinds(fn, sync, dev)
+    except Exception as exc:  # noqa: BLE001 - a profiler that cannot run leaves the timings standing
+        traceback.print_exc()
+        emit({"part": "2 profile", "method": method, "work": work, "rows": rows,
+              "skipped": f"n/a ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})"})
+        return
+    log(f"[2] profile of {method}, one call ({info['wall_s']:.2f} s profiled, {median_s:.2f} s median):\n"
+        + kinds_table(info))
+    emit({"part": "2 profile", "method": method, "work": work, "rows": rows, "median_s": median_s,
+          "note": kinds_note(info, median_s), "profile": info})
 
 
 # --------------------------------------------------------------------------- precisions of the sweep
@@ -577,22 +599,6 @@ def fisher_child(args) -> dict:
     return info
 
 
-def profile_table(run: Callable[[], Any], sync: Callable[[], None], dev: torch.device, rows: int = 25) -> str:
-    """One more call of `run` under torch.profiler: the ops (and compute_fisher's phases, which it labels)
-    that took the most time, on the device for CUDA, else on the CPU."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        run()
-        sync()
-    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    # The labels' totals say where the wall time goes; the ops by self time say which kernels.
-    phases = prof.key_averages().table(sort_by="cpu_time_total", row_limit=rows)
-    ops = prof.key_averages().table(sort_by=key, row_limit=rows)
-    return f"by total CPU time (the phases' labels: wall time):\n{phases}\nby {key}:\n{ops}"
-
-
 def bench_fisher(args, sizes: dict, emit, log) -> None:
     S = args.fisher_samples or sizes["fisher_samples"]
     for name in args.fisher_methods:
@@ -724,6 +730,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: all the samples in one batch)")
     p.add_argument("--fisher-profile", action="store_true",
                    help="profile a third call of each Fisher method (torch.profiler) and print its top ops")
+    p.add_argument("--sweep-profile", action="store_true",
+                   help="part 2: profile one more call of each of our timed sweeps (torch.profiler): device time "
+                        "by kind of kernel and how busy the device was")
     p.add_argument("--fisher-timeout-s", type=int, default=600, help="give up on a Fisher subprocess after this")
     p.add_argument("--compile", type=list_arg(COMPILE_MODES), default=(),
                    help="comma-separated torch.compile modes of the sweep (" + ", ".join(COMPILE_MODES) + "): "

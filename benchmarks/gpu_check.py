@@ -344,6 +344,8 @@ def _summary_sweep(path: str) -> None:
     for r in d.get("rows", []):
         if "ratio" in r:
             figure = f"{r['ratio']:.2f}x" + (f"  (target {r['target']})" if r.get("target") else "")
+        elif r.get("part", "").endswith("profile"):
+            figure = r.get("note") or r.get("skipped", "")
         elif "projected_h" in r:
             figure = f"projected {r['projected_h'] * 60:.1f} min per MSCOCO query"
         elif "median_s" in r:

@@ -28,7 +28,9 @@
 # Open questions after the full check of 2026-11-28, in the order to spend a short loan on them:
 #   1. The >= 10x target: the compiled sweep in each precision the CUDA default may take (tf32 is the default
 #      today; fp16 keeps the precision bar but is untimed at scale and may be as fast as bf16), at 4,000-row
-#      batches, after the kernel and per-layer Fisher tests (about 8 minutes):
+#      batches, with the profile of each sweep (where the device's time goes, and whether it waits on the
+#      host: the sweep now reads back once per image batch, tests/test_sweep_gpu.py), after the kernel,
+#      per-layer Fisher and GPU sweep tests (about 8 minutes):
 #        GPU_CHECK_STEPS=env,wheels,tests,sweep GPU_CHECK_BUDGET_S=560 GPU_CHECK_SWEEP_CAP_S=400 \
 #        GPU_CHECK_BATCH_ROWS=4000 GPU_CHECK_SWEEP_ARGS="--only sweep,precisions --compile-precisions bf16,fp16,tf32 \
 #        --rounds 2" bash benchmarks/gpu_check.sh
@@ -148,7 +150,7 @@ tests_cap=$(( $(left) - 300 ))
 tests_cap=$(( tests_cap > 120 ? 120 : (tests_cap < 45 ? 45 : tests_cap) ))
 run_step tests "$tests_cap" 0 "kernel tests" -- "$PYTHON" -m pytest -q -x -p no:cacheprovider \
   tests/test_noise.py tests/test_add_noise.py tests/test_diffusion_loss.py tests/test_fisher.py tests/test_validation.py \
-  tests/test_fisher_layers.py
+  tests/test_fisher_layers.py tests/test_sweep_gpu.py
 
 # 6. Sweep benchmark on the MSCOCO-scale UNet (benchmarks 1-4 of the sweep: overhead, the published
 #    loop beside the sweep eager and under torch.compile, several queries, Fisher; needs diffusers:
@@ -161,8 +163,10 @@ sweep_max=${GPU_CHECK_SWEEP_CAP_S:-240}
 sweep_cap=$(( sweep_cap > sweep_max ? sweep_max : (sweep_cap < 60 ? 60 : sweep_cap) ))
 sweep_quick=""
 if (( sweep_cap < 150 )) || rehearsal; then sweep_quick=1; fi
-# Beside each of our sweeps, the same with cuDNN timing its convolution algorithms (CUDA only).
-sweep_args=(--compile "${GPU_CHECK_COMPILE:-default}" ${GPU_CHECK_BATCH_ROWS:+--batch-rows "$GPU_CHECK_BATCH_ROWS"})
+# Beside each of our sweeps, the same with cuDNN timing its convolution algorithms (CUDA only); each of
+# our sweeps is profiled once more: the device's time by kind of kernel, and how busy it was.
+sweep_args=(--compile "${GPU_CHECK_COMPILE:-default}" --sweep-profile
+            ${GPU_CHECK_BATCH_ROWS:+--batch-rows "$GPU_CHECK_BATCH_ROWS"})
 if ! rehearsal; then sweep_args+=(--cudnn-benchmark); fi
 run_step sweep "$sweep_cap" 0 "bench_sweep.py --device $DEVICE --dtype bfloat16 ${sweep_args[*]}${sweep_quick:+ --quick}" -- \
   "$PYTHON" benchmarks/bench_sweep.py --device "$DEVICE" --dtype bfloat16 ${sweep_quick:+--quick} --rounds 3 \

@@ -49,3 +49,18 @@ def test_speed_is_taken_from_the_large_unet_when_it_covers_the_passing_precision
     no_fp32 = _sweep(tmp_path / "n.json", {"tf32": 2000, "fp16": 3000})
     assert "on the first model" in suggest_default_precision([digits, tuned], speed_path=no_fp32)
     assert suggest_default_precision([digits, tuned], speed_path=str(tmp_path / "no.json")).startswith("fp32")
+
+
+def test_the_sweep_summary_prints_a_profile_row_as_its_note(tmp_path, capsys):
+    from gpu_check import _summary_sweep
+
+    path = tmp_path / "sweep.json"
+    note = "device busy 91% of the median call; convolution 44%, matmul 30%"
+    path.write_text(json.dumps({"meta": {}, "rows": [
+        {"part": "2 published", "method": "LossSweep.run (bfloat16)", "median_s": 0.5, "rows_per_s": 32000.0},
+        {"part": "2 profile", "method": "LossSweep (bfloat16)", "median_s": 0.5, "note": note},
+        {"part": "2 profile", "method": "LossSweep (compile default)", "skipped": "n/a (RuntimeError: no CUPTI)"}]}))
+    _summary_sweep(str(path))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-3].endswith("0.500s  32000 rows/s")
+    assert lines[-2].endswith(note) and lines[-1].endswith("n/a (RuntimeError: no CUPTI)")

@@ -1,5 +1,6 @@
 """The "mixed" sweep precision: bfloat16 autocast, the UNet's output end in float32."""
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 from conftest import fresh_seed
 from forgetscore import cli
 from forgetscore.attribution import DiffusionModel, ScoringPlan, TrainingSet, prepare
+from forgetscore.attribution.dattri import ArrayData
 from forgetscore.attribution.losses import LossSweep, probe_batch_size
 from forgetscore.attribution.mixed import Float32Tail, tail_modules
 
@@ -116,6 +118,25 @@ def test_non_finite_losses_are_an_error_that_names_the_cause(setup):
             [huge], [0, 1], progress=False)).all()
     with pytest.raises(ValueError, match=r"^precision: .* under fp16, whose range .* use bf16 or mixed"):
         LossSweep(model, data, PLAN, batch_size=64, precision="fp16").run([huge], [0, 1], progress=False)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_prepared_inputs_are_named_by_image(setup, value):
+    model, data = setup
+    g = np.random.default_rng(fresh_seed())
+    inputs = np.stack([data.inputs(np.arange(data.n))[:, v].numpy() for v in range(2)], axis=1)
+    bad = sorted(g.choice(data.n, size=2, replace=False).tolist())
+    size = inputs[0, 0].size
+    np.put(inputs[bad[0], 1], g.integers(size), value)  # the flip of one image
+    np.put(inputs[bad[1], 0], g.integers(size), value)
+    text = data.text(np.arange(data.n), "all")[0].numpy()
+    broken = ArrayData(inputs, text, np.asarray(data.caption_offsets), data.model_id)
+    with pytest.raises(ValueError, match=rf"^data: the prepared inputs of images {re.escape(str(bad))} are NaN or "
+                                         "infinite; prepare the training set again"):
+        LossSweep(model, broken, PLAN, batch_size=4096).run([None], progress=False)  # one batch: both named
+    # without the flips, the image whose flip holds the value is fine
+    noflip = ScoringPlan(timesteps=(3, 500), flips=False, seed=6)
+    assert np.isfinite(LossSweep(model, broken, noflip, batch_size=64).run([None], [bad[0]], progress=False)).all()
 
 
 def test_mixed_needs_float32_weights(setup):

@@ -341,6 +341,9 @@ class _Batch:
     x0: torch.Tensor            # [rows, C, H, W] float32
     ctx: torch.Tensor           # [captions, L, D] as stored (cast on the device): each caption once (rows.text_row)
     noise: torch.Tensor | None  # reference noise of the rows; None: keyed noise, made in-kernel
+    # The rows' text_row, timestep, sample_id, draw_id and (image, version) group, stacked: one copy to the device
+    index: torch.Tensor         # [5, rows] int64
+    counts: torch.Tensor        # [images * versions] float64: rows per (image, version), for the mean
 
 
 def _thread_device(device: torch.device) -> Callable[[], None] | None:
@@ -455,11 +458,14 @@ class LossSweep:
         if self._noise is not None:
             noise = self._noise.rows(rows.sample_id.numpy(), rows.version.numpy(), rows.caption.numpy(),
                                      rows.step.numpy())
+        group = rows.image * self.plan.versions + rows.version
+        index = torch.stack([rows.text_row, rows.timestep, rows.sample_id, rows.draw_id, group])
+        counts = torch.bincount(group, minlength=len(ids) * self.plan.versions).double()
         if self.model.device.type == "cuda":  # pinned, so that the copies to the GPU can be asynchronous
-            x0, ctx = x0.pin_memory(), ctx.pin_memory()
+            x0, ctx, index = x0.pin_memory(), ctx.pin_memory(), index.pin_memory()
             if noise is not None and noise.device.type == "cpu":
                 noise = noise.pin_memory()
-        return _Batch(len(ids), rows, x0, ctx, noise)
+        return _Batch(len(ids), rows, x0, ctx, noise, index, counts)
 
     def _loaded(self, batches: list[np.ndarray]) -> Iterator[_Batch]:
         """The batches made ready in order; with prefetch, batch k + 1 is made while batch k is used."""
@@ -498,24 +504,23 @@ class LossSweep:
 
     @torch.inference_mode()
     def _compute(self, batch: _Batch, variants: Sequence[dict[str, torch.Tensor] | None]) -> torch.Tensor:
+        # Nothing here waits for the device until the batch's means are read back at the end: every copy
+        # is from pinned memory, the row counts are the host's, and the kernels run unchecked (the rows are
+        # the plan's own; a non-finite loss is caught in the means and explained by _non_finite).
         m, dev = self.model, self.model.device
         rows, async_copy = batch.rows, dev.type == "cuda"
         x0 = batch.x0.to(dev, non_blocking=async_copy)
         ctx = batch.ctx.to(dev, non_blocking=async_copy).to(self._dtype)
-        text_row = rows.text_row.to(dev)
-        ts = rows.timestep.to(dev)
+        text_row, ts, sids, dids, group = batch.index.to(dev, non_blocking=async_copy).unbind(0)
         if batch.noise is None:
-            sids, dids = rows.sample_id.to(dev), rows.draw_id.to(dev)
-            x_t = kernels.add_noise(x0, ts, self.acp, self.plan.seed, sids, dids, backend=self.backend)
+            x_t = kernels.add_noise(x0, ts, self.acp, self.plan.seed, sids, dids, backend=self.backend, check=False)
             target = None
         else:  # as the published code: the scheduler's add_noise and an MSE against the drawn noise
             noise = batch.noise.to(dev, non_blocking=async_copy)
             x_t = m.scheduler.add_noise(x0, noise, ts)
             target = self._reference_target(x0, noise, ts)
         x_t = x_t.to(self._dtype)
-        group = (rows.image * self.plan.versions + rows.version).to(dev)
         n_groups = batch.n_images * self.plan.versions
-        cnt = torch.bincount(group, minlength=n_groups).double()
         out = torch.empty(len(variants), batch.n_images, self.plan.versions, dtype=torch.float64)
         for v, weights in enumerate(variants):
             with m.swapped(weights), self._shared_text.installed() as shared, self._tail():
@@ -524,26 +529,24 @@ class LossSweep:
                     hi = min(len(rows), lo + self.batch_size)
                     pred = self._forward(x_t[lo:hi], ts[lo:hi], ctx, text_row[lo:hi], shared)
                     if target is None:
-                        try:
-                            losses[lo:hi] = kernels.diffusion_loss(pred, x0[lo:hi], ts[lo:hi], self.acp,
-                                                                   self.plan.seed, sids[lo:hi], dids[lo:hi],
-                                                                   prediction_type=m.prediction_type,
-                                                                   backend=self.backend)
-                        except ValueError as exc:  # the kernels refuse non-finite outputs: say why they came
-                            if not str(exc).startswith(("model_output: holds non-finite",
-                                                        "model_output: squared error overflowed")):
-                                raise
-                            self._non_finite(v)
+                        losses[lo:hi] = kernels.diffusion_loss(pred, x0[lo:hi], ts[lo:hi], self.acp, self.plan.seed,
+                                                               sids[lo:hi], dids[lo:hi], backend=self.backend,
+                                                               prediction_type=m.prediction_type, check=False)
                     else:
                         losses[lo:hi] = F.mse_loss(pred.float(), target[lo:hi], reduction="none").mean(
                             dim=tuple(range(1, pred.dim())))
             sums = torch.zeros(n_groups, dtype=torch.float64, device=dev).index_add_(0, group, losses.double())
-            out[v] = (sums / cnt).view(batch.n_images, self.plan.versions).cpu()
+            out[v] = (sums.cpu() / batch.counts).view(batch.n_images, self.plan.versions)
             if not bool(torch.isfinite(out[v]).all()):  # on the host already: costs no synchronisation
-                self._non_finite(v)
+                self._non_finite(v, batch)
         return out
 
-    def _non_finite(self, variant: int) -> None:
+    def _non_finite(self, variant: int, batch: _Batch) -> None:
+        bad = ~torch.isfinite(batch.x0.flatten(1)).all(dim=1)
+        if bool(bad.any()):
+            images = batch.rows.sample_id[bad].unique().tolist()
+            raise ValueError(f"data: the prepared inputs of images {images[:10]} are NaN or infinite; prepare the "
+                             "training set again (delete its prepared folder in the cache)")
         where = f"the UNet's outputs for variant {variant} are NaN or infinite"
         if self.precision == "fp16":
             raise ValueError(f"precision: {where} under fp16, whose range (up to 65504) the UNet's activations "
