@@ -22,6 +22,11 @@ EPILOGS = {
                  "--preset custom --region 0,0,32,32\n"
                  "  forgetscore attribute --model m/ --train t/ --queries list.jsonl --out results/",
     "report": "example:\n  forgetscore report --out r/",
+    "cache": "examples:\n  forgetscore cache\n  forgetscore cache --remove-stale\n\n"
+             "Lists the folders under the cache root ($FORGETSCORE_CACHE, else ~/.cache/forgetscore); a folder\n"
+             "given to --cache elsewhere is not listed. --remove-stale deletes the folders of training folders\n"
+             "that changed or are gone since; run it while no job uses them (a folder a job is in a stage of\n"
+             "is skipped).",
 }
 
 
@@ -371,6 +376,28 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from .attribution.cache_index import describe, remove_stale, scan
+    from .cache import cache_root
+
+    root = cache_root()
+    if not root.is_dir():
+        print(f"cache {root}: nothing cached yet ($FORGETSCORE_CACHE moves it)")
+        return 0
+    entries = scan(root)
+    for line in describe(entries, root):
+        print(line)
+    if args.remove_stale:
+        removed, busy = remove_stale(entries)
+        for e in removed:
+            print(f"removed {e.path.relative_to(root)}")
+        for e in busy:
+            print(f"left {e.path.relative_to(root)}: a job is working in it; run again once it is done")
+        if not removed and not busy:
+            print("nothing stale to remove")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .attribution.io import check_writable
     from .demo import run_demo
@@ -437,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="a directory written by attribute or demo")
     p.add_argument("--topk", type=int, help="how many images to show (default: as saved)")
     p.add_argument("--train", help="the training folder, if it moved since (default: as saved)")
+    p = add("cache", "list what the cache holds, by training folder, with sizes; remove what nothing reads", _cache)
+    p.add_argument("--remove-stale", action="store_true",
+                   help="delete the cache folders of training folders that changed or are gone since")
     from .evaluation.cli import add_parser as add_evaluate
     add_evaluate(sub)
     return parser

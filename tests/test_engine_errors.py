@@ -165,8 +165,10 @@ def test_the_cache_of_a_training_folder_before_it_changed_is_pointed_out(dirs, m
     again._log = said.append
     again.prepare()
     assert again.cache_dir != first.cache_dir
-    assert len(said) == 1 and said[0].startswith(f"cache: {str(first.cache_dir)!r} (0.0 GiB) holds this training "
-                                                 "folder as it was before it changed")
+    size = sum(p.stat().st_size for p in first.cache_dir.rglob("*") if p.is_file())
+    assert len(said) == 1 and said[0].startswith(f"cache: {str(first.cache_dir)!r} ({size / 1024:.1f} KiB) holds "
+                                                 "this training folder as it was before it changed")
+    assert said[0].endswith("`forgetscore cache --remove-stale` deletes every such folder)")
     other = copy_train(dirs, tmp_path / "other")  # another training folder's cache is not its concern
     elsewhere = Attributor(model, TrainingSet.load(other), plan=PLAN)
     elsewhere._log = said.append

@@ -31,6 +31,7 @@ from .data import TEXT_DTYPES, PreparedData, TrainingSet, image_pixels, load_ima
 from .fisher import FISHER_CHUNK, FISHER_FORMAT, check_counts, run_fisher
 from .generate import generate
 from .io import check_writable, clean_removed, read_json, remove_dir, write_bytes, write_json, write_npy
+from .cache_index import TRAIN_DIR_FILE, fmt_size, folder_size
 from .locks import stage_lock, unless_busy
 from .losses import LossSweep
 from .model import DiffusionModel
@@ -43,8 +44,6 @@ from .unlearning import UnlearnConfig, unlearn
 
 REDUCTIONS = ("max", "mean")
 GENERATE_STEPS, GENERATE_GUIDANCE = 50, 3.0  # Attributor.generate's sampling, as generation_record records it
-# In each cache folder under the cache root: the training folder it holds (see Attributor._note_earlier_states).
-TRAIN_DIR_FILE = "train_dir.txt"
 QUERY_LOSS_STREAM = 0x514C4F53
 
 
@@ -180,11 +179,12 @@ class Attributor:
             try:
                 if other == self.cache_dir or (other / TRAIN_DIR_FILE).read_text() != here:
                     continue
-                size = sum(p.stat().st_size for p in other.rglob("*") if p.is_file())
+                size = folder_size(other)
             except OSError:
                 continue
-            self._log(f"cache: {str(other)!r} ({size / 2 ** 30:.1f} GiB) holds this training folder as it was "
-                      "before it changed; nothing reads it now: delete it to free the space")
+            self._log(f"cache: {str(other)!r} ({fmt_size(size)}) holds this training folder as it was "
+                      "before it changed; nothing reads it now: delete it to free the space (`forgetscore cache "
+                      "--remove-stale` deletes every such folder)")
 
     def _drop_unstarted(self, folder: Path) -> None:
         """Remove a prepare's folder that holds no finished shard (e.g. its first image was unreadable): once the

@@ -1,0 +1,141 @@
+"""What the cache root holds, folder by folder, and the removal of folders nothing reads any more.
+
+Each training folder gets a cache folder ``runs/<encoders id>-<training-set identity>``; its
+identity changes with any edit of the training folder, so every edit starts a new cache folder
+and the old one (prepared data: up to hundreds of GB on a large set) stays until removed. A
+folder records the training folder it was made for (``train_dir.txt``, written once its data
+is prepared); comparing that folder's identity now with the one in the name tells whether
+anything still reads it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..cache import cache_root
+from .io import remove_dir
+from .locks import unless_busy
+
+TRAIN_DIR_FILE = "train_dir.txt"  # in a run folder: the training folder it was made for
+
+
+@dataclass
+class CacheEntry:
+    """One folder under the cache root."""
+    path: Path
+    size: int     # bytes of all its files
+    what: str     # what it holds, in words
+    stale: bool   # made for a training folder as it was before a change (or one that is gone): nothing reads it
+
+
+def folder_size(path: Path) -> int:
+    """Bytes of the files under `path` (files that vanish while counting are skipped)."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def fmt_size(size: int) -> str:
+    """A byte count for people: 1.5 GiB, 312.0 KiB, 17 B."""
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+def _training_state(folder: Path) -> tuple[str | None, str]:
+    """(the training folder a run folder was made for, its state: current, changed, gone or unrecorded)."""
+    from .data import TrainingSet
+
+    try:
+        train_dir = (folder / TRAIN_DIR_FILE).read_text().strip()
+    except OSError:
+        return None, "unrecorded"
+    if not Path(train_dir).is_dir():
+        return train_dir, "gone"
+    try:
+        identity = TrainingSet.load(train_dir).identity()
+    except (ValueError, OSError):  # no longer a readable training folder
+        return train_dir, "changed"
+    return train_dir, "current" if folder.name.rsplit("-", 1)[-1] == identity else "changed"
+
+
+def _run_parts(folder: Path) -> str:
+    """What a run folder holds: its prepared stores, Fisher files, before-losses and interrupted sweeps."""
+    parts = [f"{p.name} {fmt_size(folder_size(p))}" for p in sorted(folder.glob("prepared*")) if p.is_dir()]
+    for label, pattern in (("Fisher", "fisher-*.safetensors"), ("before-losses", "before-*.npy")):
+        count = len(list(folder.glob(pattern)))
+        if count:
+            parts.append(f"{count} {label}")
+    sweeps = [p for p in (folder / "sweeps").glob("*") if p.is_dir() and not p.name.startswith(".")]
+    if sweeps:
+        parts.append(f"{len(sweeps)} interrupted sweep{'s' if len(sweeps) > 1 else ''} "
+                     f"({fmt_size(sum(folder_size(p) for p in sweeps))}; a rerun resumes them)")
+    return ", ".join(parts) or "nothing yet"
+
+
+def scan(root: Path | None = None) -> list[CacheEntry]:
+    """Every folder under the cache root (``runs/`` folder by folder), largest first."""
+    root = Path(root) if root is not None else cache_root()
+    entries = []
+    for path in sorted(root.glob("*")):
+        if not path.is_dir() or path.name.startswith("."):
+            continue
+        if path.name == "runs":
+            for run in sorted(path.glob("*")):
+                if run.is_dir() and not run.name.startswith("."):
+                    entries.append(_run_entry(run))
+            continue
+        if path.name == "digits-train":
+            what = "the demo's training images"
+        elif path.name.startswith("digits-") and (path / "unet").is_dir():
+            what = "the demo's digits model"
+        else:
+            what = "not a forgetscore folder"
+        entries.append(CacheEntry(path, folder_size(path), what, False))
+    return sorted(entries, key=lambda e: -e.size)
+
+
+def _run_entry(run: Path) -> CacheEntry:
+    train_dir, state = _training_state(run)
+    parts = _run_parts(run)
+    if state == "unrecorded":
+        return CacheEntry(run, folder_size(run), f"a training set whose preparation has not finished: {parts}", False)
+    said = {"current": "", "changed": " (changed since: nothing reads this)",
+            "gone": " (gone: nothing reads this)"}[state]
+    return CacheEntry(run, folder_size(run), f"{train_dir}{said}: {parts}", state != "current")
+
+
+def describe(entries: list[CacheEntry], root: Path) -> list[str]:
+    """The listing `forgetscore cache` prints."""
+    total = sum(e.size for e in entries)
+    lines = [f"cache {root} ({fmt_size(total)} in {len(entries)} folder{'s' if len(entries) != 1 else ''}; "
+             "$FORGETSCORE_CACHE moves it)"]
+    for e in entries:
+        lines.append(f"  {fmt_size(e.size):>10}  {e.path.relative_to(root)}  {e.what}")
+    stale = [e for e in entries if e.stale]
+    if stale:
+        lines.append(f"{len(stale)} folder{'s' if len(stale) > 1 else ''} ({fmt_size(sum(e.size for e in stale))}) "
+                     "hold training folders as they were before a change, or that are gone: "
+                     "`forgetscore cache --remove-stale` deletes them")
+    return lines
+
+
+def remove_stale(entries: list[CacheEntry]) -> tuple[list[CacheEntry], list[CacheEntry]]:
+    """Delete the stale folders of `entries` that no job is in a stage of; returns (removed, left busy)."""
+    removed, busy = [], []
+    for e in entries:
+        if not e.stale:
+            continue
+        with contextlib.ExitStack() as stack:
+            # Every stage lock in the folder, held while it goes: a job that holds one is left to finish.
+            free = all(stack.enter_context(unless_busy(lock)) for lock in sorted(e.path.rglob(".*.lock")))
+            if free:
+                remove_dir(e.path)
+        (removed if free else busy).append(e)
+    return removed, busy

@@ -1,0 +1,114 @@
+"""`forgetscore cache`: what the cache root holds, and the removal of folders nothing reads any more."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import tiny
+from forgetscore import cli
+from forgetscore.attribution import Attributor, DiffusionModel, ScoringPlan, TrainingSet, locks
+from forgetscore.attribution.cache_index import folder_size, scan
+
+PLAN = ScoringPlan(timesteps=(5, 500), flips=False)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache_index")
+    return DiffusionModel.load(tiny.build_model(root / "model")), tiny.build_train(root / "train", n=6)
+
+
+def _prepared(model, source, folder):
+    """A copy of the training folder `source` at `folder`, prepared into the default cache; its run folder."""
+    shutil.copytree(source, folder, copy_function=shutil.copy)  # fresh modification times: an identity of its own
+    att = Attributor(model, TrainingSet.load(folder), plan=PLAN, progress=False)
+    att.prepare()
+    return att.cache_dir
+
+
+def _touch(path):
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+
+
+def _listing(capsys, *args):
+    assert cli.main(["cache", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_folders_are_listed_with_their_training_folder_state_and_size(made, tmp_path, monkeypatch, capsys):
+    model, source = made
+    root = tmp_path / "root"
+    monkeypatch.setenv("FORGETSCORE_CACHE", str(root))
+    assert _listing(capsys) == f"cache {root}: nothing cached yet ($FORGETSCORE_CACHE moves it)\n"
+    kept = _prepared(model, source, tmp_path / "kept")
+    changed = _prepared(model, source, tmp_path / "changed")
+    gone = _prepared(model, source, tmp_path / "gone")
+    assert len({kept, changed, gone}) == 3  # each folder has its own modification times: its own identity
+    _touch(tmp_path / "changed" / "003.png")
+    shutil.rmtree(tmp_path / "gone")
+    (kept / "sweeps" / "0123abcd").mkdir(parents=True)  # an interrupted sweep
+    (kept / "sweeps" / "0123abcd" / "chunk-000000.npy").write_bytes(b"x" * 100)
+    (root / "odd").mkdir()
+    (root / "odd" / "f").write_bytes(b"x" * 10)
+    entries = {e.path: e for e in scan(root)}
+    assert set(entries) == {kept, changed, gone, root / "odd"}
+    for path, e in entries.items():
+        assert e.size == sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) == folder_size(path)
+    assert [entries[p].stale for p in (kept, changed, gone, root / "odd")] == [False, True, True, False]
+    out = _listing(capsys)
+    lines = out.splitlines()
+    assert lines[0].startswith(f"cache {root} (") and lines[0].endswith("in 4 folders; $FORGETSCORE_CACHE moves it)")
+    line = {p: next(x for x in lines if str(p.relative_to(root)) in x) for p in entries}
+    assert line[kept].endswith(f"{tmp_path / 'kept'}: prepared {folder_size(kept / 'prepared') / 1024:.1f} KiB, "
+                               "1 interrupted sweep (100 B; a rerun resumes them)")
+    assert f"{tmp_path / 'changed'} (changed since: nothing reads this): prepared" in line[changed]
+    assert f"{tmp_path / 'gone'} (gone: nothing reads this): prepared" in line[gone]
+    assert line[root / "odd"].endswith("odd  not a forgetscore folder")
+    assert lines[-1].startswith("2 folders (") and lines[-1].endswith("`forgetscore cache --remove-stale` deletes them")
+
+    out = _listing(capsys, "--remove-stale")
+    assert f"removed {changed.relative_to(root)}" in out and f"removed {gone.relative_to(root)}" in out
+    assert not changed.exists() and not gone.exists() and kept.is_dir() and (root / "odd").is_dir()
+    assert not [p for p in (root / "runs").iterdir() if p.name.startswith(".")]  # nothing half-removed left
+    assert _listing(capsys, "--remove-stale").endswith("nothing stale to remove\n")
+    # The kept folder still serves: its prepared data is read as it is.
+    again = Attributor(model, TrainingSet.load(tmp_path / "kept"), plan=PLAN, progress=False)
+    assert again.cache_dir == kept and again.prepare().n == 6
+
+
+def test_a_folder_whose_preparation_has_not_finished_is_not_stale(made, tmp_path, monkeypatch, capsys):
+    model, source = made
+    monkeypatch.setenv("FORGETSCORE_CACHE", str(tmp_path / "root"))
+    run = _prepared(model, source, tmp_path / "train")
+    (run / "train_dir.txt").unlink()  # as before its prepare finished
+    shutil.rmtree(tmp_path / "train")
+    (e,) = scan(tmp_path / "root")
+    assert not e.stale and e.what.startswith("a training set whose preparation has not finished: prepared")
+    assert _listing(capsys, "--remove-stale").endswith("nothing stale to remove\n") and run.is_dir()
+
+
+@pytest.mark.skipif(locks.fcntl is None, reason="stage locks need fcntl's flock")
+def test_a_stale_folder_a_job_is_in_is_left_to_it(made, tmp_path, monkeypatch, capsys):
+    model, source = made
+    root = tmp_path / "root"
+    monkeypatch.setenv("FORGETSCORE_CACHE", str(root))
+    run = _prepared(model, source, tmp_path / "train")
+    shutil.rmtree(tmp_path / "train")
+    lock = run / "sweeps" / ".0123abcd.lock"
+    lock.parent.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+        "print('held', flush=True); sys.stdin.read()"), str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        out = _listing(capsys, "--remove-stale")
+        assert f"left {run.relative_to(root)}: a job is working in it" in out and run.is_dir()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    out = _listing(capsys, "--remove-stale")  # the job is done (its lock file stays, held by nobody)
+    assert f"removed {run.relative_to(root)}" in out and not run.exists()
