@@ -35,7 +35,8 @@
 #        GPU_CHECK_BATCH_ROWS=4000 GPU_CHECK_SWEEP_ARGS="--only sweep,precisions --compile-precisions bf16,fp16,tf32 \
 #        --rounds 2" bash benchmarks/gpu_check.sh
 #   2. Where our Fisher's time goes (342 samples/s at 64 a batch), by batch size, with a profile of each
-#      (about 2 minutes):
+#      (about 2 minutes); --fisher-batch-size auto (the default) now probes up to 512 on a GPU, on the
+#      reasoning that a batch of 64 leaves the GPU waiting on the host's launches: this measures it:
 #        GPU_CHECK_STEPS=env,wheels,sweep GPU_CHECK_FISHER=kv,all GPU_CHECK_SWEEP_ARGS="--only fisher \
 #        --fisher-samples 512 --fisher-batches 64,512 --fisher-profile --fisher-timeout-s 150" bash benchmarks/gpu_check.sh
 #   3. A slower-compiling mode on its own, since nothing is timed until every warm-up (compilation) is done:

@@ -31,7 +31,7 @@ EPILOGS = {
 
 
 def _batch_size(text: str) -> int | str:
-    """--batch-size: rows per UNet call, or `auto`."""
+    """A batch-size option (--batch-size, --fisher-batch-size): an int >= 1, or `auto`."""
     if text == "auto":
         return text
     try:
@@ -130,7 +130,9 @@ def _add_fisher_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Fisher")
     g.add_argument("--fisher-samples", type=int, help="samples (default: 5 x training-set size, as the paper, "
                    "or, when that is not cached, the largest count cached for these settings)")
-    g.add_argument("--fisher-batch-size", type=int, help="samples per backward pass (default: 64)")
+    g.add_argument("--fisher-batch-size", type=_batch_size,
+                   help="samples per backward pass, or auto (default: auto: the largest power of two up to 512 "
+                        "that fits in free GPU memory, probed; 64 on the CPU)")
     g.add_argument("--fisher-chunk-size", type=int,
                    help="samples per resumable chunk, the unit shared among torchrun ranks (default: 16384)")
 

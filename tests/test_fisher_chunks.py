@@ -178,7 +178,87 @@ def test_fisher_options_reach_the_attributor(setup, tmp_path):
     att = cli._attributor(args)
     assert (att.fisher_batch_size, att.fisher_chunk_size) == (5, 40)
     att = cli._attributor(parser.parse_args(["score", *common]))
-    assert (att.fisher_batch_size, att.fisher_chunk_size) == (64, fisher_mod.FISHER_CHUNK)
+    assert (att.fisher_batch_size, att.fisher_chunk_size) == ("auto", fisher_mod.FISHER_CHUNK)
+    att = cli._attributor(parser.parse_args(["fisher", *common, "--fisher-batch-size", "auto"]))
+    assert att.fisher_batch_size == "auto"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["fisher", *common, "--fisher-batch-size", "most"])
+    for bad in ("most", 0, 2.5):
+        with pytest.raises(ValueError, match=rf"^fisher_batch_size: {bad!r} must be an int >= 1"):
+            Attributor(att.model, att.train, plan=PLAN, fisher_batch_size=bad)
+        with pytest.raises(ValueError, match=rf"^batch_size: {bad!r} must be an int >= 1"):
+            att.fisher(SAMPLES, batch_size=bad)
+
+
+class FakeOOM(torch.cuda.OutOfMemoryError):
+    pass
+
+
+def test_the_fisher_batch_probe_halves_on_out_of_memory_and_runs_a_real_batch(setup, monkeypatch):
+    att = setup["att"]
+    real, tried = att.model.unet.forward, []
+
+    def forward(x, *a, **kw):
+        tried.append(x.shape[0])
+        if x.shape[0] > 24:
+            raise FakeOOM("CUDA out of memory (fake)")
+        return real(x, *a, **kw)
+
+    monkeypatch.setattr(att.model.unet, "forward", forward)
+    assert fisher_mod.probe_fisher_batch_size(att.model, setup["data"], att.names, cap=100) == 16
+    assert tried == [64, 32, 16]
+    tried.clear()
+    # Off CUDA, "auto" is the fixed batch, with no try at all.
+    assert fisher_mod.auto_fisher_batch_size(att.model, setup["data"], att.names) == fisher_mod.FISHER_BATCH == 64
+    assert tried == []
+    monkeypatch.setattr(att.model.unet, "forward", lambda *a, **kw: (_ for _ in ()).throw(FakeOOM("fake")))
+    with pytest.raises(ValueError, match="^fisher_batch_size: 'auto' found nothing that fits: one sample's "
+                                         "forward and backward pass runs out of device memory; free GPU memory, or"):
+        fisher_mod.probe_fisher_batch_size(att.model, setup["data"], att.names, cap=4)
+
+
+def _parts(folder: Path, batch: int, chunk: int, chunks: int) -> Path:
+    folder.mkdir(parents=True)
+    (folder / MANIFEST).write_text(json.dumps({"batch_size": batch, "chunk_size": chunk}))
+    for k in range(chunks):
+        (folder / chunk_name(k)).write_bytes(b"")
+    return folder
+
+
+def test_an_auto_fisher_resumes_with_the_batch_of_its_interrupted_chunks(setup, tmp_path, monkeypatch):
+    pick = fisher_mod.resumable_fisher_batch_size
+    folders = [_parts(tmp_path / "a", 32, 8, 3), _parts(tmp_path / "b", 128, 8, 5), _parts(tmp_path / "c", 16, 8, 0),
+               _parts(tmp_path / "d", 16, 4, 9), tmp_path / "missing"]
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / MANIFEST).write_text("{not json")
+    folders.append(tmp_path / "e")
+    assert pick(folders, 8, 256) == 128  # the most chunks, and it fits
+    assert pick(folders, 8, 64) == 32  # 128 no longer fits; chunks of another chunk size do not count
+    assert pick(folders, 8, 16) == 16 and pick([], 8, 512) == 512  # nothing to resume: what fits now
+
+    # In the Attributor: the probe's answer, unless an interrupted run of this Fisher made chunks with a smaller one.
+    att = Attributor.load(setup["model"], setup["train"], cache_dir=tmp_path / "cache", plan=PLAN,
+                          weights="cross-attn", progress=False, fisher_chunk_size=CHUNK)
+    assert att.fisher_batch_size == "auto"
+    monkeypatch.setattr("forgetscore.attribution.attributor.auto_fisher_batch_size", lambda *a, **kw: 4)
+    used, real = [], fisher_mod.fisher_sums
+
+    def failing(*a, start, batch_size, fail=True, **kw):
+        used.append(batch_size)
+        if fail and start == CHUNK:
+            raise RuntimeError("killed, say")
+        return real(*a, start=start, batch_size=batch_size, **kw)
+
+    monkeypatch.setattr(fisher_mod, "fisher_sums", failing)
+    with pytest.raises(RuntimeError, match="killed"):
+        att.fisher(SAMPLES, seed=7)
+    assert used == [4, 4]
+    monkeypatch.setattr("forgetscore.attribution.attributor.auto_fisher_batch_size", lambda *a, **kw: 8)
+    monkeypatch.setattr(fisher_mod, "fisher_sums", lambda *a, **kw: failing(*a, fail=False, **kw))
+    used.clear()
+    got = att.fisher(SAMPLES, seed=7)  # resumed under the batch of its chunks, 4, which still fits
+    assert used == [4, 4, 4]
+    _assert_same(got, _run(setup, tmp_path / "direct", batch_size=4))
 
 
 def test_two_ranks_under_torchrun_equal_one_process(setup, tmp_path):

@@ -28,7 +28,8 @@ import torch
 from ..cache import cache_root
 from . import params
 from .data import TEXT_DTYPES, PreparedData, TrainingSet, image_pixels, load_image, prepare
-from .fisher import FISHER_CHUNK, FISHER_FORMAT, check_counts, run_fisher
+from .fisher import (FISHER_CHUNK, FISHER_FORMAT, auto_fisher_batch_size, check_counts, resumable_fisher_batch_size,
+                     run_fisher)
 from .generate import generate
 from .io import check_writable, clean_removed, read_json, remove_dir, write_bytes, write_json, write_npy
 from .cache_index import TRAIN_DIR_FILE, fmt_size, folder_size
@@ -77,7 +78,7 @@ class Attributor:
                  weights: str = "kv", cache_dir: str | os.PathLike | None = None, batch_size: int | str = 256,
                  backend: str = "auto", progress: bool = True, resize: bool = False, chunk_size: int = 4096,
                  precision: str = "auto", prefetch: bool = True, compile: str | None = None,
-                 fisher_batch_size: int = 64, fisher_chunk_size: int = FISHER_CHUNK, text_dtype: str = "float32"):
+                 fisher_batch_size: int | str = "auto", fisher_chunk_size: int = FISHER_CHUNK, text_dtype: str = "float32"):
         from .. import kernels
         from .losses import auto_batch_size, check_noise_device, compile_mode, resolve_precision
 
@@ -94,7 +95,8 @@ class Attributor:
         self.backend, self.resize = backend, resize
         self.chunk_size = chunk_size
         # Settings that would otherwise fail only after the long stages before them.
-        check_counts(chunk_size=chunk_size, fisher_batch_size=fisher_batch_size, fisher_chunk_size=fisher_chunk_size)
+        check_counts(chunk_size=chunk_size, fisher_chunk_size=fisher_chunk_size)
+        _check_fisher_batch(fisher_batch_size, "fisher_batch_size")
         kernels.resolve(backend, model.device)
         check_noise_device(self.plan)
         self.fisher_batch_size, self.fisher_chunk_size = fisher_batch_size, fisher_chunk_size
@@ -211,7 +213,8 @@ class Attributor:
         """
         batch_size = self.fisher_batch_size if batch_size is None else batch_size
         chunk_size = self.fisher_chunk_size if chunk_size is None else chunk_size
-        check_counts(batch_size=batch_size, chunk_size=chunk_size, **({} if samples is None else {"samples": samples}))
+        _check_fisher_batch(batch_size, "batch_size")
+        check_counts(chunk_size=chunk_size, **({} if samples is None else {"samples": samples}))
         if samples is None and path is None:
             samples = self._default_fisher_samples(seed)
         samples = 5 * self.prepare().n if samples is None else samples  # after the cheap checks
@@ -273,8 +276,10 @@ class Attributor:
         except Exception:  # noqa: BLE001  (a damaged or foreign file is no candidate)
             return None
 
-    def _make_fisher(self, path: Path, meta: dict, batch_size: int, chunk_size: int) -> None:
+    def _make_fisher(self, path: Path, meta: dict, batch_size: int | str, chunk_size: int) -> None:
         t = time.perf_counter()
+        if batch_size == "auto":
+            batch_size = self._auto_fisher_batch(path, chunk_size)
         # Chunks of other settings (batch and chunk sizes change the last bits) have their own folders; the
         # folders are this Attributor's own, so files in them that no manifest vouches for are removed.
         parts = path.with_name(f"{path.name}.parts-{self._key(meta, batch_size, chunk_size)}")
@@ -295,6 +300,14 @@ class Attributor:
                 remove_dir(stale)
 
         on_rank0(keep)
+
+    def _auto_fisher_batch(self, path: Path, chunk_size: int) -> int:
+        """The Fisher batch for "auto": probed on CUDA (every rank takes the smallest), or that of an interrupted
+        run of this Fisher when it still fits (see :func:`.fisher.resumable_fisher_batch_size`)."""
+        fitting = min(all_gather(auto_fisher_batch_size(self.model, self.prepare(), self.names, flips=self.plan.flips,
+                                                        captions=self.plan.captions, backend=self.backend)))
+        return on_rank0(lambda: resumable_fisher_batch_size(sorted(path.parent.glob(f"{path.name}.parts-*")),
+                                                            chunk_size, fitting))
 
     def _log(self, message: str) -> None:
         if self.progress:
@@ -640,6 +653,14 @@ class Attributor:
         tau = self._run(list(variants), None, desc="score (after)") - before[None]
         self._forget_sweeps()
         return tau.max(axis=2) if reduce == "max" else tau.mean(axis=2)
+
+
+def _check_fisher_batch(value: int | str, argument: str) -> None:
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"{argument}: {value!r} must be an int >= 1 or 'auto'")
+    else:
+        check_counts(**{argument: value})
 
 
 def _scatter(values: np.ndarray, sel: np.ndarray, n: int) -> np.ndarray:

@@ -18,6 +18,7 @@ samples written into a directory and shared by the ranks of a torchrun job (see 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -161,6 +162,61 @@ def fisher_sums(model: DiffusionModel, data: PreparedData, names: list[str], *, 
         for p in selected:
             p.requires_grad_(False)
     return sums
+
+
+FISHER_BATCH = 64  # samples per batch where "auto" does not probe (off CUDA)
+FISHER_AUTO_CAP = 512  # the largest batch "auto" tries on a GPU
+
+
+def probe_fisher_batch_size(model: DiffusionModel, data: PreparedData, names: list[str], *, flips: bool = True,
+                            captions: str = "all", backend: str = "auto", cap: int = FISHER_AUTO_CAP) -> int:
+    """The largest power-of-two batch up to `cap` whose Fisher batch fits on the model's device.
+
+    Each try runs one batch of real samples exactly as :func:`fisher_sums` does (forward, the
+    backward pass, the accumulation); an out-of-memory error halves it.
+    """
+    from .losses import largest_fitting
+
+    check_draws(model, names, captions)
+
+    def fits(n: int) -> None:
+        fisher_sums(model, data, names, start=0, count=n, batch_size=n, flips=flips, captions=captions,
+                    backend=backend)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+
+    return largest_fitting(fits, cap, argument="fisher_batch_size", unit="one sample's forward and backward pass",
+                           hint="")
+
+
+def auto_fisher_batch_size(model: DiffusionModel, data: PreparedData, names: list[str], **kw) -> int:
+    """Samples per batch for ``fisher_batch_size="auto"``: probed on CUDA (at batch 64 a GPU waits on the host's
+    launches), :data:`FISHER_BATCH` elsewhere. `kw`: those of :func:`probe_fisher_batch_size`."""
+    if model.device.type == "cuda":
+        return probe_fisher_batch_size(model, data, names, **kw)
+    return FISHER_BATCH
+
+
+def resumable_fisher_batch_size(out_dirs: list[Path], chunk_size: int, fitting: int) -> int:
+    """The batch size to resume an "auto" Fisher with: that of the interrupted run among `out_dirs` (its chunk
+    folders) with the most finished chunks, if it is no larger than `fitting` (what fits now); else `fitting`.
+
+    Batch sizes change the last bits, so chunks of two are never mixed; the probe's answer moves with the
+    GPU's free memory, and a resumed run should not start afresh for that.
+    """
+    found = []
+    for folder in out_dirs:
+        try:
+            header = json.loads((folder / MANIFEST).read_text())
+            batch = int(header["batch_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if header.get("chunk_size") != chunk_size or batch > fitting:
+            continue
+        done = _folded(folder) + sum(_chunk_index(p.name) is not None for p in folder.glob("chunk-*.safetensors"))
+        if done:
+            found.append((done, batch))
+    return max(found)[1] if found else fitting
 
 
 def check_counts(**counts: int) -> None:

@@ -180,11 +180,13 @@ def _out_of_memory(exc: RuntimeError) -> bool:
     return any(m in str(exc) for m in _OOM_MESSAGES)
 
 
-def largest_fitting(fits: Callable[[int], None], cap: int) -> int:
+def largest_fitting(fits: Callable[[int], None], cap: int, *, argument: str = "batch_size",
+                    unit: str = "one UNet row", hint: str = "use --precision bf16, ") -> int:
     """The largest power of two <= `cap` for which ``fits(n)`` returns without running out of CUDA memory.
 
     Halves from the top: a try that does not fit fails at its first large allocation, so
-    the probe costs little more than the forward that fits.
+    the probe costs little more than the forward that fits. `argument`, `unit` and `hint` word the
+    error when not even one fits.
     """
     if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
         raise ValueError(f"cap: {cap!r} must be an int >= 1")
@@ -201,8 +203,8 @@ def largest_fitting(fits: Callable[[int], None], cap: int) -> int:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if n == 1:
-            raise ValueError("batch_size: 'auto' found nothing that fits: one UNet row runs out of device memory; "
-                             "free GPU memory, use --precision bf16, or use a larger GPU")
+            raise ValueError(f"{argument}: 'auto' found nothing that fits: {unit} runs out of device memory; "
+                             f"free GPU memory, {hint}or use a larger GPU")
         n //= 2
 
 
