@@ -1,4 +1,5 @@
-"""The sweep on a GPU: the host waits for the device once per image batch, and the numbers match the CPU's."""
+"""The engine on a GPU: the sweep waits for the device once per image batch and matches the CPU; the Fisher's
+batch is probed."""
 import warnings
 
 import numpy as np
@@ -50,3 +51,17 @@ def test_gpu_losses_match_the_cpu_losses(setup):
     gpu = LossSweep(model, data, PLAN, batch_size=16, precision="fp32").run([None], progress=False)
     cpu = LossSweep(DiffusionModel.load(model_dir), data, PLAN, batch_size=16).run([None], progress=False)
     np.testing.assert_allclose(gpu, cpu, rtol=1e-5)
+
+
+def test_the_fisher_batch_is_probed_on_the_gpu_and_the_fisher_matches_that_batch(setup):
+    from forgetscore.attribution import compute_fisher, select_weights
+    from forgetscore.attribution.fisher import FISHER_AUTO_CAP, auto_fisher_batch_size
+
+    model, data, _ = setup
+    names = select_weights(model.unet, "kv")
+    batch = auto_fisher_batch_size(model, data, names)
+    assert batch == FISHER_AUTO_CAP  # the tiny model's batch of 512 fits any GPU
+    a = compute_fisher(model, data, names, samples=40, batch_size=batch, progress=False)
+    b = compute_fisher(model, data, names, samples=40, batch_size=8, progress=False)
+    for n in names:  # another batch takes other convolution algorithms (TF32 by PyTorch's default) and sum orders
+        torch.testing.assert_close(a[n], b[n], rtol=5e-3, atol=1e-3 * float(b[n].abs().max()))
