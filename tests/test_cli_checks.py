@@ -1,5 +1,6 @@
 """The command line's own checks: bad arguments fail before any work or write, and its help holds true."""
 import argparse
+import os
 import re
 import shlex
 import tempfile
@@ -126,8 +127,18 @@ def test_output_folders_are_checked_first(no_work, monkeypatch, tmp_path, capsys
         return mkstemp(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
-    _fails(capsys, [*command, str(locked / "out")], f"{command[-1]}: {str(locked)!r} cannot be written to")
+    _fails(capsys, [*command, str(locked / "out")], f"{command[-1]}: {str(locked)!r} cannot be written to "
+                                                    "(Permission denied)")
     assert list(locked.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.access("/proc", os.W_OK), reason="needs a /proc whose permission bits let this user in")
+def test_a_folder_on_a_filesystem_that_takes_no_files_is_named_so():
+    from forgetscore.attribution.io import check_writable
+
+    with pytest.raises(ValueError, match=r"^--out: '/proc' cannot be written to \(its filesystem takes no new "
+                                         r"files\); choose another path"):
+        check_writable("/proc/forgetscore-out", "--out")
 
 
 def test_an_error_starts_its_own_line_after_a_progress_bar(monkeypatch, capsys):

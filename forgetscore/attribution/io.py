@@ -1,6 +1,7 @@
 """Writing files so that nothing half-written is ever left on disk."""
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -105,8 +106,10 @@ def check_writable(path: str | os.PathLike, argument: str) -> None:
     try:
         fd, made = tempfile.mkstemp(prefix=".forgetscore-probe-", suffix=".tmp", dir=probe)
     except OSError as exc:
-        raise ValueError(f"{argument}: {str(probe)!r} cannot be written to ({exc.strerror}); choose another "
-                         "path") from None
+        # A folder that exists yet says "no such file" when a file is made in it is on a filesystem that takes
+        # no new files (/proc, /sys): the bare errno would read as if the folder were missing.
+        why = "its filesystem takes no new files" if exc.errno == errno.ENOENT else exc.strerror
+        raise ValueError(f"{argument}: {str(probe)!r} cannot be written to ({why}); choose another path") from None
     os.close(fd)
     os.unlink(made)
 
