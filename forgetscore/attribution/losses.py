@@ -506,9 +506,9 @@ class LossSweep:
 
     @torch.inference_mode()
     def _compute(self, batch: _Batch, variants: Sequence[dict[str, torch.Tensor] | None]) -> torch.Tensor:
-        # Nothing here waits for the device until the batch's means are read back at the end: every copy
-        # is from pinned memory, the row counts are the host's, and the kernels run unchecked (the rows are
-        # the plan's own; a non-finite loss is caught in the means and explained by _non_finite).
+        # Nothing here waits for the device until the means of every variant are read back at the end: every
+        # copy is from pinned memory, the row counts are the host's, and the kernels run unchecked (the rows
+        # are the plan's own; a non-finite loss is caught in the means and explained by _non_finite).
         m, dev = self.model, self.model.device
         rows, async_copy = batch.rows, dev.type == "cuda"
         x0 = batch.x0.to(dev, non_blocking=async_copy)
@@ -523,7 +523,7 @@ class LossSweep:
             target = self._reference_target(x0, noise, ts)
         x_t = x_t.to(self._dtype)
         n_groups = batch.n_images * self.plan.versions
-        out = torch.empty(len(variants), batch.n_images, self.plan.versions, dtype=torch.float64)
+        sums = torch.empty(len(variants), n_groups, dtype=torch.float64, device=dev)
         for v, weights in enumerate(variants):
             with m.swapped(weights), self._shared_text.installed() as shared, self._tail():
                 losses = torch.empty(len(rows), dtype=torch.float32, device=dev)
@@ -537,9 +537,10 @@ class LossSweep:
                     else:
                         losses[lo:hi] = F.mse_loss(pred.float(), target[lo:hi], reduction="none").mean(
                             dim=tuple(range(1, pred.dim())))
-            sums = torch.zeros(n_groups, dtype=torch.float64, device=dev).index_add_(0, group, losses.double())
-            out[v] = (sums.cpu() / batch.counts).view(batch.n_images, self.plan.versions)
-            if not bool(torch.isfinite(out[v]).all()):  # on the host already: costs no synchronisation
+            sums[v] = torch.zeros(n_groups, dtype=torch.float64, device=dev).index_add_(0, group, losses.double())
+        out = (sums.cpu() / batch.counts).view(len(variants), batch.n_images, self.plan.versions)  # the one wait
+        for v in range(len(variants)):
+            if not bool(torch.isfinite(out[v]).all()):
                 self._non_finite(v, batch)
         return out
 
