@@ -89,7 +89,7 @@ def report(run_self_test: bool = True) -> tuple[str, bool]:
     for pkg in ("torch", "triton", "diffusers", "transformers", "safetensors", "numpy"):
         lines.append(f"{pkg:<13} {_version(pkg)}")
     lines.append(f"cuda devices  {torch.cuda.device_count() if torch.cuda.is_available() else 0}")
-    lines.append(f"cache         {cache_root()} (set $FORGETSCORE_CACHE to move it)")
+    lines.append(f"cache         {cache_root()} (set $FORGETSCORE_CACHE to move it; `forgetscore cache` lists it)")
     lines.append("")
     lines.append("backends:")
     for s in kernels.status():
