@@ -24,9 +24,9 @@ EPILOGS = {
     "report": "example:\n  forgetscore report --out r/",
     "cache": "examples:\n  forgetscore cache\n  forgetscore cache --remove-stale\n\n"
              "Lists the folders under the cache root ($FORGETSCORE_CACHE, else ~/.cache/forgetscore); a folder\n"
-             "given to --cache elsewhere is not listed. --remove-stale deletes the folders of training folders\n"
-             "that changed or are gone since; run it while no job uses them (a folder a job is in a stage of\n"
-             "is skipped).",
+             "given to --cache elsewhere is not listed. --remove-stale deletes the folders none of whose\n"
+             "training folders still has the contents they were made from (changed or gone); run it while no\n"
+             "job uses them (a folder a job is in a stage of is skipped).",
 }
 
 
@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", help="the training folder, if it moved since (default: as saved)")
     p = add("cache", "list what the cache holds, by training folder, with sizes; remove what nothing reads", _cache)
     p.add_argument("--remove-stale", action="store_true",
-                   help="delete the cache folders of training folders that changed or are gone since")
+                   help="delete the cache folders whose training folders all changed or are gone since")
     from .evaluation.cli import add_parser as add_evaluate
     add_evaluate(sub)
     return parser

@@ -79,6 +79,29 @@ def test_folders_are_listed_with_their_training_folder_state_and_size(made, tmp_
     assert again.cache_dir == kept and again.prepare().n == 6
 
 
+def test_copies_of_a_training_folder_share_its_cache_folder_until_the_last_is_gone(made, tmp_path, monkeypatch,
+                                                                                  capsys):
+    model, source = made
+    root = tmp_path / "root"
+    monkeypatch.setenv("FORGETSCORE_CACHE", str(root))
+    first = _prepared(model, source, tmp_path / "first")
+    shutil.copytree(tmp_path / "first", tmp_path / "second")  # names, sizes and modification times kept
+    second = Attributor(model, TrainingSet.load(tmp_path / "second"), plan=PLAN, progress=False)
+    second.prepare()
+    assert second.cache_dir == first
+    assert (first / "train_dir.txt").read_text() == f"{tmp_path / 'first'}\n{tmp_path / 'second'}\n"
+    second.prepare()  # prepared once per Attributor; a new one records nothing twice
+    Attributor(model, TrainingSet.load(tmp_path / "second"), plan=PLAN, progress=False).prepare()
+    assert len((first / "train_dir.txt").read_text().splitlines()) == 2
+    shutil.rmtree(tmp_path / "first")
+    (e,) = scan(root)
+    assert not e.stale and e.what.startswith(f"{tmp_path / 'second'} and 1 other copy: prepared")
+    assert _listing(capsys, "--remove-stale").endswith("nothing stale to remove\n") and first.is_dir()
+    shutil.rmtree(tmp_path / "second")
+    (e,) = scan(root)
+    assert e.stale and e.what.startswith(f"{tmp_path / 'first'} and 1 other copy (gone: nothing reads this)")
+
+
 def test_a_folder_whose_preparation_has_not_finished_is_not_stale(made, tmp_path, monkeypatch, capsys):
     model, source = made
     monkeypatch.setenv("FORGETSCORE_CACHE", str(tmp_path / "root"))

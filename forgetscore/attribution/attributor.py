@@ -27,12 +27,12 @@ import torch
 
 from ..cache import cache_root
 from . import params
+from .cache_index import fmt_size, folder_size, record_training_folder, recorded_training_folders
 from .data import TEXT_DTYPES, PreparedData, TrainingSet, image_pixels, load_image, prepare
 from .fisher import (FISHER_CHUNK, FISHER_FORMAT, auto_fisher_batch_size, check_counts, resumable_fisher_batch_size,
                      run_fisher)
 from .generate import generate
 from .io import check_writable, clean_removed, read_json, remove_dir, write_bytes, write_json, write_npy
-from .cache_index import TRAIN_DIR_FILE, fmt_size, folder_size
 from .locks import stage_lock, unless_busy
 from .losses import LossSweep
 from .model import DiffusionModel
@@ -152,6 +152,8 @@ class Attributor:
                     try:
                         self._data = prepare(self.model, self.train, self.cache_dir / folder, resize=self.resize,
                                              text_dtype=self.text_dtype, progress=self.progress, untrusted="remove")
+                        if self._own_cache_dir and self.rank == 0:  # under the lock: no job's path is lost
+                            record_training_folder(self.cache_dir, self.train.root)
                     except BaseException:
                         if self.rank == 0:  # not a collective: the other ranks may not have failed
                             self._drop_unstarted(self.cache_dir / folder)
@@ -164,9 +166,6 @@ class Attributor:
                         self.cache_dir.rmdir()
                 raise
             self.timings.add("prepare", time.perf_counter() - t, len(self.train), "img")
-            source = self.cache_dir / TRAIN_DIR_FILE
-            if self._own_cache_dir and self.rank == 0 and not source.is_file():
-                write_bytes(source, str(Path(self.train.root).resolve()).encode())
         return self._data
 
     def _note_earlier_states(self) -> None:
@@ -179,7 +178,7 @@ class Attributor:
         here = str(Path(self.train.root).resolve())
         for other in sorted(self.cache_dir.parent.glob(f"{self.model.encoders_id()}-*")):
             try:
-                if other == self.cache_dir or (other / TRAIN_DIR_FILE).read_text() != here:
+                if other == self.cache_dir or here not in recorded_training_folders(other):
                     continue
                 size = folder_size(other)
             except OSError:

@@ -2,10 +2,10 @@
 
 Each training folder gets a cache folder ``runs/<encoders id>-<training-set identity>``; its
 identity changes with any edit of the training folder, so every edit starts a new cache folder
-and the old one (prepared data: up to hundreds of GB on a large set) stays until removed. A
-folder records the training folder it was made for (``train_dir.txt``, written once its data
-is prepared); comparing that folder's identity now with the one in the name tells whether
-anything still reads it.
+and the old one (prepared data: up to hundreds of GB on a large set) stays until removed. The
+identity is of the contents (names, sizes, modification times), so copies of one folder share a
+cache folder; it records every training folder that used it (``train_dir.txt``, a path a line,
+added once its data is prepared). It is stale when none of them has its identity any more.
 """
 from __future__ import annotations
 
@@ -18,7 +18,25 @@ from ..cache import cache_root
 from .io import remove_dir
 from .locks import unless_busy
 
-TRAIN_DIR_FILE = "train_dir.txt"  # in a run folder: the training folder it was made for
+TRAIN_DIR_FILE = "train_dir.txt"  # in a run folder: the training folders that used it, a path a line
+
+
+def recorded_training_folders(run: Path) -> list[str]:
+    """The training folders a run folder records ([] where none is recorded yet)."""
+    try:
+        return [line for line in (Path(run) / TRAIN_DIR_FILE).read_text().splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+def record_training_folder(run: Path, train_dir: str | os.PathLike) -> None:
+    """Add `train_dir` to what `run` records, if it is not there yet (the file rewritten whole, then renamed)."""
+    from .io import write_bytes
+
+    here = str(Path(train_dir).resolve())
+    known = recorded_training_folders(run)
+    if here not in known:
+        write_bytes(Path(run) / TRAIN_DIR_FILE, "".join(f"{p}\n" for p in [*known, here]).encode())
 
 
 @dataclass
@@ -48,21 +66,22 @@ def fmt_size(size: int) -> str:
     return f"{size} B"
 
 
-def _training_state(folder: Path) -> tuple[str | None, str]:
-    """(the training folder a run folder was made for, its state: current, changed, gone or unrecorded)."""
+def _training_state(folder: Path) -> tuple[list[str], str]:
+    """(the training folders a run folder records, the one that still has its identity first; the state:
+    current (one does), changed (none does, some still exist), gone (none exists) or unrecorded)."""
     from .data import TrainingSet
 
-    try:
-        train_dir = (folder / TRAIN_DIR_FILE).read_text().strip()
-    except OSError:
-        return None, "unrecorded"
-    if not Path(train_dir).is_dir():
-        return train_dir, "gone"
-    try:
-        identity = TrainingSet.load(train_dir).identity()
-    except (ValueError, OSError):  # no longer a readable training folder
-        return train_dir, "changed"
-    return train_dir, "current" if folder.name.rsplit("-", 1)[-1] == identity else "changed"
+    recorded = recorded_training_folders(folder)
+    if not recorded:
+        return [], "unrecorded"
+    identity = folder.name.rsplit("-", 1)[-1]
+    for path in recorded:
+        try:
+            if Path(path).is_dir() and TrainingSet.load(path).identity() == identity:
+                return [path, *(p for p in recorded if p != path)], "current"
+        except (ValueError, OSError):  # no longer a readable training folder
+            continue
+    return recorded, "changed" if any(Path(p).is_dir() for p in recorded) else "gone"
 
 
 def _run_parts(folder: Path) -> str:
@@ -102,13 +121,14 @@ def scan(root: Path | None = None) -> list[CacheEntry]:
 
 
 def _run_entry(run: Path) -> CacheEntry:
-    train_dir, state = _training_state(run)
+    folders, state = _training_state(run)
     parts = _run_parts(run)
     if state == "unrecorded":
         return CacheEntry(run, folder_size(run), f"a training set whose preparation has not finished: {parts}", False)
     said = {"current": "", "changed": " (changed since: nothing reads this)",
             "gone": " (gone: nothing reads this)"}[state]
-    return CacheEntry(run, folder_size(run), f"{train_dir}{said}: {parts}", state != "current")
+    more = f" and {len(folders) - 1} other cop{'ies' if len(folders) > 2 else 'y'}" if len(folders) > 1 else ""
+    return CacheEntry(run, folder_size(run), f"{folders[0]}{more}{said}: {parts}", state != "current")
 
 
 def describe(entries: list[CacheEntry], root: Path) -> list[str]:
