@@ -421,11 +421,37 @@ def test_command_line_options_reach_the_attributor():
             parser.parse_args(["score", *base, "--batch-size", bad])
 
 
-def test_fp16_on_the_cpu_warns_that_it_is_slow():
+@pytest.mark.parametrize("native", [True, False, None])
+def test_half_precisions_the_cpu_runs_slowly_are_warned_of(native, monkeypatch):
     from forgetscore.attribution.losses import resolve_precision
 
-    with pytest.warns(UserWarning, match=r"^precision: fp16 on the CPU runs several times slower than fp32"):
+    monkeypatch.setattr(losses_mod, "cpu_has_bf16", lambda: native)
+    with pytest.warns(UserWarning, match=r"^precision: fp16 on the CPU runs several times slower than fp32 \(few "
+                                         r"CPU kernels take float16\)" + ("; bf16 is the CPU's fast" if native else "$")):
         assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
-    with warnings.catch_warnings():
+    for precision in ("bf16", "mixed"):
+        if native is False:
+            with pytest.warns(UserWarning, match=rf"^precision: {precision} runs slower than fp32 on this CPU, which "
+                                                 r"has no bfloat16 instructions .*; use fp32 here"):
+                assert resolve_precision(precision, torch.device("cpu")) == precision
+        else:  # with them, or when the CPU cannot tell
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert resolve_precision(precision, torch.device("cpu")) == precision
+    with warnings.catch_warnings():  # never on a GPU, whatever the CPU
         warnings.simplefilter("error")
-        assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+        assert resolve_precision("bf16", torch.device("cuda")) == "bf16"
+
+
+@pytest.mark.parametrize("text,native", [
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n\nprocessor\t: 1\n", True),
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\nbugs\t\t: spectre_v1\n", False),
+    ("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n", True),
+    ("processor\t: 0\nFeatures\t: fp asimd evtstrm\n", False),
+    ("processor\t: 0\nmodel name\t: something\n", None),
+])
+def test_bfloat16_instructions_are_read_from_the_cpu_flags(tmp_path, text, native):
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    assert losses_mod.cpu_has_bf16.__wrapped__(str(path)) is native
+    assert losses_mod.cpu_has_bf16.__wrapped__(str(tmp_path / "missing")) is None

@@ -16,6 +16,7 @@ memory, ``compile`` runs the UNet under ``torch.compile``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -215,14 +216,37 @@ def largest_fitting(fits: Callable[[int], None], cap: int, *, argument: str = "b
 AUTO_PRECISION = {"cuda": "tf32"}
 
 
+# CPU feature flags (as /proc/cpuinfo names them) of instructions that compute in bfloat16.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # the last: Arm's
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU has bfloat16 instructions (None: cannot tell, e.g. no /proc/cpuinfo)."""
+    try:
+        with open(cpuinfo) as fh:
+            flags = {word for line in fh if line.split(":", 1)[0].strip() in ("flags", "Features")
+                     for word in line.split(":", 1)[1].split()}
+    except (OSError, IndexError):
+        return None
+    return bool(flags & BF16_CPU_FLAGS) if flags else None
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`precision` checked for `device`, with "auto" replaced by the device's default."""
     if precision == "auto":
         precision = AUTO_PRECISION.get(device.type, "fp32")
     check_precision(precision, device)
-    if precision == "fp16" and device.type == "cpu":
-        warnings.warn("precision: fp16 on the CPU runs several times slower than fp32 (few CPU kernels take "
-                      "float16); bf16 is the CPU's fast half precision", stacklevel=2)
+    if device.type == "cpu":
+        native = cpu_has_bf16()
+        if precision == "fp16":
+            warnings.warn("precision: fp16 on the CPU runs several times slower than fp32 (few CPU kernels take "
+                          "float16)" + ("; bf16 is the CPU's fast half precision" if native else ""), stacklevel=2)
+        elif precision in ("bf16", "mixed") and native is False:
+            # Without them every bfloat16 product is emulated: on a 2-core AVX2 machine the digits model's
+            # sweep ran 11x slower in bf16 than in fp32 (benchmarks/RESULTS.md).
+            warnings.warn(f"precision: {precision} runs slower than fp32 on this CPU, which has no bfloat16 "
+                          "instructions (avx512_bf16, amx_bf16 or Arm's bf16); use fp32 here", stacklevel=2)
     return precision
 
 
