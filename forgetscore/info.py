@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import sys
 import time
@@ -82,6 +83,16 @@ def self_test() -> dict[str, dict[str, str]]:
     return results
 
 
+def _cpu_line() -> str:
+    """The CPU's vector capability as torch sees it, and whether bf16 runs natively (a sweep precision)."""
+    from .attribution.losses import cpu_has_bf16
+
+    native = cpu_has_bf16()
+    bf16 = {True: "yes", False: "no: bf16 and mixed precisions are emulated here, slower than fp32",
+            None: "unknown"}[native]
+    return f"{torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores; bfloat16 instructions: {bf16}"
+
+
 def report(run_self_test: bool = True) -> tuple[str, bool]:
     """The text `forgetscore info` prints, and whether every self-test passed."""
     lines = [f"forgetscore {__version__}",
@@ -89,6 +100,7 @@ def report(run_self_test: bool = True) -> tuple[str, bool]:
     for pkg in ("torch", "triton", "diffusers", "transformers", "safetensors", "numpy"):
         lines.append(f"{pkg:<13} {_version(pkg)}")
     lines.append(f"cuda devices  {torch.cuda.device_count() if torch.cuda.is_available() else 0}")
+    lines.append(f"cpu           {_cpu_line()}")
     lines.append(f"cache         {cache_root()} (set $FORGETSCORE_CACHE to move it; `forgetscore cache` lists it)")
     lines.append("")
     lines.append("backends:")

@@ -52,6 +52,17 @@ def test_info_shows_the_cache(monkeypatch, tmp_path, capsys):
     assert re.search(rf"^cache +{re.escape(str(tmp_path / 'elsewhere'))}", capsys.readouterr().out, re.M)
 
 
+@pytest.mark.parametrize("native,said", [(True, "yes"), (False, "no: bf16 and mixed precisions are emulated here"),
+                                         (None, "unknown")])
+def test_info_says_whether_the_cpu_computes_in_bfloat16(monkeypatch, capsys, native, said):
+    from forgetscore.attribution import losses
+
+    monkeypatch.setattr(losses, "cpu_has_bf16", lambda: native)
+    assert cli.main(["info", "--no-self-test"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cpu "))
+    assert re.fullmatch(rf"cpu +\w+, {os.cpu_count()} cores; bfloat16 instructions: {re.escape(said)}.*", line)
+
+
 @pytest.fixture
 def no_work(monkeypatch):
     """The long stages of demo and evaluate fail the test if they are reached."""
