@@ -24,7 +24,9 @@ KINDS = (
     ("convolution", ("conv", "fprop", "dgrad", "wgrad", "winograd")),
     ("matmul", ("gemm", "nvjet", "cutlass", "addmm", "aten::mm", "bmm", "matmul", "linear")),
     ("normalization", ("norm",)),
-    ("copies", ("memcpy", "memset", "copy", "cat", "index", "gather", "scatter")),
+    # with the layout changes around cuDNN's channels-last kernels
+    ("copies", ("memcpy", "memset", "copy", "cat", "index", "gather", "scatter", "nchwtonhwc", "nhwctonchw",
+                "transpose")),
 )
 
 

@@ -25,6 +25,7 @@ from _profile import busy_seconds, kernel_kind, kinds_note, kinds_table, profile
     ("_noise_kernel", "ours: noise, loss"),
     ("void forgetscore::loss_partial_kernel<c10::BFloat16, float>", "ours: noise, loss"),
     ("Memcpy HtoD (Pinned -> Device)", "copies"),
+    ("void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true>", "copies"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", "pointwise and other"),
     # CPU ops
     ("aten::mkldnn_convolution", "convolution"),
