@@ -78,7 +78,8 @@ class Attributor:
                  weights: str = "kv", cache_dir: str | os.PathLike | None = None, batch_size: int | str = 256,
                  backend: str = "auto", progress: bool = True, resize: bool = False, chunk_size: int = 4096,
                  precision: str = "auto", prefetch: bool = True, compile: str | None = None,
-                 fisher_batch_size: int | str = "auto", fisher_chunk_size: int = FISHER_CHUNK, text_dtype: str = "float32"):
+                 fisher_batch_size: int | str = "auto", fisher_chunk_size: int = FISHER_CHUNK,
+                 text_dtype: str = "float32"):
         from .. import kernels
         from .losses import auto_batch_size, check_noise_device, compile_mode, resolve_precision
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..cache import cache_root
-from .io import remove_dir
+from .io import remove_dir, write_bytes
 from .locks import unless_busy
 
 TRAIN_DIR_FILE = "train_dir.txt"  # in a run folder: the training folders that used it, a path a line
@@ -31,8 +31,6 @@ def recorded_training_folders(run: Path) -> list[str]:
 
 def record_training_folder(run: Path, train_dir: str | os.PathLike) -> None:
     """Add `train_dir` to what `run` records, if it is not there yet (the file rewritten whole, then renamed)."""
-    from .io import write_bytes
-
     here = str(Path(train_dir).resolve())
     known = recorded_training_folders(run)
     if here not in known:
@@ -45,7 +43,7 @@ class CacheEntry:
     path: Path
     size: int     # bytes of all its files
     what: str     # what it holds, in words
-    stale: bool   # made for a training folder as it was before a change (or one that is gone): nothing reads it
+    stale: bool   # none of the training folders it was made for has those contents any more: nothing reads it
 
 
 def folder_size(path: Path) -> int:
