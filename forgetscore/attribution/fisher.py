@@ -190,8 +190,12 @@ def probe_fisher_batch_size(model: DiffusionModel, data: PreparedData, names: li
 
 
 def auto_fisher_batch_size(model: DiffusionModel, data: PreparedData, names: list[str], **kw) -> int:
-    """Samples per batch for ``fisher_batch_size="auto"``: probed on CUDA (at batch 64 a GPU waits on the host's
-    launches), :data:`FISHER_BATCH` elsewhere. `kw`: those of :func:`probe_fisher_batch_size`."""
+    """Samples per batch for ``fisher_batch_size="auto"``: probed on CUDA, :data:`FISHER_BATCH` elsewhere.
+
+    Why probe: at 64 a batch an H200 computed 342 samples/s, far below its forward and backward rate,
+    as if it waited on the host's kernel launches; larger batches are not yet timed there
+    (benchmarks/gpu_check.sh, open question 2). `kw`: those of :func:`probe_fisher_batch_size`.
+    """
     if model.device.type == "cuda":
         return probe_fisher_batch_size(model, data, names, **kw)
     return FISHER_BATCH
