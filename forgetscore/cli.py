@@ -68,9 +68,9 @@ def _add_weights_arg(p: argparse.ArgumentParser) -> None:
 
 def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scoring sweep")
-    g.add_argument("--batch-size", type=_batch_size, default=256,
-                   help="UNet rows per forward pass, or auto: the largest power of two that fits in free GPU "
-                        "memory (probed, at most 4096), 256 on the CPU (default: 256)")
+    g.add_argument("--batch-size", type=_batch_size, default="auto",
+                   help="UNet rows per forward pass, or auto (the default): the largest power of two that fits in "
+                        "free GPU memory (probed, at most 4096), 256 on the CPU")
     g.add_argument("--chunk-size", type=int, default=4096,
                    help="images per resumable chunk of a sweep; torchrun ranks share chunks (default: 4096)")
     g.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16", "fp16", "mixed"], default="auto",
@@ -490,6 +490,17 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the filesystem: a full disk, permissions, a path that went away
         _close_bars()
         print(f"forgetscore {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        from .attribution.memory import BatchOutOfMemory, is_out_of_memory, summary
+
+        if not is_out_of_memory(exc):
+            raise
+        _close_bars()
+        message = (_as_flag(str(exc), parser, argv) if isinstance(exc, BatchOutOfMemory) else
+                   f"out of GPU memory ({summary(exc)}); free GPU memory, or give smaller batches (--batch-size, "
+                   "--fisher-batch-size, --micro-batch)")
+        print(f"forgetscore {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         _close_bars()

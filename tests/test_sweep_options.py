@@ -252,8 +252,8 @@ def test_auto_batch_size_on_the_cpu_is_the_fixed_default(setup, monkeypatch):
 
     monkeypatch.setattr(model.unet, "forward", no_forward)
     assert LossSweep(model, setup["data"], KEYED, batch_size="auto").batch_size == losses_mod.AUTO_BATCH_CPU == 256
-    att = Attributor(model, setup["att"].train, plan=KEYED, batch_size="auto", cache_dir=setup["root"] / "cache",
-                     progress=False)
+    att = Attributor(model, setup["att"].train, plan=KEYED, cache_dir=setup["root"] / "cache", progress=False)
+    assert att.batch_size_probed  # "auto" is the default
     assert att.batch_size == 256 and att.sweep().batch_size == 256
     for bad in ("big", 0, True, 2.0):
         with pytest.raises(ValueError, match="^batch_size: "):
@@ -339,41 +339,6 @@ def test_auto_precision_is_the_measured_default_of_each_device(setup):
         losses_mod.resolve_precision("tf32", torch.device("cpu"))
 
 
-def test_back_off_logic():
-    sizes = []
-
-    def fits_below(limit):
-        def fits(n):
-            sizes.append(n)
-            if n > limit:
-                raise FakeOOM("fake")
-        return fits
-
-    assert losses_mod.largest_fitting(fits_below(1000), 4096) == 512 and sizes == [4096, 2048, 1024, 512]
-    sizes.clear()
-    assert losses_mod.largest_fitting(fits_below(10 ** 6), 3000) == 2048 and sizes == [2048]  # cap: a power of 2
-    sizes.clear()
-    with pytest.raises(ValueError, match="^batch_size: 'auto' found nothing that fits"):
-        losses_mod.largest_fitting(fits_below(0), 8)
-    assert sizes == [8, 4, 2, 1]
-
-    def library_oom(n):  # cuBLAS / cuDNN out of memory: a RuntimeError, retried like torch's own
-        sizes.append(n)
-        if n > 2:
-            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
-
-    sizes.clear()
-    assert losses_mod.largest_fitting(library_oom, 8) == 2 and sizes == [8, 4, 2]
-
-    def broken(n):
-        raise RuntimeError("not a memory error")
-
-    with pytest.raises(RuntimeError, match="not a memory error"):  # other errors are not retried
-        losses_mod.largest_fitting(broken, 8)
-    with pytest.raises(ValueError, match="^cap: "):
-        losses_mod.largest_fitting(fits_below(8), 0)
-
-
 # --------------------------------------------------------------------------- torch.compile
 
 def test_compile_runs_the_unet_through_torch_compile_with_one_static_shape(setup):
@@ -407,7 +372,7 @@ def test_command_line_options_reach_the_attributor():
     parser = cli.build_parser()
     base = ["--model", "m", "--train", "t"]
     args = parser.parse_args(["score", *base])
-    assert (args.batch_size, args.compile, args.no_prefetch, args.noise) == (256, None, False, "keyed")
+    assert (args.batch_size, args.compile, args.no_prefetch, args.noise) == ("auto", None, False, "keyed")
     assert cli._plan(args) == ScoringPlan.with_stride(50)
     args = parser.parse_args(["attribute", *base, "--prompt", "p", "--out", "o", "--batch-size", "auto",
                               "--compile", "--no-prefetch", "--noise", "reference", "--reference-batch", "80",

@@ -75,7 +75,7 @@ class Attributor:
     """Attribution by unlearning for one model, one training set and one scoring plan."""
 
     def __init__(self, model: DiffusionModel, train: TrainingSet, *, plan: ScoringPlan | None = None,
-                 weights: str = "kv", cache_dir: str | os.PathLike | None = None, batch_size: int | str = 256,
+                 weights: str = "kv", cache_dir: str | os.PathLike | None = None, batch_size: int | str = "auto",
                  backend: str = "auto", progress: bool = True, resize: bool = False, chunk_size: int = 4096,
                  precision: str = "auto", prefetch: bool = True, compile: str | None = None,
                  fisher_batch_size: int | str = "auto", fisher_chunk_size: int = FISHER_CHUNK,

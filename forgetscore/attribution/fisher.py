@@ -31,6 +31,7 @@ from .. import kernels
 from . import per_sample
 from .data import PreparedData
 from .io import write_bytes
+from .memory import largest_fitting, naming_the_batch
 from .model import DiffusionModel
 from .ranks import barrier, broadcast, deal_chunks, on_rank0
 from .train_loss import row_losses
@@ -175,8 +176,6 @@ def probe_fisher_batch_size(model: DiffusionModel, data: PreparedData, names: li
     Each try runs one batch of real samples exactly as :func:`fisher_sums` does (forward, the
     backward pass, the accumulation); an out-of-memory error halves it.
     """
-    from .losses import largest_fitting
-
     check_draws(model, names, captions)
 
     def fits(n: int) -> None:
@@ -422,9 +421,10 @@ def run_fisher(model: DiffusionModel, data: PreparedData, names: list[str], out_
         for i in range(rounds):
             sums = None
             if i < len(mine):
-                sums = fisher_sums(model, data, names, start=mine[i] * chunk_size, count=count(mine[i]),
-                                   seed=seed, batch_size=batch_size, flips=flips, captions=captions,
-                                   backend=backend, bar=bar)
+                with naming_the_batch("fisher_batch_size", batch_size, "samples", "the Fisher"):
+                    sums = fisher_sums(model, data, names, start=mine[i] * chunk_size, count=count(mine[i]),
+                                       seed=seed, batch_size=batch_size, flips=flips, captions=captions,
+                                       backend=backend, bar=bar)
                 sums = {n: t.cpu() for n, t in sums.items()}
             if pending is not None:
                 pending.result()

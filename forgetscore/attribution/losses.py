@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .. import kernels
 from . import params
 from .data import PreparedData
+from .memory import largest_fitting, naming_the_batch
 from .model import DiffusionModel
 from .plan import ScoringPlan
 from .text_kv import SharedText
@@ -169,44 +170,6 @@ class ReferenceNoise:
             out[torch.from_numpy(sel).to(self.device)] = \
                 self.batch_noise(int(batch))[torch.from_numpy(row[sel]).to(self.device)]
         return out
-
-
-# How cuBLAS and cuDNN report an allocation they could not make: a plain RuntimeError, not torch's own
-# OutOfMemoryError (e.g. a handle or workspace created after PyTorch's allocator took the memory).
-_OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
-                 "CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED")
-
-
-def _out_of_memory(exc: RuntimeError) -> bool:
-    return any(m in str(exc) for m in _OOM_MESSAGES)
-
-
-def largest_fitting(fits: Callable[[int], None], cap: int, *, argument: str = "batch_size",
-                    unit: str = "one UNet row", hint: str = "use --precision bf16, ") -> int:
-    """The largest power of two <= `cap` for which ``fits(n)`` returns without running out of CUDA memory.
-
-    Halves from the top: a try that does not fit fails at its first large allocation, so
-    the probe costs little more than the forward that fits. `argument`, `unit` and `hint` word the
-    error when not even one fits.
-    """
-    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
-        raise ValueError(f"cap: {cap!r} must be an int >= 1")
-    n = 1 << (cap.bit_length() - 1)
-    while True:
-        try:
-            fits(n)
-            return n
-        except torch.cuda.OutOfMemoryError:
-            pass  # retried below, outside the handler, once the failed try's tensors are released
-        except RuntimeError as exc:
-            if not _out_of_memory(exc):
-                raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if n == 1:
-            raise ValueError(f"{argument}: 'auto' found nothing that fits: {unit} runs out of device memory; "
-                             f"free GPU memory, {hint}or use a larger GPU")
-        n //= 2
 
 
 # precision="auto": per device, the fastest precision whose top-100 overlap with IEEE fp32's stayed
@@ -608,7 +571,8 @@ class LossSweep:
         with tqdm(total=len(indices), desc=desc, unit="img", disable=not progress) as bar, \
                 contextlib.closing(self._loaded(batches)) as loaded:  # closing: an error stops the prefetch
             for ids, batch in zip(batches, loaded):
-                out[:, pos:pos + len(ids)] = self._compute(batch, variants).numpy()
+                with naming_the_batch("batch_size", self.batch_size, "rows", "the sweep"):
+                    out[:, pos:pos + len(ids)] = self._compute(batch, variants).numpy()
                 pos += len(ids)
                 bar.update(len(ids))
         return out

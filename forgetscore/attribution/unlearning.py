@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from . import params
+from .memory import naming_the_batch
 from .model import DiffusionModel
 from .train_loss import row_losses
 
@@ -182,7 +183,8 @@ def unlearn(model: DiffusionModel, names: list[str], fisher: dict[str, torch.Ten
             with torch.no_grad():
                 for nm in names:
                     ps[nm].copy_(current[nm])
-            g = query_gradient(model, names, x0, ctx, config, step, mask, backend, bar)
+            with naming_the_batch("micro_batch", min(config.micro_batch, config.draws), "draws", "the unlearning step"):
+                g = query_gradient(model, names, x0, ctx, config, step, mask, backend, bar)
             for nm in names:
                 if config.method == "sgd":
                     update = config.alpha * g[nm]
