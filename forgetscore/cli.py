@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -94,9 +95,9 @@ def _add_version_args(p: argparse.ArgumentParser) -> None:
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scoring plan")
-    g.add_argument("--timestep-stride", type=int, default=50,
+    g.add_argument("--timestep-stride", type=int,
                    help="score timesteps 0, s, 2s, ... below the model's num_train_timesteps (default: 50)")
-    g.add_argument("--timesteps", help="explicit comma-separated timesteps (overrides --timestep-stride)")
+    g.add_argument("--timesteps", help="explicit comma-separated timesteps (instead of --timestep-stride)")
     g.add_argument("--seed", type=int, default=0, help="noise seed of the plan (default: 0)")
     g.add_argument("--noise", choices=["keyed", "reference"], default="keyed",
                    help="keyed: noise per (seed, image, draw), independent of batching (default); reference: "
@@ -147,7 +148,9 @@ def _add_unlearn_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, help="unlearning steps (default: the preset's)")
     g.add_argument("--alpha", type=float, help="step size (default: the preset's)")
     g.add_argument("--draws", type=int, help="(noise, timestep) draws per step")
-    g.add_argument("--micro-batch", type=int, help="draws per backward pass (default: the preset's)")
+    g.add_argument("--micro-batch", type=int,
+                   help="draws per backward pass (default: the preset's); each pass draws distinct timesteps, so "
+                        "this sets how the timesteps are sampled, and another value gives other draws and scores")
     g.add_argument("--damping", type=float, help="lambda = damping x mean(F) per layer (default 0)")
     g.add_argument("--n-train", type=int,
                    help="N of the Newton step alpha / N: the number of images the model was trained on "
@@ -164,12 +167,15 @@ def _plan(args: argparse.Namespace):
     common = {"captions": args.captions, "flips": not args.no_flips, "seed": args.seed, "noise": args.noise,
               "reference_batch": args.reference_batch, "noise_device": args.noise_device}
     if args.timesteps is not None:
+        if args.timestep_stride is not None:  # one would be silently ignored
+            raise ValueError("--timesteps: give either the timesteps or --timestep-stride, not both")
         try:
             ts = tuple(int(t) for t in args.timesteps.split(","))
         except ValueError:
             raise ValueError(f"--timesteps: {args.timesteps!r} is not a comma-separated list of integers") from None
         return ScoringPlan(timesteps=ts, **common)
-    return ScoringPlan.with_stride(args.timestep_stride, _train_timesteps(args.model), **common)
+    stride = 50 if args.timestep_stride is None else args.timestep_stride
+    return ScoringPlan.with_stride(stride, _train_timesteps(args.model), **common)
 
 
 def _train_timesteps(model: str) -> int:
@@ -220,7 +226,9 @@ def _subset(path: str | None, file_names: list[str], report: bool = True):
     if not path:
         return None
     import numpy as np
-    position = {name: i for i, name in enumerate(file_names)}
+
+    from .attribution.data import name_key
+    position = {name_key(name): i for i, name in enumerate(file_names)}
     try:
         with open(path, encoding="utf-8-sig") as f:
             lines = [line.strip() for line in f if line.strip()]
@@ -231,10 +239,12 @@ def _subset(path: str | None, file_names: list[str], report: bool = True):
                          "per line") from None
     ids = []
     for line in lines:
-        if line in position:
-            ids.append(position[line])
+        if name_key(line) in position:
+            ids.append(position[name_key(line)])
         elif line.isascii() and line.isdecimal() and int(line) < len(file_names):
             ids.append(int(line))
+        elif line.startswith("#"):  # a comment (a file name starting with "#" was taken above)
+            continue
         else:
             raise ValueError(f"--subset: {line!r} is neither a file name of the training set nor a position "
                              f"below {len(file_names)}")
@@ -242,8 +252,9 @@ def _subset(path: str | None, file_names: list[str], report: bool = True):
         raise ValueError(f"--subset: {path!r} lists no image")
     repeated = len(ids) - len(set(ids))
     if repeated and report:  # each image is scored once
-        print(f"--subset: {repeated} of its {len(ids)} lines name an image listed before; {len(set(ids))} images "
-              "are scored", file=sys.stderr)
+        kept = len(set(ids))
+        print(f"--subset: {repeated} of its {len(ids)} lines name an image listed before; {kept} "
+              f"image{' is' if kept == 1 else 's are'} scored", file=sys.stderr)
     return np.array(ids, dtype=np.int64)
 
 
@@ -314,6 +325,12 @@ def _attribute(args: argparse.Namespace) -> int:
     config, region = _config(args), _region(args.region)
     att = _attributor(args)
     subset = _subset(args.subset, att.train.file_names, report=att.rank == 0)  # before the queries are made
+    for s in specs:
+        if s.query is not None and args.queries:  # read before any is generated; a bad one named by its line
+            try:
+                att.query_inputs(s.query)
+            except ValueError as exc:
+                raise ValueError(f"--queries: line {s.line}: {str(exc).removeprefix('query: ')}") from None
     queries = [(s.query if s.query is not None else att.generate(s.prompt, s.generate_seed), s.prompt)
                for s in specs]
     # All queries in one pass over the training set.
@@ -354,7 +371,8 @@ def _query_specs(args: argparse.Namespace) -> list:
     if not args.prompt.strip():
         raise ValueError(f"--prompt: {args.prompt!r} has no words; give the words the picture was made from, e.g. "
                          "--prompt 'a red bus'")
-    return [QuerySpec(name="", prompt=args.prompt, query=Path(args.query) if args.query else None,
+    # The query's path as recorded in attribution.json: absolute, as the model's and training folder's are.
+    return [QuerySpec(name="", prompt=args.prompt, query=Path(args.query).resolve() if args.query else None,
                       generate_seed=args.generate_seed)]
 
 
@@ -481,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    shown = warnings.showwarning
+    warnings.showwarning = _warning_line(args.command, shown)
     try:
         return args.func(args)
     except ValueError as exc:
@@ -507,9 +527,23 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; finished stages are cached and a rerun resumes from them", file=sys.stderr)
         return 130
     finally:
+        warnings.showwarning = shown
         from .attribution.ranks import leave_distributed
 
         leave_distributed()
+
+
+def _warning_line(command: str, shown):
+    """Show this package's own warnings as one line, as its errors are (a warning is advice to the user, whose
+    source line in this package would mean nothing to them); other packages' warnings as `shown` does."""
+    package = str(Path(__file__).resolve().parent)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and str(Path(filename).resolve()).startswith(package + os.sep):
+            print(f"forgetscore {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+    return show
 
 
 # The library names its arguments as Python does; these are its names for options spelt otherwise here.

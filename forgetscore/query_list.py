@@ -26,6 +26,7 @@ class QuerySpec:
     prompt: str
     query: Path | None = None
     generate_seed: int | None = None
+    line: int = 0  # its line in the list (0: given on the command line)
 
 
 def read_queries(path: str | Path) -> list[QuerySpec]:
@@ -60,7 +61,10 @@ def _spec(line: str, lineno: int, folder: Path) -> QuerySpec:
     if unknown:
         raise ValueError(f"{where} has {', '.join(map(repr, unknown))}; the keys are {', '.join(KEYS)}")
     prompt = rec.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError(f"{where}: \"prompt\" is a {type(prompt).__name__}; give the words the picture was made from "
+                         "as one string")
+    if prompt is None or not prompt.strip():
         raise ValueError(f"{where} has no \"prompt\"; give the words the picture was made from")
     query, seed = rec.get("query"), rec.get("generate_seed")
     if (query is None) == (seed is None):
@@ -68,7 +72,7 @@ def _spec(line: str, lineno: int, folder: Path) -> QuerySpec:
     if query is not None:
         if not isinstance(query, str) or not query:
             raise ValueError(f"{where}: \"query\" must be an image file's path")
-        file = Path(query) if Path(query).is_absolute() else folder / query
+        file = (Path(query) if Path(query).is_absolute() else folder / query).resolve()  # recorded absolute
         if not file.is_file():
             raise ValueError(f"{where}: the query {str(file)!r} is not a file")
         default = file.stem
@@ -80,4 +84,4 @@ def _spec(line: str, lineno: int, folder: Path) -> QuerySpec:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"{where}: the name {name!r} cannot be a folder name; give \"name\" of letters, digits, "
                          "'.', '_' or '-'")
-    return QuerySpec(name=name, prompt=prompt, query=file, generate_seed=seed)
+    return QuerySpec(name=name, prompt=prompt, query=file, generate_seed=seed, line=lineno)

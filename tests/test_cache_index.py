@@ -63,7 +63,7 @@ def test_folders_are_listed_with_their_training_folder_state_and_size(made, tmp_
     assert lines[0].startswith(f"cache {root} (") and lines[0].endswith("in 4 folders; $FORGETSCORE_CACHE moves it)")
     line = {p: next(x for x in lines if str(p.relative_to(root)) in x) for p in entries}
     assert line[kept].endswith(f"{tmp_path / 'kept'}: prepared {folder_size(kept / 'prepared') / 1024:.1f} KiB, "
-                               "1 interrupted sweep (100 B; a rerun resumes them)")
+                               f"1 interrupted sweep (100 B; a rerun with the same settings resumes them); model {model.source}")
     assert f"{tmp_path / 'changed'} (changed since: nothing reads this): prepared" in line[changed]
     assert f"{tmp_path / 'gone'} (gone: nothing reads this): prepared" in line[gone]
     assert line[root / "odd"].endswith("odd  not a forgetscore folder")
@@ -102,11 +102,11 @@ def test_copies_of_a_training_folder_share_its_cache_folder_until_the_last_is_go
     assert e.stale and e.what.startswith(f"{tmp_path / 'first'} and 1 other copy (gone: nothing reads this)")
 
 
-def test_a_folder_whose_preparation_has_not_finished_is_not_stale(made, tmp_path, monkeypatch, capsys):
+def test_a_folder_that_records_no_training_folder_is_not_stale(made, tmp_path, monkeypatch, capsys):
     model, source = made
     monkeypatch.setenv("FORGETSCORE_CACHE", str(tmp_path / "root"))
     run = _prepared(model, source, tmp_path / "train")
-    (run / "train_dir.txt").unlink()  # as before its prepare finished
+    (run / "train_dir.txt").unlink()  # as older versions left a prepare that had not finished
     shutil.rmtree(tmp_path / "train")
     (e,) = scan(tmp_path / "root")
     assert not e.stale and e.what.startswith("a training set whose preparation has not finished: prepared")

@@ -192,6 +192,17 @@ def test_attribute_a_list_of_queries_in_one_pass(dirs, capsys, tmp_path):
     assert cli.main(["attribute", *common, "--queries", str(queries), "--out", str(out)]) == 2
     assert "already holds results" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    # The queries' paths are recorded absolute (the list's are relative to its folder).
+    assert json.loads((out / "pic" / "attribution.json").read_text())["query"] == str(tmp_path / "q" / "pic.png")
+    # An image the model cannot take is named by its line of the list, before any query is generated.
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, 12), dtype=np.uint8)).save(tmp_path / "q" / "big.png")
+    queries.write_text('{"generate_seed": 1, "prompt": "a red square", "name": "gen"}\n'
+                       '{"query": "big.png", "prompt": "a red square"}\n')
+    assert cli.main(["attribute", *common, "--queries", str(queries), "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("forgetscore attribute: error: --queries: line 2: image ") and "big.png' is 12x16" in err, err
 
 
 @pytest.mark.parametrize("lines, says", [
@@ -201,6 +212,8 @@ def test_attribute_a_list_of_queries_in_one_pass(dirs, capsys, tmp_path):
     (['{"query": "a.png", "prompt": "p", "seed": 1}'], "line 1 has 'seed'; the keys are query, generate_seed"),
     (['{"query": "a.png"}'], 'line 1 has no "prompt"'),
     (['{"query": "a.png", "prompt": " "}'], 'line 1 has no "prompt"'),
+    (['{"query": "a.png", "prompt": ["p"]}'], 'line 1: "prompt" is a list; give the words the picture was made from '
+                                              'as one string'),
     (['{"prompt": "p"}'], 'line 1: give exactly one of "query"'),
     (['{"query": "a.png", "generate_seed": 1, "prompt": "p"}'], 'line 1: give exactly one of "query"'),
     (['{"query": "nope.png", "prompt": "p"}'], "nope.png' is not a file"),

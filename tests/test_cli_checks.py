@@ -141,6 +141,11 @@ def test_output_folders_are_checked_first(no_work, monkeypatch, tmp_path, capsys
     _fails(capsys, [*command, str(locked / "out")], f"{command[-1]}: {str(locked)!r} cannot be written to "
                                                     "(Permission denied)")
     assert list(locked.iterdir()) == []
+    # An empty path would put the results in the working directory unasked.
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", " "):
+        _fails(capsys, [*command, empty], f"{command[-1]}: the path is empty; give a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "locked"]
 
 
 @pytest.mark.skipif(not os.access("/proc", os.W_OK), reason="needs a /proc whose permission bits let this user in")
@@ -173,6 +178,8 @@ def test_library_errors_name_the_command_line_flag(tmp_path, capsys):
     capsys.readouterr()  # what building them printed
     common = ["--model", str(model), "--train", str(train), "--cache", str(tmp_path / "cache")]
     _fails(capsys, ["score", *common, "--timestep-stride", "0"], "--timestep-stride: 0 must be")
+    _fails(capsys, ["score", *common, "--timestep-stride", "0", "--timesteps", "5,9"],
+           "--timesteps: give either the timesteps or --timestep-stride, not both")
     _fails(capsys, ["fisher", *common, "--fisher-samples", "0"], "--fisher-samples: 0 must be")
     assert not (tmp_path / "cache").exists()  # refused before the training set was prepared
     _fails(capsys, ["attribute", *common, "--query", str(train / "000.png"), "--prompt", "a red dot", "--out",
@@ -190,6 +197,14 @@ def test_a_subset_says_how_many_of_its_lines_repeat_an_image(tmp_path, capsys):
     (tmp_path / "t.txt").write_text("c.png\n0\n")
     cli._subset(str(tmp_path / "t.txt"), ["a.png", "b.png", "c.png"])
     assert capsys.readouterr().err == ""
+    # Names as metadata.jsonl takes them ("./" and backslash folders), comment lines, and a "#" file name.
+    names = ["a.png", "sub/b.png", "#c.png"]
+    (tmp_path / "u.txt").write_text("# the top of a cheaper ranking\n./sub/b.png\nsub\\b.png\n#c.png\n")
+    assert cli._subset(str(tmp_path / "u.txt"), names).tolist() == [1, 1, 2]
+    assert "1 of its 3 lines name an image listed before; 2 images are scored" in capsys.readouterr().err
+    (tmp_path / "v.txt").write_text("a.png\n./a.png\n")
+    cli._subset(str(tmp_path / "v.txt"), names)
+    assert "1 of its 2 lines name an image listed before; 1 image is scored" in capsys.readouterr().err
 
 
 def test_a_timestep_stride_spans_the_models_own_train_timesteps(tmp_path):
@@ -200,3 +215,23 @@ def test_a_timestep_stride_spans_the_models_own_train_timesteps(tmp_path):
     assert cli._plan(args).timesteps == (0, 100, 200, 300, 400)
     args.model = str(tmp_path / "nothing")  # unreadable: the usual 1000 (loading the model then says why)
     assert cli._plan(args).timesteps == tuple(range(0, 1000, 100))
+
+
+def test_the_packages_own_warnings_are_one_line(monkeypatch, capsys):
+    import warnings
+
+    import forgetscore.attribution.losses as losses
+
+    def info(args):
+        warnings.simplefilter("always")
+        warnings.warn_explicit("precision: bf16 runs slower here; use fp32", UserWarning, losses.__file__, 10)
+        warnings.warn_explicit("another library's advice", UserWarning, "/elsewhere/lib.py", 3)
+        return 0
+
+    monkeypatch.setattr(cli, "_info", info)
+    with pytest.warns(UserWarning) as caught:  # what reaches the warnings machinery as it was
+        shown = warnings.showwarning
+        assert cli.main(["info"]) == 0
+        assert warnings.showwarning is shown  # restored after the command
+    assert capsys.readouterr().err == "forgetscore info: warning: precision: bf16 runs slower here; use fp32\n"
+    assert [str(w.message) for w in caught] == ["another library's advice"]  # shown as Python shows it

@@ -206,8 +206,34 @@ def test_a_failed_prepare_leaves_no_folder_in_the_cache_root(dirs, model, tmp_pa
     real = data_mod.prepare
     monkeypatch.setattr("forgetscore.attribution.attributor.prepare",
                         lambda *a, **kw: real(*a, **{**kw, "shard_size": 2}))
+    # A file that is no image is found by its header, before any shard is encoded.
+    encoded: list[int] = []
+    monkeypatch.setattr(model, "encode_images", lambda x, real=model.encode_images: encoded.append(1) or real(x))
     raises("train", r"cannot read image .*004\.png", att.prepare)
-    assert list((att.cache_dir / "prepared").glob("inputs-[0-9]*.npy"))
+    assert encoded == [] and list((tmp_path / "root" / "runs").iterdir()) == []
+    # A damaged image body only decoding finds: the shards before it are kept for a resume.
+    good = (dirs[1] / "004.png").read_bytes()
+    (folder / "004.png").write_bytes(good[:len(good) // 2])
+    att = Attributor(model, TrainingSet.load(folder), plan=PLAN, progress=False)
+    raises("train", r"cannot read image .*004\.png", att.prepare)
+    assert encoded and list((att.cache_dir / "prepared").glob("inputs-[0-9]*.npy"))
+    # That folder is tied to its training folder from the start: listed as unfinished, and stale (removable)
+    # once the image is fixed, which gives the training folder another identity.
+    from forgetscore.attribution.cache_index import remove_stale, scan
+
+    (entry,) = scan(tmp_path / "root")
+    assert entry.path == att.cache_dir and not entry.stale
+    assert entry.what.startswith(f"{folder}: prepared ") and "(unfinished)" in entry.what
+    (folder / "004.png").write_bytes(good)
+    (entry,) = scan(tmp_path / "root")
+    assert entry.stale and entry.what.startswith(f"{folder} (changed since: nothing reads this): prepared ")
+    said: list[str] = []
+    fixed = Attributor(model, TrainingSet.load(folder), plan=PLAN, progress=False)
+    fixed._log = said.append
+    fixed.prepare()
+    assert len(said) == 1 and said[0].startswith(f"cache: {str(att.cache_dir)!r} (")
+    assert remove_stale(scan(tmp_path / "root")) == ([entry], [])
+    assert not att.cache_dir.exists() and fixed.cache_dir.is_dir()
 
 
 def test_image_of_another_size_needs_resize(dirs, model, tmp_path):
@@ -781,18 +807,26 @@ def test_unreadable_training_image_writes_no_result(dirs, train, tmp_path):
     folder = copy_train(dirs, tmp_path / "train")
     (folder / "004.png").unlink()
     result = _result(train, 0)
-    raises("train_dir", r"cannot read .*004\.png.*pass the training folder the result was made from",
-           result.save, tmp_path / "new", train_dir=folder, k=N)
+    raises("train_dir", r"is not the training folder the result was made from, as it was \(.*004\.png.*is missing"
+                        r".*\); pass that folder", result.save, tmp_path / "new", train_dir=folder, k=N)
     assert snapshot(tmp_path / "new") == {}
     out = tmp_path / "out"
     _result(train, 1).save(out, train_dir=train.root, k=3)
     before = snapshot(out)
-    raises("train_dir", r"cannot read", result.save, out, train_dir=folder, k=N, overwrite=True)
+    raises("train_dir", r"is not the training folder", result.save, out, train_dir=folder, k=N, overwrite=True)
+    (folder / "004.png").write_bytes(b"not an image")  # listed and present, but unreadable
+    raises("train_dir", r"cannot read .*004\.png.*pass the training folder the result was made from",
+           result.save, out, train_dir=folder, k=N, overwrite=True)
     assert snapshot(out) == before
 
 
 def test_redraw_of_a_directory_without_results(tmp_path):
     raises("out", r"holds no attribution\.json; run `forgetscore attribute` first", redraw, tmp_path)
+    for name in ("bus", "cat"):  # as a --queries run lays out its results
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "attribution.json").write_text("{}")
+    raises("out", r"holds no attribution\.json, but its folders bus, cat do \(one result a query\); give one of "
+                  r"them", redraw, tmp_path)
 
 
 def test_redraw_refuses_a_training_folder_changed_since_and_damaged_results(dirs, train, tmp_path):
@@ -819,7 +853,17 @@ def test_redraw_refuses_a_training_folder_changed_since_and_damaged_results(dirs
     lines = (folder / "metadata.jsonl").read_text().splitlines()
     write_meta(folder, lines[::-1])  # the same images in another order: scores would name the wrong ones
     raises("train", r"has changed since these scores were made .*run attribute again", redraw, out)
+    # Two images outside the saved top swapped: every name is compared, not only the top's.
+    a, b = [i for i in range(len(lines)) if i not in set(result.top(3).tolist())][:2]
+    swapped = list(lines)
+    swapped[a], swapped[b] = swapped[b], swapped[a]
+    write_meta(folder, swapped)
+    raises("train", r"has changed since these scores were made .*run attribute again", redraw, out)
+    raises("train_dir", r"lists other images than the \d+ scored .*pass the training folder the result was made from",
+           result.save, tmp_path / "other", train_dir=folder)
+    assert not (tmp_path / "other").exists()
     write_meta(folder, lines)
+    redraw(out, 3)
     (out / "tau.npy").write_bytes(b"junk")
     raises("out", r"tau\.npy' is missing or damaged .*run attribute again", redraw, out)
     (out / "attribution.json").write_text("[]")
@@ -899,6 +943,11 @@ def test_cli_attribute_with_a_missing_train_folder(dirs, tmp_path, capsys):
     assert re.match(r"forgetscore attribute: error: --train: '.*nowhere/metadata\.jsonl' not found; the training "
                     r"folder needs a metadata\.jsonl", err), err
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+    code = cli.main(["attribute", "--model", str(dirs[0]), "--train", str(query), "--cache", str(tmp_path / "cache"),
+                     "--prompt", "a red dot", "--query", str(query), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and re.match(r"forgetscore attribute: error: --train: '.*000\.png' is a file, not a folder; "
+                                  r"give the training folder", err), err
 
 
 def test_building_blocks_name_their_bad_arguments(model, att):

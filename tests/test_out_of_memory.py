@@ -119,7 +119,8 @@ def test_each_stage_names_its_own_batch_option(setup, monkeypatch):
         LossSweep(att.model, att.prepare(), PLAN, batch_size=8).run([None], progress=False)
     with pytest.raises(BatchOutOfMemory, match=r"^fisher_batch_size: the Fisher ran out of GPU memory at 2 samples"):
         att.fisher(6, batch_size=2)
-    with pytest.raises(BatchOutOfMemory, match=r"^micro_batch: the unlearning step ran out of GPU memory at 3 draws"):
+    with pytest.raises(BatchOutOfMemory, match=r"^micro_batch: the unlearning step ran out of GPU memory at 3 draws"
+                                               r".*or free GPU memory \(another size draws other timesteps"):
         att.unlearn(query, "a red square", UnlearnConfig(method="sgd", steps=1, draws=3, micro_batch=4))
     # A failed step leaves the model's weights as they were.
     monkeypatch.undo()

@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import numbers
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +28,11 @@ import numpy as np
 import torch
 
 from ..cache import cache_root
+from ..kernels import validate
 from . import params
-from .cache_index import fmt_size, folder_size, record_training_folder, recorded_training_folders
+from .cache_index import TRAIN_DIR_FILE, fmt_size, folder_size, record_training_folder, recorded_training_folders
 from .data import TEXT_DTYPES, PreparedData, TrainingSet, image_pixels, load_image, prepare
-from .fisher import (FISHER_CHUNK, FISHER_FORMAT, auto_fisher_batch_size, check_counts, resumable_fisher_batch_size,
+from .fisher import (FISHER_CHUNK, FISHER_FORMAT, as_count, auto_fisher_batch_size, resumable_fisher_batch_size,
                      run_fisher)
 from .generate import generate
 from .io import check_writable, clean_removed, read_json, remove_dir, write_bytes, write_json, write_npy
@@ -37,7 +40,7 @@ from .locks import stage_lock, unless_busy
 from .losses import LossSweep
 from .model import DiffusionModel
 from .plan import ScoringPlan
-from .results import Attribution
+from .results import Attribution, rounding_note
 from .ranks import all_gather, barrier, init_distributed, on_rank0, rank_device
 from .sweep import SWEEP_FORMAT, indices_id, matching_sweeps, run_sweep, sweep_header, variant_id
 from .train_loss import row_losses
@@ -94,10 +97,11 @@ class Attributor:
         self.names = params.select(model.unet, weights)
         self.weights = weights
         self.backend, self.resize = backend, resize
-        self.chunk_size = chunk_size
         # Settings that would otherwise fail only after the long stages before them.
-        check_counts(chunk_size=chunk_size, fisher_chunk_size=fisher_chunk_size)
-        _check_fisher_batch(fisher_batch_size, "fisher_batch_size")
+        chunk_size, fisher_chunk_size = as_count("chunk_size", chunk_size), as_count("fisher_chunk_size",
+                                                                                      fisher_chunk_size)
+        fisher_batch_size = _check_fisher_batch(fisher_batch_size, "fisher_batch_size")
+        self.chunk_size = chunk_size
         kernels.resolve(backend, model.device)
         check_noise_device(self.plan)
         self.fisher_batch_size, self.fisher_chunk_size = fisher_batch_size, fisher_chunk_size
@@ -113,9 +117,9 @@ class Attributor:
         if self.batch_size_probed:
             # Each rank probes its own GPU; the ranks must sweep alike, so all take the smallest.
             batch_size = min(all_gather(auto_batch_size(model, precision)))
-        elif not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        elif not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size: {batch_size!r} must be an int >= 1 or 'auto'")
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)
         self.progress = progress and self.rank == 0
         self._own_cache_dir = cache_dir is None  # made here, under the cache root: removable when left empty
         root = Path(cache_dir) if cache_dir is not None else cache_root() / "runs"
@@ -151,10 +155,13 @@ class Attributor:
             try:
                 with stage_lock(self.cache_dir / f".{folder}.lock", "preparing this training set", self._log):
                     try:
+                        # Recorded first (under the lock: no job's path is lost), so that a preparation that
+                        # fails or is killed midway leaves a folder `forgetscore cache` can tie to its training
+                        # folder, and call stale once that folder is fixed (and so has another identity).
+                        if self._own_cache_dir and self.rank == 0:
+                            record_training_folder(self.cache_dir, self.train.root)
                         self._data = prepare(self.model, self.train, self.cache_dir / folder, resize=self.resize,
                                              text_dtype=self.text_dtype, progress=self.progress, untrusted="remove")
-                        if self._own_cache_dir and self.rank == 0:  # under the lock: no job's path is lost
-                            record_training_folder(self.cache_dir, self.train.root)
                     except BaseException:
                         if self.rank == 0:  # not a collective: the other ranks may not have failed
                             self._drop_unstarted(self.cache_dir / folder)
@@ -164,6 +171,8 @@ class Attributor:
                 # nothing else is in it (once the training folder is fixed it has another identity).
                 if self.rank == 0 and self._own_cache_dir:
                     with contextlib.suppress(OSError):  # not empty: other stages' files
+                        if {p.name for p in self.cache_dir.iterdir()} <= {TRAIN_DIR_FILE}:
+                            (self.cache_dir / TRAIN_DIR_FILE).unlink(missing_ok=True)
                         self.cache_dir.rmdir()
                 raise
             self.timings.add("prepare", time.perf_counter() - t, len(self.train), "img")
@@ -174,7 +183,7 @@ class Attributor:
 
         Their name holds the folder's identity (its files' sizes and modification times), so a change starts
         a new folder and the old one, as large as the prepared data, would stay unnoticed. Each folder records
-        the training folder it was made for (written once its data is prepared); the user decides what to delete.
+        the training folder it was made for (written as its preparation starts); the user decides what to delete.
         """
         here = str(Path(self.train.root).resolve())
         for other in sorted(self.cache_dir.parent.glob(f"{self.model.encoders_id()}-*")):
@@ -210,11 +219,16 @@ class Attributor:
 
         Computed once and cached; in resumable chunks of samples that the ranks share under torchrun
         (`batch_size`, `chunk_size`: default the Attributor's `fisher_batch_size`, `fisher_chunk_size`).
+        `path`: a file of the caller's in place of the cache, read as it is when it exists (with `samples` None,
+        whatever count it holds; a file of another count than `samples` is refused), else computed into it.
         """
-        batch_size = self.fisher_batch_size if batch_size is None else batch_size
-        chunk_size = self.fisher_chunk_size if chunk_size is None else chunk_size
-        _check_fisher_batch(batch_size, "batch_size")
-        check_counts(chunk_size=chunk_size, **({} if samples is None else {"samples": samples}))
+        # The seed as given: the Fisher mixes it with stream constants, and an error there would show another number.
+        seed = validate.seed(seed)
+        batch_size = _check_fisher_batch(self.fisher_batch_size if batch_size is None else batch_size, "batch_size")
+        chunk_size = as_count("chunk_size", self.fisher_chunk_size if chunk_size is None else chunk_size)
+        samples = None if samples is None else as_count("samples", samples)
+        if path and samples is not None:
+            self._check_fisher_file(Path(path), samples)
         if samples is None and path is None:
             samples = self._default_fisher_samples(seed)
         samples = 5 * self.prepare().n if samples is None else samples  # after the cheap checks
@@ -228,6 +242,17 @@ class Attributor:
                     self._make_fisher(path, meta, batch_size, chunk_size)
         return load_fisher(path, self.model, self.names)
 
+    def _check_fisher_file(self, path: Path, samples: int) -> None:
+        """That a Fisher file the user named holds `samples` samples, if it exists and records its count.
+
+        As the cache never serves a Fisher of another count for a count asked for, neither does a named file;
+        nor is it recomputed, which would overwrite a file of the user's.
+        """
+        held = on_rank0(lambda: self._cached_fisher_samples(path) if path.is_file() else None)
+        if held is not None and held != samples:
+            raise ValueError(f"samples: {samples}, but path {str(path)!r} holds a Fisher of {held} samples; pass "
+                             f"samples={held} (or None) to use it, or another path to compute one of {samples}")
+
     def fisher_samples(self, samples: int | None = None, *, seed: int = 0) -> int:
         """The sample count of the Fisher that :meth:`fisher` uses for `samples` (None: the default).
 
@@ -236,7 +261,7 @@ class Attributor:
         --fisher-samples M``): then the largest cached count, rather than hours spent on a second Fisher.
         """
         if samples is not None:
-            return samples
+            return as_count("samples", samples)
         epochs5 = 5 * self.prepare().n
 
         def cached() -> list[int]:
@@ -490,17 +515,24 @@ class Attributor:
                          f"nor its image shape {self.model.image_shape} (channels first; for an H x W x C array of "
                          "8-bit pixels pass PIL.Image.fromarray(array))")
 
-    def region_mask(self, region: Sequence[int] | torch.Tensor | None) -> torch.Tensor | None:
-        """A box (x0, y0, x1, y1) in image pixels, or an [H, W] mask, as a UNet-space weight mask [1, h, w]."""
+    def region_mask(self, region: Sequence[int] | torch.Tensor | np.ndarray | None) -> torch.Tensor | None:
+        """A box (x0, y0, x1, y1) in image pixels, or an [H, W] mask (tensor or array), as a UNet-space weight
+        mask [1, h, w]."""
         if region is None:
             return None
         _, H, W = self.model.image_shape
-        if isinstance(region, torch.Tensor):
+        if _is_mask(region):
+            if isinstance(region, np.ndarray):
+                if region.dtype != np.bool_ and not np.issubdtype(region.dtype, np.number):
+                    raise ValueError(f"region: mask of dtype {region.dtype}; give numbers or bools (weights in [0, 1])")
+                region = torch.from_numpy(np.asarray(region, dtype=np.float32))
             if tuple(region.shape) != (H, W):
                 raise ValueError(f"region: mask shape {tuple(region.shape)} is not the image's ({H}, {W})")
-            mask = region.float()
+            mask = region.detach().float().cpu()
+            if not bool(torch.isfinite(mask).all()):
+                raise ValueError("region: mask holds NaN or inf; give finite weights in [0, 1]")
         else:
-            box = [int(v) for v in region]
+            box = _region_box(region)
             if len(box) != 4 or not (0 <= box[0] < box[2] <= W and 0 <= box[1] < box[3] <= H):
                 raise ValueError(f"region: {region!r} is not a box x0,y0,x1,y1 inside the {W}x{H} image")
             mask = torch.zeros(H, W)
@@ -516,6 +548,7 @@ class Attributor:
     def query_loss(self, query: torch.Tensor, prompt: str, weights: dict[str, torch.Tensor] | None = None,
                    draws_per_timestep: int = 16) -> float:
         """The query's mean loss over the plan's timesteps (fixed noise), under `weights` (None: original)."""
+        _check_prompt(prompt)
         x0 = self.query_inputs(query)
         ts = torch.tensor(self.plan.timesteps, device=x0.device).repeat_interleave(draws_per_timestep)
         n = ts.shape[0]
@@ -533,6 +566,7 @@ class Attributor:
                 region: Sequence[int] | torch.Tensor | None = None, fisher_samples: int | None = None
                 ) -> dict[str, torch.Tensor]:
         config = config or UnlearnConfig()
+        _check_prompt(prompt)
         fisher = self.fisher(fisher_samples) if config.method == "newton" else None
         x0 = self.query_inputs(query)
         ctx = self.model.encode_text([prompt])[0]
@@ -558,26 +592,24 @@ class Attributor:
                        reduce: str = "max", fisher_samples: int | None = None,
                        indices: np.ndarray | None = None) -> list[Attribution]:
         """Unlearn each query, then score the training set for all of them in one pass over the data."""
+        queries = _query_pairs(queries)
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce: {reduce!r} is not one of {list(REDUCTIONS)}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"k: {k!r} must be an int >= 1 (the number of top images a result shows and saves)")
+        k = int(k)
         if config is not None and not isinstance(config, UnlearnConfig):
             raise ValueError(f"config: expected an UnlearnConfig (e.g. preset('mscoco')), got {type(config).__name__}")
         config = config or UnlearnConfig()
+        if fisher_samples is not None:
+            fisher_samples = as_count("fisher_samples", fisher_samples)
         for _, p in queries:
-            if not isinstance(p, str):
-                raise ValueError(f"prompt: expected a string (the query's prompt), got {type(p).__name__}")
+            _check_prompt(p)
         sources = [str(q) if isinstance(q, (str, os.PathLike)) else None for q, _ in queries]
         queries = [(self.query_inputs(q), p) for q, p in queries]  # bad queries fail before any long stage
         self.region_mask(region)
         data = self.prepare()
-        # Each listed image once (the scores are placed by id, so the order does not matter).
-        sel = np.arange(data.n) if indices is None else np.unique(np.asarray(indices, dtype=np.int64))
-        if sel.size == 0:
-            raise ValueError("indices: empty; give at least one image id to score (or None for all)")
-        if sel.min() < 0 or sel.max() >= data.n:
-            raise ValueError(f"indices: need ids in [0, {data.n}) (positions in the training set)")
+        sel = np.arange(data.n) if indices is None else _image_ids(indices, data.n)
         if fisher_samples is None and config.method == "newton":
             # Resolved once: every query takes the same Fisher, and the results record the one they took (another
             # job may cache a larger one meanwhile).
@@ -614,6 +646,9 @@ class Attributor:
                     "query_loss_before": q_before, "query_loss_after": q_after,
                     "query_loss_rise": (q_after - q_before) / q_before,
                     "train_loss_rise_mean": float(np.mean(tau) / np.mean(before))}
+            note = rounding_note(scores, f"the query {source!r}" if source else "the query")
+            if note and self.rank == 0:
+                warnings.warn(note, stacklevel=2)
             full_scores = scores if indices is None else _scatter(scores, sel, data.n)
             full_tau = tau if indices is None else _scatter(tau, sel, data.n)
             pixels = self.model.decode(self.query_inputs(q)[None])[0].cpu()
@@ -642,7 +677,7 @@ class Attributor:
                 "train_dir": str(Path(self.train.root).resolve()),
                 # Images outside a scored subset hold -inf in scores.npy and tau.npy.
                 "n_scored": n_scored,
-                "region": None if region is None or isinstance(region, torch.Tensor) else list(region)}
+                "region": None if region is None or _is_mask(region) else _region_box(region)}
 
     def score_variants(self, variants: Sequence[dict[str, torch.Tensor]], *, reduce: str = "max") -> np.ndarray:
         """Scores [len(variants), n_train] of arbitrary values of the selected weights (e.g. an ablation's
@@ -655,12 +690,80 @@ class Attributor:
         return tau.max(axis=2) if reduce == "max" else tau.mean(axis=2)
 
 
-def _check_fisher_batch(value: int | str, argument: str) -> None:
+def _check_fisher_batch(value: int | str, argument: str) -> int | str:
     if isinstance(value, str):
         if value != "auto":
             raise ValueError(f"{argument}: {value!r} must be an int >= 1 or 'auto'")
-    else:
-        check_counts(**{argument: value})
+        return value
+    return as_count(argument, value)
+
+
+def _query_pairs(queries: object) -> list[tuple[object, str]]:
+    """`queries` as a list of (query, prompt) pairs, each checked to be a pair (not yet what it holds)."""
+    if isinstance(queries, (str, os.PathLike, torch.Tensor, np.ndarray)) or not hasattr(queries, "__iter__"):
+        raise ValueError(f"queries: expected a list of (query, prompt) pairs, got {type(queries).__name__}; for one "
+                         "query use attribute(query, prompt)")
+    pairs = list(queries)
+    if not pairs:
+        raise ValueError("queries: empty; give at least one (query, prompt) pair")
+    for i, pair in enumerate(pairs):
+        # Only tuples and lists: a string or tensor of two items would unpack as a pair too.
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"queries: item {i} is {_describe(pair)}, not a (query, prompt) pair; pass e.g. "
+                             "[(\"query.png\", \"a prompt\")]")
+    return [(q, p) for q, p in pairs]
+
+
+def _describe(value: object) -> str:
+    return f"a {type(value).__name__} of {len(value)}" if isinstance(value, (tuple, list)) else repr(value)[:60]
+
+
+def _check_prompt(prompt: object) -> None:
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt: expected a string (the query's prompt), got {type(prompt).__name__}")
+    if not prompt.strip():
+        # The CLI refuses an empty --prompt too: the query would be unlearned as an unconditional sample.
+        raise ValueError(f"prompt: {prompt!r} is empty; give the text the query was made from or shows")
+
+
+def _image_ids(indices: object, n: int) -> np.ndarray:
+    """The distinct image ids listed in `indices`, sorted (the scores are placed by id, so order does not matter)."""
+    try:
+        ids = np.asarray(indices)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"indices: cannot be read as image ids ({exc}); give a list or array of integer "
+                         "image ids") from None
+    if ids.size == 0:
+        raise ValueError("indices: empty; give at least one image id to score (or None for all)")
+    # A boolean mask would be read as ids 0 and 1, and floats cut to ints, scoring images not meant.
+    if ids.dtype == np.bool_ or (isinstance(indices, (list, tuple))
+                                 and any(isinstance(v, (bool, np.bool_)) for v in indices)):
+        raise ValueError("indices: booleans (a mask?), not image ids; give integer image ids (for a mask m: "
+                         "np.flatnonzero(m))")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"indices: values of dtype {ids.dtype}, not image ids; give integer image ids")
+    if ids.ndim > 1:
+        raise ValueError(f"indices: shape {ids.shape}; give a flat list of image ids")
+    if ids.min() < 0 or ids.max() >= n:
+        raise ValueError(f"indices: need ids in [0, {n}) (positions in the training set)")
+    return np.unique(ids.reshape(-1).astype(np.int64))
+
+
+def _is_mask(region: object) -> bool:
+    """Whether `region` is an [H, W] mask rather than a box (a 1-D array is a box's four numbers)."""
+    return isinstance(region, torch.Tensor) or (isinstance(region, np.ndarray) and region.ndim != 1)
+
+
+def _region_box(region: object) -> list[int]:
+    """A box's coordinates as Python ints, refusing anything but integers (a float would be cut silently)."""
+    if isinstance(region, (str, bytes)) or not hasattr(region, "__iter__"):
+        raise ValueError(f"region: {region!r} is neither a box (x0, y0, x1, y1) of ints nor an [H, W] mask")
+    box = list(region)
+    bad = [v for v in box if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
+    if bad:
+        raise ValueError(f"region: {bad[0]!r} in {region!r} is not an integer; give the box x0,y0,x1,y1 in whole "
+                         "pixels (or an [H, W] mask for a fractional region)")
+    return [int(v) for v in box]
 
 
 def _scatter(values: np.ndarray, sel: np.ndarray, n: int) -> np.ndarray:

@@ -5,7 +5,7 @@ identity changes with any edit of the training folder, so every edit starts a ne
 and the old one (prepared data: up to hundreds of GB on a large set) stays until removed. The
 identity is of the contents (names, sizes, modification times), so copies of one folder share a
 cache folder; it records every training folder that used it (``train_dir.txt``, a path a line,
-added once its data is prepared). It is stale when none of them has its identity any more.
+added as its preparation starts). It is stale when none of them has its identity any more.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..cache import cache_root
-from .io import remove_dir, write_bytes
+from .io import read_json, remove_dir, write_bytes
 from .locks import unless_busy
 
 TRAIN_DIR_FILE = "train_dir.txt"  # in a run folder: the training folders that used it, a path a line
@@ -82,18 +82,36 @@ def _training_state(folder: Path) -> tuple[list[str], str]:
     return recorded, "changed" if any(Path(p).is_dir() for p in recorded) else "gone"
 
 
+def _manifest(folder: Path) -> dict:
+    """A prepared store's manifest ({} where it has none that reads)."""
+    try:
+        found = read_json(folder / "manifest.json")
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _model(folder: Path) -> str | None:
+    """The model a run folder's data was prepared with (its path then), as its prepared stores record it."""
+    return next((m["model"] for p in sorted(folder.glob("prepared*"))
+                 if isinstance((m := _manifest(p)).get("model"), str)), None)
+
+
 def _run_parts(folder: Path) -> str:
     """What a run folder holds: its prepared stores, Fisher files, before-losses and interrupted sweeps."""
-    parts = [f"{p.name} {fmt_size(folder_size(p))}" for p in sorted(folder.glob("prepared*")) if p.is_dir()]
+    parts = [f"{p.name} {fmt_size(folder_size(p))}{'' if _manifest(p).get('complete') else ' (unfinished)'}"
+             for p in sorted(folder.glob("prepared*")) if p.is_dir()]
     for label, pattern in (("Fisher", "fisher-*.safetensors"), ("before-losses", "before-*.npy")):
         count = len(list(folder.glob(pattern)))
         if count:
             parts.append(f"{count} {label}")
     sweeps = [p for p in (folder / "sweeps").glob("*") if p.is_dir() and not p.name.startswith(".")]
     if sweeps:
+        size = fmt_size(sum(folder_size(p) for p in sweeps))
         parts.append(f"{len(sweeps)} interrupted sweep{'s' if len(sweeps) > 1 else ''} "
-                     f"({fmt_size(sum(folder_size(p) for p in sweeps))}; a rerun resumes them)")
-    return ", ".join(parts) or "nothing yet"
+                     f"({size}; a rerun with the same settings resumes them)")
+    model = _model(folder)  # one training folder may be prepared for several models: each has its folder
+    return (", ".join(parts) or "nothing yet") + (f"; model {model}" if model else "")
 
 
 def scan(root: Path | None = None) -> list[CacheEntry]:

@@ -16,6 +16,7 @@ import itertools
 import mmap
 import os
 import posixpath
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,9 @@ class TrainingSet:
     def load(cls, root: str | os.PathLike) -> "TrainingSet":
         root = Path(root)
         meta = root / "metadata.jsonl"
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"train: {str(root)!r} is a file, not a folder; give the training folder that holds "
+                             "the images and their metadata.jsonl")
         if not meta.is_file():
             raise ValueError(f"train: {str(meta)!r} not found; the training folder needs a metadata.jsonl with "
                              'lines like {"file_name": "0001.png", "text": ["a caption", ...]}')
@@ -78,8 +82,7 @@ class TrainingSet:
                 which = "its caption is" if len(text) == 1 else f"caption {blank + 1} of {len(text)} is"
                 raise ValueError(f"train: metadata.jsonl line {lineno} ({name}): {which} blank; write it, or "
                                  "drop it from the list")
-            # One image, one line, inside the folder: "./a.png" and "a.png" are the same file.
-            key = posixpath.normpath(name.replace("\\", "/"))
+            key = name_key(name)
             if posixpath.isabs(key) or key == ".." or key.startswith("../"):
                 raise ValueError(f"train: metadata.jsonl line {lineno} names {name!r}, outside the training "
                                  "folder; give paths relative to the folder, inside it")
@@ -114,6 +117,12 @@ class TrainingSet:
         return load_image(self.root / self.file_names[index], shape, resize, argument="train")
 
 
+def name_key(name: str) -> str:
+    """What identifies a training image's file name: "./a.png" and "a.png" name one file, as do
+    "sub\\a.png" and "sub/a.png"."""
+    return posixpath.normpath(name.replace("\\", "/"))
+
+
 def load_image(path: str | os.PathLike, shape: tuple[int, int, int], resize: bool = False,
                argument: str = "query") -> torch.Tensor:
     """An image file as a float tensor in [-1, 1] of shape (C, H, W); a size mismatch is an error unless `resize`."""
@@ -123,8 +132,35 @@ def load_image(path: str | os.PathLike, shape: tuple[int, int, int], resize: boo
         with Image.open(path) as im:
             return image_pixels(im, shape, resize, argument, name=f"image {str(path)!r}")
     except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{argument}: cannot read image {str(path)!r} ({exc}); give a path to a valid image "
-                         "file (PNG, JPEG, ...)") from None
+        raise _unreadable(argument, path, exc) from None
+
+
+def _unreadable(argument: str, path: str | os.PathLike, exc: Exception) -> ValueError:
+    return ValueError(f"{argument}: cannot read image {str(path)!r} ({exc}); give a path to a valid image file "
+                      "(PNG, JPEG, ...)")
+
+
+def _check_size(size: tuple[int, int], shape: tuple[int, int, int], resize: bool, argument: str, name: str) -> None:
+    _, h, w = shape
+    if size != (w, h) and not resize:
+        raise ValueError(f"{argument}: {name} is {size[0]}x{size[1]} but the model takes {w}x{h}; resize the images "
+                         "or pass resize=True (--resize)")
+
+
+def check_image_headers(data: TrainingSet, indices: Iterable[int], shape: tuple[int, int, int],
+                        resize: bool = False) -> None:
+    """Open the header of each image in `indices` (nothing is decoded): a file that is no image, or one of the
+    wrong size, fails before the encoding, not hours into it. A damaged image body is found only by decoding."""
+    from PIL import Image, UnidentifiedImageError
+
+    for i in indices:
+        path = data.root / data.file_names[i]
+        try:
+            with Image.open(path) as im:
+                size = im.size
+        except (UnidentifiedImageError, OSError) as exc:
+            raise _unreadable("train", path, exc) from None
+        _check_size(size, shape, resize, "train", f"image {str(path)!r}")
 
 
 def image_pixels(im, shape: tuple[int, int, int], resize: bool = False, argument: str = "query",
@@ -135,9 +171,7 @@ def image_pixels(im, shape: tuple[int, int, int], resize: bool = False, argument
     c, h, w = shape
     im = eight_bit(im, name, argument).convert("L" if c == 1 else "RGB")
     if im.size != (w, h):
-        if not resize:
-            raise ValueError(f"{argument}: {name} is {im.size[0]}x{im.size[1]} but the model "
-                             f"takes {w}x{h}; resize the images or pass resize=True (--resize)")
+        _check_size(im.size, shape, resize, argument, name)
         im = im.resize((w, h), Image.BICUBIC)
     t = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
     return t[None] if c == 1 else t.permute(2, 0, 1)
@@ -146,9 +180,10 @@ def image_pixels(im, shape: tuple[int, int, int], resize: bool = False, argument
 def eight_bit(im, name: str, argument: str):
     """`im` with 8-bit channels (Pillow's own conversion clips wider greys at 255); `name` says which image in errors.
 
-    The scale comes from the format, never from the pixels: 16-bit greys (mode I;16, and mode I
-    of a PNG, whose integers have at most 16 bits) are divided by 257; float greys are taken as
-    [0, 1] (or [0, 255] when they exceed 1). Other 32-bit integer images are refused.
+    The scale of integer images comes from the format, never from the pixels: 16-bit greys (mode
+    I;16, and mode I of a PNG, whose integers have at most 16 bits) are divided by 257; other 32-bit
+    integer images are refused. Float greys carry no scale, so theirs is read from the pixels: [0, 1],
+    or [0, 255] when any exceeds 1 (a float image of another range, e.g. HDR in [0, 3], reads dark).
     """
     from PIL import Image
 
@@ -420,6 +455,7 @@ def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, 
         chunk_glob=("inputs-[0-9]*.npy", "text-[0-9]*.npy"), caller="prepare",
         same_hint="every rank must prepare the same training set with the same model and settings",
         untrusted=untrusted)
+    check_image_headers(data, (i for s in mine for i in range(*entries[s]["images"])), model.image_shape, resize)
     bar = tqdm(total=sum(entries[s]["images"][1] - entries[s]["images"][0] for s in mine),
                desc="prepare" if world == 1 else f"prepare (rank 0 of {world})", unit="img",
                disable=not progress or rank != 0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import numbers
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ import torch
 from torch.profiler import record_function
 
 from .. import kernels
+from ..kernels import validate
 from . import per_sample
 from .data import PreparedData
 from .io import write_bytes
@@ -222,11 +224,18 @@ def resumable_fisher_batch_size(out_dirs: list[Path], chunk_size: int, fitting: 
     return max(found)[1] if found else fitting
 
 
+def as_count(name: str, value: object) -> int:
+    """`value` as a Python int >= 1; numpy integers count too (they reach here from arrays), bool does not
+    (True would pass for 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}: {value!r} must be an int >= 1")
+    return int(value)
+
+
 def check_counts(**counts: int) -> None:
     """Each named count must be an int >= 1 (the error names the first that is not)."""
     for name, v in counts.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name}: {v!r} must be an int >= 1")
+        as_count(name, v)
 
 
 def check_draws(model: DiffusionModel, names: list[str], captions: str) -> None:
@@ -253,7 +262,8 @@ def compute_fisher(model: DiffusionModel, data: PreparedData, names: list[str], 
     """{parameter name: float64 Fisher diagonal (parameter's shape)} from `samples` samples, in memory."""
     from tqdm.auto import tqdm
 
-    check_counts(samples=samples, batch_size=batch_size)
+    samples, batch_size = as_count("samples", samples), as_count("batch_size", batch_size)
+    seed = validate.seed(seed)  # before it is mixed with a stream constant, so an error shows the seed given
     check_draws(model, names, captions)
     with tqdm(total=samples, desc="fisher", unit="sample", disable=not progress) as bar:
         sums = fisher_sums(model, data, names, start=0, count=samples, seed=seed, batch_size=batch_size,
@@ -372,7 +382,9 @@ def run_fisher(model: DiffusionModel, data: PreparedData, names: list[str], out_
     """
     from tqdm.auto import tqdm
 
-    check_counts(samples=samples, batch_size=batch_size, chunk_size=chunk_size)
+    samples, batch_size = as_count("samples", samples), as_count("batch_size", batch_size)
+    chunk_size = as_count("chunk_size", chunk_size)
+    seed = validate.seed(seed)  # before it is mixed with a stream constant, so an error shows the seed given
     check_draws(model, names, captions)
     out_dir = Path(out_dir)
     shapes = {n: tuple(model.unet.get_parameter(n).shape) for n in names}

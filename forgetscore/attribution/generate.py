@@ -6,11 +6,13 @@ device or backend.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
 
 from .. import kernels
+from ..kernels import validate
 from .model import DiffusionModel
 
 GENERATE_STREAM = 0x47454E45
@@ -26,11 +28,15 @@ def generate(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int]
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("prompts: give at least one prompt")
-    seeds = [seeds] * len(prompts) if isinstance(seeds, int) else list(seeds)
+    one_seed = isinstance(seeds, numbers.Integral) or (isinstance(seeds, torch.Tensor) and seeds.dim() == 0)
+    seeds = [seeds] * len(prompts) if one_seed else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"seeds: {len(seeds)} seeds for {len(prompts)} prompts; give one per prompt or one int")
-    if steps < 1:
-        raise ValueError(f"steps: {steps} must be >= 1")
+    # Checked as given: mixed with the stream constant first, a bad seed would be reported as another number.
+    seeds = [validate.seed(s) for s in seeds]
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps: {steps!r} must be an int >= 1")
+    steps = int(steps)
     sched = DDIMScheduler.from_config(model.scheduler.config)
     dtype = next(model.unet.parameters()).dtype
     outs = []

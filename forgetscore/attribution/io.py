@@ -90,6 +90,8 @@ def write_npy_rows(path: Path, shape: tuple[int, ...], dtype, parts) -> None:
 
 def check_writable(path: str | os.PathLike, argument: str) -> None:
     """That folder `path` exists or can be made there, and can be written to: checked before long work."""
+    if not str(path).strip():  # Path("") is the working directory: results would land there unasked
+        raise ValueError(f"{argument}: the path is empty; give a folder (\".\" for the working directory)")
     path = Path(path)
     probe = path
     while not probe.exists():

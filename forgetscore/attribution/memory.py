@@ -60,8 +60,9 @@ class BatchOutOfMemory(torch.cuda.OutOfMemoryError):
 
 
 @contextlib.contextmanager
-def naming_the_batch(argument: str, size: int, unit: str, stage: str) -> Iterator[None]:
-    """Inside: an out-of-memory error becomes a :class:`BatchOutOfMemory` naming `argument` and a smaller size.
+def naming_the_batch(argument: str, size: int, unit: str, stage: str, effect: str = "") -> Iterator[None]:
+    """Inside: an out-of-memory error becomes a :class:`BatchOutOfMemory` naming `argument` and a smaller size;
+    `effect` says what else a smaller size changes, if anything.
 
     Without it, a stage that ran out of memory hours into a job would show PyTorch's allocator
     report, which says how much was asked for but not which option asked for it.
@@ -73,4 +74,4 @@ def naming_the_batch(argument: str, size: int, unit: str, stage: str) -> Iterato
             raise
         fix = f"give a smaller one (e.g. {size // 2}) or free GPU memory" if size > 1 else "free GPU memory"
         raise BatchOutOfMemory(f"{argument}: {stage} ran out of GPU memory at {size} {unit} a batch ({summary(exc)}); "
-                               f"{fix}") from exc
+                               f"{fix}{effect}") from exc

@@ -24,6 +24,9 @@ PRESETS = {
 
 def select(unet: torch.nn.Module, weights: str = "kv") -> list[str]:
     """Names of the selected parameters, in the model's order."""
+    if not isinstance(weights, str):
+        raise ValueError(f"weights: expected one string, a preset {list(PRESETS)} or a regular expression, got "
+                         f"{type(weights).__name__}; for several patterns join them with '|'")
     pattern = PRESETS.get(weights, weights)
     try:
         rx = re.compile(pattern)

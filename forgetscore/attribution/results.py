@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
@@ -58,7 +59,9 @@ class Attribution:
         check_output_dir(out, overwrite)
         # Everything that can fail (reading the training images) happens before the first write.
         record = {"prompt": self.prompt, "top": self.top_records(k), "n_train": int(len(self.scores)),
-                  **self.metadata}
+                  **self.metadata, "file_names_id": names_id(self.file_names)}
+        if train_dir is not None:
+            _check_same_names(self, train_dir)
         images = _top_images(self, train_dir, k) if train_dir is not None else None
         pictures = {"query.png": _png(self.query, scale=1),  # native size: can be attributed again
                     "gallery.png": gallery(self, images, k),
@@ -71,6 +74,45 @@ class Attribution:
             write_bytes(out / name, data)
         write_json(out / "attribution.json", record)  # last: its presence marks a complete result
         return out
+
+
+def rounding_note(scores: np.ndarray, name: str = "the query") -> str | None:
+    """A warning when the scores of `name` take few distinct values: the unlearning step then moved the losses
+    by about their floating-point rounding, and the ranking is mostly that rounding.
+
+    Losses that really rose differ from image to image in every digit, so about as many distinct scores as
+    images are expected; quantised scores (multiples of a few rounding units) are the sign of a step too small
+    for the arithmetic, e.g. alpha / N with N far too large.
+    """
+    finite = np.asarray(scores)[np.isfinite(scores)]
+    if finite.size < 50:  # too few to tell a tie by chance from quantisation
+        return None
+    distinct = int(np.unique(finite).size)
+    if 2 * distinct >= finite.size:
+        return None
+    return (f"scores: those of {name} take only {distinct} distinct values over {finite.size} images: the "
+            "unlearning step moved the training losses by about their rounding, so the ranking is mostly rounding "
+            "noise; take a larger step (alpha, steps) or check n_train (the N of alpha / N)")
+
+
+def names_id(file_names: list[str]) -> str:
+    """An id of the training images' names in their order: scores are matched to images by position."""
+    return hashlib.sha256(json.dumps(list(file_names)).encode()).hexdigest()[:16]
+
+
+def _check_same_names(result: Attribution, train_dir: str | os.PathLike) -> None:
+    """That `train_dir` lists the images `result` scored, in the same order (else its pictures would be wrong)."""
+    from .data import TrainingSet
+
+    try:
+        names = TrainingSet.load(train_dir).file_names
+    except ValueError as exc:
+        raise ValueError(f"train_dir: {str(train_dir)!r} is not the training folder the result was made from, as it "
+                         f"was ({str(exc).removeprefix('train: ')}); pass that folder") from None
+    if names != list(result.file_names):
+        raise ValueError(f"train_dir: {str(train_dir)!r} lists other images than the {len(result.file_names)} "
+                         f"scored ({len(names)} in another order or with other names), so its pictures would stand "
+                         "beside the wrong scores; pass the training folder the result was made from")
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -188,6 +230,11 @@ def load(out: str | os.PathLike) -> dict:
     """The attribution.json of a result directory, with its scores."""
     out = Path(out)
     if not (out / "attribution.json").is_file():
+        inside = sorted(p.parent.name for p in out.glob("*/attribution.json")) if out.is_dir() else []
+        if inside:  # the folder of a --queries run: a result a query
+            shown = ", ".join(inside[:5]) + (", ..." if len(inside) > 5 else "")
+            raise ValueError(f"out: {str(out)!r} holds no attribution.json, but its folders {shown} do (one result "
+                             "a query); give one of them")
         raise ValueError(f"out: {str(out)!r} holds no attribution.json; run `forgetscore attribute` first")
     try:
         rec = read_json(out / "attribution.json")
@@ -228,14 +275,18 @@ def load_result(out: str | os.PathLike, train_dir: str | os.PathLike | None = No
                          "now (train_dir=..., --train)")
     train = TrainingSet.load(rec["train_dir"] if train_dir is None else train_dir)
     # The scores are matched to the training set by position: a folder changed since would name the wrong images.
-    # (A copy of the folder has new modification times, and so another identity: its names are compared then.)
-    same_names = len(train) == len(rec["scores"]) and all(
-        isinstance(r, dict) and 0 <= r.get("id", -1) < len(train) and train.file_names[r["id"]] == r.get("file_name")
-        for r in rec["top"])
+    # (A copy of the folder has new modification times, and so another identity: its names are compared then,
+    # all of them in order; results saved before their id was recorded compare the top ones.)
+    if "file_names_id" in rec:
+        same_names = len(train) == len(rec["scores"]) and names_id(train.file_names) == rec["file_names_id"]
+    else:
+        same_names = len(train) == len(rec["scores"]) and all(
+            isinstance(r, dict) and 0 <= r.get("id", -1) < len(train)
+            and train.file_names[r["id"]] == r.get("file_name") for r in rec["top"])
     if train.identity() != str(rec["data_id"]).split("+")[0] and not same_names:
         raise ValueError(f"train: {str(train.root)!r} has changed since these scores were made (its metadata.jsonl "
                          "or images), so they would be shown beside the wrong images; run attribute again")
-    meta = {key: v for key, v in rec.items() if key not in ("scores", "top", "prompt")}
+    meta = {key: v for key, v in rec.items() if key not in ("scores", "top", "prompt", "file_names_id")}
     return Attribution(rec["scores"], _array(out, "tau.npy"), rec["prompt"], query, train.file_names,
                        train.captions, meta, k=max(1, len(rec["top"])))
 

@@ -10,10 +10,12 @@ paper's ablation): theta <- theta + alpha * grad.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+import numbers
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
+from ..kernels.validate import MAX_SEED
 from . import params
 from .memory import naming_the_batch
 from .model import DiffusionModel
@@ -46,15 +48,21 @@ class UnlearnConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "draws", "micro_batch", "seed"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "seed" else 1):
-                raise ValueError(f"{name}: {v!r} must be {'an integer >= 0' if name == 'seed' else 'a positive integer'}")
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not (
+                    0 <= v < MAX_SEED if name == "seed" else v >= 1):
+                raise ValueError(f"{name}: {v!r} must be "
+                                 f"{'an integer >= 0 and < 2**64' if name == 'seed' else 'a positive integer'}")
+            # numpy integers as Python ints: to_dict() goes into JSON records, which take no numpy scalars.
+            object.__setattr__(self, name, int(v))
         for name in ("alpha", "damping"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"{name}: {v!r} must be a number, not {type(v).__name__}")
-        if self.n_train is not None and (not isinstance(self.n_train, int) or isinstance(self.n_train, bool)
-                                         or self.n_train < 1):
-            raise ValueError(f"n_train: {self.n_train!r} must be a positive integer (or None: the training set's size)")
+        if self.n_train is not None:
+            if not isinstance(self.n_train, numbers.Integral) or isinstance(self.n_train, bool) or self.n_train < 1:
+                raise ValueError(f"n_train: {self.n_train!r} must be a positive integer (or None: the training "
+                                 "set's size)")
+            object.__setattr__(self, "n_train", int(self.n_train))
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise ValueError(f"alpha: {self.alpha!r} must be a finite number > 0")
         if not (self.damping >= 0 and math.isfinite(self.damping)):
@@ -80,6 +88,10 @@ PRESETS = {
 def preset(name: str, **overrides) -> UnlearnConfig:
     if name not in PRESETS:
         raise ValueError(f"preset: {name!r} is not one of {list(PRESETS)}")
+    settings = [f.name for f in fields(UnlearnConfig)]
+    for key in overrides:
+        if key not in settings:
+            raise ValueError(f"{key}: not a setting of UnlearnConfig; use one of {settings}")
     return replace(PRESETS[name], **overrides)
 
 
@@ -183,7 +195,8 @@ def unlearn(model: DiffusionModel, names: list[str], fisher: dict[str, torch.Ten
             with torch.no_grad():
                 for nm in names:
                     ps[nm].copy_(current[nm])
-            with naming_the_batch("micro_batch", min(config.micro_batch, config.draws), "draws", "the unlearning step"):
+            with naming_the_batch("micro_batch", min(config.micro_batch, config.draws), "draws", "the unlearning step",
+                                  " (another size draws other timesteps, and so gives other scores)"):
                 g = query_gradient(model, names, x0, ctx, config, step, mask, backend, bar)
             for nm in names:
                 if config.method == "sgd":

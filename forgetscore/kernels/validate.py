@@ -9,6 +9,7 @@ read or write out of bounds, so these may be read after the launch.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -30,8 +31,10 @@ def _fail_now(name: str, problem: str, fix: str) -> None:
 def seed(value: object) -> int:
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
         value = int(value.item())
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail("seed", f"expected a Python int, got {type(value).__name__}", "pass an integer seed")
+    # numpy integers are accepted (and returned as Python ints); bool is not, as True would pass for 1.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _fail("seed", f"expected an int, got {type(value).__name__}", "pass an integer seed")
+    value = int(value)
     if not 0 <= value < MAX_SEED:
         raise _fail("seed", f"{value} is outside [0, 2**64)", "use a non-negative 64-bit seed")
     return value
