@@ -2,13 +2,13 @@
 seeds reported as given, a named Fisher file of another sample count, and clear errors for arguments of the
 wrong kind (a ValueError that names the argument and says how to fix it)."""
 import json
-import re
 
 import numpy as np
 import pytest
 import torch
 
 import tiny
+from checks import raises
 from forgetscore.attribution import (Attributor, DiffusionModel, ScoringPlan, TrainingSet, UnlearnConfig,
                                      compute_fisher, generate, preset, run_fisher)
 
@@ -40,16 +40,6 @@ def train(dirs):
 @pytest.fixture(scope="module")
 def att(model, train, tmp_path_factory):
     return Attributor(model, train, plan=PLAN, cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
-
-
-def raises(argument: str, fix: str, fn, *args, **kw) -> str:
-    """Call fn; it must raise a ValueError starting with 'argument: ' whose message matches the regex `fix`."""
-    with pytest.raises(ValueError) as info:
-        fn(*args, **kw)
-    msg = str(info.value)
-    assert msg.startswith(f"{argument}: "), msg
-    assert re.search(fix, msg), f"no fix in: {msg}"
-    return msg
 
 
 # --- image ids ----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import tiny
+from checks import raises
 from conftest import fresh_seed
 from forgetscore import cli
 from forgetscore.attribution import (Attribution, Attributor, DiffusionModel, LossSweep, PreparedData, ScoringPlan,
@@ -73,14 +74,6 @@ def fishers(model, train, tmp_path_factory):
 
 
 # --- helpers ----------------------------------------------------------------------------------
-def raises(argument: str, fix: str, fn, *args, **kw) -> str:
-    """Call fn; it must raise a ValueError starting with 'argument: ' whose message matches the regex `fix`."""
-    with pytest.raises(ValueError) as info:
-        fn(*args, **kw)
-    msg = str(info.value)
-    assert msg.startswith(f"{argument}: "), msg
-    assert re.search(fix, msg), f"no fix in: {msg}"
-    return msg
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
