@@ -23,9 +23,9 @@ EPILOGS = {
                  "--preset custom --region 0,0,32,32\n"
                  "  forgetscore attribute --model m/ --train t/ --queries list.jsonl --out results/",
     "report": "example:\n  forgetscore report --out r/",
-    "cache": "examples:\n  forgetscore cache\n  forgetscore cache --remove-stale\n\n"
+    "cache": "examples:\n  forgetscore cache\n  forgetscore cache --remove-stale\n  forgetscore cache --cache my-cache/\n\n"
              "Lists the folders under the cache root ($FORGETSCORE_CACHE, else ~/.cache/forgetscore); a folder\n"
-             "given to --cache elsewhere is not listed. --remove-stale deletes the folders none of whose\n"
+             "given to --cache in a run is listed with --cache. --remove-stale deletes the folders none of whose\n"
              "training folders still has the contents they were made from (changed or gone); run it while no\n"
              "job uses them (a folder a job is in a stage of is skipped).",
 }
@@ -397,16 +397,24 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from .attribution.cache_index import describe, remove_stale, scan
+    from .attribution.cache_index import describe, fmt_size, remove_stale, run_entry, scan
     from .cache import cache_root
 
-    root = cache_root()
-    if not root.is_dir():
-        print(f"cache {root}: nothing cached yet ($FORGETSCORE_CACHE moves it)")
-        return 0
-    entries = scan(root)
-    for line in describe(entries, root):
-        print(line)
+    if args.cache is not None:  # one folder of a job's own, outside the cache root
+        folder = Path(args.cache)
+        if not folder.is_dir():
+            raise ValueError(f"--cache: {args.cache!r} is not a folder; give a folder that --cache named in a run")
+        root, entries = folder.resolve().parent, [run_entry(folder.resolve())]
+        e = entries[0]
+        print(f"{e.path} ({fmt_size(e.size)}): {e.what}")
+    else:
+        root = cache_root()
+        if not root.is_dir():
+            print(f"cache {root}: nothing cached yet ($FORGETSCORE_CACHE moves it)")
+            return 0
+        entries = scan(root)
+        for line in describe(entries, root):
+            print(line)
     if args.remove_stale:
         removed, busy = remove_stale(entries)
         for e in removed:
@@ -487,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("cache", "list what the cache holds, by training folder, with sizes; remove what nothing reads", _cache)
     p.add_argument("--remove-stale", action="store_true",
                    help="delete the cache folders whose training folders all changed or are gone since")
+    p.add_argument("--cache", help="a folder given to --cache in a run: list (and with --remove-stale, delete if "
+                                   "stale) that one instead of the cache root's")
     from .evaluation.cli import add_parser as add_evaluate
     add_evaluate(sub)
     return parser

@@ -135,3 +135,22 @@ def test_a_stale_folder_a_job_is_in_is_left_to_it(made, tmp_path, monkeypatch, c
         holder.wait(timeout=60)
     out = _listing(capsys, "--remove-stale")  # the job is done (its lock file stays, held by nobody)
     assert f"removed {run.relative_to(root)}" in out and not run.exists()
+
+
+def test_a_folder_given_to_cache_is_listed_and_removed_on_its_own(made, tmp_path, monkeypatch, capsys):
+    model, source = made
+    monkeypatch.setenv("FORGETSCORE_CACHE", str(tmp_path / "root"))
+    folder = tmp_path / "train"
+    shutil.copytree(source, folder, copy_function=shutil.copy)
+    mine = tmp_path / "my-cache"
+    Attributor(model, TrainingSet.load(folder), plan=PLAN, cache_dir=mine, progress=False).prepare()
+    assert (mine / "train_dir.txt").read_text() == f"{folder}\n"
+    out = _listing(capsys, "--cache", str(mine)).splitlines()
+    assert out[0].startswith(f"{mine} (") and f"): {folder}: prepared " in out[0], out
+    assert _listing(capsys, "--cache", str(mine), "--remove-stale").endswith("nothing stale to remove\n")
+    _touch(folder / "003.png")  # changed since: nothing reads that folder's data any more
+    out = _listing(capsys, "--cache", str(mine), "--remove-stale")
+    assert f"{folder} (changed since: nothing reads this): prepared" in out and "removed my-cache" in out
+    assert not mine.exists() and not (tmp_path / "root").exists()  # the cache root was not touched
+    assert cli.main(["cache", "--cache", str(mine)]) == 2
+    assert f"--cache: {str(mine)!r} is not a folder" in capsys.readouterr().err

@@ -30,7 +30,8 @@ import torch
 from ..cache import cache_root
 from ..kernels import validate
 from . import params
-from .cache_index import TRAIN_DIR_FILE, fmt_size, folder_size, record_training_folder, recorded_training_folders
+from .cache_index import (fmt_size, folder_size, forget_training_folder, record_training_folder,
+                          recorded_training_folders)
 from .data import TEXT_DTYPES, PreparedData, TrainingSet, image_pixels, load_image, prepare
 from .fisher import (FISHER_CHUNK, FISHER_FORMAT, as_count, auto_fisher_batch_size, resumable_fisher_batch_size,
                      run_fisher)
@@ -154,25 +155,27 @@ class Attributor:
             folder = "prepared" if self.text_dtype == "float32" else f"prepared-{self.text_dtype}"
             try:
                 with stage_lock(self.cache_dir / f".{folder}.lock", "preparing this training set", self._log):
+                    added = False
                     try:
                         # Recorded first (under the lock: no job's path is lost), so that a preparation that
                         # fails or is killed midway leaves a folder `forgetscore cache` can tie to its training
                         # folder, and call stale once that folder is fixed (and so has another identity).
-                        if self._own_cache_dir and self.rank == 0:
-                            record_training_folder(self.cache_dir, self.train.root)
+                        if self.rank == 0:
+                            added = record_training_folder(self.cache_dir, self.train.root)
                         self._data = prepare(self.model, self.train, self.cache_dir / folder, resize=self.resize,
                                              text_dtype=self.text_dtype, progress=self.progress, untrusted="remove")
                     except BaseException:
                         if self.rank == 0:  # not a collective: the other ranks may not have failed
                             self._drop_unstarted(self.cache_dir / folder)
+                            if added and not self._preparing_here(self.cache_dir / folder):
+                                # Refused before it started (e.g. a cache of another model): left as found.
+                                forget_training_folder(self.cache_dir, self.train.root)
                         raise
             except BaseException:
                 # Once its lock file is gone too: the training set's cache folder under the cache root, if
                 # nothing else is in it (once the training folder is fixed it has another identity).
                 if self.rank == 0 and self._own_cache_dir:
                     with contextlib.suppress(OSError):  # not empty: other stages' files
-                        if {p.name for p in self.cache_dir.iterdir()} <= {TRAIN_DIR_FILE}:
-                            (self.cache_dir / TRAIN_DIR_FILE).unlink(missing_ok=True)
                         self.cache_dir.rmdir()
                 raise
             self.timings.add("prepare", time.perf_counter() - t, len(self.train), "img")
@@ -196,6 +199,15 @@ class Attributor:
             self._log(f"cache: {str(other)!r} ({fmt_size(size)}) holds this training folder as it was "
                       "before it changed; nothing reads it now: delete it to free the space (`forgetscore cache "
                       "--remove-stale` deletes every such folder)")
+
+    def _preparing_here(self, folder: Path) -> bool:
+        """Whether `folder` holds a preparation (finished or not) of this training set by this model's encoders."""
+        try:
+            manifest = read_json(folder / "manifest.json")
+        except (OSError, ValueError):
+            return False
+        return isinstance(manifest, dict) and manifest.get("encoders_id") == self.model.encoders_id() \
+            and manifest.get("data_id") == self.train.identity()
 
     def _drop_unstarted(self, folder: Path) -> None:
         """Remove a prepare's folder that holds no finished shard (e.g. its first image was unreadable): once the

@@ -29,12 +29,25 @@ def recorded_training_folders(run: Path) -> list[str]:
         return []
 
 
-def record_training_folder(run: Path, train_dir: str | os.PathLike) -> None:
-    """Add `train_dir` to what `run` records, if it is not there yet (the file rewritten whole, then renamed)."""
+def record_training_folder(run: Path, train_dir: str | os.PathLike) -> bool:
+    """Add `train_dir` to what `run` records, if it is not there yet (the file rewritten whole, then renamed);
+    whether it was added."""
     here = str(Path(train_dir).resolve())
     known = recorded_training_folders(run)
-    if here not in known:
-        write_bytes(Path(run) / TRAIN_DIR_FILE, "".join(f"{p}\n" for p in [*known, here]).encode())
+    if here in known:
+        return False
+    write_bytes(Path(run) / TRAIN_DIR_FILE, "".join(f"{p}\n" for p in [*known, here]).encode())
+    return True
+
+
+def forget_training_folder(run: Path, train_dir: str | os.PathLike) -> None:
+    """Take `train_dir` out of what `run` records (the file goes with the last one)."""
+    here = str(Path(train_dir).resolve())
+    known = [p for p in recorded_training_folders(run) if p != here]
+    if known:
+        write_bytes(Path(run) / TRAIN_DIR_FILE, "".join(f"{p}\n" for p in known).encode())
+    else:
+        (Path(run) / TRAIN_DIR_FILE).unlink(missing_ok=True)
 
 
 @dataclass
@@ -72,7 +85,11 @@ def _training_state(folder: Path) -> tuple[list[str], str]:
     recorded = recorded_training_folders(folder)
     if not recorded:
         return [], "unrecorded"
-    identity = folder.name.rsplit("-", 1)[-1]
+    # Under the cache root the folder's name ends in the identity; a folder given to --cache has its
+    # prepared stores' record of it.
+    identity = folder.name.rsplit("-", 1)[-1] if folder.parent.name == "runs" else next(
+        (m["data_id"] for p in sorted(folder.glob("prepared*")) if isinstance((m := _manifest(p)).get("data_id"), str)),
+        None)
     for path in recorded:
         try:
             if Path(path).is_dir() and TrainingSet.load(path).identity() == identity:
@@ -124,7 +141,7 @@ def scan(root: Path | None = None) -> list[CacheEntry]:
         if path.name == "runs":
             for run in sorted(path.glob("*")):
                 if run.is_dir() and not run.name.startswith("."):
-                    entries.append(_run_entry(run))
+                    entries.append(run_entry(run))
             continue
         if path.name == "digits-train":
             what = "the demo's training images"
@@ -136,7 +153,8 @@ def scan(root: Path | None = None) -> list[CacheEntry]:
     return sorted(entries, key=lambda e: -e.size)
 
 
-def _run_entry(run: Path) -> CacheEntry:
+def run_entry(run: Path) -> CacheEntry:
+    """What one training set's cache folder (under the cache root, or one given to --cache) holds, and for what."""
     folders, state = _training_state(run)
     parts = _run_parts(run)
     if state == "unrecorded":
