@@ -154,3 +154,15 @@ def test_a_folder_given_to_cache_is_listed_and_removed_on_its_own(made, tmp_path
     assert not mine.exists() and not (tmp_path / "root").exists()  # the cache root was not touched
     assert cli.main(["cache", "--cache", str(mine)]) == 2
     assert f"--cache: {str(mine)!r} is not a folder" in capsys.readouterr().err
+
+
+def test_the_listing_says_when_the_model_is_no_longer_where_it_was(made, tmp_path, monkeypatch):
+    _, source = made
+    monkeypatch.setenv("FORGETSCORE_CACHE", str(tmp_path / "root"))
+    model_dir = tiny.build_model(tmp_path / "model", seed=5)
+    run = _prepared(DiffusionModel.load(model_dir), source, tmp_path / "train")
+    (e,) = scan(tmp_path / "root")
+    assert e.what.endswith(f"; model {model_dir}")
+    shutil.rmtree(model_dir)
+    (e,) = scan(tmp_path / "root")
+    assert e.what.endswith(f"; model {model_dir} (no longer there)") and not e.stale and e.path == run

@@ -128,6 +128,8 @@ def _run_parts(folder: Path) -> str:
         parts.append(f"{len(sweeps)} interrupted sweep{'s' if len(sweeps) > 1 else ''} "
                      f"({size}; a rerun with the same settings resumes them)")
     model = _model(folder)  # one training folder may be prepared for several models: each has its folder
+    if model and not Path(model).exists():  # moved, or deleted: the user knows which
+        model += " (no longer there)"
     return (", ".join(parts) or "nothing yet") + (f"; model {model}" if model else "")
 
 

@@ -406,7 +406,10 @@ def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, 
     manifest_path = cache / "manifest.json"
     header = {"format": CACHE_FORMAT, "encoders_id": model.encoders_id(), "data_id": data.identity(),
               "n_images": len(data), "input_shape": list(model.input_shape), "shard_size": shard_size,
-              "text_dtype": text_dtype, "train_dir": str(data.root), "model": model.source, "resize": bool(resize),
+              # Absolute paths: `forgetscore cache`, run from anywhere, says where they are.
+              "text_dtype": text_dtype, "train_dir": str(Path(data.root).resolve()),
+              "model": str(Path(model.source).resolve()) if Path(model.source).is_dir() else model.source,
+              "resize": bool(resize),
               "complete": False}
 
     counts = np.array([len(c) for c in data.captions], dtype=np.int64)
