@@ -212,8 +212,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     parent = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_memory_"))
+    if parent.exists() and not parent.is_dir():
+        print(f"--dir: {str(parent)!r} is a file; give a folder", file=sys.stderr)
+        return 2
     parent.mkdir(parents=True, exist_ok=True)
     store = parent / "store"
+    if store.exists():  # it is written here and deleted afterwards: never someone's own folder
+        print(f"--dir: {str(store)!r} exists; give a folder without a store/ in it (the benchmark writes one and "
+              "deletes it afterwards)", file=sys.stderr)
+        return 2
     n = args.images
     free = shutil.disk_usage(parent).free
     notes = []
@@ -232,9 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         "store": {}, "children": {}}
 
     def save() -> None:
-        if args.json:
-            with open(args.json, "w") as fh:
+        if args.json:  # whole or not at all: written beside, then renamed
+            tmp = f"{args.json}.tmp"
+            with open(tmp, "w") as fh:
                 json.dump(result, fh, indent=1, default=str)
+            os.replace(tmp, args.json)
 
     def run_child(name: str) -> dict:
         # Everything runs in subprocesses: this process stays small (numpy only), because a

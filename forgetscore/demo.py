@@ -58,6 +58,10 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         check_prompt(args.prompt, "--prompt")
     check_output_dir(out, args.overwrite)
+    taken = [f"{name}/" for name in ("model", "train") if (out / name).exists()]
+    if taken and not args.overwrite:  # the demo writes its own copies there, replacing what is there
+        raise ValueError(f"--out: {str(out)!r} already holds {' and '.join(taken)}, which the demo would replace; "
+                         "choose a new directory, or pass --overwrite to replace them")
     out.mkdir(parents=True, exist_ok=True)
     stage = time.perf_counter()
 
@@ -99,21 +103,32 @@ def run_demo(args: argparse.Namespace) -> int:
     result.save(out, train_dir=train_dir, k=args.topk, overwrite=args.overwrite)
 
     labels = np.array([json.loads(line)["label"] for line in open(train_dir / "metadata.jsonl")])
-    digit = next((i for i, w in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven",
-                                           "eight", "nine")) if w in prompt.split()), None)
+    digit = prompted_digit(prompt)
     print(f"\ntop {args.topk} training images for {prompt!r}:")
     for rec in result.top_records(args.topk):
         print(f"  {rec['rank']:>3}. {rec['file_name']}  digit {labels[rec['id']]}  score {rec['score']:+.3e}  "
               f"{rec['captions'][-1]}")
     if digit is not None:
         top = result.top(args.topk)
-        print(f"{np.mean(labels[top] == digit):.0%} of the top {args.topk} are {prompt.split()[-1]}s "
-              f"(chance: {np.mean(labels == digit):.0%})")
+        print(f"{np.mean(labels[top] == digit[0]):.0%} of the top {len(top)} are {digit[1]}{'es' if digit[1] == 'six' else 's'} "
+              f"(chance: {np.mean(labels == digit[0]):.0%})")
     print(f"\nwrote {out}/: model/, train/, {', '.join(RESULT_FILES)}")
     print("\ntime per stage:")
     for line in att.timings.lines(total=time.perf_counter() - started):
         print(line)
     return 0
+
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def prompted_digit(prompt: str) -> tuple[int, str] | None:
+    """The digit a prompt asks for and its word; None when it names none or several (no one class to count)."""
+    named = {w for w in prompt.lower().split() if w in DIGIT_WORDS}
+    if len(named) != 1:
+        return None
+    word = named.pop()
+    return DIGIT_WORDS.index(word), word
 
 
 def _accuracy(model_dir: Path, digit_accuracy) -> tuple[dict, bool]:

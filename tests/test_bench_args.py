@@ -122,3 +122,15 @@ def test_fisher_batches_parse_as_positive_ints():
     for text in ("", "64,x", "0,64", "-1"):
         with pytest.raises(argparse.ArgumentTypeError, match="64,512"):
             int_list(text)
+
+
+def test_the_memory_benchmark_never_takes_an_existing_store_folder(tmp_path, capsys):
+    import bench_memory
+
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "mine.txt").write_text("kept")
+    assert bench_memory.main(["--dir", str(tmp_path), "--images", "8"]) == 2
+    assert "--dir: " in capsys.readouterr().err and (tmp_path / "store" / "mine.txt").read_text() == "kept"
+    (tmp_path / "file").write_text("x")
+    assert bench_memory.main(["--dir", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err

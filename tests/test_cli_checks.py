@@ -100,8 +100,28 @@ def test_bad_demo_arguments_fail_before_any_write(no_work, tmp_path, capsys, ext
     assert not (tmp_path / "d1").exists()
 
 
+def test_demo_does_not_replace_model_or_train_folders_unasked(no_work, tmp_path, capsys):
+    for name in ("model", "train"):
+        (tmp_path / "d" / name).mkdir(parents=True)
+        (tmp_path / "d" / name / "mine.txt").write_text("kept")
+    _fails(capsys, ["demo", "--out", str(tmp_path / "d")], f"--out: {str(tmp_path / 'd')!r} already holds model/ "
+                                                           "and train/, which the demo would replace; choose a new "
+                                                           "directory, or pass --overwrite")
+    assert [p.read_text() for p in sorted((tmp_path / "d").rglob("mine.txt"))] == ["kept", "kept"]
+
+
+def test_the_demo_counts_the_one_digit_its_prompt_names():
+    from forgetscore.demo import prompted_digit
+
+    assert prompted_digit("a thin handwritten seven") == (7, "seven")
+    assert prompted_digit("a Six") == (6, "six")
+    assert prompted_digit("a one nine") is None and prompted_digit("a thick digit") is None
+    assert prompted_digit("a seven like a seven") == (7, "seven")
+
+
 @pytest.mark.parametrize("extra, says", [
     (["--recipe", "nope"], "--recipe: unknown 'nope'"),
+    (["--methods", ","], "--methods: none given; choose from"),
     (["--ks", "0"], "--ks: '0'"),
     (["--ks", "9,1797"], "--ks: '9,1797'"),
     (["--random-sets", "0"], "--random-sets: 0 "),

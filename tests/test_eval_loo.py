@@ -286,3 +286,24 @@ def test_unlearning_effectiveness_separates_target_and_others(tmp_path):
     assert res["other_mse"]["mean"] == pytest.approx(np.mean(others), rel=1e-9)
     assert res["target_mse"]["n"] == 3 and res["other_mse"]["n"] == 6
     assert res["target_mse"]["mean"] > 0
+
+
+def test_a_folder_of_models_trained_another_way_is_refused(tmp_path):
+    """Retrains are reused by their removed ids: models of another recipe must not be taken for this one's."""
+    from forgetscore.digits.evaluation import DigitsTrainer
+
+    model_dir = build_model(tmp_path / "model")
+    train_dir = build_train(tmp_path / "train", n=12)
+    calls = tmp_path / "calls.jsonl"
+    specs = [loo.QuerySpec("a red square", seed=1)]
+    cfg = loo.LooConfig(ks=(3,), methods=("pixel",), random_sets=1, workers=1,
+                        measure=MeasureSettings(loss_stride=100, loss_draws=1, gen_steps=3), effectiveness=False)
+    out = tmp_path / "run"
+    res = loo.run_loo(out, loo.LooSetup(FakeTrainer(model_dir, calls), train_dir, specs), cfg, log=None)
+    assert res["trainer"] == f"{__name__}.FakeTrainer" == loo.trainer_id(FakeTrainer(model_dir, calls))
+    trained = calls.read_text()
+    with pytest.raises(ValueError, match=r"^out: .* holds models trained by .*FakeTrainer, and this run trains with "
+                                         r"DigitsTrainer\(recipe='smoke'\); give another output folder"):
+        loo.run_loo(out, loo.LooSetup(DigitsTrainer("smoke"), train_dir, specs), cfg, log=None)
+    assert calls.read_text() == trained
+    assert loo.trainer_id(DigitsTrainer("smoke")) != loo.trainer_id(DigitsTrainer("default"))

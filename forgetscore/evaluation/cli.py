@@ -80,7 +80,9 @@ def _loo(args: argparse.Namespace) -> int:
     from .methods import METHODS
 
     quick = QUICK if args.quick else {}
-    methods = args.methods or quick.get("methods", DEFAULT_METHODS)
+    methods = quick.get("methods", DEFAULT_METHODS) if args.methods is None else args.methods
+    if not methods:  # e.g. "--methods ,": nothing named is not "the defaults"
+        raise ValueError(f"--methods: none given; choose from {', '.join(METHODS)}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")

@@ -12,6 +12,8 @@ interrupted run picks up where it stopped.
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import time
 
@@ -24,7 +26,7 @@ import torch
 
 from ..attribution.attributor import Attributor
 from ..attribution.data import TrainingSet
-from ..attribution.io import write_json
+from ..attribution.io import read_json, write_json
 from ..attribution.plan import ScoringPlan
 from .base import EvalContext, FeatureFn, Query, top_k
 from .counterfactual import feature_similarity, pixel_mse
@@ -194,6 +196,33 @@ def unlearning_effectiveness(attributor: Attributor, queries: Sequence[Query], b
     return {"target_mse": _mean_se(target), "other_mse": _mean_se(others)}
 
 
+TRAINER_FILE = "trainer.json"
+
+
+def trainer_id(train_fn: TrainFn) -> str:
+    """What names a training procedure across runs: a dataclass's repr (a recipe's settings), else the
+    function's or class's qualified name."""
+    if dataclasses.is_dataclass(train_fn) and not isinstance(train_fn, type):
+        return repr(train_fn)
+    target = train_fn if inspect.isfunction(train_fn) or inspect.ismethod(train_fn) else type(train_fn)
+    return f"{target.__module__}.{target.__qualname__}"
+
+
+def _check_trainer(out: Path, train_fn: TrainFn) -> str:
+    """That the models already in `out` were trained the way this run trains (its retrains, the original model
+    and the queries made from it are reused by key, and the key does not hold the recipe); recorded the first time."""
+    trainer = trainer_id(train_fn)
+    path = out / TRAINER_FILE
+    if path.is_file():
+        made_by = read_json(path).get("trainer")
+        if made_by != trainer:
+            raise ValueError(f"out: {str(out)!r} holds models trained by {made_by}, and this run trains with "
+                             f"{trainer}; give another output folder, or the training recipe of that run")
+    else:
+        write_json(path, {"trainer": trainer})
+    return trainer
+
+
 def run_loo(out_dir: str | Path, setup: LooSetup, config: LooConfig, log: Log | None = print) -> dict:
     """The whole evaluation; writes results.json, table.md and delta_loss.png into `out_dir`."""
     from .report import write_loo_report
@@ -206,6 +235,7 @@ def run_loo(out_dir: str | Path, setup: LooSetup, config: LooConfig, log: Log | 
     if max(config.ks) >= n_train:  # checked before any training: the removals need images left to train on
         raise ValueError(f"ks: {max(config.ks)} leaves nothing to train on; every K must be below the {n_train} "
                          "training images")
+    trainer = _check_trainer(out, setup.train_fn)
     retrain_root = out / "retrains"
     # The original model is the retrain that removes nothing (under the same protocol).
     original_job = RetrainJob((), config.coupled)
@@ -228,6 +258,7 @@ def run_loo(out_dir: str | Path, setup: LooSetup, config: LooConfig, log: Log | 
                             workers=config.workers, log=log)
     results = {
         "config": config.to_dict(),
+        "trainer": trainer,
         "n_train": ctx.n_train,
         "queries": [{"prompt": q.prompt, "seed": q.seed, "label": q.label, "name": q.name} for q in queries],
         "original_query_loss": original["losses"].tolist(),
