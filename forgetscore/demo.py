@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .attribution.io import write_dir
+from .attribution.io import check_writable, write_dir
 from .digits.model import SAMPLE_GUIDANCE, SAMPLE_STEPS
 
 DEFAULT_PROMPT = "a thick right slanted wide handwritten seven"
@@ -41,7 +42,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .attribution.attributor import generation_record
     from .attribution.results import RESULT_FILES, check_output_dir
     from .digits.classifier import digit_accuracy
-    from .digits.data import write_image_folder
+    from .digits.data import load_data, write_image_folder
     from .digits.tokenizer import check_prompt
     from .digits.train import default_model_dir, ensure_model, train
 
@@ -57,6 +58,11 @@ def run_demo(args: argparse.Namespace) -> int:
                          "or leave --prompt out for the default")
     if args.prompt is not None:
         check_prompt(args.prompt, "--prompt")
+    n_train = len(load_data().labels)
+    if args.topk > n_train:
+        raise ValueError(f"--topk: {args.topk} is more than the {n_train} training images; give at most {n_train}")
+    # The cache is written after the model is trained: a bad place fails now, not then.
+    check_writable(cache_root(), "FORGETSCORE_CACHE" if "FORGETSCORE_CACHE" in os.environ else "cache")
     check_output_dir(out, args.overwrite)
     taken = [f"{name}/" for name in ("model", "train") if (out / name).exists()]
     if taken and not args.overwrite:  # the demo writes its own copies there, replacing what is there

@@ -91,6 +91,7 @@ def _fails(capsys, argv, says: str) -> None:
     (["--prompt", ""], "--prompt: '' "),
     (["--prompt", " \t"], "--prompt: ' \\t' "),
     (["--topk", "0"], "--topk: 0 "),
+    (["--topk", "1798"], "--topk: 1798 is more than the 1797 training images; give at most 1797"),
     (["--prompt", "a red handwritten seven"], "--prompt: 'red' not in the digits model's vocabulary"),
     (["--prompt", "a Fancy, thin seven!"], "--prompt: 'fancy', ',', '!' not in"),
     (["--prompt", "a " * 14 + "seven"], "--prompt: 15 words; the digits model reads at most 14"),
@@ -98,6 +99,14 @@ def _fails(capsys, argv, says: str) -> None:
 def test_bad_demo_arguments_fail_before_any_write(no_work, tmp_path, capsys, extra, says):
     _fails(capsys, ["demo", "--out", str(tmp_path / "d1"), *extra], says)
     assert not (tmp_path / "d1").exists()
+
+
+def test_demo_checks_the_cache_root_before_training(no_work, tmp_path, capsys, monkeypatch):
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("FORGETSCORE_CACHE", str(tmp_path / "a-file"))
+    _fails(capsys, ["demo", "--out", str(tmp_path / "d")], f"FORGETSCORE_CACHE: {str(tmp_path / 'a-file')!r} "
+                                                           "cannot be a folder")
+    assert not (tmp_path / "d").exists()
 
 
 def test_demo_does_not_replace_model_or_train_folders_unasked(no_work, tmp_path, capsys):

@@ -307,3 +307,23 @@ def test_a_folder_of_models_trained_another_way_is_refused(tmp_path):
         loo.run_loo(out, loo.LooSetup(DigitsTrainer("smoke"), train_dir, specs), cfg, log=None)
     assert calls.read_text() == trained
     assert loo.trainer_id(DigitsTrainer("smoke")) != loo.trainer_id(DigitsTrainer("default"))
+
+
+def test_one_query_and_one_random_set_give_valid_json_and_a_table():
+    """Undefined figures (the noise floor of one removal, other prompts of one query) are null and shown as —."""
+    from forgetscore.evaluation.report import loo_table
+
+    rng = np.random.default_rng()
+    cfg = loo.LooConfig(ks=(3,), methods=("m",), random_sets=1)
+    jobs = loo.removal_jobs({"m": rng.normal(size=(1, 20))}, cfg, 20)
+    original = {"losses": torch.tensor(rng.random(1)), "images": torch.rand(1, 1, 4, 4) * 2 - 1}
+    measured = {j.key: {"losses": original["losses"] + 1e-3, "images": torch.rand(1, 1, 4, 4) * 2 - 1}
+                for j in jobs.values()}
+    methods = loo.aggregate(jobs, measured, original, ["random", "m"], cfg, None)
+    assert methods["random"]["3"]["noise_floor_std"] is None
+    assert "delta_loss_other_queries" not in methods["m"]["3"]
+    results = {"config": cfg.to_dict(), "n_train": 20, "queries": [{"prompt": "p"}], "methods": methods,
+               "unlearning_effectiveness": {"target_mse": {"mean": 0.1, "se": 0.0, "n": 1}, "other_mse": None}}
+    json.dumps(results, allow_nan=False)  # strict JSON: no NaN anywhere
+    table = loo_table(results)
+    assert "| *noise floor (std of random removals)* | — |" in table and "other prompts —." in table

@@ -167,7 +167,7 @@ def aggregate(jobs: dict[tuple[str, int, int], RetrainJob], measured: dict[str, 
             if name == "random":
                 every = [measured[jobs[("random", k, r)].key]["losses"][q].item() - base_l[q]
                          for r in range(config.random_sets) for q in range(q_count)]
-                cell["noise_floor_std"] = float(np.std(every, ddof=1)) if len(every) > 1 else 0.0
+                cell["noise_floor_std"] = float(np.std(every, ddof=1)) if len(every) > 1 else None  # undefined
             out[name][str(k)] = cell
     return out
 
@@ -193,7 +193,8 @@ def unlearning_effectiveness(attributor: Attributor, queries: Sequence[Query], b
         mse = pixel_mse(moved, base)
         target.append(float(mse[qi]))
         others.extend(float(m) for i, m in enumerate(mse) if i != qi)
-    return {"target_mse": _mean_se(target), "other_mse": _mean_se(others)}
+    # With one query there are no other prompts: null, not the NaN mean of nothing (which is not JSON).
+    return {"target_mse": _mean_se(target), "other_mse": _mean_se(others) if others else None}
 
 
 TRAINER_FILE = "trainer.json"

@@ -14,6 +14,10 @@ def _fmt(cell: dict | None, scale: float = 1.0, digits: int = 2) -> str:
     return f"{cell['mean'] * scale:.{digits}f} ± {cell['se'] * scale:.{digits}f}"
 
 
+def _fmt_value(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    return "—" if value is None else f"{value * scale:.{digits}f}"
+
+
 def loo_table(results: dict) -> str:
     ks = [str(k) for k in results["config"]["ks"]]
     n = results["n_train"]
@@ -29,7 +33,7 @@ def loo_table(results: dict) -> str:
     floor = methods.get("random", {})
     if floor:
         lines.append("| *noise floor (std of random removals)* | "
-                     + " | ".join(f"{floor[k].get('noise_floor_std', float('nan')) * SCALE:.2f}" for k in ks) + " |")
+                     + " | ".join(_fmt_value(floor[k].get("noise_floor_std"), SCALE) for k in ks) + " |")
     lines += ["", "ΔL ×10⁻³ of the *other* queries (the same removals; a selective method moves its own query more)",
               "", f"| method | {head} |", f"|{sep}|"]
     for name, cells in methods.items():
