@@ -23,7 +23,8 @@ EPILOGS = {
                  "--preset custom --region 0,0,32,32\n"
                  "  forgetscore attribute --model m/ --train t/ --queries list.jsonl --out results/",
     "report": "example:\n  forgetscore report --out r/",
-    "cache": "examples:\n  forgetscore cache\n  forgetscore cache --remove-stale\n  forgetscore cache --cache my-cache/\n\n"
+    "cache": "examples:\n  forgetscore cache\n  forgetscore cache --remove-stale\n"
+             "  forgetscore cache --cache my-cache/\n\n"
              "Lists the folders under the cache root ($FORGETSCORE_CACHE, else ~/.cache/forgetscore); a folder\n"
              "given to --cache in a run is listed with --cache. --remove-stale deletes the folders none of whose\n"
              "training folders still has the contents they were made from (changed or gone); run it while no\n"
@@ -239,8 +240,9 @@ def _subset(path: str | None, file_names: list[str], report: bool = True):
                          "per line") from None
     ids = []
     for line in lines:
-        if name_key(line) in position:
-            ids.append(position[name_key(line)])
+        key = name_key(line)
+        if key in position:
+            ids.append(position[key])
         elif line.isascii() and line.isdecimal() and int(line) < len(file_names):
             ids.append(int(line))
         elif line.startswith("#"):  # a comment (a file name starting with "#" was taken above)

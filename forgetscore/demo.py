@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .attribution.io import check_writable, write_dir
+from .digits.data import DIGIT_WORDS
 from .digits.model import SAMPLE_GUIDANCE, SAMPLE_STEPS
 
 DEFAULT_PROMPT = "a thick right slanted wide handwritten seven"
@@ -116,16 +117,14 @@ def run_demo(args: argparse.Namespace) -> int:
               f"{rec['captions'][-1]}")
     if digit is not None:
         top = result.top(args.topk)
-        print(f"{np.mean(labels[top] == digit[0]):.0%} of the top {len(top)} are {digit[1]}{'es' if digit[1] == 'six' else 's'} "
-              f"(chance: {np.mean(labels == digit[0]):.0%})")
+        label, word = digit
+        print(f"{np.mean(labels[top] == label):.0%} of the top {len(top)} are {word}{'es' if word == 'six' else 's'} "
+              f"(chance: {np.mean(labels == label):.0%})")
     print(f"\nwrote {out}/: model/, train/, {', '.join(RESULT_FILES)}")
     print("\ntime per stage:")
     for line in att.timings.lines(total=time.perf_counter() - started):
         print(line)
     return 0
-
-
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 def prompted_digit(prompt: str) -> tuple[int, str] | None:

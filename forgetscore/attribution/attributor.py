@@ -101,7 +101,7 @@ class Attributor:
         # Settings that would otherwise fail only after the long stages before them.
         chunk_size, fisher_chunk_size = as_count("chunk_size", chunk_size), as_count("fisher_chunk_size",
                                                                                       fisher_chunk_size)
-        fisher_batch_size = _check_fisher_batch(fisher_batch_size, "fisher_batch_size")
+        fisher_batch_size = _batch_or_auto(fisher_batch_size, "fisher_batch_size")
         self.chunk_size = chunk_size
         kernels.resolve(backend, model.device)
         check_noise_device(self.plan)
@@ -114,13 +114,12 @@ class Attributor:
         self.prefetch, self.compile = bool(prefetch), compile_mode(compile, model.device)
         # Under torchrun every rank runs the same calls; rank 0 writes what is shared.
         self.rank, self.world = init_distributed(model.device)
-        self.batch_size_probed = isinstance(batch_size, str) and batch_size == "auto"
+        batch_size = _batch_or_auto(batch_size, "batch_size")
+        self.batch_size_probed = batch_size == "auto"
         if self.batch_size_probed:
             # Each rank probes its own GPU; the ranks must sweep alike, so all take the smallest.
             batch_size = min(all_gather(auto_batch_size(model, precision)))
-        elif not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size: {batch_size!r} must be an int >= 1 or 'auto'")
-        self.batch_size = int(batch_size)
+        self.batch_size = batch_size
         self.progress = progress and self.rank == 0
         self._own_cache_dir = cache_dir is None  # made here, under the cache root: removable when left empty
         root = Path(cache_dir) if cache_dir is not None else cache_root() / "runs"
@@ -236,7 +235,7 @@ class Attributor:
         """
         # The seed as given: the Fisher mixes it with stream constants, and an error there would show another number.
         seed = validate.seed(seed)
-        batch_size = _check_fisher_batch(self.fisher_batch_size if batch_size is None else batch_size, "batch_size")
+        batch_size = _batch_or_auto(self.fisher_batch_size if batch_size is None else batch_size, "batch_size")
         chunk_size = as_count("chunk_size", self.fisher_chunk_size if chunk_size is None else chunk_size)
         samples = None if samples is None else as_count("samples", samples)
         if path and samples is not None:
@@ -702,12 +701,13 @@ class Attributor:
         return tau.max(axis=2) if reduce == "max" else tau.mean(axis=2)
 
 
-def _check_fisher_batch(value: int | str, argument: str) -> int | str:
-    if isinstance(value, str):
-        if value != "auto":
-            raise ValueError(f"{argument}: {value!r} must be an int >= 1 or 'auto'")
+def _batch_or_auto(value: int | str, argument: str) -> int | str:
+    """A batch size as given: "auto", or a Python int >= 1 (numpy integers too)."""
+    if isinstance(value, str) and value == "auto":
         return value
-    return as_count(argument, value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{argument}: {value!r} must be an int >= 1 or 'auto'")
+    return int(value)
 
 
 def _query_pairs(queries: object) -> list[tuple[object, str]]:
