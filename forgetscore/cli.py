@@ -54,7 +54,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     g.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton", "cuda"],
                    help="kernel backend (default: auto)")
-    g.add_argument("--resize", action="store_true", help="resize images that do not match the model's size")
+    g.add_argument("--resize", action="store_true",
+                   help="resize images of another size than the model's: scaled to cover it, then the centre "
+                   "cut out (proportions kept, as diffusers' training scripts do)")
     g.add_argument("--text-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="how the prepared caption states are stored: a half-width store halves the cache and the "
                         "bytes each sweep reads; under --precision bf16 (fp16) a bfloat16 (float16) store changes "

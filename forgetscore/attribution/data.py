@@ -26,7 +26,8 @@ import torch
 from .io import json_line, read_json, write_json, write_npy, write_npy_rows
 from .model import DiffusionModel
 
-CACHE_FORMAT = 1
+# 2: images are read upright (their EXIF orientation applied) and resized by centre crop, not stretched.
+CACHE_FORMAT = 2
 # How caption states may be stored: numpy's dtype on disk and the torch dtype they are read as
 # (numpy has no bfloat16: its bits are stored as uint16). Half-width stores halve the largest part
 # of the cache (77 x 1024 states are 315 KB per caption in float32) and the bytes every sweep reads.
@@ -147,6 +148,25 @@ def _check_size(size: tuple[int, int], shape: tuple[int, int, int], resize: bool
                          "or pass resize=True (--resize)")
 
 
+# EXIF orientations that turn the stored image by a quarter: shown, its width and height swap.
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def _upright_size(im) -> tuple[int, int]:
+    """The size of `im` as a viewer shows it, from its header alone. PNG keeps EXIF in a chunk that
+    Pillow reads at open only when it comes before the pixels; a later one is found when decoding."""
+    from PIL import Image
+
+    if im.format == "PNG":
+        exif = Image.Exif()
+        if im.info.get("exif"):
+            exif.load(im.info["exif"])
+    else:
+        exif = im.getexif()
+    w, h = im.size
+    return (h, w) if exif.get(0x0112, 1) in _QUARTER_TURNS else (w, h)
+
+
 def check_image_headers(data: TrainingSet, indices: Iterable[int], shape: tuple[int, int, int],
                         resize: bool = False) -> None:
     """Open the header of each image in `indices` (nothing is decoded): a file that is no image, or one of the
@@ -157,7 +177,7 @@ def check_image_headers(data: TrainingSet, indices: Iterable[int], shape: tuple[
         path = data.root / data.file_names[i]
         try:
             with Image.open(path) as im:
-                size = im.size
+                size = _upright_size(im)
         except (UnidentifiedImageError, OSError) as exc:
             raise _unreadable("train", path, exc) from None
         _check_size(size, shape, resize, "train", f"image {str(path)!r}")
@@ -165,16 +185,40 @@ def check_image_headers(data: TrainingSet, indices: Iterable[int], shape: tuple[
 
 def image_pixels(im, shape: tuple[int, int, int], resize: bool = False, argument: str = "query",
                  name: str = "the image") -> torch.Tensor:
-    """A PIL image as a float tensor in [-1, 1] of shape (C, H, W), as :func:`load_image` reads a file."""
-    from PIL import Image
+    """A PIL image as a float tensor in [-1, 1] of shape (C, H, W), as :func:`load_image` reads a file.
 
+    The image is read as a viewer shows it: a photo's EXIF orientation is applied. With `resize`, an
+    image of another size is scaled so that it covers the model's size, then its centre is cut out,
+    as diffusers' training scripts prepare images (Resize, then CenterCrop): a non-square photo keeps
+    its proportions. Without `resize` another size is an error."""
     c, h, w = shape
-    im = eight_bit(im, name, argument).convert("L" if c == 1 else "RGB")
+    im = upright(im, c, name, argument)
     if im.size != (w, h):
         _check_size(im.size, shape, resize, argument, name)
-        im = im.resize((w, h), Image.BICUBIC)
+        im = centre_crop(im, w, h)
     t = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
     return t[None] if c == 1 else t.permute(2, 0, 1)
+
+
+def upright(im, channels: int, name: str, argument: str):
+    """`im` as a viewer shows it (its EXIF orientation applied), in 8-bit grey (1 channel) or RGB."""
+    from PIL import ImageOps
+
+    return eight_bit(ImageOps.exif_transpose(im), name, argument).convert("L" if channels == 1 else "RGB")
+
+
+def centre_crop(im, w: int, h: int):
+    """`im` scaled (bicubic) by the smaller factor that makes it at least w x h, then its centre w x h."""
+    from PIL import Image
+
+    iw, ih = im.size
+    scale = max(w / iw, h / ih)
+    sw, sh = max(w, round(iw * scale)), max(h, round(ih * scale))
+    if (sw, sh) != (iw, ih):
+        im = im.resize((sw, sh), Image.BICUBIC)
+    # The offsets torchvision's CenterCrop takes, so a model trained on its crops sees the same pixels.
+    left, top = int(round((sw - w) / 2.0)), int(round((sh - h) / 2.0))
+    return im.crop((left, top, left + w, top + h))
 
 
 def eight_bit(im, name: str, argument: str):
@@ -214,6 +258,9 @@ class PreparedData:
         self.manifest = read_json(path)
         if not self.manifest.get("complete"):
             raise ValueError(f"cache: {str(self.dir)!r} holds an unfinished prepare; run prepare again to resume it")
+        if self.manifest.get("format") != CACHE_FORMAT:
+            raise ValueError(f"cache: {str(self.dir)!r} was prepared by {_PREPARED_DIFFERS['format']}; prepare "
+                             "it again in a fresh cache directory")
         m = self.manifest
         self.n = m["n_images"]
         self.input_shape = tuple(m["input_shape"])
@@ -236,8 +283,11 @@ class PreparedData:
 
     @property
     def data_id(self) -> str:
-        """The training set's identity, and the caption store's dtype where it rounds the states."""
-        return self.manifest["data_id"] + ("" if self.text_dtype == "float32" else f"+{self.text_dtype}")
+        """The training set's identity, how its images were read (the cache format: caches of the same
+        folder made by earlier versions hold other inputs), and the caption store's dtype where it rounds
+        the states."""
+        return (f"{self.manifest['data_id']}+f{self.manifest['format']}"
+                + ("" if self.text_dtype == "float32" else f"+{self.text_dtype}"))
 
     def n_captions(self, index: int) -> int:
         return int(self.caption_offsets[index + 1] - self.caption_offsets[index])
@@ -361,6 +411,8 @@ def _stored_text(states: torch.Tensor, text_dtype: str) -> np.ndarray:
 
 # What a finished prepare that differs in a key was made from, said in words.
 _PREPARED_DIFFERS = {
+    "format": "an earlier version of forgetscore (it read images without their EXIF orientation and stretched "
+              "resized ones)",
     "data_id": "another training set: the folder's list of images, their captions, or an image's size or "
                "modification time changed since",
     "encoders_id": "another model's tokenizer, text encoder or VAE",
@@ -436,6 +488,8 @@ def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, 
             old = {}
         # Resized images (finished, or in an unfinished prepare's shards) are not what a run without resizing
         # reads: its images must have the model's size already. The other way round, nothing needed resizing.
+        if old.get("format") != CACHE_FORMAT and untrusted == "remove":
+            return False  # made by an earlier version in a folder this caller owns: made afresh below
         if old.get("resize", False) and not resize:
             raise ValueError(f"resize: {str(cache)!r} holds training images resized to the model's size; pass "
                              "resize=True (--resize) as when it was prepared, or use a fresh cache directory")

@@ -148,7 +148,7 @@ def _png(img: torch.Tensor, scale: int | None = None) -> bytes:
 def _top_images(result: Attribution, train_dir, k: int) -> list[torch.Tensor]:
     from PIL import Image
 
-    from .data import eight_bit
+    from .data import upright
 
     c = result.query.shape[0]
     out = []
@@ -156,7 +156,7 @@ def _top_images(result: Attribution, train_dir, k: int) -> list[torch.Tensor]:
         path = Path(train_dir) / result.file_names[i]
         try:
             with Image.open(path) as im:
-                im = eight_bit(im, f"image {str(path)!r}", "train_dir").convert("L" if c == 1 else "RGB")
+                im = upright(im, c, f"image {str(path)!r}", "train_dir")
                 arr = np.asarray(im, dtype=np.float32) / 127.5 - 1
         except OSError as exc:  # includes a missing file and PIL's UnidentifiedImageError
             raise ValueError(f"train_dir: cannot read {str(path)!r} ({exc}); pass the training folder the "
