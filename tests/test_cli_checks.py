@@ -140,6 +140,18 @@ def test_bad_loo_arguments_fail_before_any_write(no_work, tmp_path, capsys, extr
     assert not (tmp_path / "e8").exists()
 
 
+@pytest.mark.parametrize("extra, says", [
+    (["loo", "--ks", "9,18,9"], "argument --ks: '9,18,9' names 9 twice; give each once"),
+    (["loo", "--methods", "pixel, random,pixel"], "argument --methods: 'pixel, random,pixel' names pixel twice"),
+    (["custom", "--methods", "pixel,pixel"], "argument --methods: 'pixel,pixel' names pixel twice"),
+])
+def test_a_list_option_refuses_a_repeated_item(tmp_path, capsys, extra, says):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["evaluate", extra[0], "--out", str(tmp_path / "e"), *extra[1:]])
+    assert stop.value.code == 2 and f"error: {says}" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
 @pytest.mark.parametrize("prompt", ["", "   "])
 def test_attribute_refuses_a_blank_prompt(tmp_path, capsys, prompt):
     _fails(capsys, ["attribute", "--model", "m", "--train", "t", "--generate-seed", "1", "--prompt", prompt,

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -34,25 +36,25 @@ def test_top_k_order_and_ties():
 def test_removal_jobs_share_random_sets_and_dedupe():
     rng = np.random.default_rng()
     n, q = 40, 3
-    scores = {"a": rng.normal(size=(q, n)), "b": rng.normal(size=(q, n))}
-    scores["b"][1] = scores["a"][1]  # the same ranking for query 1: one retrain
+    scores = {"pixel": rng.normal(size=(q, n)), "caption": rng.normal(size=(q, n))}
+    scores["caption"][1] = scores["pixel"][1]  # the same ranking for query 1: one retrain
     # The reverse ranking for query 0: disjoint top-k sets (two independent draws share their top 2 once in 780).
-    scores["b"][0] = -scores["a"][0]
-    cfg = loo.LooConfig(ks=(2, 5), methods=("a", "b", "random"), random_sets=2)
+    scores["caption"][0] = -scores["pixel"][0]
+    cfg = loo.LooConfig(ks=(2, 5), methods=("pixel", "caption", "random"), random_sets=2)
     jobs = loo.removal_jobs(scores, cfg, n)
     for k in cfg.ks:
         for qi in range(q):
-            want = sorted(np.argsort(-scores["a"][qi], kind="stable")[:k].tolist())
-            assert list(jobs[("a", k, qi)].exclude) == want
-        assert jobs[("a", k, 1)].key == jobs[("b", k, 1)].key
-        assert jobs[("a", k, 0)].key != jobs[("b", k, 0)].key
+            want = sorted(np.argsort(-scores["pixel"][qi], kind="stable")[:k].tolist())
+            assert list(jobs[("pixel", k, qi)].exclude) == want
+        assert jobs[("pixel", k, 1)].key == jobs[("caption", k, 1)].key
+        assert jobs[("pixel", k, 0)].key != jobs[("caption", k, 0)].key
         sets = [jobs[("random", k, r)].exclude for r in range(2)]
         assert all(len(set(s)) == k and max(s) < n for s in sets) and sets[0] != sets[1]
     assert ("random", 2, 2) not in jobs  # random sets are per K, not per query
     # the same seed draws the same random sets; another seed other ones
     again = loo.removal_jobs(scores, cfg, n)
     assert again[("random", 5, 1)].key == jobs[("random", 5, 1)].key
-    other = loo.removal_jobs(scores, loo.LooConfig(ks=(5,), methods=("a",), seed=1), n)
+    other = loo.removal_jobs(scores, loo.LooConfig(ks=(5,), methods=("pixel",), seed=1), n)
     assert other[("random", 5, 0)].key != jobs[("random", 5, 0)].key
     # the protocol is part of the identity
     assert RetrainJob((1, 2), True).key != RetrainJob((1, 2), False).key
@@ -62,30 +64,30 @@ def test_removal_jobs_share_random_sets_and_dedupe():
 def test_aggregate_against_hand_formulas():
     rng = np.random.default_rng()
     q, k = 4, 3
-    cfg = loo.LooConfig(ks=(k,), methods=("m",), random_sets=2)
-    scores = {"m": rng.normal(size=(q, 20))}
+    cfg = loo.LooConfig(ks=(k,), methods=("pixel",), random_sets=2)
+    scores = {"pixel": rng.normal(size=(q, 20))}
     jobs = loo.removal_jobs(scores, cfg, 20)
     original = {"losses": torch.tensor(rng.random(q)), "images": torch.rand(q, 1, 4, 4) * 2 - 1}
     measured = {j.key: {"losses": original["losses"] + torch.tensor(rng.normal(size=q) * 1e-3),
                         "images": torch.rand(q, 1, 4, 4) * 2 - 1} for j in jobs.values()}
     feat = lambda x: x.flatten(1).numpy() + 2.0  # noqa: E731
-    res = loo.aggregate(jobs, measured, original, ["random", "m"], cfg, feat)
+    res = loo.aggregate(jobs, measured, original, ["random", "pixel"], cfg, feat)
     base_l = original["losses"].numpy()
-    dl = [measured[jobs[("m", k, i)].key]["losses"][i].item() - base_l[i] for i in range(q)]
-    cell = res["m"][str(k)]
+    dl = [measured[jobs[("pixel", k, i)].key]["losses"][i].item() - base_l[i] for i in range(q)]
+    cell = res["pixel"][str(k)]
     assert cell["delta_loss"]["mean"] == pytest.approx(np.mean(dl), rel=1e-12)
     assert cell["delta_loss"]["se"] == pytest.approx(np.std(dl, ddof=1) / np.sqrt(q), rel=1e-12)
-    img = measured[jobs[("m", k, 2)].key]["images"][2].double()
+    img = measured[jobs[("pixel", k, 2)].key]["images"][2].double()
     mse2 = float((img - original["images"][2].double()).square().mean())
     assert cell["regen_mse"]["mean"] == pytest.approx(
-        np.mean([float((measured[jobs[("m", k, i)].key]["images"][i].double()
+        np.mean([float((measured[jobs[("pixel", k, i)].key]["images"][i].double()
                         - original["images"][i].double()).square().mean()) for i in range(q)]), rel=1e-9)
     assert mse2 > 0
     a, b = feat(img[None].float())[0], feat(original["images"][2:3])[0]
     want_sim = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
     sims = cell["delta_loss_per_query"]
     assert len(sims) == q
-    others = [np.mean([measured[jobs[("m", k, i)].key]["losses"][j].item() - base_l[j] for j in range(q) if j != i])
+    others = [np.mean([measured[jobs[("pixel", k, i)].key]["losses"][j].item() - base_l[j] for j in range(q) if j != i])
               for i in range(q)]
     assert cell["delta_loss_other_queries"]["mean"] == pytest.approx(np.mean(others), rel=1e-12)
     rnd = [np.mean([measured[jobs[("random", k, r)].key]["losses"][i].item() - base_l[i] for r in range(2)])
@@ -230,6 +232,16 @@ def test_config_errors():
     with pytest.raises(ValueError, match="method:"):
         from forgetscore.evaluation.methods import build
         build("nope")
+    # Names and repeats are checked as the config is made, before the run trains anything.
+    for kw, match in (({"methods": ("pixel", "unlearnng")}, r"methods: unknown \['unlearnng'\]; choose from "),
+                      ({"methods": "pixel"}, r"methods: 'pixel': give a sequence of method names"),
+                      ({"methods": ("pixel", "pixel")}, r"methods: 'pixel' is given twice"),
+                      ({"ks": (9, 18, 9)}, r"ks: 9 is given twice"),
+                      ({"ks": 9}, r"ks: 9: give a sequence of integer Ks"),
+                      ({"ks": (9.5,)}, r"ks: \(9.5,\): give a sequence of integer Ks")):
+        with pytest.raises(ValueError, match=match):
+            loo.LooConfig(**{"ks": (1,), "methods": ("pixel",), **kw})
+    assert loo.LooConfig(ks=(np.int64(3),), methods=["pixel", "random"]).ks == (np.int64(3),)
 
 
 def test_cli_evaluate_loo_smoke(tmp_path, capsys):
@@ -241,6 +253,7 @@ def test_cli_evaluate_loo_smoke(tmp_path, capsys):
     assert cli.main(args) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["plan"]["timesteps"] == [0, 250, 500, 750]
+    assert res["version"] == __import__("forgetscore").__version__
     assert set(res["methods"]) == {"random", "pixel", "random-class"}
     assert [q["label"] for q in res["queries"]] == [7, 1]
     assert res["config"]["coupled"] is True and res["retrains"] == 5
@@ -314,16 +327,71 @@ def test_one_query_and_one_random_set_give_valid_json_and_a_table():
     from forgetscore.evaluation.report import loo_table
 
     rng = np.random.default_rng()
-    cfg = loo.LooConfig(ks=(3,), methods=("m",), random_sets=1)
-    jobs = loo.removal_jobs({"m": rng.normal(size=(1, 20))}, cfg, 20)
+    cfg = loo.LooConfig(ks=(3,), methods=("pixel",), random_sets=1)
+    jobs = loo.removal_jobs({"pixel": rng.normal(size=(1, 20))}, cfg, 20)
     original = {"losses": torch.tensor(rng.random(1)), "images": torch.rand(1, 1, 4, 4) * 2 - 1}
     measured = {j.key: {"losses": original["losses"] + 1e-3, "images": torch.rand(1, 1, 4, 4) * 2 - 1}
                 for j in jobs.values()}
-    methods = loo.aggregate(jobs, measured, original, ["random", "m"], cfg, None)
+    methods = loo.aggregate(jobs, measured, original, ["random", "pixel"], cfg, None)
     assert methods["random"]["3"]["noise_floor_std"] is None
-    assert "delta_loss_other_queries" not in methods["m"]["3"]
+    assert "delta_loss_other_queries" not in methods["pixel"]["3"]
     results = {"config": cfg.to_dict(), "n_train": 20, "queries": [{"prompt": "p"}], "methods": methods,
-               "unlearning_effectiveness": {"target_mse": {"mean": 0.1, "se": 0.0, "n": 1}, "other_mse": None}}
+               "unlearning_effectiveness": {"target_mse": {"mean": 0.1, "se": None, "n": 1}, "other_mse": None}}
     json.dumps(results, allow_nan=False)  # strict JSON: no NaN anywhere
     table = loo_table(results)
     assert "| *noise floor (std of random removals)* | — |" in table and "other prompts —." in table
+    # One query: its ΔL has no standard error (not one of 0).
+    assert methods["pixel"]["3"]["delta_loss"]["se"] is None
+    assert " ± —" in table and "± 0.00" not in table
+
+
+WORKER_SCRIPT = """
+import os, sys, time
+from forgetscore.evaluation.retrain import worker_pool
+
+def job(path):
+    with open(path + ".tmp", "w") as fh:
+        fh.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    time.sleep(120)
+
+if __name__ == "__main__":
+    pool = worker_pool(1)
+    pool.submit(job, sys.argv[1])
+    time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has ended; only its parent's reaping is left
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the workers end with their parent on Linux")
+def test_retraining_workers_end_when_the_run_is_killed(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    (tmp_path / "run.py").write_text(WORKER_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "pid")], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "pid").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, "the worker never started its job"
+            time.sleep(0.2)
+        worker = int((tmp_path / "pid").read_text())
+        assert _alive(worker)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker), "the worker went on after its run was killed"
+    finally:
+        proc.kill()
+        if (tmp_path / "pid").is_file() and _alive(worker := int((tmp_path / "pid").read_text())):
+            os.kill(worker, signal.SIGKILL)

@@ -92,7 +92,7 @@ def test_mean_se():
     m, se = mean_se([1.0, 2.0, 3.0, 4.0])
     assert m == 2.5
     assert se == pytest.approx(math.sqrt(5 / 3) / 2)  # sd (ddof=1) = sqrt(5/3), / sqrt(4)
-    assert mean_se([0.7]) == (0.7, 0.0)
+    assert mean_se([0.7]) == (0.7, None)  # one value has no spread to estimate, not a spread of 0
     assert mean_se(np.array([[2.0, 2.0], [2.0, 2.0]])) == (2.0, 0.0)
 
 

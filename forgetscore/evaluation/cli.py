@@ -25,9 +25,13 @@ QUICK = {"ks": (54,), "methods": ("unlearning", "random", "random-class", "pixel
 def _csv(kind):
     def parse(text: str):
         try:
-            return tuple(kind(x) for x in text.split(",") if x.strip())
+            items = tuple(kind(x.strip()) for x in text.split(",") if x.strip())
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list") from None
+        repeated = [x for i, x in enumerate(items) if x in items[:i]]
+        if repeated:  # a second, identical column in the table
+            raise argparse.ArgumentTypeError(f"{text!r} names {repeated[0]} twice; give each once")
+        return items
     return parse
 
 

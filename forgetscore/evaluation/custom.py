@@ -471,7 +471,10 @@ def aggregate(runs: Sequence[ConceptRun], methods: Sequence[str]) -> dict:
 
 
 def _cell(d: dict | None, key: str) -> str:
-    return "—" if d is None else f"{d[key]['mean']:.3f} ± {d[key]['se']:.3f}"
+    if d is None:
+        return "—"
+    se = d[key]["se"]
+    return f"{d[key]['mean']:.3f} ± {'—' if se is None else f'{se:.3f}'}"
 
 
 def _se_words(agg: dict) -> str:
@@ -578,7 +581,10 @@ def run_custom(out_dir: str | Path, *, methods: Sequence[str] | None = None, qui
     with torch_threads(settings.threads):
         runs = [run_concept(out, c, settings, methods, model_dir=model_dir, train_dir=train_dir, log=log,
                             features=features, base_id=base_id) for c in settings.concepts]
-    results = {"settings": settings.to_dict(), "methods": list(methods), "base_model": str(model_dir),
+    from .. import __version__
+
+    results = {"version": __version__, "settings": settings.to_dict(), "methods": list(methods),
+               "base_model": str(model_dir),
                "train_dir": str(train_dir), "n_train": runs[0].n_train,
                "n_concepts": {k: sum(r.kind == k for r in runs) for k in ("object", "style")},
                "aggregate": aggregate(runs, methods),

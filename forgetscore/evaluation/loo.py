@@ -52,10 +52,21 @@ class LooConfig:
     effectiveness: bool = True
 
     def __post_init__(self) -> None:
-        if not self.ks or any(int(k) < 1 for k in self.ks):
-            raise ValueError(f"ks: {self.ks!r} needs at least one K >= 1")
-        if not self.methods:
-            raise ValueError("methods: give at least one method")
+        from .methods import METHODS
+
+        # Checked here, not when the run reaches them: that is after the original model is trained.
+        if isinstance(self.ks, (str, int)) or not self.ks or any(
+                isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in self.ks):
+            raise ValueError(f"ks: {self.ks!r}: give a sequence of integer Ks >= 1, e.g. (9, 18, 54)")
+        if isinstance(self.methods, str) or not self.methods:
+            raise ValueError(f"methods: {self.methods!r}: give a sequence of method names, e.g. ('unlearning',)")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+        for name, values in (("ks", self.ks), ("methods", self.methods)):
+            repeated = sorted({v for v in values if list(values).count(v) > 1}, key=str)
+            if repeated:  # each would be a second, identical column of the table
+                raise ValueError(f"{name}: {repeated[0]!r} is given twice; give each once")
         if self.random_sets < 1:
             raise ValueError(f"random_sets: {self.random_sets} must be >= 1 (the noise floor needs random removals)")
         if self.workers < 1:
@@ -129,9 +140,10 @@ def removal_jobs(scores: dict[str, np.ndarray], config: LooConfig, n: int
     return jobs
 
 
-def _mean_se(values: Sequence[float]) -> dict[str, float]:
+def _mean_se(values: Sequence[float]) -> dict[str, float | None]:
     v = np.asarray(values, dtype=np.float64)
-    se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+    # One value has no spread to estimate: null in results.json, "—" in the table (not "± 0.00").
+    se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None
     return {"mean": float(v.mean()), "se": se, "n": int(len(v))}
 
 
@@ -257,7 +269,10 @@ def run_loo(out_dir: str | Path, setup: LooSetup, config: LooConfig, log: Log | 
     ordered = sorted(jobs.values(), key=lambda j: -len(j.exclude))
     measured = run_retrains(ordered, setup.train_fn, retrain_root, queries, config.measure,
                             workers=config.workers, log=log)
+    from .. import __version__
+
     results = {
+        "version": __version__,
         "config": config.to_dict(),
         "trainer": trainer,
         "n_train": ctx.n_train,

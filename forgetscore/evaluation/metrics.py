@@ -95,15 +95,15 @@ def average_precision(scores: np.ndarray | Sequence, positives: np.ndarray | Seq
     return float(out[0]) if single else out
 
 
-def mean_se(values: np.ndarray | Sequence) -> tuple[float, float]:
-    """(mean, standard error of the mean with ddof=1); the error is 0 for a single value."""
+def mean_se(values: np.ndarray | Sequence) -> tuple[float, float | None]:
+    """(mean, standard error of the mean with ddof=1); the error of a single value is undefined: None."""
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     if v.size == 0:
         raise ValueError("values: empty; need at least one value to average")
     if not np.isfinite(v).all():
         raise ValueError("values: hold NaN or inf; average finite metric values only")
     if v.size == 1:
-        return float(v[0]), 0.0
+        return float(v[0]), None
     return float(v.mean()), float(v.std(ddof=1) / np.sqrt(v.size))
 
 

@@ -11,7 +11,7 @@ SCALE = 1e3  # ΔL and MSE are shown ×10⁻³, as in the paper
 def _fmt(cell: dict | None, scale: float = 1.0, digits: int = 2) -> str:
     if cell is None:
         return "—"
-    return f"{cell['mean'] * scale:.{digits}f} ± {cell['se'] * scale:.{digits}f}"
+    return f"{cell['mean'] * scale:.{digits}f} ± {_fmt_value(cell['se'], scale, digits)}"
 
 
 def _fmt_value(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
@@ -62,7 +62,7 @@ def loo_plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for name, cells in results["methods"].items():
         mean = [cells[str(k)]["delta_loss"]["mean"] * SCALE for k in ks]
-        se = [cells[str(k)]["delta_loss"]["se"] * SCALE for k in ks]
+        se = [(cells[str(k)]["delta_loss"]["se"] or 0.0) * SCALE for k in ks]  # one query: no bar
         style = {"linewidth": 2.5} if name == "unlearning" else {"linestyle": "--"} if name == "random" else {}
         ax.errorbar(ks, mean, yerr=se, marker="o", capsize=3, label=name, **style)
     ax.set_xscale("log")

@@ -18,6 +18,9 @@ import hashlib
 import io
 import json
 import multiprocessing as mp
+import os
+import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -107,6 +110,25 @@ def load_measurement(root: Path, job: RetrainJob, queries: Sequence[Query] | Non
     return m
 
 
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of `workers` processes that end with this one, however it ends (on Linux)."""
+    # spawn: a fresh interpreter per worker; forking a process that already ran torch threads can hang.
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_end_with_parent,
+                               initargs=(os.getpid(),))
+
+
+def _end_with_parent(parent: int) -> None:
+    """In a worker: be sent SIGTERM when the parent ends. A parent killed (SIGKILL) runs no clean-up,
+    and a worker in the middle of a retrain would otherwise train on for minutes, unseen."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent ended before the line above took effect
+        os._exit(1)
+
+
 def run_retrains(jobs: Sequence[RetrainJob], train_fn: TrainFn, root: Path, queries: Sequence[Query],
                  settings: MeasureSettings, *, workers: int = 2, log: Callable[[str], None] | None = print
                  ) -> dict[str, dict]:
@@ -128,8 +150,7 @@ def run_retrains(jobs: Sequence[RetrainJob], train_fn: TrainFn, root: Path, quer
                 if log:
                     log(f"  retrain {i + 1}/{len(todo)} ({s:.0f} s)")
         else:
-            # spawn: a fresh interpreter per worker; forking a process that already ran torch threads can hang.
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            with worker_pool(workers) as pool:
                 futures = [pool.submit(_job, train_fn, j, root, queries, settings) for j in todo]
                 for i, f in enumerate(as_completed(futures)):
                     _, s = f.result()
