@@ -1,26 +1,123 @@
-"""Helpers shared by the benchmark scripts: timing sync, the machine, the JSON record, formatting."""
+"""Helpers shared by the benchmark scripts: argument types, timing sync, the machine, the JSON record, formatting."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
-import torch
+# torch is imported where it is used: bench_memory.py's parent process parses its arguments with the
+# types below and must stay numpy-only (a child's peak RSS starts at its parent's), and gpu_check.py
+# must still report on a machine where torch does not import.
+if TYPE_CHECKING:
+    import torch
 
+
+# --------------------------------------------------------------------------- argument types
+# Each refuses a value that means nothing at parse time, before any model is built or store written:
+# argparse prints "error: argument --NAME: <message>" and exits with status 2.
+
+def int_range(low: int = 1, high: int | None = None, *, zero: str | None = None) -> Callable[[str], int]:
+    """An argparse type: an int in [low, high] (no upper end when high is None).
+
+    zero: what 0 stands for where an option takes it as "not set" (e.g. "torch's default"); 0 is then
+    accepted too, and the message says so.
+    """
+    wanted = (f">= {low}" if high is None else f"in [{low}, {high}]") + (f" (or 0 for {zero})" if zero else "")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give one {wanted}") from None
+        if not (zero and value == 0) and not (value >= low and (high is None or value <= high)):
+            raise argparse.ArgumentTypeError(f"{value} must be {wanted}")
+        return value
+    return parse
+
+
+def positive_float(*, zero: str | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite float > 0 (seconds, say); with `zero` (what 0 stands for), 0 as well."""
+    wanted = "a finite number > 0" + (f" (or 0 for {zero})" if zero else "")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; give {wanted}") from None
+        # nan and inf pass float(); every comparison with nan is false, so a nan limit would never stop anything
+        if not math.isfinite(value) or not (value > 0 or (zero and value == 0)):
+            raise argparse.ArgumentTypeError(f"{text!r}: give {wanted}")
+        return value
+    return parse
+
+
+def _entries(text: str, hint: str) -> list[str]:
+    """The comma-separated entries of `text`, blanks dropped; at least one."""
+    entries = [e.strip() for e in text.split(",") if e.strip()]
+    if not entries:
+        raise argparse.ArgumentTypeError(f"{text!r}: {hint}")
+    return entries
+
+
+def _once_each(text: str, entries: list, hint: str, merge_repeats: bool = False) -> tuple:
+    # A repeat would be measured (or read) twice and shown as two rows of the same thing.
+    repeated = list(dict.fromkeys(e for i, e in enumerate(entries) if e in entries[:i]))
+    if repeated and not merge_repeats:
+        raise argparse.ArgumentTypeError(f"{text!r}: {', '.join(map(str, repeated))} given more than once; {hint}")
+    return tuple(dict.fromkeys(entries))
+
+
+def choice_list(choices: Iterable[str], *, merge_repeats: bool = False) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: comma-separated entries of `choices`, each once, in the order given.
+
+    merge_repeats: take a repeated entry once instead of refusing it.
+    """
+    choices = tuple(choices)
+    hint = f"give one or more of {', '.join(choices)}, each once, comma-separated"
+
+    def parse(text: str) -> tuple[str, ...]:
+        entries = _entries(text, hint)
+        unknown = [e for e in entries if e not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"{text!r}: {', '.join(map(repr, unknown))} unknown; {hint}")
+        return _once_each(text, entries, hint, merge_repeats)
+    return parse
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated ints >= 1 (batch sizes, say), each once, in the order given."""
+    hint = "give one or more integers >= 1, each once, comma-separated, e.g. 64,512"
+    try:
+        values = [int(e) for e in _entries(text, hint)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {hint}") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: {hint}")
+    return _once_each(text, values, hint)
+
+
+# --------------------------------------------------------------------------- the machine and the record
 
 def make_sync(device: torch.device) -> Callable[[], None]:
     """What to call before reading a clock: wait for queued GPU work; nothing on the CPU."""
+    import torch
+
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
+        import torch
+
         return torch.cuda.get_device_name(dev)
     name = platform.processor() or platform.machine()
     try:
@@ -37,6 +134,8 @@ def load_average() -> tuple[float, float, float] | None:
 
 def run_meta(dev: torch.device) -> dict:
     """What every benchmark record says about its run: machine, versions, date, command, load."""
+    import torch
+
     return {"device": dev.type, "device_name": device_name(dev), "torch": torch.__version__,
             "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

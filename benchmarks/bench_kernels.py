@@ -45,9 +45,9 @@ if ROOT not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, ROOT)
 
 from forgetscore import kernels  # noqa: E402
-from forgetscore.kernels import dispatch, reference  # noqa: E402
+from forgetscore.kernels import dispatch, reference, validate  # noqa: E402
 
-from _common import Results, fmt_bytes, make_sync, run_meta, table
+from _common import Results, choice_list, fmt_bytes, int_list, int_range, make_sync, positive_float, run_meta, table
 
 SEED = 1234
 LATENTS = {"4x16x16": (4, 16, 16), "4x64x64": (4, 64, 64)}
@@ -68,6 +68,8 @@ FISHER_SHAPES = (
 REFERENCE_MAX_NUMEL = {"cpu": 1 << 17, "cuda": 1 << 25}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
+# What fisher_accumulate takes for X and G (float64 is an accumulator dtype only).
+FISHER_INPUT_DTYPES = tuple(name for name, dt in DTYPES.items() if dt in validate.FLOAT_DTYPES)
 
 
 # --------------------------------------------------------------------------- timing
@@ -258,7 +260,7 @@ def skipped_backends(device: torch.device) -> list[str]:
 def noise_shapes(r: Runner) -> list[tuple[str, tuple[int, ...], int]]:
     batches = [b for b in BATCHES if not r.args.quick or b <= 512]
     if r.args.batches:
-        batches = [int(b) for b in r.args.batches.split(",")]
+        batches = list(r.args.batches)
     return [(lname, shape, B) for lname, shape in LATENTS.items() for B in batches]
 
 
@@ -401,14 +403,14 @@ def cuda_peak_bytes(fn: Callable[[], Any]) -> tuple[int | None, str]:
 def bench_fisher(r: Runner, emit: Callable[[str, dict], None], rates: dict) -> None:
     dev = r.device
     fdtype = DTYPES[r.args.fisher_dtype]
-    in_dtypes = r.args.fisher_input_dtypes or ("float32,bfloat16" if dev.type == "cuda" else "float32")
+    in_dtypes = r.args.fisher_input_dtypes or (("float32", "bfloat16") if dev.type == "cuda" else ("float32",))
     shapes = FISHER_SHAPES
     if r.args.quick:
         shapes = tuple(s for s in FISHER_SHAPES if s[5] == 64 and s[3] in (128, 320, 1280))
     backends = kernel_backends(dev)
     peak_fn = cuda_peak_bytes if dev.type == "cuda" else cpu_peak_bytes
     for model, layer, d_in, d_out, L, B in shapes:
-        for dname in in_dtypes.split(","):
+        for dname in in_dtypes:
             dt = DTYPES[dname]
             base = {"model": model, "layer": layer, "d_in": d_in, "d_out": d_out, "L": L, "batch": B,
                     "input_dtype": dname, "fisher_dtype": r.args.fisher_dtype}
@@ -600,7 +602,7 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -608,20 +610,25 @@ def main(argv: list[str] | None = None) -> int:
                    help="batches <= 512, three fisher shapes, fewer repeats (a smoke run)")
     p.add_argument("--json", metavar="OUT", help="write all measurements as JSON (rewritten after every row)")
     p.add_argument("--only", choices=("noise", "fisher"), help="run one of the two comparisons")
-    p.add_argument("--batches", help="comma-separated batch sizes for noising + loss (overrides the default)")
+    p.add_argument("--batches", type=int_list,
+                   help="comma-separated batch sizes for noising + loss (overrides the default)")
     p.add_argument("--fisher-dtype", choices=("float32", "float64"), default="float64",
                    help="accumulator dtype (float64, as forgetscore.attribution uses)")
-    p.add_argument("--fisher-input-dtypes", help="comma-separated X/G dtypes (default float32; "
+    p.add_argument("--fisher-input-dtypes", type=choice_list(FISHER_INPUT_DTYPES),
+                   help="comma-separated X/G dtypes, of " + ", ".join(FISHER_INPUT_DTYPES) + " (default float32; "
                    "float32,bfloat16 on CUDA)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the eager way")
     p.add_argument("--no-raw", action="store_true",
                    help="skip the kernel-only timings (backend function without argument checks)")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=int_range(1, zero="torch's default"), default=0,
                    help="torch.set_num_threads(N) first (also the C++ kernels' thread count); 0: torch's default")
-    p.add_argument("--budget-s", type=float, default=0,
+    p.add_argument("--budget-s", type=positive_float(zero="no limit"), default=0,
                    help="stop starting new shapes after this many seconds (0: no limit)")
-    args = p.parse_args(argv)
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)

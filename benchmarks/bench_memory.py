@@ -46,6 +46,8 @@ if ROOT not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from _common import int_range  # noqa: E402  (imports no torch: this process stays numpy-only)
+
 SEED = 4321
 INPUT_SHAPE = (4, 8, 8)
 TEXT_SHAPE = (4, 16)  # tokens x width of the tiny text encoder
@@ -187,22 +189,29 @@ def gib(v: float) -> str:
     return f"{v / (1 << 30):.2f} GiB" if v >= 1 << 30 else f"{v / (1 << 20):.0f} MiB"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=1_000_000, help="images in the synthetic store")
-    p.add_argument("--shard-size", type=int, default=4096, help="images per shard (prepare's default)")
-    p.add_argument("--sweep-images", type=int, default=20_000, help="images swept, strided over the store")
-    p.add_argument("--timesteps", type=int, default=1, help="timesteps per image and version in the plan")
-    p.add_argument("--batch-rows", type=int, default=1024, help="UNet batch size in rows")
-    p.add_argument("--chunk-size", type=int, default=1024, help="images per run_sweep chunk")
+    p.add_argument("--images", type=int_range(1), default=1_000_000, help="images in the synthetic store")
+    p.add_argument("--shard-size", type=int_range(1), default=4096, help="images per shard (prepare's default)")
+    p.add_argument("--sweep-images", type=int_range(1), default=20_000, help="images swept, strided over the store")
+    # The plan's grid steps by 1000 // N over the scheduler's 1000 timesteps: past 1000 the step would be 0.
+    p.add_argument("--timesteps", type=int_range(1, 1000), default=1,
+                   help="timesteps per image and version in the plan")
+    p.add_argument("--batch-rows", type=int_range(1), default=1024, help="UNet batch size in rows")
+    p.add_argument("--chunk-size", type=int_range(1), default=1024, help="images per run_sweep chunk")
     p.add_argument("--dir", help="where to write the store (default: a fresh temporary folder, removed after)")
     p.add_argument("--keep", action="store_true", help="keep the store")
     p.add_argument("--json", metavar="OUT", help="write the measurements as JSON")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads(N) in the subprocesses")
+    p.add_argument("--threads", type=int_range(1, zero="torch's default"), default=0,
+                   help="torch.set_num_threads(N) in the subprocesses")
     p.add_argument("--child", choices=("write", "sweep", "scan", "random"), help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.child == "write":
         print(json.dumps(write_store(Path(args.store), args.images, args.shard_size)), flush=True)

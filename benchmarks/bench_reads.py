@@ -23,6 +23,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from _common import int_range  # noqa: E402
+
 
 def loop_inputs(data, indices: np.ndarray) -> np.ndarray:
     out = np.empty((len(indices), 2, *data.input_shape), dtype=np.float32)
@@ -51,12 +53,16 @@ def per_image_us(fn, n_images: int, repeat: int) -> float:
     return (time.perf_counter() - t) / repeat / n_images * 1e6
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", help="a prepared folder (default: the digits model's, made if missing)")
-    parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--repeat", type=int, default=20)
-    args = parser.parse_args()
+    parser.add_argument("--batch", type=int_range(1), default=1024)
+    parser.add_argument("--repeat", type=int_range(1), default=20)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     from forgetscore.attribution.data import PreparedData
 

@@ -20,6 +20,9 @@ import torch
 
 from forgetscore.digits.classifier import get_classifier
 from forgetscore.digits.data import DIGIT_WORDS
+from forgetscore.evaluation.methods import METHODS
+
+from _common import choice_list
 
 
 def digit_of(text: str) -> int:
@@ -36,13 +39,23 @@ def ranks(scores: np.ndarray) -> np.ndarray:
     return r
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="output directory of `forgetscore evaluate custom`")
-    p.add_argument("--methods", default="unlearning,unlearning-attn,dtrak,influence,caption,pixel",
+    p.add_argument("--methods", type=choice_list(METHODS),
+                   default="unlearning,unlearning-attn,dtrak,influence,caption,pixel",
                    help="comma-separated methods to read (default: %(default)s)")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
+    args = p.parse_args(argv)
     results = json.loads((args.run / "results.json").read_text())
+    run_methods = results["methods"]
+    missing = [m for m in args.methods if m not in run_methods]
+    if missing:  # before any concept's pool, queries and classifier are loaded
+        p.error(f"--methods: the run has no scores of {', '.join(missing)}; choose from {', '.join(run_methods)}")
     print(f"pool captions: {results['settings'].get('pool_captions', 'fine-tuning')}")
     print("per query: rank of the same-digit exemplar / median rank of the other exemplars / "
           "share of the top-10 that are the query's digit")
@@ -58,7 +71,7 @@ def main() -> None:
         seen = get_classifier(images.shape[-1]).predict(images)
         print(f"\n{name}: queries {', '.join(DIGIT_WORDS[d] for d in q_digit)}; the classifier sees "
               f"{', '.join(DIGIT_WORDS[int(d)] for d in seen)}")
-        for method in args.methods.split(","):
+        for method in args.methods:
             scores = np.load(root / "scores" / f"{method}.npy")
             cells = []
             for q, d in enumerate(q_digit):

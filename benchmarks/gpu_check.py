@@ -29,6 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from _common import positive_float  # noqa: E402  (imports no torch: `env` must run where torch does not import)
+
 TARGET_COPY_PCT = 80.0   # add_noise / diffusion_loss: % of measured copy bandwidth
 TARGET_GEMM_PCT = 50.0   # fisher: % of the measured matmul rate
 TARGET_CPU_NOISE_X = 2.0  # CPU: noising + loss vs eager
@@ -453,18 +455,22 @@ def _mib(v) -> str:
     return "-" if v is None else f"{v / 2**20:.1f}MiB"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("env", help="versions, GPU and backends")
     c = sub.add_parser("crosscheck", help="large-shape checks on the GPU backends")
-    c.add_argument("--max-s", type=float, default=60.0, help="start no new check after this many seconds")
+    c.add_argument("--max-s", type=positive_float(), default=60.0, help="start no new check after this many seconds")
     s = sub.add_parser("summary", help="summarise a gpu_check.sh output folder")
     s.add_argument("out_dir")
     s.add_argument("--bench-json", default="bench_gpu.json")
     k = sub.add_parser("pack", help="fill .gpu-cache/ with the models the precision step measures")
     k.add_argument("--custom-run", help="an `evaluate custom` output folder holding concepts/letter-h/")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     fn = {"env": cmd_env, "crosscheck": cmd_crosscheck, "summary": cmd_summary, "pack": cmd_pack}[args.cmd]
     try:
         return fn(args)

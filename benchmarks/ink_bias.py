@@ -19,6 +19,9 @@ import torch
 from scipy.stats import spearmanr
 
 from forgetscore.digits.data import load_data, measure_attributes
+from forgetscore.evaluation.methods import METHODS
+
+from _common import choice_list, int_range
 
 
 def ink(images: torch.Tensor) -> np.ndarray:
@@ -27,20 +30,30 @@ def ink(images: torch.Tensor) -> np.ndarray:
     return measure_attributes(x)[:, 0]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="output directory of `forgetscore evaluate loo`")
-    p.add_argument("--k", type=int, default=18)
-    p.add_argument("--methods", default=None, help="comma-separated (default: the run's methods)")
-    args = p.parse_args()
+    p.add_argument("--k", type=int_range(1), default=18)
+    p.add_argument("--methods", type=choice_list(METHODS), default=None,
+                   help="comma-separated (default: the run's methods)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
+    args = p.parse_args(argv)
     results = json.loads((args.run / "results.json").read_text())
+    run_methods = results["config"]["methods"]
+    missing = [m for m in args.methods or () if m not in run_methods]
+    if missing:  # before the queries and the training set are loaded
+        p.error(f"--methods: the run has no scores of {', '.join(missing)}; choose from {', '.join(run_methods)}")
     queries = torch.load(args.run / "queries.pt", weights_only=False)
     by_spec = {json.dumps(s, sort_keys=True): img for s, img in zip(queries["specs"], queries["images"])}
     specs = [{k: q[k] for k in ("prompt", "seed", "label")} for q in results["queries"]]
     q_ink = ink(torch.stack([by_spec[json.dumps(s, sort_keys=True)] for s in specs]))
     data = load_data(8)
     train_ink, labels = ink(data.images), data.labels.numpy()
-    names = args.methods.split(",") if args.methods else results["config"]["methods"]
+    names = args.methods or run_methods
     print(f"{len(specs)} queries; per query: Spearman(score, ink | query's digit); sign agreement of "
           f"(top-{args.k} ink - class ink) with (query ink - class ink)")
     for name in names:

@@ -29,7 +29,10 @@ import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from _common import Results, make_sync, run_meta  # noqa: E402
+from _common import Results, choice_list, int_range, make_sync, run_meta  # noqa: E402
+from forgetscore.attribution.losses import COMPILE_MODES, PRECISIONS  # noqa: E402
+from forgetscore.cli import _batch_size  # noqa: E402  (--batch-size as the forgetscore CLI takes it)
+from forgetscore.kernels.validate import MAX_SEED  # noqa: E402
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -79,19 +82,17 @@ def emulated_tf32():
             setattr(F, name, fn)
 
 
-def _batch_size(text: str) -> int | str:
-    return text if text == "auto" else int(text)
-
-
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--precisions", default="fp32,bf16,fp16,mixed", help="comma-separated; fp32 first is the reference")
+    parser.add_argument("--precisions", type=choice_list(PRECISIONS), default="fp32,bf16,fp16,mixed",
+                        help="comma-separated, of " + ", ".join(PRECISIONS) + "; fp32 first is the reference")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=_batch_size, default=1024, help="rows per UNet call, or auto")
-    parser.add_argument("--images", type=int, help="sweep only the first N training images (a quick run)")
-    parser.add_argument("--compile", help="also sweep under torch.compile with this mode")
-    parser.add_argument("--compile-precisions", default="fp32", help="precisions of the compiled rows")
-    parser.add_argument("--cpu-check", type=int, default=0, metavar="N",
+    parser.add_argument("--images", type=int_range(1), help="sweep only the first N training images (a quick run)")
+    parser.add_argument("--compile", choices=COMPILE_MODES, help="also sweep under torch.compile with this mode")
+    parser.add_argument("--compile-precisions", type=choice_list(PRECISIONS), default="fp32",
+                        help="precisions of the compiled rows")
+    parser.add_argument("--cpu-check", type=int_range(1, zero="no CPU check"), default=0, metavar="N",
                         help="compare every row's losses on the first N images with an fp32 CPU sweep")
     parser.add_argument("--emulate-tf32", action="store_true",
                         help="also a row of fp32 with every convolution, linear layer and attention on TF32-rounded "
@@ -100,13 +101,29 @@ def main() -> int:
     parser.add_argument("--model", help="model directory (default: the embedded digits model)")
     parser.add_argument("--train", help="training folder of --model")
     parser.add_argument("--prompt", help="query prompt (default: the demo's)")
-    parser.add_argument("--query-seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--query-seed", type=int_range(0, MAX_SEED - 1), default=0)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if bool(args.model) != bool(args.train):
         parser.error("--model and --train go together")
-    precisions = args.precisions.split(",")
-    if "fp32" not in precisions:
-        parser.error("--precisions must include fp32, the reference")
+    if "fp32" not in args.precisions:
+        parser.error("--precisions: add fp32, the reference every other row is compared with")
+    # Refused by the sweep only after the query is made, unlearned and swept in fp32: minutes in.
+    if not args.device.startswith("cuda"):
+        for option, names in (("--precisions", args.precisions),
+                              ("--compile-precisions", args.compile_precisions if args.compile else ())):
+            if "tf32" in names:
+                parser.error(f"{option}: tf32 is a CUDA tensor-core mode; drop it or pass --device cuda")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    precisions = args.precisions
 
     from forgetscore import demo
     from forgetscore.attribution import Attributor, LossSweep, ScoringPlan, UnlearnConfig
@@ -184,7 +201,7 @@ def main() -> int:
     steps = [(p, lambda p=p: measure(p, p, None)) for p in sorted(precisions, key=lambda p: p != "fp32")]
     if args.compile:
         steps += [(f"{p}+{args.compile}", lambda p=p: measure(f"{p}+{args.compile}", p, args.compile))
-                  for p in args.compile_precisions.split(",")]
+                  for p in args.compile_precisions]
     if args.emulate_tf32:
         steps.append(("tf32 (emulated)", lambda: measure("tf32 (emulated)", "fp32", None, emulate=True)))
     result.run_steps(steps)

@@ -20,19 +20,25 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from _common import int_range  # noqa: E402
 
-def main() -> None:
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path, help="output directory of `forgetscore evaluate loo` (coupled)")
+    p.add_argument("--queries", type=int_range(1), default=3)
+    p.add_argument("--cache", type=Path, default=None, help="engine cache (default: RUN/cache)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     from forgetscore.attribution.attributor import Attributor
     from forgetscore.attribution.plan import ScoringPlan
     from forgetscore.evaluation.loo import DEFAULT_PLAN_STRIDE
     from forgetscore.evaluation.methods import DEFAULT_UNLEARN
     from forgetscore.evaluation.retrain import RetrainJob
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run", type=Path, help="output directory of `forgetscore evaluate loo` (coupled)")
-    p.add_argument("--queries", type=int, default=3)
-    p.add_argument("--cache", type=Path, default=None, help="engine cache (default: RUN/cache)")
-    args = p.parse_args()
     original = args.run / "retrains" / RetrainJob((), True).key
     saved = torch.load(args.run / "queries.pt", weights_only=False)
     pairs = [(img, spec["prompt"]) for spec, img in list(zip(saved["specs"], saved["images"]))[:args.queries]]
