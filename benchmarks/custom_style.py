@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from forgetscore.attribution.data import TrainingSet
 from forgetscore.digits.classifier import get_classifier
 from forgetscore.digits.data import DIGIT_WORDS
 from forgetscore.evaluation.methods import METHODS
@@ -71,7 +72,14 @@ def main(argv: list[str] | None = None) -> None:
         seen = get_classifier(images.shape[-1]).predict(images)
         print(f"\n{name}: queries {', '.join(DIGIT_WORDS[d] for d in q_digit)}; the classifier sees "
               f"{', '.join(DIGIT_WORDS[int(d)] for d in seen)}")
+        pool_id = TrainingSet.load(root / "pool").identity()
         for method in args.methods:
+            # The pool is rewritten by a later run with other --pool-captions (and a stopped one may leave
+            # results.json of the run before): scores of another pool would be read as ranks of this one.
+            key = root / "scores" / f"{method}.json"
+            if not key.is_file() or json.loads(key.read_text()).get("pool") != pool_id:
+                print(f"  {method:<16} no scores of this pool (it was rewritten since); run evaluate custom again")
+                continue
             scores = np.load(root / "scores" / f"{method}.npy")
             cells = []
             for q, d in enumerate(q_digit):

@@ -269,7 +269,7 @@ TINY = custom.CustomSettings(concepts=("triangle", "segment"), n_exemplars=3, qu
 METHODS = ("unlearning", "unlearning-10steps", "pixel", "feature", "caption")
 
 
-def test_run_custom_bookkeeping_and_resume(dirs, tmp_path, monkeypatch):
+def test_run_custom_bookkeeping_and_resume(dirs, tmp_path, monkeypatch, capsys):
     model_dir, train_dir = dirs
     monkeypatch.setenv("FORGETSCORE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
@@ -313,6 +313,23 @@ def test_run_custom_bookkeeping_and_resume(dirs, tmp_path, monkeypatch):
     changed = {p for p, t in stamp.items() if not p.exists() or p.stat().st_mtime_ns != t}
     scores = out / "concepts" / "segment" / "scores"
     assert changed == {scores / "pixel.npy", scores / "pixel.json"}
+    _style_ranks_read_only_scores_of_the_current_pool(out, capsys)
+
+
+def _style_ranks_read_only_scores_of_the_current_pool(out, capsys):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    style = importlib.import_module("custom_style")
+    capsys.readouterr()
+    style.main([str(out), "--methods", "pixel,caption"])
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.lstrip().startswith(("pixel ", "caption ")) and " / " in line for line in lines) == 2, lines
+    # A later run with other pool captions rewrites the pool; until it scores them, these are another pool's.
+    meta = out / "concepts" / "segment" / "pool" / "metadata.jsonl"
+    meta.write_text(meta.read_text().replace('"text": ["', '"text": ["a '))
+    style.main([str(out), "--methods", "pixel"])
+    assert "pixel            no scores of this pool" in capsys.readouterr().out
 
 
 def test_customization_is_keyed_on_the_base_models_content(dirs, tmp_path, monkeypatch):
