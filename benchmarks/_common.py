@@ -107,6 +107,20 @@ def int_list(text: str) -> tuple[int, ...]:
 
 # --------------------------------------------------------------------------- the machine and the record
 
+def timing_device(name: str, threads: int) -> torch.device | None:
+    """The device a benchmark times on, with torch's thread count set first (0: its default); None, said
+    on stderr, for CUDA where there is none."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here", file=sys.stderr)
+        return None
+    return dev
+
+
 def make_sync(device: torch.device) -> Callable[[], None]:
     """What to call before reading a clock: wait for queued GPU work; nothing on the CPU."""
     import torch

@@ -47,7 +47,8 @@ if ROOT not in sys.path:  # run from a checkout without installing
 from forgetscore import kernels  # noqa: E402
 from forgetscore.kernels import dispatch, reference, validate  # noqa: E402
 
-from _common import Results, choice_list, fmt_bytes, int_list, int_range, make_sync, positive_float, run_meta, table
+from _common import (Results, choice_list, fmt_bytes, int_list, int_range, make_sync, positive_float, run_meta, table,
+                     timing_device)
 
 SEED = 1234
 LATENTS = {"4x16x16": (4, 16, 16), "4x64x64": (4, 64, 64)}
@@ -629,11 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device here", file=sys.stderr)
+    dev = timing_device(args.device, args.threads)
+    if dev is None:
         return 2
     r = Runner(args, dev)
     scheduler, sched_desc = make_scheduler()

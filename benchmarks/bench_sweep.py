@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import (Results, TimeUp, choice_list, fmt_bytes, int_list, int_range, make_sync, run_meta,
-                     stop_on_sigterm, table)
+                     stop_on_sigterm, table, timing_device)
 from _profile import kinds_note, kinds_table, profile_kinds, profile_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -757,11 +757,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # Under `timeout` (the GPU check): the part being timed reports its finished rounds, then the run ends.
     stop_on_sigterm()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device here", file=sys.stderr)
+    dev = timing_device(args.device, args.threads)
+    if dev is None:
         return 2
     sizes = dict((QUICK if args.quick else SIZES)[dev.type])
     if args.rounds:
