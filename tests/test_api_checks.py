@@ -9,8 +9,8 @@ import torch
 
 import tiny
 from checks import raises
-from forgetscore.attribution import (Attributor, DiffusionModel, ScoringPlan, TrainingSet, UnlearnConfig,
-                                     compute_fisher, generate, preset, run_fisher)
+from forgetscore.attribution import (Attributor, ScoringPlan, UnlearnConfig, compute_fisher, generate, preset,
+                                     run_fisher)
 
 N = 6
 PLAN = ScoringPlan(timesteps=(5, 500), flips=False)
@@ -21,20 +21,7 @@ QUERY = torch.zeros(1, 8, 8)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return tiny.build_model(root / "model"), tiny.build_train(root / "train", n=N)
-
-
-@pytest.fixture(scope="module")
-def model(dirs):
-    return DiffusionModel.load(dirs[0])
-
-
-@pytest.fixture(scope="module")
-def train(dirs):
-    return TrainingSet.load(dirs[1])
+dirs, model, train = tiny.folder_fixtures(N)
 
 
 @pytest.fixture(scope="module")

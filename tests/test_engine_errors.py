@@ -28,20 +28,7 @@ FISHER_SAMPLES = 8
 
 
 # --- fixtures ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return tiny.build_model(root / "model"), tiny.build_train(root / "train", n=N)
-
-
-@pytest.fixture(scope="module")
-def model(dirs):
-    return DiffusionModel.load(dirs[0])
-
-
-@pytest.fixture(scope="module")
-def train(dirs):
-    return TrainingSet.load(dirs[1])
+dirs, model, train = tiny.folder_fixtures(N)
 
 
 @pytest.fixture(scope="module")

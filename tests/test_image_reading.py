@@ -10,7 +10,7 @@ from PIL import Image
 
 import tiny
 from checks import raises
-from forgetscore.attribution import DiffusionModel, PreparedData
+from forgetscore.attribution import PreparedData
 from forgetscore.attribution.data import TrainingSet, check_image_headers, load_image, prepare
 
 # What a viewer shows for each EXIF orientation, from the stored array (EXIF 2.3, tag 0x0112).
@@ -80,15 +80,10 @@ def test_a_photo_in_rgb_is_turned_before_it_is_cut(tmp_path):
     torch.testing.assert_close(got, as_pixels(shown[2:10]).permute(2, 0, 1), rtol=0, atol=0)
 
 
-@pytest.fixture(scope="module")
-def model_and_train(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reading")
-    return (DiffusionModel.load(tiny.build_model(root / "model")),
-            TrainingSet.load(tiny.build_train(root / "train", 5)))
+dirs, model, train = tiny.folder_fixtures(5)
 
 
-def test_a_cache_of_the_earlier_reading_is_made_again_only_where_the_caller_owns_it(model_and_train, tmp_path):
-    model, train = model_and_train
+def test_a_cache_of_the_earlier_reading_is_made_again_only_where_the_caller_owns_it(model, train, tmp_path):
     first = prepare(model, train, tmp_path / "c", progress=False)
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     (tmp_path / "c" / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))

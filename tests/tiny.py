@@ -50,3 +50,26 @@ def build_train(root: Path, n: int = 10, seed: int = 0, size: int = 8) -> Path:
         lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": caps if i % 2 else caps[0]}))
     (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return root
+
+
+def folder_fixtures(n: int, name: str = "tiny"):
+    """Module-scoped fixtures for a test module to bind at its top level (`dirs, model, train = ...`):
+    `dirs` (a model folder and a training folder of `n` images), `model` and `train` loaded from them."""
+    import pytest
+
+    from forgetscore.attribution import DiffusionModel, TrainingSet
+
+    @pytest.fixture(scope="module")
+    def dirs(tmp_path_factory):
+        root = tmp_path_factory.mktemp(name)
+        return build_model(root / "model"), build_train(root / "train", n=n)
+
+    @pytest.fixture(scope="module")
+    def model(dirs):
+        return DiffusionModel.load(dirs[0])
+
+    @pytest.fixture(scope="module")
+    def train(dirs):
+        return TrainingSet.load(dirs[1])
+
+    return dirs, model, train
