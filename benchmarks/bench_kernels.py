@@ -486,7 +486,12 @@ def device_rates(r: Runner) -> dict[str, float]:
     rates["copy_GBps"] = 2 * src.numel() * 4 / tm["median_s"] / 1e9
     src = dst = None
     size = 8192 if dev.type == "cuda" else 2048
-    for dname in ("float32", "bfloat16"):
+    from forgetscore.attribution.losses import cpu_has_bf16
+
+    emulated = dev.type == "cpu" and cpu_has_bf16() is False
+    if emulated:  # each emulated 2048^3 product takes about a minute on such a CPU: minutes before any kernel
+        rates["matmul_bfloat16_skipped"] = "this CPU has no bfloat16 instructions"  # type: ignore[assignment]
+    for dname in ("float32",) if emulated else ("float32", "bfloat16"):
         dt = DTYPES[dname]
         try:
             a = torch.randn(size, size, device=dev).to(dt)

@@ -422,6 +422,7 @@ def profile_sweep(fn: Callable[[], Any], sync: Callable[[], None], dev: torch.de
 def bench_precisions(args, model, data, sizes: dict, emit, log) -> None:
     """LossSweep.run in each precision on the same rows, interleaved: what mixed costs beside bf16 and fp32."""
     from forgetscore.attribution import LossSweep, ScoringPlan
+    from forgetscore.attribution.losses import cpu_has_bf16
 
     sync = make_sync(model.device)
     ts = tuple(range(0, 1000, 1000 // sizes["timesteps"]))
@@ -429,10 +430,16 @@ def bench_precisions(args, model, data, sizes: dict, emit, log) -> None:
     ids = np.arange(sizes["part12_images"])
     rows = len(ids) * 2 * CAPTIONS * len(ts)
     precisions = ["fp32", "bf16", "mixed"] + (["tf32", "fp16"] if model.device.type == "cuda" else [])
-    sweeps = {p: LossSweep(model, data, plan, batch_size=sizes["batch_rows"], precision=p) for p in precisions}
-    log(f"[precisions] {rows} rows per call, UNet batches of {sizes['batch_rows']} rows: {', '.join(precisions)}")
-    times = time_interleaved({p: (lambda p=p: sweeps[p].run([None], ids, progress=False)) for p in precisions},
+    skipped = {}
+    if args.quick and model.device.type == "cpu" and cpu_has_bf16() is False:
+        # Emulated bfloat16 products take minutes at these sizes: not a quick run (the full run measures them).
+        skipped = {p: "--quick on a CPU without bfloat16 instructions" for p in ("bf16", "mixed")}
+    timed = [p for p in precisions if p not in skipped]
+    sweeps = {p: LossSweep(model, data, plan, batch_size=sizes["batch_rows"], precision=p) for p in timed}
+    log(f"[precisions] {rows} rows per call, UNet batches of {sizes['batch_rows']} rows: {', '.join(timed)}")
+    times = time_interleaved({p: (lambda p=p: sweeps[p].run([None], ids, progress=False)) for p in timed},
                              sync, sizes["rounds"], log, warm_all=sizes["warm_all"])
+    times.update(skipped)
     work = f"{len(ids)} img x 2 flips x {CAPTIONS} cap x {len(ts)} t"
     for p in precisions:
         row = {"part": "precision", "method": f"LossSweep.run (precision {p})", "work": work, "rows": rows,

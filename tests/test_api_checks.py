@@ -203,13 +203,21 @@ def test_scores_at_the_rounding_of_the_losses_are_pointed_out(tmp_path, rng):
     assert rounding_note(quantised[:40]) is None  # too few images to tell
     with_subset = np.concatenate([quantised, np.full(100, -np.inf)])  # images outside a subset do not count
     assert "over 200 images" in rounding_note(with_subset)
+    # Distinct, but at the rounding of the losses: 0.5 has float32 rounding units of 2**-24.
+    before = 0.5 + g.normal(size=(200, 2)) * 1e-3
+    tiny_rise = g.normal(size=200) * 2.0 ** -24
+    units = np.quantile(np.abs(tiny_rise), 0.9) / (np.median(np.abs(before)) * 2.0 ** -23)
+    assert np.unique(tiny_rise).size == 200 and rounding_note(tiny_rise) is None
+    assert f"reach only {units:.2g} float32 rounding units of the losses" in rounding_note(tiny_rise, "q", before)
+    assert rounding_note(tiny_rise * 400, before=before) is None  # far above the rounding: a ranking
+    assert "reach only" in rounding_note(np.concatenate([tiny_rise, np.full(9, -np.inf)]), before=before)
 
     # End to end: a step far below float32's resolution leaves the weights, and so the losses, as they were.
     model_dir = tiny.build_model(tmp_path / "model")
     att = Attributor.load(model_dir, tiny.build_train(tmp_path / "train", n=60), plan=PLAN,
                           cache_dir=tmp_path / "cache", progress=False)
     query = torch.rand(1, 8, 8, generator=rng) * 2 - 1
-    with pytest.warns(UserWarning, match=r"^scores: those of the query take only \d+ distinct values over 60 images"):
+    with pytest.warns(UserWarning, match=r"^scores: those of the query (reach only|take only \d+ distinct)"):
         att.attribute(query, "a red square", config=UnlearnConfig(method="sgd", alpha=1e-30, draws=4, micro_batch=4))
     import warnings
 
@@ -218,3 +226,13 @@ def test_scores_at_the_rounding_of_the_losses_are_pointed_out(tmp_path, rng):
         result = att.attribute(query, "a red square",
                                config=UnlearnConfig(method="sgd", alpha=0.1, draws=4, micro_batch=4))
     assert np.unique(result.scores).size == 60
+
+
+def test_the_cost_of_a_precision_is_said_once(model, train, tmp_path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        att = Attributor(model, train, plan=PLAN, cache_dir=tmp_path / "c", precision="fp16", progress=False)
+        att.sweep()
+    assert [str(w.message)[:40] for w in said] == ["precision: fp16 on the CPU runs several "]

@@ -351,8 +351,13 @@ class Attributor:
 
     def sweep(self, batch_size: int | None = None) -> LossSweep:
         """A :class:`LossSweep` of this Attributor's settings (`batch_size`: default its own)."""
-        return LossSweep(self.model, self.prepare(), self.plan, batch_size=batch_size or self.batch_size,
-                         backend=self.backend, precision=self.precision, prefetch=self.prefetch, compile=self.compile)
+        data = self.prepare()
+        with warnings.catch_warnings():
+            # What the precision costs on this device was said once, when this Attributor resolved it.
+            warnings.filterwarnings("ignore", message="precision: ", category=UserWarning)
+            return LossSweep(self.model, data, self.plan, batch_size=batch_size or self.batch_size,
+                             backend=self.backend, precision=self.precision, prefetch=self.prefetch,
+                             compile=self.compile)
 
     def _before_path(self) -> Path:
         # Not keyed on the batch size: another batch size changes only the last bits of the losses (as compile
@@ -657,7 +662,7 @@ class Attributor:
                     "query_loss_before": q_before, "query_loss_after": q_after,
                     "query_loss_rise": (q_after - q_before) / q_before,
                     "train_loss_rise_mean": float(np.mean(tau) / np.mean(before))}
-            note = rounding_note(scores, f"the query {source!r}" if source else "the query")
+            note = rounding_note(scores, f"the query {source!r}" if source else "the query", before)
             if note and self.rank == 0:
                 warnings.warn(note, stacklevel=2)
             full_scores = scores if indices is None else _scatter(scores, sel, data.n)

@@ -76,23 +76,39 @@ class Attribution:
         return out
 
 
-def rounding_note(scores: np.ndarray, name: str = "the query") -> str | None:
-    """A warning when the scores of `name` take few distinct values: the unlearning step then moved the losses
-    by about their floating-point rounding, and the ranking is mostly that rounding.
+# Scores whose larger values (the 90th percentile of |score|) stay within this many float32 rounding units
+# of the losses are mostly rounding: on the demo model a working step moves them by ~1e5 units, and a
+# step 2e6 times smaller (alpha / N with N = 4e8) by ~0.3 unit, yet with as many distinct values as images.
+ROUNDING_UNITS = 100
 
-    Losses that really rose differ from image to image in every digit, so about as many distinct scores as
-    images are expected; quantised scores (multiples of a few rounding units) are the sign of a step too small
-    for the arithmetic, e.g. alpha / N with N far too large.
+
+def rounding_note(scores: np.ndarray, name: str = "the query", before: np.ndarray | None = None) -> str | None:
+    """A warning when the scores of `name` are at the floating-point rounding of the losses: the unlearning
+    step then moved the losses by about their rounding, and the ranking is mostly that rounding.
+
+    Two signs, either enough: scores that stay within ``ROUNDING_UNITS`` float32 rounding units of the
+    losses before (`before`, each image's), and scores that take few distinct values (losses that really
+    rose differ from image to image in every digit; quantised scores, multiples of a few rounding units,
+    are what a half-precision sweep leaves). Both mean a step too small for the arithmetic, e.g. alpha / N
+    with N far too large.
     """
     finite = np.asarray(scores)[np.isfinite(scores)]
     if finite.size < 50:  # too few to tell a tie by chance from quantisation
         return None
+    advice = ("the unlearning step moved the training losses by about their rounding, so the ranking is mostly "
+              "rounding noise; take a larger step (alpha, steps) or check n_train (the N of alpha / N)")
+    if before is not None:
+        losses = np.abs(np.asarray(before, dtype=np.float64))
+        unit = float(np.median(losses[np.isfinite(losses)])) * float(np.finfo(np.float32).eps)
+        rise = float(np.quantile(np.abs(finite), 0.9))
+        if unit > 0 and rise < ROUNDING_UNITS * unit:
+            return (f"scores: those of {name} reach only {rise / unit:.2g} float32 rounding units of the losses "
+                    f"(|score| {rise:.2g} at the 90th percentile, losses about {unit / np.finfo(np.float32).eps:.2g}): "
+                    + advice)
     distinct = int(np.unique(finite).size)
     if 2 * distinct >= finite.size:
         return None
-    return (f"scores: those of {name} take only {distinct} distinct values over {finite.size} images: the "
-            "unlearning step moved the training losses by about their rounding, so the ranking is mostly rounding "
-            "noise; take a larger step (alpha, steps) or check n_train (the N of alpha / N)")
+    return f"scores: those of {name} take only {distinct} distinct values over {finite.size} images: " + advice
 
 
 def names_id(file_names: list[str]) -> str:
