@@ -30,7 +30,7 @@ IdsLike = torch.Tensor | Sequence[int] | int
 
 def _ids(sample_ids: IdsLike, draw_ids: IdsLike, device: torch.device | None, deferred: _v.Deferred,
          batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    if batch is None and isinstance(sample_ids, int):
+    if batch is None and (_v.is_int(sample_ids) or isinstance(sample_ids, torch.Tensor) and sample_ids.dim() == 0):
         raise ValueError("sample_ids: expected one id per row (a 1-D tensor or list), got a single int; "
                          "wrap it in a list")
     sample_ids = _v.id_vector("sample_ids", sample_ids, _v.MAX_SAMPLE_ID, device, deferred, length=batch)
@@ -38,23 +38,54 @@ def _ids(sample_ids: IdsLike, draw_ids: IdsLike, device: torch.device | None, de
     return sample_ids, draw_ids
 
 
+def _device(device: torch.device | str | None, sample_ids: object) -> torch.device:
+    """Where the draws are made: `device`, else where the ids are (the CPU for a list)."""
+    if device is None:
+        return sample_ids.device if isinstance(sample_ids, torch.Tensor) else torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: {device!r} is not a device; pass e.g. 'cpu' or 'cuda'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {str(device)!r} but this PyTorch sees no CUDA GPU; pass device='cpu'")
+    return device
+
+
 def _shape(shape: int | Sequence[int]) -> tuple[int, ...]:
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+    dims = (shape,) if _v.is_int(shape) else tuple(shape) if isinstance(shape, Sequence) else None
+    if dims is None or not all(_v.is_int(s) and s >= 0 for s in dims):
         raise ValueError(f"shape: expected non-negative ints, got {shape!r}; pass e.g. (4, 16, 16)")
-    return shape
+    return tuple(int(s) for s in dims)
+
+
+def _differentiable(backend: str, device: torch.device, function: str, **tensors: object):
+    """The backend module for a call; the PyTorch reference where autograd must see through it.
+
+    The fused kernels return results without a graph: a gradient through them would silently be zero.
+    """
+    wanting = [name for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not wanting or not torch.is_grad_enabled():
+        return resolve(backend, device)
+    if backend in ("auto", "torch"):
+        return resolve("torch", device)
+    raise ValueError(f"{wanting[0]}: requires grad, and the {backend!r} kernels are not differentiable; use "
+                     f"backend='auto' or 'torch' to differentiate through {function}, or pass "
+                     f"{wanting[0]}.detach()")
 
 
 def random_bits(seed: int, sample_ids: IdsLike, draw_ids: IdsLike, numel: int, *,
                 device: torch.device | str | None = None, backend: str = "auto") -> torch.Tensor:
     """The raw uint32 stream behind :func:`normal`, as int64 values in [0, 2**32): shape [B, numel]."""
     seed = _v.seed(seed)
-    (numel,) = _shape(numel)
-    device = torch.device(device) if device is not None else (
-        sample_ids.device if isinstance(sample_ids, torch.Tensor) else torch.device("cpu"))
+    if not _v.is_int(numel) or numel < 0:
+        raise ValueError(f"numel: expected a non-negative int, got {numel!r}; pass the number of values per row")
+    numel = int(numel)
+    device = _device(device, sample_ids)
     deferred = _v.Deferred()
     sids, dids = _ids(sample_ids, draw_ids, device, deferred)
     deferred.resolve()
+    if numel == 0:  # nothing to draw (the reference cannot shape an empty stream)
+        return torch.empty(sids.shape[0], 0, dtype=torch.int64, device=device)
     return resolve(backend, device).bits(seed, sids, dids, numel)
 
 
@@ -72,11 +103,12 @@ def normal(seed: int, sample_ids: IdsLike, draw_ids: IdsLike, shape: int | Seque
     shape = _shape(shape)
     if dtype not in _v.FLOAT_DTYPES + (torch.float64,):
         raise ValueError(f"dtype: {dtype} is not a floating type; use float32, float64, float16 or bfloat16")
-    device = torch.device(device) if device is not None else (
-        sample_ids.device if isinstance(sample_ids, torch.Tensor) else torch.device("cpu"))
+    device = _device(device, sample_ids)
     deferred = _v.Deferred()
     sids, dids = _ids(sample_ids, draw_ids, device, deferred)
     deferred.resolve()
+    if math.prod(shape) == 0:  # nothing to draw (the reference cannot shape an empty stream)
+        return torch.empty(sids.shape[0], *shape, dtype=dtype, device=device)
     out = resolve(backend, device).normal(seed, sids, dids, math.prod(shape))
     return out.view(sids.shape[0], *shape).to(dtype)
 
@@ -110,7 +142,11 @@ def add_noise(x0: torch.Tensor, timesteps: torch.Tensor | Sequence[int], alphas_
         deferred.resolve()
         return x0.clone()
     flat = x0.reshape(x0.shape[0], -1).contiguous()
-    out = resolve(backend, x0.device).add_noise(flat, a, b, seed, sids, dids)
+    module = _differentiable(backend, x0.device, "add_noise", x0=x0, alphas_cumprod=alphas_cumprod)
+    if flat.shape[1] == 0:  # rows without elements: nothing to noise
+        deferred.resolve()
+        return x0.clone()
+    out = module.add_noise(flat, a, b, seed, sids, dids)
     deferred.resolve()
     return out.view(x0.shape)
 
@@ -169,7 +205,12 @@ def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, timesteps: torc
     if x0.shape[0] == 0:
         deferred.resolve()
         return torch.empty(0, dtype=torch.float32, device=x0.device)
-    out = resolve(backend, x0.device).diffusion_loss(
+    if x0[0].numel() == 0:
+        raise ValueError(f"model_output: rows of shape {tuple(x0.shape[1:])} hold no elements, whose mean is "
+                         "undefined; pass the UNet output for rows with at least one element")
+    module = _differentiable(backend, x0.device, "diffusion_loss", model_output=model_output, x0=x0, mask=mask,
+                             alphas_cumprod=alphas_cumprod)
+    out = module.diffusion_loss(
         model_output.reshape(x0.shape[0], -1).contiguous(), x0.reshape(x0.shape[0], -1).contiguous(),
         a, b, seed, sids, dids, prediction_type, rows)
 
@@ -210,6 +251,9 @@ def fisher_accumulate(fisher: torch.Tensor, inputs: torch.Tensor, grad_outputs: 
     if tuple(fisher.shape) != (grad_outputs.shape[2], inputs.shape[2]):
         raise ValueError(f"fisher: shape {tuple(fisher.shape)} does not match (d_out, d_in) = "
                          f"({grad_outputs.shape[2]}, {inputs.shape[2]}); allocate it as [d_out, d_in] like the weight")
+    if fisher.requires_grad:  # e.g. an nn.Parameter: the kernels would write past autograd, the reference refuse
+        raise ValueError("fisher: requires grad; accumulate into a plain tensor, e.g. torch.zeros(d_out, d_in, "
+                         "dtype=torch.float64), not a parameter")
     _v.same_device(fisher=fisher, inputs=inputs, grad_outputs=grad_outputs)
     deferred = _v.Deferred(check)
     _v.finite_rows_later("inputs", inputs, deferred)

@@ -90,13 +90,25 @@ def id_vector(name: str, value: object, limit: int, device: torch.device | None,
     The range of ids already on a GPU goes into `deferred`; ids on the host (lists, CPU tensors)
     are checked at once, which costs no synchronisation.
     """
-    if isinstance(value, int) and not isinstance(value, bool) and length is not None:
-        value = torch.full((length,), value, dtype=torch.int64)
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and length is not None:
+        value = value.reshape(1).expand(length)  # one id for every row, as a plain int is
+    if is_int(value) and length is not None:
+        _check_host_range(name, [int(value)], limit)  # before torch.full, which cannot hold every int
+        value = torch.full((length,), int(value), dtype=torch.int64)
     elif not isinstance(value, torch.Tensor):
-        if not isinstance(value, Sequence) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise _fail(name, f"expected a 1-D integer tensor or a list of ints, got {type(value).__name__}",
+        if hasattr(value, "__array__") and not isinstance(value, Sequence):  # a NumPy array of ids
+            value = getattr(value, "tolist")()
+            if not isinstance(value, list):  # a 0-d array
+                value = [value]
+        if not isinstance(value, Sequence) or not all(is_int(v) for v in value):
+            raise _fail(name, f"expected a 1-D integer tensor, array or list of ints, got {type(value).__name__}"
+                        + (" holding a non-integer" if isinstance(value, Sequence) else ""),
                         "pass e.g. torch.tensor([...], dtype=torch.int64)")
-        value = torch.tensor(list(value), dtype=torch.int64)
+        value = [int(v) for v in value]
+        _check_host_range(name, value, limit)  # Python ints of any size: checked before the int64 tensor
+        value = torch.tensor(value, dtype=torch.int64)
+    elif value.dtype == torch.uint64 and value.device.type == "cpu":
+        _check_host_range(name, value.flatten().tolist(), limit)  # as int64, 2**63 and above read negative
     if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
         raise _fail(name, f"dtype {value.dtype} is not an integer type", "convert with .long()")
     if value.dim() != 1:
@@ -111,6 +123,17 @@ def id_vector(name: str, value: object, limit: int, device: torch.device | None,
         else:
             _check_range(name, value, limit)
     return value.to(device) if device is not None else value
+
+
+def is_int(value: object) -> bool:
+    """A Python or NumPy integer (bool is not: True would pass for 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
+def _check_host_range(name: str, values: list[int], limit: int) -> None:
+    if values and (min(values) < 0 or max(values) >= limit):
+        bad = min(values) if min(values) < 0 else max(values)
+        raise _fail(name, f"values must lie in [0, {limit}), found {bad}", "use non-negative ids below the limit")
 
 
 def float_tensor(name: str, value: object, *, min_dim: int = 1) -> torch.Tensor:
