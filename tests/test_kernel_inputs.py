@@ -111,3 +111,23 @@ def test_a_cuda_device_without_cuda_is_named():
         kernels.normal(1, [1, 2], 0, 3, device="cuda")
     with pytest.raises(ValueError, match=r"^device: 'gpu0' is not a device"):
         kernels.normal(1, [1, 2], 0, 3, device="gpu0")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("weight, dtype", [(1e38, torch.float32), (1e-300, torch.float64), (3e4, torch.float16)])
+def test_mask_weights_of_any_float_size_give_the_masked_mean(backend, weight, dtype):
+    dev = backend_device(backend)
+    x0, ts, sids = _rows(dev=dev)
+    out = torch.randn_like(x0)
+    mask = torch.zeros(4, 4, dtype=torch.float64)
+    mask[1:3, :2] = 1
+    err = (out.cpu().double() - _eps(sids.cpu(), x0.shape[1:]).double()) ** 2  # float64: the reference
+    want = (err * mask).flatten(1).sum(1) / (mask.sum() * x0.shape[1])
+    got = kernels.diffusion_loss(out, x0, ts, ACP.to(dev), 7, sids, 0, mask=(mask * weight).to(dev, dtype),
+                                 backend=backend)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=0)
+
+
+def test_a_seed_that_is_a_bool_tensor_is_refused():
+    with pytest.raises(ValueError, match="^seed: expected an int, got Tensor"):
+        kernels.normal(torch.tensor(True), [1], 0, 3)

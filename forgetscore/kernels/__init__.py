@@ -162,7 +162,7 @@ def _mask_rows(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     if full != torch.Size(shape):
         raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to the model output's "
                          f"{tuple(shape)}; give e.g. [H, W], [1, 1, H, W] or [B, 1, H, W]")
-    m = mask.float()
+    m = mask if mask.is_floating_point() else mask.float()
     if not bool(torch.isfinite(m).all()) or bool((m < 0).any()):
         raise ValueError("mask: values must be finite and non-negative; use a 0/1 or weight mask")
     if shape[0] == 0:  # no rows to weigh
@@ -172,7 +172,10 @@ def _mask_rows(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     else:
         # Constant along the batch: one row serves every row (stride 0 in the kernels).
         rows = torch.broadcast_to(m, shape)[:1].reshape(1, -1)
-    rows = rows.contiguous()
+    # Each row scaled to a largest weight of 1 (the loss, sum(m e^2) / sum(m), does not change): weights that
+    # overflow or underflow float32, or whose float32 sum would, are kept. A 0/1 mask is left as it is.
+    top = rows.amax(dim=1, keepdim=True)
+    rows = torch.where(top > 0, rows / torch.where(top > 0, top, 1), rows).float().contiguous()
     empty = rows.sum(dim=1) <= 0
     if bool(empty.any()):
         raise ValueError(f"mask: selects no element in rows {empty.nonzero().flatten().tolist()[:10]}; "

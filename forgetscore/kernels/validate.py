@@ -29,7 +29,8 @@ def _fail_now(name: str, problem: str, fix: str) -> None:
 
 
 def seed(value: object) -> int:
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
         value = int(value.item())
     # numpy integers are accepted (and returned as Python ints); bool is not, as True would pass for 1.
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
