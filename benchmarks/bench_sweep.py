@@ -104,7 +104,7 @@ def build_unet():
 
 
 def build_model(device: torch.device):
-    """A DiffusionModel around the MSCOCO-scale UNet (random weights) with a tiny text side.
+    """A DiffusionModel around the MSCOCO-scale UNet (random weights) with a one-layer text encoder of its width.
 
     The text encoder and tokenizer only give the model its identity (``encoders_id``): the
     sweep reads prepared text states, which are random 77x1024 tensors here.
@@ -119,8 +119,8 @@ def build_model(device: torch.device):
     torch.manual_seed(SEED)
     with quiet_loading():
         tok = build_tokenizer(words=["a", "photo", "of", "cat", "dog"], max_length=8)
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                                            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=8,
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=TEXT_DIM, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=16, max_position_embeddings=8,
                                             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                                             eos_token_id=tok.eos_token_id))
         unet = build_unet()

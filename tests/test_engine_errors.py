@@ -966,3 +966,25 @@ def test_unlearn_names_a_query_text_or_mask_of_the_wrong_shape(model, att):
     raises("ctx", r"is not one prompt's text states", unlearn, model, names, None, x0, ctx[:, :3], sgd, N)
     raises("mask", r"does not broadcast to the query's", unlearn, model, names, None, x0, ctx, sgd, N,
            mask=torch.ones(3, 3))
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"addition_embed_type": "text"}, r"^unet: its config sets addition_embed_type='text': it takes conditioning "
+                                      r"beside the caption's text states"),
+    ({"class_embed_type": "timestep"}, r"^unet: its config sets class_embed_type='timestep'"),
+    ({"cross_attention_dim": 24}, r"^unet: its cross_attention_dim is 24 but the text encoder gives states of 16"),
+    ({"in_channels": 9, "latent": True}, r"^unet: takes 9 input channels but the VAE makes latents of 4: an "
+                                         r"inpainting or image-conditioned UNet"),
+])
+def test_a_unet_that_takes_other_conditioning_is_refused(model, tmp_path, change, says):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    change = dict(change)
+    vae = None
+    if change.pop("latent", False):
+        vae = AutoencoderKL.from_pretrained(tiny.build_model(tmp_path / "latent", latent=True) / "vae")
+    config = {**{k: v for k, v in model.unet.config.items() if not k.startswith("_")}, **change}
+    if config.get("addition_embed_type") == "text":
+        config["encoder_hid_dim"] = None
+    unet = UNet2DConditionModel.from_config(config)
+    raises("unet", says, DiffusionModel, model.tokenizer, model.text_encoder, unet, model.scheduler, vae)

@@ -59,6 +59,7 @@ class DiffusionModel:
         if kind not in ("epsilon", "v_prediction"):
             raise ValueError(f"scheduler: prediction_type {kind!r} is not supported; "
                              "use a model trained with 'epsilon' or 'v_prediction'")
+        _check_conditioning(self.unet, self.text_encoder, self.vae)
         self._ids: dict[str, tuple[tuple, str]] = {}  # see _kept_id
 
     # --- loading -------------------------------------------------------------------------
@@ -288,6 +289,33 @@ def check_device(device: str | torch.device) -> torch.device:
             raise ValueError(f"device: {str(device)!r} but there {'is' if count == 1 else 'are'} {count} CUDA "
                              f"device(s); use cuda:0 to cuda:{count - 1}")
     return dev
+
+
+def _check_conditioning(unet: torch.nn.Module, text_encoder: torch.nn.Module, vae: torch.nn.Module | None) -> None:
+    """That the UNet is conditioned on the text encoder's states alone, as the scoring calls it: a UNet that
+    also takes pooled text and sizes (SDXL), class labels, or an image beside the latents would fail deep in
+    its forward, or be scored without what it was trained with."""
+    cfg = getattr(unet, "config", None)
+    if cfg is None:
+        return
+    extra = [f"{key}={getattr(cfg, key)!r}" for key in ("addition_embed_type", "class_embed_type",
+                                                        "encoder_hid_dim_type", "num_class_embeds")
+             if getattr(cfg, key, None) is not None]
+    if extra:
+        raise ValueError(f"unet: its config sets {', '.join(extra)}: it takes conditioning beside the caption's "
+                         "text states (e.g. SDXL's pooled text and image sizes, or class labels), which the scoring "
+                         "does not give; use a UNet conditioned on the text encoder alone (Stable Diffusion 1.x/2.x "
+                         "style)")
+    text_dim = getattr(getattr(text_encoder, "config", None), "hidden_size", None)
+    cross = getattr(cfg, "cross_attention_dim", None)
+    if isinstance(cross, int) and isinstance(text_dim, int) and cross != text_dim:
+        raise ValueError(f"unet: its cross_attention_dim is {cross} but the text encoder gives states of {text_dim}; "
+                         "pass the text encoder the UNet was trained with")
+    latent = getattr(getattr(vae, "config", None), "latent_channels", None)
+    if vae is not None and isinstance(latent, int) and cfg.in_channels != latent:
+        raise ValueError(f"unet: takes {cfg.in_channels} input channels but the VAE makes latents of {latent}: an "
+                         "inpainting or image-conditioned UNet, which also takes a picture beside the noisy latents; "
+                         "use a text-to-image UNet")
 
 
 def _stamp(module: torch.nn.Module) -> tuple:
