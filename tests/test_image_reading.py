@@ -95,3 +95,23 @@ def test_a_cache_of_the_earlier_reading_is_made_again_only_where_the_caller_owns
     np.testing.assert_array_equal(again.inputs(np.arange(len(train))), first.inputs(np.arange(len(train))))
     # Scores and losses cached from the earlier reading are keyed by the data id: it names the reading.
     assert again.data_id == f"{train.identity()}+f{manifest['format']}"
+
+
+def test_files_cached_from_the_earlier_reading_are_removed(model, train, tmp_path):
+    from safetensors.torch import save_file
+
+    from forgetscore.attribution import Attributor
+
+    cache = tmp_path / "c"
+    cache.mkdir()
+    for name, data_id in (("old", "abc"), ("old-half", "abc+float16"), ("new", "abc+f2"),
+                          ("new-half", "abc+f2+float16")):
+        (cache / f"before-{name}.json").write_text(json.dumps({"data_id": data_id}))
+        np.save(cache / f"before-{name}.npy", np.zeros(3))
+        save_file({"w": torch.zeros(2)}, str(cache / f"fisher-{name}.safetensors"),
+                  metadata={"forgetscore": json.dumps({"data_id": data_id})})
+    (cache / "fisher-damaged.safetensors").write_bytes(b"not a safetensors file")
+    Attributor(model, train, cache_dir=cache, progress=False).prepare()
+    left = sorted(p.name for p in cache.iterdir() if p.is_file() and p.name.startswith(("before-", "fisher-")))
+    assert left == ["before-new-half.json", "before-new-half.npy", "before-new.json", "before-new.npy",
+                    "fisher-damaged.safetensors", "fisher-new-half.safetensors", "fisher-new.safetensors"]

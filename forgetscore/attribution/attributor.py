@@ -177,8 +177,31 @@ class Attributor:
                     with contextlib.suppress(OSError):  # not empty: other stages' files
                         self.cache_dir.rmdir()
                 raise
+            if self.rank == 0:
+                self._drop_earlier_reading()
             self.timings.add("prepare", time.perf_counter() - t, len(self.train), "img")
         return self._data
+
+    def _drop_earlier_reading(self) -> None:
+        """Remove the before-losses and Fisher files made from prepared data of an earlier cache format (their
+        data id names no format): this version never reads them, and they would stay in the folder for good."""
+        from safetensors import safe_open
+
+        def earlier(data_id: object) -> bool:
+            return isinstance(data_id, str) and not any(
+                part[:1] == "f" and part[1:].isdigit() for part in data_id.split("+")[1:])
+
+        for meta in self.cache_dir.glob("before-*.json"):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                if earlier(read_json(meta).get("data_id")):
+                    meta.unlink()
+                    meta.with_suffix(".npy").unlink(missing_ok=True)
+        for path in self.cache_dir.glob("fisher-*.safetensors"):
+            with contextlib.suppress(Exception):  # unreadable or not ours: left as found
+                with safe_open(str(path), "pt") as fh:
+                    made = json.loads(fh.metadata()["forgetscore"])
+                if earlier(made.get("data_id")):
+                    path.unlink()
 
     def _note_earlier_states(self) -> None:
         """Say which cache folders under the cache root hold this training folder as it was before a change.
