@@ -488,8 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      'or {"generate_seed": 3, "prompt": "a red bus", "name": "bus-3"}')
     g.add_argument("--topk", type=int, default=10, help="how many top training images to print and save "
                                                         "(default: 10)")
-    g.add_argument("--subset", help="score only these training images: a file with one file name (or "
-                                    "position in metadata.jsonl) per line, e.g. the top-M of a cheaper ranking")
+    g.add_argument("--subset", help="score only these training images: a file with one file name (or image id: "
+                                    "0 for the first image metadata.jsonl lists) per line, e.g. the top-M of a "
+                                    "cheaper ranking")
     g.add_argument("--out", required=True, help="output directory")
     g.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p = add("report", "redraw gallery.png and report.html of a result directory", _report)

@@ -75,7 +75,8 @@ def _spec(line: str, lineno: int, folder: Path) -> QuerySpec:
         file = (Path(query) if Path(query).is_absolute() else folder / query).resolve()  # recorded absolute
         if not file.is_file():
             raise ValueError(f"{where}: the query {str(file)!r} is not a file")
-        default = file.stem
+        # A stem such as "my query" made a folder name: its other characters become "_".
+        default = re.sub(r"[^A-Za-z0-9._-]", "_", file.stem).lstrip("._-") or "query"
     else:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
             raise ValueError(f"{where}: \"generate_seed\" {seed!r} must be an int in [0, 2**64)")

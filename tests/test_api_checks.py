@@ -236,3 +236,20 @@ def test_the_cost_of_a_precision_is_said_once(model, train, tmp_path):
         att = Attributor(model, train, plan=PLAN, cache_dir=tmp_path / "c", precision="fp16", progress=False)
         att.sweep()
     assert [str(w.message)[:40] for w in said] == ["precision: fp16 on the CPU runs several "]
+
+
+def test_each_result_of_attribute_many_has_its_own_metadata(att):
+    first, second = att.attribute_many([(QUERY, "a red dot"), (QUERY + 0.5, "a blue line")], config=CONFIG)
+    first.metadata["plan"]["seed"] = 12345
+    first.metadata["unlearn"]["alpha"] = 1.0
+    assert second.metadata["plan"]["seed"] == att.plan.seed and second.metadata["unlearn"]["alpha"] == CONFIG.alpha
+
+
+def test_a_query_list_names_a_query_by_its_file_stem_as_a_folder_name(tmp_path):
+    from forgetscore.query_list import read_queries
+
+    names = ("my query.png", "été #2.png", "..hidden.png", "%%.png")
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "list.jsonl").write_text("".join(json.dumps({"query": n, "prompt": "p"}) + "\n" for n in names))
+    assert [s.name for s in read_queries(tmp_path / "list.jsonl")] == ["my_query", "t___2", "hidden", "query"]

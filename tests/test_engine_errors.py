@@ -156,6 +156,23 @@ def test_the_cache_of_a_training_folder_before_it_changed_is_pointed_out(dirs, m
     assert len(said) == 1
 
 
+def test_a_cache_folder_a_copy_still_reads_is_not_pointed_out(dirs, model, tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGETSCORE_CACHE", str(tmp_path / "root"))
+    a, b = copy_train(dirs, tmp_path / "a"), copy_train(dirs, tmp_path / "b")
+    assert TrainingSet.load(a).identity() == TrainingSet.load(b).identity()  # copies share one cache folder
+    for folder in (a, b):
+        Attributor(model, TrainingSet.load(folder), plan=PLAN).prepare()
+    said: list[str] = []
+    for folder in (b, a):  # b edited: a still reads the folder; then a too: nothing does
+        st = (folder / "003.png").stat()
+        os.utime(folder / "003.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+        edited = Attributor(model, TrainingSet.load(folder), plan=PLAN)
+        edited._log = said.append
+        edited.prepare()
+        assert len(said) == (folder == a), said
+    assert "holds this training folder as it was before it changed" in said[0]
+
+
 def test_unreadable_image_is_named_at_prepare(dirs, model, tmp_path):
     folder = copy_train(dirs, tmp_path / "train")
     (folder / "002.png").write_bytes(b"\x89PNG but not really" + bytes(range(256)))
@@ -818,19 +835,31 @@ def test_redraw_refuses_a_training_folder_changed_since_and_damaged_results(dirs
     result.save(out, train_dir=folder, k=3)
     redraw(out, 4)  # unchanged: fine
     os.utime(folder / "000.png", (1, 1))  # as after a copy: the same images under the same names
-    redraw(out, 4)
-    back = Attribution.load(out)  # read back as saved
+    copy_or_edit = r"^train: '.*train' is not the folder as it was when these scores were made \(a copy, or an edit"
+    with pytest.warns(UserWarning, match=copy_or_edit + r" of its images or captions\); its pictures"):
+        redraw(out, 4)
+    with pytest.warns(UserWarning, match=copy_or_edit):
+        back = Attribution.load(out)  # read back as saved
     np.testing.assert_array_equal(back.scores, result.scores)
     np.testing.assert_array_equal(back.tau, result.tau)
     assert back.k == 3 and back.prompt == result.prompt and back.file_names == copied.file_names
     assert list(back.top()) == list(result.top(3)) and back.metadata["train_dir"] == str(folder)
     torch.testing.assert_close(back.query, result.query, rtol=0, atol=1 / 127.5)  # through 8-bit query.png
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    top = int(result.top(1)[0])
+    edited = list(lines)
+    edited[top] = json.dumps({**json.loads(lines[top]), "text": "an edited caption"})
+    write_meta(folder, edited)  # the same names, one top image's caption edited: said by name
+    with pytest.warns(UserWarning, match=rf"{copy_or_edit} of its images or captions: the captions of "
+                                         rf"{copied.file_names[top]} changed\)"):
+        redraw(out, 4)
+    write_meta(folder, lines)
     moved = folder.rename(tmp_path / "moved")  # results copied to another machine, say
     raises("train", r"the training folder '.*train' of this result is gone; pass where it is now", redraw, out)
-    assert redraw(out, 2, moved)[1] == 2
-    assert cli.main(["report", "--out", str(out), "--train", str(moved)]) == 0
+    with pytest.warns(UserWarning, match="a copy, or an edit"):
+        assert redraw(out, 2, moved)[1] == 2
+        assert cli.main(["report", "--out", str(out), "--train", str(moved)]) == 0
     moved.rename(folder)
-    lines = (folder / "metadata.jsonl").read_text().splitlines()
     write_meta(folder, lines[::-1])  # the same images in another order: scores would name the wrong ones
     raises("train", r"has changed since these scores were made .*run attribute again", redraw, out)
     # Two images outside the saved top swapped: every name is compared, not only the top's.
@@ -843,9 +872,11 @@ def test_redraw_refuses_a_training_folder_changed_since_and_damaged_results(dirs
            result.save, tmp_path / "other", train_dir=folder)
     assert not (tmp_path / "other").exists()
     write_meta(folder, lines)
-    redraw(out, 3)
+    with pytest.warns(UserWarning, match="a copy, or an edit"):
+        redraw(out, 3)
     (out / "tau.npy").write_bytes(b"junk")
-    raises("out", r"tau\.npy' is missing or damaged .*run attribute again", redraw, out)
+    with pytest.warns(UserWarning, match="a copy, or an edit"):  # said as the folder is read, before the scores
+        raises("out", r"tau\.npy' is missing or damaged .*run attribute again", redraw, out)
     (out / "attribution.json").write_text("[]")
     raises("out", r"lacks prompt, top, train_dir, data_id", redraw, out)
     (out / "attribution.json").write_text("{")

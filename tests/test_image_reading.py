@@ -115,3 +115,14 @@ def test_files_cached_from_the_earlier_reading_are_removed(model, train, tmp_pat
     left = sorted(p.name for p in cache.iterdir() if p.is_file() and p.name.startswith(("before-", "fisher-")))
     assert left == ["before-new-half.json", "before-new-half.npy", "before-new.json", "before-new.npy",
                     "fisher-damaged.safetensors", "fisher-new-half.safetensors", "fisher-new.safetensors"]
+
+
+def test_the_gallery_shows_a_resized_training_image_as_the_model_saw_it(tmp_path):
+    from forgetscore.attribution import Attribution
+    from forgetscore.attribution.results import _top_images
+
+    wide = np.random.default_rng().integers(0, 256, (8, 16), dtype=np.uint8)  # 16 wide, 8 high
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    result = Attribution(np.ones(1), np.ones((1, 1)), "p", torch.zeros(1, 8, 8), ["wide.png"], [["c"]])
+    (shown,) = _top_images(result, tmp_path, 1)
+    torch.testing.assert_close(shown[0], as_pixels(wide[:, 4:12]), rtol=0, atol=0)  # its centre, not squashed

@@ -13,6 +13,7 @@ plan, and reused whenever they match.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import numbers
@@ -31,7 +32,7 @@ from ..cache import cache_root
 from ..kernels import validate
 from . import params
 from .cache_index import (fmt_size, folder_size, forget_training_folder, record_training_folder,
-                          recorded_training_folders)
+                          recorded_training_folders, training_state)
 from .data import TEXT_DTYPES, PreparedData, TrainingSet, image_pixels, load_image, prepare
 from .fisher import (FISHER_CHUNK, FISHER_FORMAT, as_count, auto_fisher_batch_size, resumable_fisher_batch_size,
                      run_fisher)
@@ -214,6 +215,8 @@ class Attributor:
         for other in sorted(self.cache_dir.parent.glob(f"{self.model.encoders_id()}-*")):
             try:
                 if other == self.cache_dir or here not in recorded_training_folders(other):
+                    continue
+                if training_state(other)[1] == "current":  # a copy of the folder as it was still reads it
                     continue
                 size = folder_size(other)
             except OSError:
@@ -679,7 +682,7 @@ class Attributor:
             tau = after - before
             scores = tau.max(axis=1) if reduce == "max" else tau.mean(axis=1)
             q_before, q_after = (self.query_loss(q, prompt, w) for w in (None, weights))
-            meta = {**settings, "query": source,
+            meta = {**copy.deepcopy(settings), "query": source,  # each result's own: editing one changes no other
                     # How selective the forgetting was: the query's own loss should rise far more. Both rises
                     # are relative (divided by the loss before), the training set's averaged over its rows.
                     "query_loss_before": q_before, "query_loss_after": q_after,

@@ -77,7 +77,7 @@ def fmt_size(size: int) -> str:
     return f"{size} B"
 
 
-def _training_state(folder: Path) -> tuple[list[str], str]:
+def training_state(folder: Path) -> tuple[list[str], str]:
     """(the training folders a run folder records, the one that still has its identity first; the state:
     current (one does), changed (none does, some still exist), gone (none exists) or unrecorded)."""
     from .data import TrainingSet
@@ -157,7 +157,7 @@ def scan(root: Path | None = None) -> list[CacheEntry]:
 
 def run_entry(run: Path) -> CacheEntry:
     """What one training set's cache folder (under the cache root, or one given to --cache) holds, and for what."""
-    folders, state = _training_state(run)
+    folders, state = training_state(run)
     parts = _run_parts(run)
     if state == "unrecorded":
         return CacheEntry(run, folder_size(run), f"a training set whose preparation has not finished: {parts}", False)

@@ -7,6 +7,7 @@ import html
 import io
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,15 +165,17 @@ def _png(img: torch.Tensor, scale: int | None = None) -> bytes:
 def _top_images(result: Attribution, train_dir, k: int) -> list[torch.Tensor]:
     from PIL import Image
 
-    from .data import upright
+    from .data import centre_crop, upright
 
-    c = result.query.shape[0]
+    c, h, w = result.query.shape
     out = []
     for i in result.top(k):
         path = Path(train_dir) / result.file_names[i]
         try:
             with Image.open(path) as im:
                 im = upright(im, c, f"image {str(path)!r}", "train_dir")
+                if im.size != (w, h):  # resized for the model (--resize): shown as the model saw it
+                    im = centre_crop(im, w, h)
                 arr = np.asarray(im, dtype=np.float32) / 127.5 - 1
         except OSError as exc:  # includes a missing file and PIL's UnidentifiedImageError
             raise ValueError(f"train_dir: cannot read {str(path)!r} ({exc}); pass the training folder the "
@@ -299,9 +302,19 @@ def load_result(out: str | os.PathLike, train_dir: str | os.PathLike | None = No
         same_names = len(train) == len(rec["scores"]) and all(
             isinstance(r, dict) and 0 <= r.get("id", -1) < len(train)
             and train.file_names[r["id"]] == r.get("file_name") for r in rec["top"])
-    if train.identity() != str(rec["data_id"]).split("+")[0] and not same_names:
-        raise ValueError(f"train: {str(train.root)!r} has changed since these scores were made (its metadata.jsonl "
-                         "or images), so they would be shown beside the wrong images; run attribute again")
+    if train.identity() != str(rec["data_id"]).split("+")[0]:
+        if not same_names:
+            raise ValueError(f"train: {str(train.root)!r} has changed since these scores were made (its "
+                             "metadata.jsonl or images), so they would be shown beside the wrong images; run "
+                             "attribute again")
+        # The same names in the same order; the identity also holds sizes and modification times, which a copy
+        # changes as well as an edit does: said, not refused. Captions of the top images are compared.
+        edited = [r["file_name"] for r in rec["top"] if isinstance(r, dict) and "captions" in r
+                  and 0 <= r.get("id", -1) < len(train) and r["captions"] != train.captions[r["id"]]]
+        warnings.warn(f"train: {str(train.root)!r} is not the folder as it was when these scores were made (a copy, "
+                      "or an edit of its images or captions" + (f": the captions of {edited[0]} changed" if edited
+                                                               else "") + "); its pictures and captions are shown "
+                      "as they are now, beside the scores made before", stacklevel=2)
     meta = {key: v for key, v in rec.items() if key not in ("scores", "top", "prompt", "file_names_id")}
     return Attribution(rec["scores"], _array(out, "tau.npy"), rec["prompt"], query, train.file_names,
                        train.captions, meta, k=max(1, len(rec["top"])))
