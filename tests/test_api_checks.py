@@ -253,3 +253,9 @@ def test_a_query_list_names_a_query_by_its_file_stem_as_a_folder_name(tmp_path):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "list.jsonl").write_text("".join(json.dumps({"query": n, "prompt": "p"}) + "\n" for n in names))
     assert [s.name for s in read_queries(tmp_path / "list.jsonl")] == ["my_query", "t___2", "hidden", "query"]
+
+
+def test_words_the_tokenizer_does_not_know_are_named(att, model):
+    assert model.unknown_words("a red dot") == [] and model.unknown_words("a red zebra 7") == ["zebra", "7"]
+    with pytest.warns(UserWarning, match=r"^prompt: the model's tokenizer does not know 'zebra' of 'a red zebra': "):
+        att.attribute(QUERY, "a red zebra", config=CONFIG)

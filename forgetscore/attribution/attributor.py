@@ -647,6 +647,11 @@ class Attributor:
             fisher_samples = as_count("fisher_samples", fisher_samples)
         for _, p in queries:
             _check_prompt(p)
+            unknown = self.model.unknown_words(p) if self.rank == 0 else []
+            if unknown:
+                warnings.warn(f"prompt: the model's tokenizer does not know {', '.join(map(repr, unknown))} of "
+                              f"{p!r}: read as its unknown token, they say nothing of the picture; use the words of "
+                              "the training captions", stacklevel=2)
         sources = [str(q) if isinstance(q, (str, os.PathLike)) else None for q, _ in queries]
         queries = [(self.query_inputs(q), p) for q, p in queries]  # bad queries fail before any long stage
         self.region_mask(region)

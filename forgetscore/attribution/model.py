@@ -204,6 +204,13 @@ class DiffusionModel:
         """Call after writing weights through `.data`, which no version counter sees."""
         self._ids.clear()
 
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of `text` the tokenizer reads as its unknown token (none for a byte-level BPE such as CLIP's)."""
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        if unk is None:
+            return []
+        return [w for w in text.split() if unk in self.tokenizer(w, add_special_tokens=False).input_ids]
+
     # --- encoders ------------------------------------------------------------------------
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
