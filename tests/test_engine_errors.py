@@ -859,7 +859,11 @@ def test_redraw_refuses_a_training_folder_changed_since_and_damaged_results(dirs
     with pytest.warns(UserWarning, match="a copy, or an edit"):
         assert redraw(out, 2, moved)[1] == 2
         assert cli.main(["report", "--out", str(out), "--train", str(moved)]) == 0
+        assert redraw(out)[0].metadata["train_dir"] == str(moved)  # where it is now, recorded once told
+    assert json.loads((out / "attribution.json").read_text())["train_dir"] == str(moved)
     moved.rename(folder)
+    with pytest.warns(UserWarning, match="a copy, or an edit"):
+        redraw(out, 3, folder)
     write_meta(folder, lines[::-1])  # the same images in another order: scores would name the wrong ones
     raises("train", r"has changed since these scores were made .*run attribute again", redraw, out)
     # Two images outside the saved top swapped: every name is compared, not only the top's.

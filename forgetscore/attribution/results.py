@@ -323,11 +323,16 @@ def load_result(out: str | os.PathLike, train_dir: str | os.PathLike | None = No
 def redraw(out: str | os.PathLike, k: int | None = None,
            train_dir: str | os.PathLike | None = None) -> tuple[Attribution, int]:
     """Rebuild gallery.png and report.html of a saved result (e.g. with another k); `train_dir`: the training
-    folder where it is now (default: where the result says it was)."""
+    folder where it is now (default: where the result says it was), recorded in attribution.json from then on."""
     out = Path(out)
     result = load_result(out, train_dir)
     k = result.k if k is None else k
     train = Path(result.metadata["train_dir"]) if train_dir is None else Path(train_dir)
+    if train_dir is not None and str(train.resolve()) != result.metadata["train_dir"]:
+        # It lists the images scored (load_result checked): later reports and loads find it without being told.
+        result.metadata["train_dir"] = str(train.resolve())
+        write_json(out / "attribution.json",
+                   {**read_json(out / "attribution.json"), "train_dir": result.metadata["train_dir"]})
     images = _top_images(result, train, k)
     record = {"prompt": result.prompt, "top": result.top_records(k), **result.metadata}  # as save() lays it out
     picture, page = gallery(result, images, k), report_html(result, record, images, k).encode()
