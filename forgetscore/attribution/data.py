@@ -84,7 +84,10 @@ class TrainingSet:
                 raise ValueError(f"train: metadata.jsonl line {lineno} ({name}): {which} blank; write it, or "
                                  "drop it from the list")
             key = name_key(name)
-            if posixpath.isabs(key) or key == ".." or key.startswith("../"):
+            if posixpath.isabs(key):  # results name images relative to the folder, which may move
+                raise ValueError(f"train: metadata.jsonl line {lineno} names {name!r}, an absolute path; give "
+                                 "paths relative to the training folder, inside it")
+            if key == ".." or key.startswith("../"):
                 raise ValueError(f"train: metadata.jsonl line {lineno} names {name!r}, outside the training "
                                  "folder; give paths relative to the folder, inside it")
             if key in seen:
