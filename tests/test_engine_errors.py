@@ -1024,3 +1024,14 @@ def test_a_unet_that_takes_other_conditioning_is_refused(model, tmp_path, change
         config["encoder_hid_dim"] = None
     unet = UNet2DConditionModel.from_config(config)
     raises("unet", says, DiffusionModel, model.tokenizer, model.text_encoder, unet, model.scheduler, vae)
+
+
+def test_a_file_name_written_on_windows_finds_its_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "sub" / "a.png")
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "b.png")
+    write_meta(tmp_path, [json.dumps({"file_name": "sub\\a.png", "text": "a dot"}),
+                          json.dumps({"file_name": "b.png", "text": "a dot"})])
+    assert TrainingSet.load(tmp_path).file_names == ["sub/a.png", "b.png"]
+    write_meta(tmp_path, [json.dumps({"file_name": "sub\\c.png", "text": "a dot"})])
+    raises("train", r"image 'sub\\\\c.png' \(metadata.jsonl line 1\) is missing", TrainingSet.load, tmp_path)

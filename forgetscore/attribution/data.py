@@ -94,6 +94,8 @@ class TrainingSet:
                 raise ValueError(f"train: metadata.jsonl line {lineno} lists {name!r} again (first on line "
                                  f"{seen[key]}); each image must appear once: merge the captions into one "
                                  "\"text\" list")
+            if "\\" in name and not (root / name).is_file() and (root / key).is_file():
+                name = key  # written on Windows ("sub\\a.png"): the file is sub/a.png here
             if not (root / name).is_file():
                 raise ValueError(f"train: image {name!r} (metadata.jsonl line {lineno}) is missing from "
                                  f"{str(root)!r}; add the file or remove its line")
