@@ -109,7 +109,7 @@ def run_demo(args: argparse.Namespace) -> int:
     result.metadata["generated"] = generation_record(args.query_seed, DEMO_SAMPLING_STEPS, DEMO_GUIDANCE)
     result.save(out, train_dir=train_dir, k=args.topk, overwrite=args.overwrite)
 
-    labels = np.array([json.loads(line)["label"] for line in open(train_dir / "metadata.jsonl")])
+    labels = np.array([json.loads(line)["label"] for line in (train_dir / "metadata.jsonl").read_text().splitlines()])
     digit = prompted_digit(prompt)
     print(f"\ntop {args.topk} training images for {prompt!r}:")
     for rec in result.top_records(args.topk):

@@ -133,6 +133,7 @@ def test_a_stale_folder_a_job_is_in_is_left_to_it(made, tmp_path, monkeypatch, c
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
+        holder.stdout.close()
     out = _listing(capsys, "--remove-stale")  # the job is done (its lock file stays, held by nobody)
     assert f"removed {run.relative_to(root)}" in out and not run.exists()
 

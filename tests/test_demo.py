@@ -74,7 +74,8 @@ def test_unlearning_is_selective(demo_run):
 
 def test_top_images_share_the_query_digit_more_than_chance(demo_run):
     rec = json.loads((demo_run / "attribution.json").read_text())
-    labels = np.array([json.loads(line)["label"] for line in open(demo_run / "train" / "metadata.jsonl")])
+    lines = (demo_run / "train" / "metadata.jsonl").read_text().splitlines()
+    labels = np.array([json.loads(line)["label"] for line in lines])
     top = [r["id"] for r in rec["top"]]
     share = np.mean(labels[top] == 7)  # the default prompt asks for a seven
     assert share > 3 * np.mean(labels == 7)

@@ -898,7 +898,8 @@ def test_sixteen_bit_and_float_images_keep_their_range(tmp_path):
     ramp = (np.arange(64, dtype=np.float64).reshape(8, 8) / 63)
     want = torch.from_numpy(np.round(ramp * 255) / 127.5 - 1)
     Image.fromarray((ramp * 65535).round().astype(np.uint16)).save(tmp_path / "a.png")
-    assert Image.open(tmp_path / "a.png").mode.startswith("I")
+    with Image.open(tmp_path / "a.png") as im:
+        assert im.mode.startswith("I")
     torch.testing.assert_close(load_image(tmp_path / "a.png", (1, 8, 8))[0].double(), want, rtol=0, atol=1e-6)
     shown = _top_images(Attribution(np.ones(1), np.ones((1, 1)), "p", torch.zeros(1, 8, 8), ["a.png"], [["c"]]),
                         tmp_path, 1)
