@@ -138,14 +138,11 @@ def add_noise(x0: torch.Tensor, timesteps: torch.Tensor | Sequence[int], alphas_
     deferred = _v.Deferred(check)
     seed, sids, dids, a, b = _noising_args(x0, timesteps, alphas_cumprod, seed, sample_ids, draw_ids, deferred)
     _v.finite_rows_later("x0", x0, deferred)
-    if x0.shape[0] == 0:  # no rows: nothing to launch (a kernel grid may not be empty)
+    if x0.numel() == 0:  # no rows, or rows without elements: nothing to launch (a kernel grid may not be empty)
         deferred.resolve()
         return x0.clone()
     flat = x0.reshape(x0.shape[0], -1).contiguous()
     module = _differentiable(backend, x0.device, "add_noise", x0=x0, alphas_cumprod=alphas_cumprod)
-    if flat.shape[1] == 0:  # rows without elements: nothing to noise
-        deferred.resolve()
-        return x0.clone()
     out = module.add_noise(flat, a, b, seed, sids, dids)
     deferred.resolve()
     return out.view(x0.shape)
@@ -175,7 +172,7 @@ def _mask_rows(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     # Each row scaled to a largest weight of 1 (the loss, sum(m e^2) / sum(m), does not change): weights that
     # overflow or underflow float32, or whose float32 sum would, are kept. A 0/1 mask is left as it is.
     top = rows.amax(dim=1, keepdim=True)
-    rows = torch.where(top > 0, rows / torch.where(top > 0, top, 1), rows).float().contiguous()
+    rows = (rows / torch.where(top > 0, top, 1)).float().contiguous()  # an all-zero row stays zero
     empty = rows.sum(dim=1) <= 0
     if bool(empty.any()):
         raise ValueError(f"mask: selects no element in rows {empty.nonzero().flatten().tolist()[:10]}; "

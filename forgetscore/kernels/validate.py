@@ -33,7 +33,7 @@ def seed(value: object) -> int:
             and value.dtype != torch.bool:
         value = int(value.item())
     # numpy integers are accepted (and returned as Python ints); bool is not, as True would pass for 1.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise _fail("seed", f"expected an int, got {type(value).__name__}", "pass an integer seed")
     value = int(value)
     if not 0 <= value < MAX_SEED:
@@ -78,10 +78,7 @@ def _range_flag(value: torch.Tensor, limit: int) -> torch.Tensor:
 
 
 def _check_range(name: str, value: torch.Tensor, limit: int) -> None:
-    lo, hi = int(value.min()), int(value.max())
-    if lo < 0 or hi >= limit:
-        raise _fail(name, f"values must lie in [0, {limit}), found {lo if lo < 0 else hi}",
-                    "use non-negative ids below the limit")
+    _check_host_range(name, [int(value.min()), int(value.max())], limit)
 
 
 def id_vector(name: str, value: object, limit: int, device: torch.device | None, deferred: Deferred,
@@ -128,7 +125,7 @@ def id_vector(name: str, value: object, limit: int, device: torch.device | None,
 
 def is_int(value: object) -> bool:
     """A Python or NumPy integer (bool is not: True would pass for 1)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's bool_ is no Integral
 
 
 def _check_host_range(name: str, values: list[int], limit: int) -> None:
