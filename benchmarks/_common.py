@@ -68,19 +68,16 @@ def _entries(text: str, hint: str) -> list[str]:
     return entries
 
 
-def _once_each(text: str, entries: list, hint: str, merge_repeats: bool = False) -> tuple:
+def _once_each(text: str, entries: list, hint: str) -> tuple:
     # A repeat would be measured (or read) twice and shown as two rows of the same thing.
     repeated = list(dict.fromkeys(e for i, e in enumerate(entries) if e in entries[:i]))
-    if repeated and not merge_repeats:
+    if repeated:
         raise argparse.ArgumentTypeError(f"{text!r}: {', '.join(map(str, repeated))} given more than once; {hint}")
-    return tuple(dict.fromkeys(entries))
+    return tuple(entries)
 
 
-def choice_list(choices: Iterable[str], *, merge_repeats: bool = False) -> Callable[[str], tuple[str, ...]]:
-    """An argparse type: comma-separated entries of `choices`, each once, in the order given.
-
-    merge_repeats: take a repeated entry once instead of refusing it.
-    """
+def choice_list(choices: Iterable[str]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: comma-separated entries of `choices`, each once, in the order given."""
     choices = tuple(choices)
     hint = f"give one or more of {', '.join(choices)}, each once, comma-separated"
 
@@ -89,7 +86,7 @@ def choice_list(choices: Iterable[str], *, merge_repeats: bool = False) -> Calla
         unknown = [e for e in entries if e not in choices]
         if unknown:
             raise argparse.ArgumentTypeError(f"{text!r}: {', '.join(map(repr, unknown))} unknown; {hint}")
-        return _once_each(text, entries, hint, merge_repeats)
+        return _once_each(text, entries, hint)
     return parse
 
 

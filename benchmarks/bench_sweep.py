@@ -693,12 +693,6 @@ FISHER_METHODS = {"kv": "compute_fisher: hooks + kernel, K/V weights",
                   "func": "torch.func vmap(grad) per-sample, all weights"}
 
 
-def list_arg(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
-    """An argparse type: comma-separated entries of `choices`, in the order given; a repeat is taken once,
-    as this benchmark always took it (tests/test_bench_args.py holds it to that)."""
-    return choice_list(choices, merge_repeats=True)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -710,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="write all measurements as JSON (rewritten after every row)")
     p.add_argument("--threads", type=int_range(1, zero="torch's default"), default=0,
                    help="torch.set_num_threads(N) first; 0: torch's default")
-    p.add_argument("--only", type=list_arg(PARTS), default=PARTS,
+    p.add_argument("--only", type=choice_list(PARTS), default=PARTS,
                    help="comma-separated parts to run, of sweep, queries, fisher, precisions (default: all; "
                         "sweep: parts 1 and 2; precisions: the sweep in fp32, bf16, mixed and on CUDA tf32, fp16)")
     p.add_argument("--rounds", type=int_range(1, zero="the default"), default=0,
@@ -719,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per Fisher method (default 16 CPU, 64 CUDA)")
     p.add_argument("--fisher-chunk", type=int_range(1, zero="the default"), default=0,
                    help="samples per vmap call of the torch.func Fisher")
-    p.add_argument("--fisher-methods", type=list_arg(tuple(FISHER_METHODS)), default=tuple(FISHER_METHODS),
+    p.add_argument("--fisher-methods", type=choice_list(tuple(FISHER_METHODS)), default=tuple(FISHER_METHODS),
                    help="comma-separated Fisher methods of part 4: kv, all (ours over K/V or all weights), func "
                         "(torch.func per-sample gradients of all weights, the published way); default: all three")
     p.add_argument("--fisher-batches", type=int_list, default=(),
@@ -732,10 +726,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "by kind of kernel and how busy the device was")
     p.add_argument("--fisher-timeout-s", type=int_range(1), default=600,
                    help="give up on a Fisher subprocess after this")
-    p.add_argument("--compile", type=list_arg(COMPILE_MODES), default=(),
+    p.add_argument("--compile", type=choice_list(COMPILE_MODES), default=(),
                    help="comma-separated torch.compile modes of the sweep (" + ", ".join(COMPILE_MODES) + "): "
                         "part 2 also times the sweep compiled in each, after an untimed call that compiles it")
-    p.add_argument("--compile-precisions", type=list_arg(tuple(PRECISIONS)), default=(),
+    p.add_argument("--compile-precisions", type=choice_list(tuple(PRECISIONS)), default=(),
                    help="comma-separated sweep precisions (" + ", ".join(PRECISIONS) + ") each --compile mode is "
                         "timed in (default: that of --dtype, bf16 or fp32); each compiles once more")
     p.add_argument("--cudnn-benchmark", action="store_true",

@@ -31,7 +31,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from _common import Results, choice_list, int_range, make_sync, run_meta  # noqa: E402
 from forgetscore.attribution.losses import COMPILE_MODES, PRECISIONS  # noqa: E402
-from forgetscore.cli import _batch_size  # noqa: E402  (--batch-size as the forgetscore CLI takes it)
+from forgetscore.cli import batch_size_arg  # noqa: E402  (--batch-size as the forgetscore CLI takes it)
 from forgetscore.kernels.validate import MAX_SEED  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precisions", type=choice_list(PRECISIONS), default="fp32,bf16,fp16,mixed",
                         help="comma-separated, of " + ", ".join(PRECISIONS) + "; fp32 first is the reference")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=_batch_size, default=1024, help="rows per UNet call, or auto")
+    parser.add_argument("--batch-size", type=batch_size_arg, default=1024, help="rows per UNet call, or auto")
     parser.add_argument("--images", type=int_range(1), help="sweep only the first N training images (a quick run)")
     parser.add_argument("--compile", choices=COMPILE_MODES, help="also sweep under torch.compile with this mode")
     parser.add_argument("--compile-precisions", type=choice_list(PRECISIONS), default="fp32",

@@ -32,7 +32,7 @@ EPILOGS = {
 }
 
 
-def _batch_size(text: str) -> int | str:
+def batch_size_arg(text: str) -> int | str:
     """A batch-size option (--batch-size, --fisher-batch-size): an int >= 1, or `auto`."""
     if text == "auto":
         return text
@@ -72,7 +72,7 @@ def _add_weights_arg(p: argparse.ArgumentParser) -> None:
 
 def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scoring sweep")
-    g.add_argument("--batch-size", type=_batch_size, default="auto",
+    g.add_argument("--batch-size", type=batch_size_arg, default="auto",
                    help="UNet rows per forward pass, or auto (the default): the largest power of two that fits in "
                         "free GPU memory (probed, at most 4096), 256 on the CPU")
     g.add_argument("--chunk-size", type=int, default=4096,
@@ -134,7 +134,7 @@ def _add_fisher_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Fisher")
     g.add_argument("--fisher-samples", type=int, help="samples (default: 5 x training-set size, as the paper, "
                    "or, when that is not cached, the largest count cached for these settings)")
-    g.add_argument("--fisher-batch-size", type=_batch_size,
+    g.add_argument("--fisher-batch-size", type=batch_size_arg,
                    help="samples per backward pass, or auto (default: auto: the largest power of two up to 512 "
                         "that fits in free GPU memory, probed; 64 on the CPU)")
     g.add_argument("--fisher-chunk-size", type=int,

@@ -7,14 +7,16 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_sweep import COMPILE_MODES, FISHER_METHODS, PARTS, cudnn_benchmark, int_list, list_arg, main  # noqa: E402
+from _common import choice_list  # noqa: E402
+from bench_sweep import COMPILE_MODES, FISHER_METHODS, PARTS, cudnn_benchmark, int_list, main  # noqa: E402
 
 
 def test_parts_and_modes_parse_as_lists():
-    assert list_arg(PARTS)("fisher, sweep") == ("fisher", "sweep")
-    assert list_arg(PARTS)(",".join(PARTS)) == PARTS
-    assert list_arg(COMPILE_MODES)("default,max-autotune,default") == ("default", "max-autotune")
-    assert list_arg(tuple(FISHER_METHODS))("func,kv") == ("func", "kv")
+    assert choice_list(PARTS)("fisher, sweep") == ("fisher", "sweep")
+    assert choice_list(PARTS)(",".join(PARTS)) == PARTS
+    with pytest.raises(argparse.ArgumentTypeError, match="default given more than once"):
+        choice_list(COMPILE_MODES)("default,max-autotune,default")
+    assert choice_list(tuple(FISHER_METHODS))("func,kv") == ("func", "kv")
 
 
 @pytest.mark.parametrize("choices,text", [(PARTS, "sweep,everything"), (PARTS, " , "),
@@ -22,7 +24,7 @@ def test_parts_and_modes_parse_as_lists():
                                           (tuple(FISHER_METHODS), "kv,exact")])
 def test_unknown_entries_are_refused_with_the_choices(choices, text):
     with pytest.raises(argparse.ArgumentTypeError, match="give one or more of"):
-        list_arg(choices)(text)
+        choice_list(choices)(text)
 
 
 @pytest.mark.parametrize("start", [False, True])
