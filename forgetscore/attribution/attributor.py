@@ -33,7 +33,7 @@ from ..kernels import validate
 from . import params
 from .cache_index import (fmt_size, folder_size, forget_training_folder, record_training_folder,
                           recorded_training_folders, training_state)
-from .data import TEXT_DTYPES, PreparedData, TrainingSet, image_pixels, load_image, prepare
+from .data import TEXT_DTYPES, PreparedData, TrainingSet, image_pixels, load_image, made_before_formats, prepare
 from .fisher import (FISHER_CHUNK, FISHER_FORMAT, as_count, auto_fisher_batch_size, resumable_fisher_batch_size,
                      run_fisher)
 from .generate import generate
@@ -188,20 +188,16 @@ class Attributor:
         data id names no format): this version never reads them, and they would stay in the folder for good."""
         from safetensors import safe_open
 
-        def earlier(data_id: object) -> bool:
-            return isinstance(data_id, str) and not any(
-                part[:1] == "f" and part[1:].isdigit() for part in data_id.split("+")[1:])
-
         for meta in self.cache_dir.glob("before-*.json"):
             with contextlib.suppress(OSError, ValueError, AttributeError):
-                if earlier(read_json(meta).get("data_id")):
+                if made_before_formats(read_json(meta).get("data_id")):
                     meta.unlink()
                     meta.with_suffix(".npy").unlink(missing_ok=True)
         for path in self.cache_dir.glob("fisher-*.safetensors"):
             with contextlib.suppress(Exception):  # unreadable or not ours: left as found
                 with safe_open(str(path), "pt") as fh:
                     made = json.loads(fh.metadata()["forgetscore"])
-                if earlier(made.get("data_id")):
+                if made_before_formats(made.get("data_id")):
                     path.unlink()
 
     def _note_earlier_states(self) -> None:

@@ -414,6 +414,13 @@ def _stored_text(states: torch.Tensor, text_dtype: str) -> np.ndarray:
     return states.numpy().astype(TEXT_DTYPES[text_dtype][0])
 
 
+def made_before_formats(data_id: object) -> bool:
+    """Whether a data id recorded beside a cached product (before-losses, a Fisher) is of prepared data made
+    before cache formats were named in it (:attr:`PreparedData.data_id`), which no run reads any more."""
+    return isinstance(data_id, str) and not any(
+        part[:1] == "f" and part[1:].isdigit() for part in data_id.split("+")[1:])
+
+
 # What a finished prepare that differs in a key was made from, said in words.
 _PREPARED_DIFFERS = {
     "format": "an earlier version of forgetscore (it read images without their EXIF orientation and stretched "
