@@ -322,16 +322,22 @@ def test_a_folder_of_models_trained_another_way_is_refused(tmp_path):
     assert loo.trainer_id(DigitsTrainer("smoke")) != loo.trainer_id(DigitsTrainer("default"))
 
 
+def _small_run(queries: int):
+    """A leave-3-out run's jobs over 20 images, pixel scores and one random set, with made-up measurements."""
+    rng = np.random.default_rng()
+    cfg = loo.LooConfig(ks=(3,), methods=("pixel",), random_sets=1)
+    jobs = loo.removal_jobs({"pixel": rng.normal(size=(queries, 20))}, cfg, 20)
+    original = {"losses": torch.tensor(rng.random(queries)), "images": torch.rand(queries, 1, 4, 4) * 2 - 1}
+    measured = {j.key: {"losses": original["losses"] + 1e-3, "images": torch.rand(queries, 1, 4, 4) * 2 - 1}
+                for j in jobs.values()}
+    return cfg, jobs, measured, original
+
+
 def test_one_query_and_one_random_set_give_valid_json_and_a_table():
     """Undefined figures (the noise floor of one removal, other prompts of one query) are null and shown as —."""
     from forgetscore.evaluation.report import loo_table
 
-    rng = np.random.default_rng()
-    cfg = loo.LooConfig(ks=(3,), methods=("pixel",), random_sets=1)
-    jobs = loo.removal_jobs({"pixel": rng.normal(size=(1, 20))}, cfg, 20)
-    original = {"losses": torch.tensor(rng.random(1)), "images": torch.rand(1, 1, 4, 4) * 2 - 1}
-    measured = {j.key: {"losses": original["losses"] + 1e-3, "images": torch.rand(1, 1, 4, 4) * 2 - 1}
-                for j in jobs.values()}
+    cfg, jobs, measured, original = _small_run(queries=1)
     methods = loo.aggregate(jobs, measured, original, ["random", "pixel"], cfg, None)
     assert methods["random"]["3"]["noise_floor_std"] is None
     assert "delta_loss_other_queries" not in methods["pixel"]["3"]
@@ -343,6 +349,17 @@ def test_one_query_and_one_random_set_give_valid_json_and_a_table():
     # One query: its ΔL has no standard error (not one of 0).
     assert methods["pixel"]["3"]["delta_loss"]["se"] is None
     assert " ± —" in table and "± 0.00" not in table
+
+
+def test_a_diverged_retrain_shows_as_nan_without_stopping_the_table():
+    cfg, jobs, measured, original = _small_run(queries=3)
+    bad = jobs[("pixel", 3, 1)].key
+    measured[bad] = {**measured[bad], "losses": torch.tensor([0.1, float("nan"), 0.2], dtype=torch.float64)}
+    cell = loo.aggregate(jobs, measured, original, ["random", "pixel"], cfg, None)["pixel"]["3"]
+    assert np.isnan(cell["delta_loss"]["mean"]) and cell["delta_loss"]["se"] is None and cell["delta_loss"]["n"] == 3
+    # The finite figures keep their standard errors (ddof=1 over the three queries).
+    mse = cell["regen_mse"]
+    assert mse["se"] is not None and mse["se"] > 0
 
 
 WORKER_SCRIPT = """

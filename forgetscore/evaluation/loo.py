@@ -30,6 +30,7 @@ from ..attribution.io import read_json, write_json
 from ..attribution.plan import ScoringPlan
 from .base import EvalContext, FeatureFn, Query, top_k
 from .counterfactual import feature_similarity, pixel_mse
+from .metrics import mean_se
 from .retrain import MeasureSettings, RetrainJob, TrainFn, run_retrains
 from .store import cached_scores
 
@@ -142,9 +143,9 @@ def removal_jobs(scores: dict[str, np.ndarray], config: LooConfig, n: int
 
 def _mean_se(values: Sequence[float]) -> dict[str, float | None]:
     v = np.asarray(values, dtype=np.float64)
-    # One value has no spread to estimate: null in results.json, "—" in the table (not "± 0.00").
-    se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None
-    return {"mean": float(v.mean()), "se": se, "n": int(len(v))}
+    # A diverged retrain's NaN/inf is shown as it is rather than stopping the whole table.
+    mean, se = mean_se(v) if np.isfinite(v).all() else (float(v.mean()), None)
+    return {"mean": mean, "se": se, "n": int(len(v))}
 
 
 def aggregate(jobs: dict[tuple[str, int, int], RetrainJob], measured: dict[str, dict], original: dict,
