@@ -4,18 +4,20 @@ torch is not a build requirement: install torch first, then
 
     pip install --no-build-isolation .
 
-Environment:
+Environment (any other value is refused):
     FORGETSCORE_BUILD_CUDA   auto (default): CUDA kernels when torch has CUDA and
-                             nvcc is found; 1: always; 0: never.
+                             nvcc is found; 1: always (an error without both); 0: never.
     TORCH_CUDA_ARCH_LIST     the GPU architectures (e.g. "9.0"); by default those of the
                              visible GPUs, or with none visible those torch was built for.
-    FORGETSCORE_BUILD_NATIVE 0 skips the extension entirely (pure Python install).
+    FORGETSCORE_BUILD_NATIVE 1 (default) builds the extension; 0 skips it (pure Python).
     FORGETSCORE_STRICT_BUILD 1 makes an extension build failure fatal (for CI);
-                             by default the install continues without it.
+                             0 (default): the install continues without it.
+    (1/0 may also be spelt true/false, yes/no, on/off.)
 """
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -33,8 +35,29 @@ def _warn(message: str) -> None:
     print(f"\n{bar}\nforgetscore: WARNING: {message}\n{bar}\n", file=sys.stderr, flush=True)
 
 
-def _env_flag(name: str, default: str) -> str:
-    return os.environ.get(name, default).strip().lower()
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _env_choice(name: str, default: str, auto: bool = False) -> str:
+    """'1', '0' (or 'auto' where allowed) from the environment variable `name`; any other value is an error."""
+    given = os.environ.get(name, default)
+    value = given.strip().lower()
+    if value in _ON:
+        return "1"
+    if value in _OFF:
+        return "0"
+    if auto and value == "auto":
+        return "auto"
+    allowed = "auto, 1 or 0" if auto else "1 or 0"
+    raise SystemExit(f"forgetscore: {name}={given!r} is not understood; set it to {allowed} (or unset it)")
+
+
+def _sources_fingerprint() -> str:
+    # The one implementation, shared with the import-time check; loaded by path (nothing is installed yet).
+    spec = importlib.util.spec_from_file_location("_forgetscore_sources", os.path.join(HERE, "forgetscore", "_sources.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.fingerprint(os.path.join(HERE, "csrc"))
 
 
 def _rel(pattern: str) -> list[str]:
@@ -60,8 +83,8 @@ def _cuda_home(cpp_extension) -> str | None:
     for candidate in ((os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None),
                       "/usr/local/cuda"):
         if has_headers(candidate):
-            print(f"forgetscore: CUDA_HOME {home!r} holds no CUDA headers; using {candidate!r} "
-                  "(set CUDA_HOME to choose)", file=sys.stderr)
+            found = f"torch's CUDA_HOME {home!r} holds no CUDA headers" if home else "torch found no CUDA_HOME"
+            print(f"forgetscore: {found}; using {candidate!r} (set CUDA_HOME to choose)", file=sys.stderr)
             cpp_extension.CUDA_HOME = candidate  # read by torch's build helpers when they compile
             os.environ["CUDA_HOME"] = candidate
             return candidate
@@ -105,10 +128,21 @@ def _openmp_flags() -> tuple[list[str], list[str]]:
     return ["-fopenmp"], ["-fopenmp"]
 
 
+def _csrc_files() -> tuple[list[str], list[str], list[str]]:
+    """(C++ sources, CUDA-only sources, headers and the rest a rebuild depends on) under csrc/."""
+    sources = _rel("csrc/bindings.cpp") + _rel("csrc/cpu/*.cpp")
+    cuda_sources = _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp")
+    depends = _rel("csrc/*.h") + _rel("csrc/cpu/*.h") + _rel("csrc/cuda/*.cuh") + cuda_sources
+    return sources, cuda_sources, depends
+
+
 def _native_extensions():
     """(ext_modules, build_ext class) for forgetscore._C, or ([], None)."""
-    if _env_flag("FORGETSCORE_BUILD_NATIVE", "1") in ("0", "false", "no", "off"):
-        print("forgetscore: FORGETSCORE_BUILD_NATIVE=0, skipping the native extension", file=sys.stderr)
+    mode = _env_choice("FORGETSCORE_BUILD_CUDA", "auto", auto=True)
+    strict = _env_choice("FORGETSCORE_STRICT_BUILD", "0") == "1"
+    if _env_choice("FORGETSCORE_BUILD_NATIVE", "1") == "0":
+        print(f"forgetscore: FORGETSCORE_BUILD_NATIVE={os.environ['FORGETSCORE_BUILD_NATIVE']}, skipping the "
+              "native extension", file=sys.stderr)
         return [], None
     try:
         import torch
@@ -118,11 +152,15 @@ def _native_extensions():
               "Install torch first and reinstall with `pip install --no-build-isolation .` to build it.")
         return [], None
 
-    mode = _env_flag("FORGETSCORE_BUILD_CUDA", "auto")
-    forced_on, forced_off = mode in ("1", "true", "yes", "on"), mode in ("0", "false", "no", "off")
-    may_use_cuda = forced_on or (not forced_off and torch.version.cuda is not None)
+    may_use_cuda = mode != "0" and torch.version.cuda is not None
     nvcc = _find_nvcc(_cuda_home(cpp_extension) if may_use_cuda else cpp_extension.CUDA_HOME)
-    with_cuda = forced_on or (may_use_cuda and nvcc is not None)
+    with_cuda = may_use_cuda and nvcc is not None
+    if mode == "1" and not with_cuda:
+        # Found now rather than minutes into a compilation that cannot succeed (and would cost the CPU kernels too).
+        missing = (f"torch {torch.__version__} is a build without CUDA; install a CUDA build of torch"
+                   if torch.version.cuda is None else "nvcc is not found; put it on PATH or set CUDA_HOME")
+        raise SystemExit(f"forgetscore: FORGETSCORE_BUILD_CUDA=1 asks for the CUDA kernels, but {missing}, "
+                         "or set FORGETSCORE_BUILD_CUDA=auto (CUDA when both are there) or 0")
     print(f"forgetscore: building forgetscore._C with{'' if with_cuda else 'out'} CUDA "
           f"(FORGETSCORE_BUILD_CUDA={mode}, torch CUDA {torch.version.cuda}, nvcc {nvcc})", file=sys.stderr)
 
@@ -130,16 +168,18 @@ def _native_extensions():
     # -fno-math-errno lets sqrt compile to one instruction, so the Box-Muller
     # loop vectorises; nothing in the kernels reads errno.
     cxx_flags = ["-O3", "-fno-math-errno"] + omp_compile if sys.platform != "win32" else ["/O2"] + omp_compile
-    sources = _rel("csrc/bindings.cpp") + _rel("csrc/cpu/*.cpp")
-    depends = _rel("csrc/*.h") + _rel("csrc/cuda/*.cuh") + _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp")
+    sources, cuda_sources, depends = _csrc_files()
+    # Which sources the extension was built from, for the import-time check (forgetscore/_sources.py);
+    # a bare token, which no shell or build file quoting can mangle, made a string in bindings.cpp.
+    sources_macro = ("FORGETSCORE_SOURCES", "s" + _sources_fingerprint())
     if with_cuda:
         _default_cuda_archs(torch)
-        sources += _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp")
+        sources += cuda_sources
         ext = cpp_extension.CUDAExtension(
             "forgetscore._C",
             sources,
             depends=depends,
-            define_macros=[("FORGETSCORE_WITH_CUDA", "1")],
+            define_macros=[("FORGETSCORE_WITH_CUDA", "1"), sources_macro],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=omp_link,
         )
@@ -148,6 +188,7 @@ def _native_extensions():
             "forgetscore._C",
             sources,
             depends=depends,
+            define_macros=[sources_macro],
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=omp_link,
         )
@@ -174,12 +215,27 @@ def _native_extensions():
                 self._give_up(exc)
 
         def _give_up(self, exc: BaseException) -> None:
-            if _env_flag("FORGETSCORE_STRICT_BUILD", "0") in ("1", "true", "yes", "on"):
+            if strict:
+                _warn(f"could not build the native extension forgetscore._C ({exc}); FORGETSCORE_STRICT_BUILD=1 "
+                      "makes this an error (the compiler's messages are above)")
                 raise exc
             traceback.print_exc()
+            # An extension left from an earlier build (in build/ or, for an editable install, beside the
+            # sources) would otherwise be installed or loaded as if it were this build's.
+            for built in self._outputs():
+                if os.path.exists(built):
+                    os.remove(built)
             _warn(f"could not build the native extension forgetscore._C ({exc}). forgetscore is installed "
                   "without it; the native cpu/cuda backends are unavailable (the torch backend still works). "
                   "Set FORGETSCORE_STRICT_BUILD=1 to make this an error.")
+
+        def _outputs(self) -> set[str]:
+            places = set()
+            for ext_ in self.extensions:
+                name = self.get_ext_filename(self.get_ext_fullname(ext_.name))
+                places.add(os.path.join(self.build_lib, name))
+                places.add(os.path.join(HERE, name))
+            return places
 
     return [ext], TolerantBuildExt
 

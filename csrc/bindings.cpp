@@ -15,6 +15,13 @@ constexpr bool kHasCuda =
     false;
 #endif
 
+// setup.py passes the sources' fingerprint as a bare token (s + 16 hex digits); made a string here.
+#ifndef FORGETSCORE_SOURCES
+#define FORGETSCORE_SOURCES unknown
+#endif
+#define FORGETSCORE_STRINGIFY_(x) #x
+#define FORGETSCORE_STRINGIFY(x) FORGETSCORE_STRINGIFY_(x)
+
 // Kernels run without the GIL so other Python threads (data loading) proceed.
 using nogil = py::call_guard<py::gil_scoped_release>;
 
@@ -43,6 +50,7 @@ void def_backend(py::module_& m, const std::string& prefix, Bits bits, Normal no
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "forgetscore native kernels (C++/OpenMP and optionally CUDA)";
   m.def("has_cuda", []() { return kHasCuda; }, "whether the CUDA kernels were compiled in");
+  m.attr("SOURCES") = FORGETSCORE_STRINGIFY(FORGETSCORE_SOURCES);
   def_backend(m, "cpu_", &forgetscore::cpu_bits, &forgetscore::cpu_normal, &forgetscore::cpu_add_noise,
               &forgetscore::cpu_diffusion_loss, &forgetscore::cpu_fisher_accumulate);
 #ifdef FORGETSCORE_WITH_CUDA

@@ -554,7 +554,8 @@ def _warning_line(command: str, shown):
     package = str(Path(__file__).resolve().parent)
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, UserWarning) and str(Path(filename).resolve()).startswith(package + os.sep):
+        ours = issubclass(category, (UserWarning, RuntimeWarning))  # RuntimeWarning: the kernels' fallback notice
+        if ours and str(Path(filename).resolve()).startswith(package + os.sep):
             print(f"forgetscore {command}: warning: {message}", file=file or sys.stderr)
         else:
             shown(message, category, filename, lineno, file, line)

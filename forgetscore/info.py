@@ -95,7 +95,7 @@ def _cpu_line() -> str:
 
 def report(run_self_test: bool = True) -> tuple[str, bool]:
     """The text `forgetscore info` prints, and whether every self-test passed."""
-    lines = [f"forgetscore {__version__}",
+    lines = [f"forgetscore {__version__} ({os.path.dirname(os.path.abspath(__file__))})",
              f"python {platform.python_version()} ({sys.platform}, {platform.machine()})"]
     for pkg in ("torch", "triton", "diffusers", "transformers", "safetensors", "numpy"):
         lines.append(f"{pkg:<13} {_version(pkg)}")

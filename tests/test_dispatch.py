@@ -41,6 +41,34 @@ def test_auto_falls_back_with_one_warning(monkeypatch):
         dispatch.resolve("cpu", torch.device("cpu"))
 
 
+def test_a_missing_extension_names_a_checkout_that_shadows_the_installed_copy(monkeypatch, tmp_path):
+    from forgetscore.kernels import native
+
+    package = tmp_path / "forgetscore"
+    package.mkdir()
+    monkeypatch.setattr(native, "PACKAGE", package)
+    error = ImportError("cannot import name '_C'")
+    assert native._why_missing(error) == "ImportError: cannot import name '_C'"  # no checkout: nothing to add
+    (tmp_path / "setup.py").write_text("")
+    assert f"imported from the source checkout {package}, which holds no built extension" in native._why_missing(error)
+    (package / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    assert "checkout" not in native._why_missing(error)  # built there but broken: the error itself says why
+
+
+def test_the_cuda_row_says_the_extension_did_not_load(monkeypatch):
+    from forgetscore.kernels import native
+
+    monkeypatch.setattr(native, "_C", None)
+    monkeypatch.setattr(native, "NATIVE_IMPORT_ERROR", "ImportError: gone")
+    dispatch.status.cache_clear()
+    try:
+        rows = {s.name: s for s in dispatch.status()}
+    finally:
+        dispatch.status.cache_clear()
+    assert not rows["cpu"].available and "ImportError: gone" in rows["cpu"].detail
+    assert rows["cuda"].detail == "forgetscore._C did not load (see the cpu backend)"
+
+
 def test_backend_on_the_wrong_device_is_refused():
     if torch.cuda.is_available():
         pytest.skip("CPU-only check")

@@ -51,7 +51,8 @@ def status() -> tuple[BackendStatus, ...]:
     out = [BackendStatus("torch", True, ("cpu", "cuda"), "plain PyTorch reference")]
     native = _native_module()
     if native.cpu_available():
-        out.append(BackendStatus("cpu", True, ("cpu",), "C++/OpenMP kernels in forgetscore._C"))
+        out.append(BackendStatus("cpu", True, ("cpu",), "C++/OpenMP kernels in forgetscore._C"
+                                 + (f" (but {native.STALE})" if native.STALE else "")))
     else:
         out.append(BackendStatus("cpu", False, ("cpu",),
                                  f"forgetscore._C did not load ({native.NATIVE_IMPORT_ERROR}); reinstall with "
@@ -64,11 +65,13 @@ def status() -> tuple[BackendStatus, ...]:
                                  "Triton interpreter (no GPU here: for tests only, slow)" if interpreted
                                  else "compiled Triton kernels"))
     else:
-        out.append(BackendStatus("triton", False, ("cuda",), f"{why}; `pip install triton`"))
+        where = "" if torch.cuda.is_available() else " (it compiles for CUDA GPUs; without one only the tests use it)"
+        out.append(BackendStatus("triton", False, ("cuda",), f"{why}; `pip install triton`{where}"))
     if native.cuda_available() and torch.cuda.is_available():
         out.append(BackendStatus("cuda", True, ("cuda",), "CUDA kernels in forgetscore._C"))
     else:
         why = ("no CUDA device" if native.cuda_available() else
+               "forgetscore._C did not load (see the cpu backend)" if not native.cpu_available() else
                "forgetscore._C was built without CUDA; rebuild with FORGETSCORE_BUILD_CUDA=1 and a CUDA torch")
         out.append(BackendStatus("cuda", False, ("cuda",), why))
     return tuple(out)

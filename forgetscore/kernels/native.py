@@ -8,20 +8,55 @@ themselves unavailable, so dispatch can fall back to another backend.
 """
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
+from .._sources import fingerprint
+
+PACKAGE = Path(__file__).resolve().parents[1]
+CHECKOUT_SOURCES = PACKAGE.parent / "csrc"  # present where the package is imported from a source checkout
+
+
+def _why_missing(exc: Exception) -> str:
+    why = f"{type(exc).__name__}: {exc}"
+    if (PACKAGE.parent / "setup.py").is_file() and not any(PACKAGE.glob("_C.*")):
+        # Run from the root of a checkout, `import forgetscore` finds the sources before an installed copy.
+        why += (f"; forgetscore is imported from the source checkout {PACKAGE}, which holds no built extension: "
+                "run from another folder to use an installed copy, or build here with "
+                "`pip install --no-build-isolation -e .`")
+    return why
+
+
+def stale_sources(module: Any, csrc: Path = CHECKOUT_SOURCES) -> str | None:
+    """Why `module` (the loaded extension) was not built from the sources in `csrc`, or None if it was
+    (or there are no sources beside the package to compare with, as in an installed copy)."""
+    if not (csrc / "bindings.cpp").is_file():
+        return None
+    built = str(getattr(module, "SOURCES", "unknown"))
+    if built.startswith("s") and built[1:] == fingerprint(csrc):
+        return None
+    return (f"forgetscore._C ({Path(getattr(module, '__file__', '?')).name}) was not built from the sources in "
+            f"{csrc} (edited since, or its last rebuild failed): the native kernels may be out of date; rebuild "
+            "with `pip install --no-build-isolation -e .`")
+
+
 try:
     from forgetscore import _C  # type: ignore[attr-defined]
 except Exception as exc:  # noqa: BLE001 - any load failure only disables these backends
     _C = None
-    NATIVE_IMPORT_ERROR: str | None = f"{type(exc).__name__}: {exc}"
+    NATIVE_IMPORT_ERROR: str | None = _why_missing(exc)
+    STALE: str | None = None
 else:
     NATIVE_IMPORT_ERROR = None
+    STALE = stale_sources(_C)
+    if STALE:
+        warnings.warn(STALE, RuntimeWarning, stacklevel=2)
 
-__all__ = ["NATIVE_IMPORT_ERROR", "cpu", "cuda", "cpu_available", "cuda_available"]
+__all__ = ["NATIVE_IMPORT_ERROR", "STALE", "cpu", "cuda", "cpu_available", "cuda_available", "stale_sources"]
 
 
 def cpu_available() -> bool:
