@@ -1,5 +1,7 @@
 """The attribution engine against a brute-force version written plainly here."""
 import copy
+import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ import torch
 
 import tiny
 from forgetscore import kernels
-from forgetscore.attribution import Attributor, ScoringPlan, UnlearnConfig
+from forgetscore.attribution import Attributor, DiffusionModel, ScoringPlan, UnlearnConfig
 from forgetscore.attribution import fisher as fisher_mod
 from forgetscore.attribution import unlearning as unlearn_mod
 from forgetscore.attribution import params
@@ -315,9 +317,43 @@ def test_dattri_loader_reads_default_collated_caption_lists(batch_size):
 
     from forgetscore.attribution.dattri import _rows
 
-    items = [{"image": torch.full((1, 8, 8), i / 10), "text": [f"cap {i} a", f"cap {i} b"]} for i in range(5)]
-    got = [caps for _, text in _rows(DataLoader(items, batch_size=batch_size)) for caps in text]
+    items = [{"image": torch.full((1, 8, 8), i / 5 - 0.5), "text": [f"cap {i} a", f"cap {i} b"]} for i in range(5)]
+    with warnings.catch_warnings():  # two images with two captions each: read so, with a warning (tested below)
+        warnings.simplefilter("ignore")
+        got = [caps for _, text in _rows(DataLoader(items, batch_size=batch_size)) for caps in text]
     assert got == [item["text"] for item in items]
     # Per-image lists as a custom collate gives them are read as they are.
     custom = [{"image": torch.stack([it["image"] for it in items[:2]]), "text": [it["text"] for it in items[:2]]}]
     assert [caps for _, text in _rows(custom) for caps in text] == [items[0]["text"], items[1]["text"]]
+
+
+def test_dattri_loaders_refuse_pixels_and_texts_the_attributor_refuses(tiny_dirs):
+    from torch.utils.data import DataLoader
+
+    from forgetscore.attribution.dattri import DattriAttributor, _rows
+
+    def rows(image, text, name="loader"):
+        return list(_rows([(image, text)], name))
+
+    good = torch.rand(2, 1, 8, 8) * 2 - 1
+    bad = [((good * 127.5 + 127.5).to(torch.uint8), r"images of dtype torch.uint8; give float pixels"),
+           (good * 127.5 + 127.5, r"pixels must lie in \[-1, 1\]; a batch spans .*from 0..255"),
+           (good.clone().fill_(float("nan")), "images hold NaN or inf")]
+    for image, match in bad:
+        with pytest.raises(ValueError, match="^train_dataloader: " + match):
+            rows(image, ["a", "b"], "train_dataloader")
+    for text in ([None, "a"], ["a", 3], [["a", None], "b"]):
+        with pytest.raises(ValueError, match=r"^loader: a text is \w+; give each image a caption"):
+            rows(good, text)
+    with pytest.warns(UserWarning, match=r"no pixel is below 0.*\[0, 1\]"):
+        rows((good + 1) / 2, ["a", "b"])
+    with pytest.warns(UserWarning, match="read as PyTorch's default collate"):
+        assert rows(good, [("a", "b"), ("c", "d")])[0][1] == [["a", "c"], ["b", "d"]]
+    items = [(good[i], "a red dot") for i in range(2)]
+    with pytest.warns(UserWarning, match="the loader shuffles"):
+        list(_rows(DataLoader(items, batch_size=2, shuffle=True)))
+    adapter = DattriAttributor(DiffusionModel.load(tiny_dirs[0]), plan=PLAN, config=replace(CONFIG, method="sgd"))
+    train = [(good, ["a red dot", "a blue line"])]
+    for prompts, match in ((["  "], "prompt: '  ' is empty"), ([["a", "b"]], "a test row has 2 texts")):
+        with pytest.raises(ValueError, match=match):
+            adapter.attribute(train, [(good[:1], prompts)])

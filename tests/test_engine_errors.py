@@ -754,6 +754,36 @@ def _result(train, seed: int) -> Attribution:
                        train.captions, {"train_dir": str(train.root)})
 
 
+def test_a_result_built_by_hand_saves_with_its_folder_and_loads_back(dirs, train, tmp_path):
+    rng = np.random.default_rng()
+    scores = rng.normal(size=len(train))
+    made = Attribution(scores, rng.normal(size=(len(train), 2)), "a red dot", torch.rand(1, 8, 8) * 2 - 1,
+                       train.file_names, train.captions)
+    made.save(tmp_path / "out", train_dir=dirs[1])
+    again = Attribution.load(tmp_path / "out")
+    np.testing.assert_array_equal(again.scores, scores)
+    np.testing.assert_array_equal(again.tau, made.tau)
+    assert again.metadata["train_dir"] == str(Path(dirs[1]).resolve())
+    assert again.top_records(3) == made.top_records(3)
+    made.save(tmp_path / "bare")  # without its folder: saved, but nothing tells load() where the images are
+    with pytest.raises(ValueError, match=r"lacks train_dir, data_id; .* or by Attribution.save\(out, train_dir="):
+        Attribution.load(tmp_path / "bare")
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("scores", np.zeros(3), r"^scores: shape \(3,\); give one score per training image"),
+    ("tau", np.zeros((3, 2)), r"^tau: shape \(3, 2\); give \[\d+, versions\]"),
+    ("tau", np.zeros(10), r"^tau: shape"),
+    ("captions", [["c"]], r"^captions: 1 entries for \d+ file_names"),
+])
+def test_a_result_whose_parts_disagree_in_length_is_refused(train, field, value, match):
+    n = len(train)
+    parts = {"scores": np.zeros(n), "tau": np.zeros((n, 1)), "prompt": "p", "query": torch.zeros(1, 8, 8),
+             "file_names": train.file_names, "captions": train.captions, field: value}
+    with pytest.raises(ValueError, match=match):
+        Attribution(**parts)
+
+
 def test_gallery_wraps_into_rows_of_tiles(train, monkeypatch):
     import io
 

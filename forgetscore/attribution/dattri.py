@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
 import torch
 
+from .attributor import REDUCTIONS, _check_prompt
 from .data import PreparedData
 from .fisher import compute_fisher
 from .losses import LossSweep
@@ -47,43 +49,76 @@ class ArrayData(PreparedData):
         self.shard_size = max(1, self.n)
 
 
-def _rows(loader: Iterable) -> Iterable[tuple[torch.Tensor, list]]:
+def _check_pixels(image: torch.Tensor, name: str) -> None:
+    # The same bounds as a query tensor given to the Attributor (Attributor.query_inputs).
+    if image.dtype == torch.uint8 or not image.dtype.is_floating_point:
+        raise ValueError(f"{name}: images of dtype {image.dtype}; give float pixels in [-1, 1] "
+                         "(from 0..255: x / 127.5 - 1)")
+    if not bool(torch.isfinite(image).all()):
+        raise ValueError(f"{name}: images hold NaN or inf")
+    low, high = float(image.min()), float(image.max())
+    if low < -1 - 1e-3 or high > 1 + 1e-3:
+        raise ValueError(f"{name}: pixels must lie in [-1, 1]; a batch spans [{low:.4g}, {high:.4g}] "
+                         "(from [0, 1]: 2 * x - 1; from 0..255: x / 127.5 - 1)")
+
+
+def _rows(loader: Iterable, name: str = "loader") -> Iterable[tuple[torch.Tensor, list]]:
+    """(pixels [B, C, H, W], one caption or list of captions per image) per batch, checked."""
+    if type(getattr(loader, "sampler", None)).__name__ == "RandomSampler":
+        warnings.warn(f"{name}: the loader shuffles; rows are numbered (and their noise keyed) in the order it "
+                      "yields them, which the next pass changes: give shuffle=False", UserWarning, stacklevel=3)
+    low = 0.0
     for batch in loader:
         if isinstance(batch, dict):
             image, text = batch.get("image"), batch.get("text")
         elif isinstance(batch, (tuple, list)) and len(batch) == 2:
             image, text = batch
         else:
-            raise ValueError("loader: batches must be {'image': tensor, 'text': [...]} dicts or (image, text) tuples")
+            raise ValueError(f"{name}: batches must be {{'image': tensor, 'text': [...]}} dicts or (image, text) "
+                             "tuples")
         if not isinstance(image, torch.Tensor) or image.dim() != 4:
-            raise ValueError("loader: 'image' must be a [B, C, H, W] tensor of pixels in [-1, 1]")
+            raise ValueError(f"{name}: 'image' must be a [B, C, H, W] tensor of pixels in [-1, 1]")
+        _check_pixels(image, name)
+        low = min(low, float(image.min()))
         text = [text] if isinstance(text, str) else list(text)
         b = image.shape[0]
         if text and all(isinstance(t, tuple) and len(t) == b and all(isinstance(c, str) for c in t) for t in text):
+            if len(text) == b and b > 1:
+                warnings.warn(f"{name}: a batch of {b} images with {b} tuples of {b} captions is read as PyTorch's "
+                              "default collate lays captions out (tuple k: caption k of every image); give each "
+                              "image's captions as a list to have them read per image", UserWarning, stacklevel=3)
             # default_collate of per-image caption lists: caption k of every image; back to captions per image.
             text = [list(caps) for caps in zip(*text)]
         if len(text) != b:
-            raise ValueError(f"loader: a batch has {image.shape[0]} images but {len(text)} texts")
+            raise ValueError(f"{name}: a batch has {image.shape[0]} images but {len(text)} texts")
+        for caps in text:
+            if not isinstance(caps, str) and not (isinstance(caps, (list, tuple))
+                                                  and all(isinstance(c, str) for c in caps)):
+                raise ValueError(f"{name}: a text is {type(caps).__name__}; give each image a caption (str) or a "
+                                 "list of captions")
         yield image, text
+    if low >= 0:
+        warnings.warn(f"{name}: no pixel is below 0: pixels are read in [-1, 1], so images in [0, 1] (2 * x - 1) "
+                      "are read as grey to white", UserWarning, stacklevel=3)
 
 
-def collect(model: DiffusionModel, loader: Iterable) -> ArrayData:
+def collect(model: DiffusionModel, loader: Iterable, name: str = "loader") -> ArrayData:
     """Encode a loader's images (and flips) and captions, in memory."""
     inputs, states, counts = [], [], []
-    for image, text in _rows(loader):
+    for image, text in _rows(loader, name):
         if tuple(image.shape[1:]) != tuple(model.image_shape):
-            raise ValueError(f"loader: images are {tuple(image.shape[1:])}, the model makes {model.image_shape}")
+            raise ValueError(f"{name}: images are {tuple(image.shape[1:])}, the model makes {model.image_shape}")
         enc = model.encode_images(torch.cat([image, image.flip(-1)])).float().cpu()
         n = image.shape[0]
         inputs.append(torch.stack([enc[:n], enc[n:]], dim=1).numpy())
         for caps in text:
             caps = [caps] if isinstance(caps, str) else list(caps)
             if not caps:
-                raise ValueError("loader: an image has no caption")
+                raise ValueError(f"{name}: an image has no caption")
             states.append(model.encode_text(caps).float().cpu().numpy())
             counts.append(len(caps))
     if not inputs:
-        raise ValueError("loader: yielded no data")
+        raise ValueError(f"{name}: yielded no data")
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return ArrayData(np.concatenate(inputs), np.concatenate(states), offsets, model.encoders_id())
 
@@ -98,8 +133,6 @@ class DattriAttributor:
         self.plan = plan or ScoringPlan()
         self.config = config or UnlearnConfig()
         self.names = select(self.model.unet, weights)
-        from .attributor import REDUCTIONS
-
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce: {reduce!r} is not one of {list(REDUCTIONS)}")
         if fisher_samples is not None and (isinstance(fisher_samples, bool) or not isinstance(fisher_samples, int)
@@ -112,7 +145,7 @@ class DattriAttributor:
 
     def cache(self, full_train_dataloader: Iterable) -> None:
         """The Fisher of the full training data (the unlearning's regulariser)."""
-        data = collect(self.model, full_train_dataloader)
+        data = collect(self.model, full_train_dataloader, "full_train_dataloader")
         self.n_train = data.n
         samples = 5 * data.n if self.fisher_samples is None else self.fisher_samples
         self.fisher = compute_fisher(self.model, data, self.names, samples=samples, flips=self.plan.flips,
@@ -122,15 +155,19 @@ class DattriAttributor:
         """Scores [n_train, n_test]: the rise of each training row's loss when each test row is unlearned."""
         if self.config.method == "newton" and self.fisher is None:
             raise ValueError("cache: call cache(full_train_dataloader) first; the Newton step needs the Fisher")
-        train = collect(self.model, train_dataloader)
+        train = collect(self.model, train_dataloader, "train_dataloader")
         variants = []
-        for image, prompts in _rows(test_dataloader):
+        for image, prompts in _rows(test_dataloader, "test_dataloader"):
             if tuple(image.shape[1:]) != tuple(self.model.image_shape):
                 raise ValueError(f"test_dataloader: images are {tuple(image.shape[1:])}, the model makes "
                                  f"{self.model.image_shape}")
             for img, prompt in zip(image, prompts):
+                if not isinstance(prompt, str):
+                    raise ValueError(f"test_dataloader: a test row has {len(prompt)} texts; give each query its one "
+                                     "prompt (a str)")
+                _check_prompt(prompt)
                 x0 = self.model.encode_images(img[None])[0].float()
-                ctx = self.model.encode_text([prompt if isinstance(prompt, str) else prompt[0]])[0]
+                ctx = self.model.encode_text([prompt])[0]
                 variants.append(unlearn(self.model, self.names, self.fisher, x0, ctx, self.config,
                                         self.n_train or train.n, backend=self.backend))
         sweep = LossSweep(self.model, train, self.plan, batch_size=self.batch_size, backend=self.backend)

@@ -32,6 +32,17 @@ class Attribution:
     metadata: dict = field(default_factory=dict)
     k: int = 10                        # how many top images top(), top_records() and save() give by default
 
+    def __post_init__(self):
+        self.scores = np.asarray(self.scores)
+        self.tau = np.asarray(self.tau)
+        n = len(self.file_names)
+        if self.scores.shape != (n,):
+            raise ValueError(f"scores: shape {self.scores.shape}; give one score per training image ({n} file_names)")
+        if self.tau.ndim != 2 or self.tau.shape[0] != n:
+            raise ValueError(f"tau: shape {self.tau.shape}; give [{n}, versions], a row per training image")
+        if len(self.captions) != n:
+            raise ValueError(f"captions: {len(self.captions)} entries for {n} file_names; give each image its list")
+
     def top(self, k: int | None = None) -> np.ndarray:
         k = self.k if k is None else k
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -62,7 +73,10 @@ class Attribution:
         record = {"prompt": self.prompt, "top": self.top_records(k), "n_train": int(len(self.scores)),
                   **self.metadata, "file_names_id": names_id(self.file_names)}
         if train_dir is not None:
-            _check_same_names(self, train_dir)
+            train = _check_same_names(self, train_dir)
+            # A result built by hand (not by an Attributor) records its folder as load() needs to find it.
+            record.setdefault("train_dir", str(Path(train_dir).resolve()))
+            record.setdefault("data_id", train.identity())
         images = _top_images(self, train_dir, k) if train_dir is not None else None
         pictures = {"query.png": _png(self.query, scale=1),  # native size: can be attributed again
                     "gallery.png": gallery(self, images, k),
@@ -117,12 +131,14 @@ def names_id(file_names: list[str]) -> str:
     return hashlib.sha256(json.dumps(list(file_names)).encode()).hexdigest()[:16]
 
 
-def _check_same_names(result: Attribution, train_dir: str | os.PathLike) -> None:
-    """That `train_dir` lists the images `result` scored, in the same order (else its pictures would be wrong)."""
+def _check_same_names(result: Attribution, train_dir: str | os.PathLike):
+    """The TrainingSet of `train_dir`, checked to list the images `result` scored in the same order (else its
+    pictures would be wrong)."""
     from .data import TrainingSet
 
     try:
-        names = TrainingSet.load(train_dir).file_names
+        train = TrainingSet.load(train_dir)
+        names = train.file_names
     except ValueError as exc:
         raise ValueError(f"train_dir: {str(train_dir)!r} is not the training folder the result was made from, as it "
                          f"was ({str(exc).removeprefix('train: ')}); pass that folder") from None
@@ -130,6 +146,7 @@ def _check_same_names(result: Attribution, train_dir: str | os.PathLike) -> None
         raise ValueError(f"train_dir: {str(train_dir)!r} lists other images than the {len(result.file_names)} "
                          f"scored ({len(names)} in another order or with other names), so its pictures would stand "
                          "beside the wrong scores; pass the training folder the result was made from")
+    return train
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -262,7 +279,8 @@ def load(out: str | os.PathLike) -> dict:
     missing = [key for key in ("prompt", "top", "train_dir", "data_id") if not isinstance(rec, dict) or key not in rec]
     if missing:
         raise ValueError(f"out: {str(out / 'attribution.json')!r} lacks {', '.join(missing)}; it was not written by "
-                         "`forgetscore attribute`, or is damaged: run attribute again")
+                         "`forgetscore attribute` or by Attribution.save(out, train_dir=...), or is damaged: run "
+                         "attribute again (or save it with its train_dir)")
     rec["scores"] = _array(out, "scores.npy")
     return rec
 
