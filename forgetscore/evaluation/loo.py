@@ -8,13 +8,17 @@ and ΔG (how far its regeneration moved) compare the retrain with the original m
 Random removals are drawn per K, independently of the query, and shared by all queries:
 they are the noise floor every method is compared with.  Every stage is cached in the
 output directory (scores per method, each retrain and its measurements), so an
-interrupted run picks up where it stopped.
+interrupted run picks up where it stopped.  The directory records the training function and
+the training folder's identity (trainer.json): a run with another one refuses its models
+rather than reusing them, as their keys hold neither.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
+import pickle
 import time
 
 from collections.abc import Callable, Sequence
@@ -31,7 +35,7 @@ from ..attribution.plan import ScoringPlan
 from .base import EvalContext, FeatureFn, Query, top_k
 from .counterfactual import feature_similarity, pixel_mse
 from .metrics import mean_se
-from .retrain import MeasureSettings, RetrainJob, TrainFn, run_retrains
+from .retrain import MeasureSettings, RetrainJob, TrainFn, run_retrains, trained_model
 from .store import cached_scores
 
 Log = Callable[[str], None]
@@ -56,11 +60,21 @@ class LooConfig:
         from .methods import METHODS
 
         # Checked here, not when the run reaches them: that is after the original model is trained.
-        if isinstance(self.ks, (str, int)) or not self.ks or any(
-                isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in self.ks):
+        try:
+            ks = None if isinstance(self.ks, (str, bytes)) else tuple(self.ks)
+        except TypeError:  # one number, not a sequence
+            ks = None
+        if ks is None or len(ks) == 0 or any(not _is_int(k) or k < 1 for k in ks):
             raise ValueError(f"ks: {self.ks!r}: give a sequence of integer Ks >= 1, e.g. (9, 18, 54)")
-        if isinstance(self.methods, str) or not self.methods:
+        # A tuple of Python ints: the frozen config stays hashable and its results stay JSON.
+        object.__setattr__(self, "ks", tuple(int(k) for k in ks))
+        try:
+            methods = None if isinstance(self.methods, str) else tuple(self.methods)
+        except TypeError:
+            methods = None
+        if not methods or any(not isinstance(m, str) for m in methods):
             raise ValueError(f"methods: {self.methods!r}: give a sequence of method names, e.g. ('unlearning',)")
+        object.__setattr__(self, "methods", methods)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"methods: unknown {unknown}; choose from {', '.join(METHODS)}")
@@ -68,10 +82,24 @@ class LooConfig:
             repeated = sorted({v for v in values if list(values).count(v) > 1}, key=str)
             if repeated:  # each would be a second, identical column of the table
                 raise ValueError(f"{name}: {repeated[0]!r} is given twice; give each once")
-        if self.random_sets < 1:
-            raise ValueError(f"random_sets: {self.random_sets} must be >= 1 (the noise floor needs random removals)")
-        if self.workers < 1:
-            raise ValueError(f"workers: {self.workers} must be >= 1")
+        for name, low, why in (("random_sets", 1, "the noise floor needs random removals"),
+                               ("workers", 1, "the retrains run that many at a time"),
+                               ("seed", 0, "it draws the random removals")):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                raise ValueError(f"{name}: {value!r} must be an int >= {low} ({why})")
+            object.__setattr__(self, name, int(value))
+        for name in ("coupled", "effectiveness"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{name}: {value!r} must be True or False")
+            object.__setattr__(self, name, bool(value))
+        if not isinstance(self.plan, ScoringPlan):
+            raise ValueError(f"plan: a {type(self.plan).__name__}, not a ScoringPlan; pass e.g. "
+                             f"ScoringPlan.with_stride({DEFAULT_PLAN_STRIDE}, flips=False)")
+        if not isinstance(self.measure, MeasureSettings):
+            raise ValueError(f"measure: a {type(self.measure).__name__}, not a MeasureSettings; pass e.g. "
+                             "MeasureSettings(gen_steps=25)")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -87,6 +115,18 @@ class QuerySpec:
     seed: int = 0
     label: int | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValueError(f"prompt: {self.prompt!r}: give QuerySpec the query's text, a non-empty string")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2 ** 64:
+            raise ValueError(f"seed: {self.seed!r}: give QuerySpec an int seed in [0, 2**64) (it draws the "
+                             "query's starting noise)")
+        if self.label is not None and not _is_int(self.label):
+            raise ValueError(f"label: {self.label!r}: give QuerySpec the class as an int, or None")
+        # Python ints: the specs are keys of the query cache (JSON).
+        object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "label", None if self.label is None else int(self.label))
+
 
 @dataclass
 class LooSetup:
@@ -97,6 +137,34 @@ class LooSetup:
     queries: list[QuerySpec]
     labels: np.ndarray | None = None
     features: FeatureFn | None = None
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def _check(self) -> None:
+        """The checks that need no training folder (run_loo repeats them: the setup may have changed)."""
+        if not callable(self.train_fn):
+            raise ValueError(f"train_fn: {self.train_fn!r} is not callable; pass the function that trains the "
+                             "model, train_fn(exclude_ids, out_dir, coupled)")
+        try:
+            queries = None if isinstance(self.queries, (str, QuerySpec)) else list(self.queries)
+        except TypeError:
+            queries = None
+        if not queries:
+            raise ValueError(f"queries: {self.queries!r}: give a list of at least one QuerySpec")
+        for i, q in enumerate(queries):
+            if not isinstance(q, QuerySpec):
+                # A Query's picture would be dropped: the queries are generated with the original model.
+                raise ValueError(f"queries: item {i} is a {type(q).__name__}, not a QuerySpec; give "
+                                 "QuerySpec(prompt, seed, label): each query is generated with the original model")
+        self.queries = queries
+        if self.features is not None and not callable(self.features):
+            raise ValueError(f"features: {self.features!r} is not callable; pass a function from pixels "
+                             "[B, C, H, W] to features [B, D], or None")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def random_set(n: int, k: int, seed: int, r: int) -> tuple[int, ...]:
@@ -214,50 +282,95 @@ TRAINER_FILE = "trainer.json"
 
 
 def trainer_id(train_fn: TrainFn) -> str:
-    """What names a training procedure across runs: a dataclass's repr (a recipe's settings), else the
-    function's or class's qualified name."""
+    """What names a training procedure across runs: a dataclass's repr (a recipe's settings), a partial's
+    function and arguments, else the function's or class's qualified name."""
     if dataclasses.is_dataclass(train_fn) and not isinstance(train_fn, type):
         return repr(train_fn)
-    target = train_fn if inspect.isfunction(train_fn) or inspect.ismethod(train_fn) else type(train_fn)
+    if isinstance(train_fn, functools.partial):
+        args = [repr(a) for a in train_fn.args] + [f"{k}={v!r}" for k, v in sorted(train_fn.keywords.items())]
+        return f"partial({', '.join([trainer_id(train_fn.func)] + args)})"
+    target = train_fn if inspect.isroutine(train_fn) else type(train_fn)
     return f"{target.__module__}.{target.__qualname__}"
 
 
-def _check_trainer(out: Path, train_fn: TrainFn) -> str:
-    """That the models already in `out` were trained the way this run trains (its retrains, the original model
-    and the queries made from it are reused by key, and the key does not hold the recipe); recorded the first time."""
-    trainer = trainer_id(train_fn)
+def _has_models(root: Path) -> bool:
+    """Whether the retrains folder holds a model or a measurement (hidden names are unfinished attempts)."""
+    return root.is_dir() and any(not p.name.startswith(".") for p in root.iterdir())
+
+
+def _check_trainer(out: Path, trainer: str, data: TrainingSet) -> None:
+    """That the models already in `out` were trained the way this run trains and on this training data (its
+    retrains, the original model and the queries made from it are reused by key, and the key holds neither).
+    Recorded before anything trains; a record beside no model (its run trained nothing) binds nothing."""
     path = out / TRAINER_FILE
-    if path.is_file():
-        made_by = read_json(path).get("trainer")
-        if made_by != trainer:
-            raise ValueError(f"out: {str(out)!r} holds models trained by {made_by}, and this run trains with "
-                             f"{trainer}; give another output folder, or the training recipe of that run")
-    else:
-        write_json(path, {"trainer": trainer})
-    return trainer
+    data_id = data.identity()
+    if path.is_file() and _has_models(out / "retrains"):
+        made = read_json(path)
+        if made.get("trainer") != trainer:
+            raise ValueError(f"out: {str(out)!r} holds models trained by {made.get('trainer')}, and this run trains "
+                             f"with {trainer}; give another output folder, or the training recipe of that run")
+        if made.get("train", data_id) != data_id:  # a record older than this check has no data id
+            raise ValueError(f"train_dir: {str(data.root)!r} is not the training data the models in {str(out)!r} "
+                             f"were trained on (recorded from {made.get('train_dir')!r}; its images or "
+                             "metadata.jsonl changed since, or it is a copy that did not keep the files' times); "
+                             "give another output folder, or put that training folder back as it was")
+    write_json(path, {"trainer": trainer, "train": data_id, "train_dir": str(Path(data.root).resolve())})
+
+
+def _check_inputs(setup: LooSetup, config: LooConfig, n_train: int) -> None:
+    """What the chosen methods need besides the model, checked before the original model is trained."""
+    if "random-class" in config.methods:
+        drop = "; or drop random-class from methods"
+        if setup.labels is None:
+            raise ValueError("labels: None, and random-class draws among the images of the query's class; give "
+                             f"LooSetup(labels=...), the class of every training image (shape ({n_train},))" + drop)
+        if np.shape(setup.labels) != (n_train,):
+            raise ValueError(f"labels: shape {np.shape(setup.labels)}, but train_dir has {n_train} images; give "
+                             f"LooSetup(labels=...) one class per training image (shape ({n_train},))" + drop)
+        missing = [i for i, q in enumerate(setup.queries) if q.label is None]
+        if missing:
+            raise ValueError(f"queries: {missing[:5]} have no label, and random-class needs each query's class; "
+                             "give QuerySpec(prompt, seed, label=...)" + drop)
+    if "feature" in config.methods and setup.features is None:
+        raise ValueError("features: None, and the feature method compares image embeddings; give "
+                         "LooSetup(features=...), a function from pixels [B, C, H, W] in [-1, 1] to features "
+                         "[B, D]; or drop feature from methods")
+    if config.workers > 1:
+        try:
+            pickle.dumps(setup.train_fn)
+        except Exception as exc:
+            raise ValueError(f"train_fn: {trainer_id(setup.train_fn)} cannot be sent to the retraining workers "
+                             f"({type(exc).__name__}: {exc}); define it at a module's top level, importable by the "
+                             "spawned workers (not a lambda or a function inside a function), or pass "
+                             "LooConfig(workers=1)") from None
 
 
 def run_loo(out_dir: str | Path, setup: LooSetup, config: LooConfig, log: Log | None = print) -> dict:
     """The whole evaluation; writes results.json, table.md and delta_loss.png into `out_dir`."""
     from .report import write_loo_report
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not setup.queries:
-        raise ValueError("queries: give at least one query prompt")
-    n_train = len(TrainingSet.load(setup.train_dir))
-    if max(config.ks) >= n_train:  # checked before any training: the removals need images left to train on
+    if not isinstance(setup, LooSetup):
+        raise ValueError(f"setup: a {type(setup).__name__}; pass a LooSetup(train_fn, train_dir, queries)")
+    if not isinstance(config, LooConfig):
+        raise ValueError(f"config: a {type(config).__name__}; pass a LooConfig(ks=..., methods=...)")
+    # Everything is checked before anything trains.
+    setup._check()
+    data = TrainingSet.load(setup.train_dir)
+    n_train = len(data)
+    if max(config.ks) >= n_train:  # the removals need images left to train on
         raise ValueError(f"ks: {max(config.ks)} leaves nothing to train on; every K must be below the {n_train} "
                          "training images")
-    trainer = _check_trainer(out, setup.train_fn)
+    _check_inputs(setup, config, n_train)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = trainer_id(setup.train_fn)
+    _check_trainer(out, trainer, data)
     retrain_root = out / "retrains"
     # The original model is the retrain that removes nothing (under the same protocol).
     original_job = RetrainJob((), config.coupled)
-    original_dir = retrain_root / original_job.key
-    if not (original_dir / "unet").is_dir():
-        if log:
-            log("training the original model")
-        setup.train_fn([], original_dir, config.coupled)
+    if log and not (retrain_root / original_job.key).is_dir():
+        log("training the original model")
+    original_dir = trained_model(setup.train_fn, original_job, retrain_root)
     attributor = Attributor.load(original_dir, setup.train_dir, plan=config.plan, cache_dir=out / "cache",
                                  progress=False)
     queries = make_queries(attributor.model, setup.queries, config.measure, out / "queries.pt")

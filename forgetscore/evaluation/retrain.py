@@ -4,7 +4,9 @@ A user supplies the training function (``TrainFn``): given the image ids to leav
 an output directory and whether randomness is coupled, it trains the model from
 scratch and saves it there (diffusers layout).  Each retrain is identified by its
 set of removed ids and protocol, so a set chosen by two methods is trained once, and a
-finished retrain (its measurements on disk) is never redone after an interruption.
+finished retrain (its measurements on disk) is never redone after an interruption.  A model
+is trained into a hidden folder and renamed into place once ``train_fn`` has returned and the
+model loads, so a training that was killed or saved a broken model is redone, not reused.
 
 Right after training, the worker measures the retrained model on every query
 (:mod:`.counterfactual`): cheap next to training, and it lets the report show how a
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..attribution.io import write_bytes
+from ..attribution.io import write_bytes, write_dir
 from ..threads import torch_threads
 from .base import Query
 
@@ -80,12 +82,33 @@ def _save(path: Path, obj: dict) -> None:
     write_bytes(path, buf.getvalue())
 
 
+def trained_model(train_fn: TrainFn, job: RetrainJob, root: Path) -> Path:
+    """The job's model folder `root/<key>`, trained first unless a complete one is there."""
+    from ..attribution.model import DiffusionModel
+
+    final = Path(root) / job.key
+
+    def fill(tmp: Path) -> None:
+        tmp.rmdir()  # out_dir does not exist yet when train_fn is called (it may copy a folder there)
+        train_fn(list(job.exclude), tmp, job.coupled)
+        if not tmp.is_dir() or not any(tmp.iterdir()):
+            raise ValueError(f"train_fn: returned without saving a model to out_dir ({str(tmp)!r}); it must "
+                             "save the trained pipeline there with save_pretrained")
+        try:  # a model that cannot be loaded would stop every later run if it were kept
+            DiffusionModel.load(tmp)
+        except ValueError as exc:
+            raise ValueError(f"train_fn: the model it saved does not load: {exc}; save the whole pipeline "
+                             "(tokenizer/, text_encoder/, unet/, scheduler/) to out_dir") from None
+
+    if not final.is_dir():
+        write_dir(final, fill)  # renamed into place once whole: a killed or failed training leaves nothing there
+    return final
+
+
 def _job(train_fn: TrainFn, job: RetrainJob, root: Path, queries: Sequence[Query], settings: MeasureSettings
          ) -> tuple[str, float]:
     t = time.perf_counter()
-    model_dir = root / job.key
-    if not (model_dir / "unet").is_dir():
-        train_fn(list(job.exclude), model_dir, job.coupled)
+    model_dir = trained_model(train_fn, job, root)
     seconds = time.perf_counter() - t
     result = measure(model_dir, queries, settings)
     result["train_seconds"] = seconds
@@ -129,34 +152,71 @@ def _end_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _failed(job: RetrainJob, exc: BaseException, log: Callable[[str], None] | None) -> None:
+    where = f"the retrain that removes {len(job.exclude)} images {list(job.exclude)[:10]} (retrains/{job.key})"
+    if log:
+        log(f"  {where} failed: {type(exc).__name__}: {exc}")
+    if hasattr(exc, "add_note"):  # Python >= 3.11: the error names its retrain even without a log
+        exc.add_note(f"in {where}")
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel what is queued and end the retrains in flight: a rerun redoes them (they are not renamed into place).
+
+    Cancelling alone is not enough: the calls already handed to the workers' queue would still run, and the
+    interpreter's exit would wait for them."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+    procs = [] if terminate else list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    if terminate:
+        terminate()
+    for p in procs:
+        p.terminate()
+
+
 def run_retrains(jobs: Sequence[RetrainJob], train_fn: TrainFn, root: Path, queries: Sequence[Query],
                  settings: MeasureSettings, *, workers: int = 2, log: Callable[[str], None] | None = print
                  ) -> dict[str, dict]:
-    """Train and measure every job not measured yet; returns {job key: measurement}."""
+    """Train and measure every job not measured yet; returns {job key: measurement}.
+
+    A failing retrain (or an interrupt) stops the others at once and is raised, naming its removal."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     unique = list({j.key: j for j in jobs}.values())
     done = {j.key: load_measurement(root, j, queries, settings) for j in unique}
     todo = [j for j in unique if done[j.key] is None]
     if log and todo:
-        again = sum((root / j.key / "unet").is_dir() for j in todo)
+        again = sum((root / j.key).is_dir() for j in todo)
         log(f"retraining {len(todo) - again} and measuring {len(todo)} of {len(unique)} models "
             f"({len(unique) - len(todo)} cached), {workers} at a time")
     if todo:
         t0 = time.perf_counter()
         if workers <= 1:
             for i, j in enumerate(todo):
-                _, s = _job(train_fn, j, root, queries, settings)
+                try:
+                    _, s = _job(train_fn, j, root, queries, settings)
+                except Exception as exc:
+                    _failed(j, exc, log)
+                    raise
                 if log:
                     log(f"  retrain {i + 1}/{len(todo)} ({s:.0f} s)")
         else:
-            with worker_pool(workers) as pool:
-                futures = [pool.submit(_job, train_fn, j, root, queries, settings) for j in todo]
+            pool = worker_pool(workers)
+            try:
+                futures = {pool.submit(_job, train_fn, j, root, queries, settings): j for j in todo}
                 for i, f in enumerate(as_completed(futures)):
-                    _, s = f.result()
+                    try:
+                        _, s = f.result()
+                    except Exception as exc:
+                        _failed(futures[f], exc, log)
+                        raise
                     if log:
                         left = (time.perf_counter() - t0) / (i + 1) * (len(todo) - i - 1)
                         log(f"  retrain {i + 1}/{len(todo)} ({s:.0f} s; about {left / 60:.0f} min left)")
+            except BaseException:
+                _stop(pool)
+                raise
+            pool.shutdown()
     for j in todo:
         done[j.key] = load_measurement(root, j, queries, settings)
     return done
