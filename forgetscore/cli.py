@@ -317,24 +317,35 @@ def _attribute(args: argparse.Namespace) -> int:
     from .attribution.attributor import generation_record
     from .attribution.io import check_writable
     from .attribution.results import RESULT_FILES, check_output_dir
+    from .attribution.ranks import agree, distributed_env
     started = time.perf_counter()
-    check_writable(args.out, "--out")
-    # Checked before the model loads and the long stages run.
-    specs = _query_specs(args)
-    outs = [Path(args.out) / s.name if args.queries else Path(args.out) for s in specs]
-    for out in outs:
-        check_output_dir(out, args.overwrite)
-    if args.topk < 1:
-        raise ValueError(f"--topk: {args.topk} must be >= 1")
-    config, region = _config(args), _region(args.region)
+    rank = distributed_env()[0]
+
+    def options():  # checked before the model loads and the long stages run (on every rank: see ranks.agree)
+        specs = _query_specs(args)
+        outs = [Path(args.out) / s.name if args.queries else Path(args.out) for s in specs]
+        if rank == 0:  # the rank that writes the results
+            check_writable(args.out, "--out")
+            for out in outs:
+                check_output_dir(out, args.overwrite)
+        if args.topk < 1:
+            raise ValueError(f"--topk: {args.topk} must be >= 1")
+        return specs, outs, _config(args), _region(args.region)
+
+    specs, outs, config, region = agree(options)
     att = _attributor(args)
-    subset = _subset(args.subset, att.train.file_names, report=att.rank == 0)  # before the queries are made
-    for s in specs:
-        if s.query is not None and args.queries:  # read before any is generated; a bad one named by its line
-            try:
-                att.query_inputs(s.query)
-            except ValueError as exc:
-                raise ValueError(f"--queries: line {s.line}: {str(exc).removeprefix('query: ')}") from None
+
+    def queries_and_subset():
+        subset = _subset(args.subset, att.train.file_names, report=att.rank == 0)  # before the queries are made
+        for s in specs:
+            if s.query is not None and args.queries:  # read before any is generated; a bad one named by its line
+                try:
+                    att.query_inputs(s.query)
+                except ValueError as exc:
+                    raise ValueError(f"--queries: line {s.line}: {str(exc).removeprefix('query: ')}") from None
+        return subset
+
+    subset = agree(queries_and_subset)
     queries = [(s.query if s.query is not None else att.generate(s.prompt, s.generate_seed), s.prompt)
                for s in specs]
     # All queries in one pass over the training set.
@@ -517,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = warnings.showwarning
     warnings.showwarning = _warning_line(args.command, shown)
     try:
+        _join_ranks(args)
         return args.func(args)
     except ValueError as exc:
         _close_bars()
@@ -546,6 +558,32 @@ def main(argv: list[str] | None = None) -> int:
         from .attribution.ranks import leave_distributed
 
         leave_distributed()
+
+
+# The commands that share their work between torchrun's ranks; the others run in one process.
+RANK_COMMANDS = ("prepare", "fisher", "score", "attribute")
+
+
+def _join_ranks(args: argparse.Namespace) -> None:
+    """Under torchrun, join the ranks before any check: a check failing on one rank alone then stops every
+    rank at once (see ranks.agree), where a rank that stopped before joining left the others waiting."""
+    from .attribution.ranks import distributed_env, init_distributed, rank_device
+
+    world = distributed_env()[1]
+    if world <= 1 or args.command == "info":
+        return
+    if args.command not in RANK_COMMANDS:
+        raise ValueError(f"{args.command} runs in one process, but torchrun started {world}; run it without "
+                         f"torchrun (only {', '.join(RANK_COMMANDS)} share their work between ranks)")
+    import torch
+
+    try:
+        device = torch.device(rank_device(args.device))
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device: {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {args.device!r}, but torch sees no CUDA device here; use --device cpu")
+    init_distributed(device)
 
 
 def _warning_line(command: str, shown):

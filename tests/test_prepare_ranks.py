@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,30 @@ def test_each_rank_joins_on_its_own_device(monkeypatch, device, local_rank, want
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.setdefault("backend", backend))
     monkeypatch.setattr(dist, "get_rank", lambda: 2)
     monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    timeouts = []
+    store = type("Store", (), {"set_timeout": lambda self, t: timeouts.append(t)})()
+    monkeypatch.setattr(dist, "rendezvous", lambda url, rank, world, timeout: iter([(store, rank, world)]))
+    monkeypatch.setattr(dist, "PrefixStore", lambda prefix, inner: inner)
     assert ranks.rank_device(device) == (f"cuda:{local_rank}" if device == "cuda" else device)
     assert ranks.init_distributed(device) == (2, 4)
     assert calls == ({"backend": "gloo"} if want is None else {"device": want, "backend": "nccl"})
+    # The ranks wait minutes, not the collectives' hours, for each other to start.
+    assert timeouts == [ranks.JOIN_TIMEOUT, timedelta(hours=6)]
+
+
+def test_a_rank_that_never_joins_stops_the_others_after_the_join_timeout(monkeypatch, tmp_path):
+    """A rank that failed before joining (a bad option on one machine) must not keep the others for hours."""
+    import socket
+
+    from forgetscore.attribution import ranks
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"^rank 0: the 2 ranks did not all start within 0:00:02 \(a rank stopped"):
+        ranks.init_distributed("cpu", join_timeout=timedelta(seconds=2))
+    assert time.monotonic() - started < 60

@@ -42,8 +42,8 @@ from .locks import stage_lock, unless_busy
 from .losses import LossSweep
 from .model import DiffusionModel
 from .plan import ScoringPlan
-from .results import Attribution, rounding_note
-from .ranks import all_gather, barrier, init_distributed, on_rank0, rank_device
+from .results import Attribution, names_id, rounding_note
+from .ranks import agree, all_gather, barrier, check_shared, init_distributed, on_rank0, rank_device
 from .sweep import SWEEP_FORMAT, indices_id, matching_sweeps, run_sweep, sweep_header, variant_id
 from .train_loss import row_losses
 from .unlearning import UnlearnConfig, unlearn
@@ -94,44 +94,60 @@ class Attributor:
             if not isinstance(value, kind) and not (arg == "plan" and value is None):
                 raise ValueError(f"{arg}: expected a {kind.__name__} (e.g. {hint}), got {type(value).__name__}")
         self.model, self.train = model, train
-        self.plan = plan or ScoringPlan()
-        self.plan.check_model(model.num_train_timesteps)
-        self.names = params.select(model.unet, weights)
-        self.weights = weights
-        self.backend, self.resize = backend, resize
-        # Settings that would otherwise fail only after the long stages before them.
-        chunk_size, fisher_chunk_size = as_count("chunk_size", chunk_size), as_count("fisher_chunk_size",
-                                                                                      fisher_chunk_size)
-        fisher_batch_size = _batch_or_auto(fisher_batch_size, "fisher_batch_size")
-        self.chunk_size = chunk_size
-        kernels.resolve(backend, model.device)
-        check_noise_device(self.plan)
-        self.fisher_batch_size, self.fisher_chunk_size = fisher_batch_size, fisher_chunk_size
-        if text_dtype not in TEXT_DTYPES:
-            raise ValueError(f"text_dtype: {text_dtype!r} is not one of {list(TEXT_DTYPES)}")
-        self.text_dtype = text_dtype
-        self.precision = precision = resolve_precision(precision, model.device)
-        # Sweep options that leave the numbers as they are (prefetch) or change only their last bits (compile).
-        self.prefetch, self.compile = bool(prefetch), compile_mode(compile, model.device)
         # Under torchrun every rank runs the same calls; rank 0 writes what is shared.
         self.rank, self.world = init_distributed(model.device)
-        batch_size = _batch_or_auto(batch_size, "batch_size")
-        self.batch_size_probed = batch_size == "auto"
+
+        def settings() -> None:
+            # Settings that would otherwise fail only after the long stages before them.
+            self.plan = plan or ScoringPlan()
+            self.plan.check_model(model.num_train_timesteps)
+            self.names = params.select(model.unet, weights)
+            self.weights = weights
+            self.backend, self.resize = backend, resize
+            self.chunk_size = as_count("chunk_size", chunk_size)
+            self.fisher_chunk_size = as_count("fisher_chunk_size", fisher_chunk_size)
+            self.fisher_batch_size = _batch_or_auto(fisher_batch_size, "fisher_batch_size")
+            self.batch_size = _batch_or_auto(batch_size, "batch_size")
+            kernels.resolve(backend, model.device)
+            check_noise_device(self.plan)
+            if text_dtype not in TEXT_DTYPES:
+                raise ValueError(f"text_dtype: {text_dtype!r} is not one of {list(TEXT_DTYPES)}")
+            self.text_dtype = text_dtype
+            self.precision = resolve_precision(precision, model.device)
+            # Sweep options that leave the numbers as they are (prefetch) or change only their last bits (compile).
+            self.prefetch, self.compile = bool(prefetch), compile_mode(compile, model.device)
+            self._own_cache_dir = cache_dir is None  # made here, under the cache root: removable when left empty
+            root = Path(cache_dir) if cache_dir is not None else cache_root() / "runs"
+            self.cache_dir = root / f"{model.encoders_id()}-{train.identity()}" if cache_dir is None else root
+            # Named as the user chose the folder: the argument, or the environment variable that moves the default.
+            self._cache_argument = ("cache" if cache_dir is not None or "FORGETSCORE_CACHE" not in os.environ
+                                    else "FORGETSCORE_CACHE")
+            check_writable(self.cache_dir, self._cache_argument)
+
+        # A check failing on one rank alone (a folder missing on one machine) stops every rank, and ranks started
+        # with other settings are refused before they compute different things.
+        agree(settings, lambda _: self._rank_settings())
+        check_shared(self.cache_dir, self._cache_argument)
+        self.batch_size_probed = self.batch_size == "auto"
         if self.batch_size_probed:
             # Each rank probes its own GPU; the ranks must sweep alike, so all take the smallest.
-            batch_size = min(all_gather(auto_batch_size(model, precision)))
-        self.batch_size = batch_size
+            self.batch_size = min(all_gather(auto_batch_size(model, self.precision)))
         self.progress = progress and self.rank == 0
-        self._own_cache_dir = cache_dir is None  # made here, under the cache root: removable when left empty
-        root = Path(cache_dir) if cache_dir is not None else cache_root() / "runs"
-        self.cache_dir = root / f"{model.encoders_id()}-{train.identity()}" if cache_dir is None else root
-        # Named as the user chose the folder: the argument, or the environment variable that moves the default.
-        check_writable(self.cache_dir, "cache" if cache_dir is not None or "FORGETSCORE_CACHE" not in os.environ
-                       else "FORGETSCORE_CACHE")
         self.timings = Timings()
         self._data: PreparedData | None = None
         self._said_samples: set[int] = set()  # cached Fisher counts used in place of the default, said once
         self._finished: list[tuple[Path, Path]] = []  # sweep folders (and their locks) not yet kept
+
+    def _rank_settings(self) -> dict:
+        """What every rank must share (compared across ranks when they start): the numbers depend on it."""
+        return {"model": (self.model.encoders_id(), self.model.unet_id()),
+                # Names and captions, not modification times: each machine may hold its own copy of the folder.
+                "training set": (len(self.train), names_id(self.train.file_names),
+                                 hashlib.sha256(json.dumps(self.train.captions).encode()).hexdigest()[:16]),
+                "plan": self.plan.to_dict(), "weights": self.names, "precision": self.precision,
+                "text_dtype": self.text_dtype, "resize": self.resize, "batch_size": self.batch_size,
+                "chunk_size": self.chunk_size, "fisher_batch_size": self.fisher_batch_size,
+                "fisher_chunk_size": self.fisher_chunk_size, "compile": self.compile}
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, train_dir: str | os.PathLike, **kw) -> "Attributor":
@@ -139,8 +155,10 @@ class Attributor:
             if not isinstance(value, (str, os.PathLike)):
                 raise ValueError(f"{arg}: expected a folder path, got {type(value).__name__}")
         device = rank_device(kw.pop("device", "cpu"))
-        train = TrainingSet.load(train_dir)  # cheap checks first: a bad folder fails before a model load
-        return cls(DiffusionModel.load(model_dir, device=device), train, **kw)
+        init_distributed(device)  # joined first: a folder missing on one machine then stops every rank
+        # Cheap checks first: a bad folder fails before a model load.
+        train, model = agree(lambda: (TrainingSet.load(train_dir), DiffusionModel.load(model_dir, device=device)))
+        return cls(model, train, **kw)
 
     # --- stages --------------------------------------------------------------------------
     def prepare(self) -> PreparedData:
@@ -347,7 +365,7 @@ class Attributor:
                             captions=self.plan.captions, backend=self.backend, progress=self.progress,
                             untrusted="remove", stats=stats)
         # The rate of what this run computed (a resumed run reuses finished chunks; ranks share the rest).
-        self.timings.add("fisher", time.perf_counter() - t, stats["samples_computed"] * self.world, "samples")
+        self.timings.add("fisher", time.perf_counter() - t, sum(all_gather(stats["samples_computed"])), "samples")
 
         def keep() -> None:
             from safetensors.torch import save
@@ -399,7 +417,8 @@ class Attributor:
             t, stats = time.perf_counter(), {}
             before = self._run([None], None, desc="score (before)", stats=stats)[0]
             # The rate of what this run computed (a resumed sweep reuses finished chunks).
-            self.timings.add("score before", time.perf_counter() - t, stats["images_computed"] * self.world, "img")
+            computed = sum(all_gather(stats["images_computed"]))
+            self.timings.add("score before", time.perf_counter() - t, computed, "img")
             self._save_before(before)
             self._forget_sweeps()
         return before
@@ -630,27 +649,37 @@ class Attributor:
                        reduce: str = "max", fisher_samples: int | None = None,
                        indices: np.ndarray | None = None) -> list[Attribution]:
         """Unlearn each query, then score the training set for all of them in one pass over the data."""
-        queries = _query_pairs(queries)
-        if reduce not in REDUCTIONS:
-            raise ValueError(f"reduce: {reduce!r} is not one of {list(REDUCTIONS)}")
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise ValueError(f"k: {k!r} must be an int >= 1 (the number of top images a result shows and saves)")
-        k = int(k)
-        if config is not None and not isinstance(config, UnlearnConfig):
-            raise ValueError(f"config: expected an UnlearnConfig (e.g. preset('mscoco')), got {type(config).__name__}")
-        config = config or UnlearnConfig()
-        if fisher_samples is not None:
-            fisher_samples = as_count("fisher_samples", fisher_samples)
+        def checked():  # on every rank, which must all be given the same (see ranks.agree)
+            pairs = _query_pairs(queries)
+            if reduce not in REDUCTIONS:
+                raise ValueError(f"reduce: {reduce!r} is not one of {list(REDUCTIONS)}")
+            if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+                raise ValueError(f"k: {k!r} must be an int >= 1 (the number of top images a result shows and saves)")
+            if config is not None and not isinstance(config, UnlearnConfig):
+                raise ValueError(f"config: expected an UnlearnConfig (e.g. preset('mscoco')), got "
+                                 f"{type(config).__name__}")
+            samples = None if fisher_samples is None else as_count("fisher_samples", fisher_samples)
+            for _, p in pairs:
+                _check_prompt(p)
+            sources = [str(q) if isinstance(q, (str, os.PathLike)) else None for q, _ in pairs]
+            inputs = [(self.query_inputs(q), p) for q, p in pairs]  # bad queries fail before any long stage
+            self.region_mask(region)
+            subset = None if indices is None else _image_ids(indices, len(self.train))
+            return inputs, sources, int(k), config or UnlearnConfig(), samples, subset
+
+        def same(checked_) -> dict:
+            inputs, sources, k_, config_, samples, subset = checked_
+            return {"queries": len(inputs), "prompts": [p for _, p in inputs],
+                    "query files": sources, "config": config_, "k": k_, "region": repr(region), "reduce": reduce,
+                    "fisher_samples": samples, "subset": None if subset is None else names_id(list(map(str, subset)))}
+
+        queries, sources, k, config, fisher_samples, _ = agree(checked, same)
         for _, p in queries:
-            _check_prompt(p)
             unknown = self.model.unknown_words(p) if self.rank == 0 else []
             if unknown:
                 warnings.warn(f"prompt: the model's tokenizer does not know {', '.join(map(repr, unknown))} of "
                               f"{p!r}: read as its unknown token, they say nothing of the picture; use the words of "
                               "the training captions", stacklevel=2)
-        sources = [str(q) if isinstance(q, (str, os.PathLike)) else None for q, _ in queries]
-        queries = [(self.query_inputs(q), p) for q, p in queries]  # bad queries fail before any long stage
-        self.region_mask(region)
         data = self.prepare()
         sel = np.arange(data.n) if indices is None else _image_ids(indices, data.n)
         if fisher_samples is None and config.method == "newton":
@@ -670,7 +699,7 @@ class Attributor:
         t, stats = time.perf_counter(), {}
         stage = "score before+after" if both else "score after"
         losses = self._run(variants, sel, desc=f"score ({stage[6:]})", stats=stats)
-        self.timings.add(stage, time.perf_counter() - t, stats["images_computed"] * self.world, "img")
+        self.timings.add(stage, time.perf_counter() - t, sum(all_gather(stats["images_computed"])), "img")
         if both:
             before, losses = losses[0], losses[1:]
         if cached is not None:

@@ -10,13 +10,21 @@ Without a process group every helper here is the single-process identity.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from .io import read_json, write_json
+
+T = TypeVar("T")
+# How long ranks wait for each other to start: a rank that stopped before joining (a bad argument on one node)
+# must not keep the others waiting as long as a collective may take.
+JOIN_TIMEOUT = timedelta(minutes=10)
+SAME_OPTIONS = "give every rank the same options"
 
 
 def distributed_env() -> tuple[int, int]:
@@ -38,11 +46,13 @@ def rank_device(device: torch.device | str) -> torch.device | str:
     return device
 
 
-def init_distributed(device: torch.device | str = "cpu", timeout: timedelta = timedelta(hours=6)) -> tuple[int, int]:
+def init_distributed(device: torch.device | str = "cpu", timeout: timedelta = timedelta(hours=6),
+                     join_timeout: timedelta = JOIN_TIMEOUT) -> tuple[int, int]:
     """Join the process group torchrun describes in the environment (gloo on CPU, nccl on CUDA), if any.
 
     Does nothing when a group is already running or the environment names no several ranks.
-    The long timeout covers the barrier where ranks that finished their chunks wait for the rest.
+    The long timeout covers the barrier where ranks that finished their chunks wait for the rest; the ranks
+    wait `join_timeout` for each other to start (and to meet at their first collective).
     """
     import torch.distributed as dist
 
@@ -61,7 +71,18 @@ def init_distributed(device: torch.device | str = "cpu", timeout: timedelta = ti
         torch.cuda.set_device(device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0")))
     else:
         backend = "gloo"
-    dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+    # The rendezvous store's own timeout bounds the join (and NCCL's setup at the first collective), the group's
+    # the collectives: without the split a rank missing from the start kept the others waiting for hours.
+    try:
+        store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=join_timeout))
+        store.set_timeout(join_timeout)
+        dist.init_process_group(backend=backend, store=dist.PrefixStore("default_pg", store), rank=rank,
+                                world_size=world, timeout=timeout)
+        barrier()
+    except RuntimeError as exc:  # torch's DistStoreError and the backends' errors are RuntimeErrors
+        raise TimeoutError(f"rank {rank}: the {world} ranks did not all start within {join_timeout} (a rank stopped "
+                           f"before joining, or was never started: see its output) ({exc})") from None
+    store.set_timeout(timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -130,6 +151,71 @@ def on_rank0(fn: Callable[[], object]) -> object:
         # Bad input (a ValueError, e.g. a damaged cache file) stays one: the command line reports those in one line.
         raise (ValueError if bad_input else RuntimeError)(f"rank 0 failed: {message}")
     return value
+
+
+def agree(fn: Callable[[], T], settings: Callable[[T], dict] | None = None, caller: str = "ranks") -> T:
+    """`fn()` on every rank, ending in one collective whatever happens, so that ranks stay in step.
+
+    For checks that can fail on one rank alone (a path missing on one machine, other options on one
+    node): a failure on any rank raises on every rank (its own error where it happened, the failing
+    rank's message elsewhere), and `settings(value)` of each rank, when given, must equal rank 0's, else
+    every rank raises naming the first key that differs. Without a process group it is just `fn()`.
+    """
+    if not _dist_group_active():
+        return fn()
+    value, failure, mine = None, None, None
+    try:
+        value = fn()
+        mine = settings(value) if settings is not None else None
+    except Exception as exc:  # noqa: BLE001 - passed on to every rank below
+        failure = exc
+    kind = (None if failure is None else "value" if isinstance(failure, ValueError)
+            else "os" if isinstance(failure, OSError) else "other")
+    gathered = all_gather((kind, None if failure is None else str(failure), mine))
+    if failure is not None:
+        raise failure
+    for r, (other_kind, message, _) in enumerate(gathered):
+        if other_kind is not None:
+            error = {"value": ValueError, "os": OSError}.get(other_kind, RuntimeError)
+            raise error(f"rank {r} failed: {message}")
+    first = gathered[0][2] or {}
+    for r, (_, _, other) in enumerate(gathered):
+        for key in first:
+            if other[key] != first[key]:
+                shown = [repr(v) if len(repr(v)) <= 80 else repr(v)[:77] + "..." for v in (other[key], first[key])]
+                raise ValueError(f"{caller}: rank {r} was started with another {key} than rank 0 ({shown[0]} vs "
+                                 f"{shown[1]}); {SAME_OPTIONS}")
+    return value
+
+
+def check_shared(folder: Path, argument: str) -> None:
+    """That every rank sees `folder` as one folder (a file rank 0 writes there), as ranks sharing work need."""
+    if not _dist_group_active():
+        return
+    rank, _ = distributed_env()
+    token = broadcast(secrets.token_hex(8) if rank == 0 else None)
+    probe = folder / f".forgetscore-ranks-{token}"
+    made = False
+    if rank == 0:
+        made = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+    barrier()
+    seen = probe.is_file() and probe.read_text() == token
+    seen_by = all_gather(seen)
+    barrier()
+    if rank == 0:
+        probe.unlink(missing_ok=True)
+        if made:
+            try:
+                folder.rmdir()  # made for the check alone; the stages make it again
+            except OSError:
+                pass
+    missing = [r for r, ok in enumerate(seen_by) if not ok]
+    if missing:
+        raise ValueError(f"{argument}: {str(folder)!r} is not one folder for all ranks: rank {missing[0]} does not "
+                         "see a file rank 0 wrote there; with several ranks the cache must be on a filesystem all of "
+                         "them share, at a path each of them is given")
 
 
 def barrier() -> None:
