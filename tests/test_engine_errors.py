@@ -1042,6 +1042,10 @@ def test_unlearn_names_a_query_text_or_mask_of_the_wrong_shape(model, att):
     ({"cross_attention_dim": 24}, r"^unet: its cross_attention_dim is 24 but the text encoder gives states of 16"),
     ({"in_channels": 9, "latent": True}, r"^unet: takes 9 input channels but the VAE makes latents of 4: an "
                                          r"inpainting or image-conditioned UNet"),
+    ({"cross_attention_dim": [24, 24]}, r"^unet: its cross_attention_dim is \[24, 24\] but the text encoder gives "
+                                        r"states of 16"),
+    ({"sample_size": None}, r"^unet: its config sets no sample_size; set it"),
+    ({"out_channels": 2}, r"^unet: predicts 2 channels from 1 \(e.g. a learned variance"),
 ])
 def test_a_unet_that_takes_other_conditioning_is_refused(model, tmp_path, change, says):
     from diffusers import AutoencoderKL, UNet2DConditionModel

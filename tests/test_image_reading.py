@@ -87,7 +87,8 @@ def test_a_cache_of_the_earlier_reading_is_made_again_only_where_the_caller_owns
     first = prepare(model, train, tmp_path / "c", progress=False)
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     (tmp_path / "c" / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
-    raises("cache", r"prepared by an earlier version of forgetscore .*EXIF", PreparedData, tmp_path / "c")
+    raises("cache", r"prepared by an earlier version of forgetscore \(it read images differently", PreparedData,
+           tmp_path / "c")
     raises("cache", r"was prepared with an earlier version of forgetscore .*use a fresh cache directory",
            prepare, model, train, tmp_path / "c", progress=False)
     again = prepare(model, train, tmp_path / "c", progress=False, untrusted="remove")
@@ -104,8 +105,11 @@ def test_files_cached_from_the_earlier_reading_are_removed(model, train, tmp_pat
 
     cache = tmp_path / "c"
     cache.mkdir()
-    for name, data_id in (("old", "abc"), ("old-half", "abc+float16"), ("new", "abc+f2"),
-                          ("new-half", "abc+f2+float16")):
+    from forgetscore.attribution.data import CACHE_FORMAT
+
+    now = f"abc+f{CACHE_FORMAT}"
+    for name, data_id in (("old", "abc"), ("old-half", "abc+float16"), ("old-f", f"abc+f{CACHE_FORMAT - 1}"),
+                          ("new", now), ("new-half", now + "+float16")):
         (cache / f"before-{name}.json").write_text(json.dumps({"data_id": data_id}))
         np.save(cache / f"before-{name}.npy", np.zeros(3))
         save_file({"w": torch.zeros(2)}, str(cache / f"fisher-{name}.safetensors"),

@@ -33,7 +33,7 @@ from ..kernels import validate
 from . import params
 from .cache_index import (fmt_size, folder_size, forget_training_folder, record_training_folder,
                           recorded_training_folders, training_state)
-from .data import TEXT_DTYPES, PreparedData, TrainingSet, image_pixels, load_image, made_before_formats, prepare
+from .data import TEXT_DTYPES, PreparedData, TrainingSet, image_pixels, load_image, made_by_earlier_format, prepare
 from .fisher import (FISHER_CHUNK, FISHER_FORMAT, as_count, auto_fisher_batch_size, resumable_fisher_batch_size,
                      run_fisher)
 from .generate import generate
@@ -208,14 +208,14 @@ class Attributor:
 
         for meta in self.cache_dir.glob("before-*.json"):
             with contextlib.suppress(OSError, ValueError, AttributeError):
-                if made_before_formats(read_json(meta).get("data_id")):
+                if made_by_earlier_format(read_json(meta).get("data_id")):
                     meta.unlink()
                     meta.with_suffix(".npy").unlink(missing_ok=True)
         for path in self.cache_dir.glob("fisher-*.safetensors"):
             with contextlib.suppress(Exception):  # unreadable or not ours: left as found
                 with safe_open(str(path), "pt") as fh:
                     made = json.loads(fh.metadata()["forgetscore"])
-                if made_before_formats(made.get("data_id")):
+                if made_by_earlier_format(made.get("data_id")):
                     path.unlink()
 
     def _note_earlier_states(self) -> None:
@@ -531,8 +531,10 @@ class Attributor:
     def generate(self, prompt: str, seed: int = 0, *, steps: int = GENERATE_STEPS,
                  guidance_scale: float = GENERATE_GUIDANCE) -> torch.Tensor:
         """A query made by the model itself: UNet-space sample [C, H, W] (the same for the same arguments, on
-        the same kind of device: record them, with :func:`generation_record`, to make it again)."""
-        return generate(self.model, [prompt], [seed], steps=steps, guidance_scale=guidance_scale)[0]
+        the same kind of device: record them, with :func:`generation_record`, to make it again). A pixel model's
+        sample is clipped to [-1, 1], as its picture is shown and saved."""
+        sample = generate(self.model, [prompt], [seed], steps=steps, guidance_scale=guidance_scale)[0]
+        return sample if self.model.vae is not None else sample.clamp(-1, 1)
 
     def query_inputs(self, query) -> torch.Tensor:
         """A query as UNet input [C, H, W]: an image file or a PIL image (read as the training images are), or
@@ -718,9 +720,15 @@ class Attributor:
                     "query_loss_before": q_before, "query_loss_after": q_after,
                     "query_loss_rise": (q_after - q_before) / q_before,
                     "train_loss_rise_mean": float(np.mean(tau) / np.mean(before))}
-            note = rounding_note(scores, f"the query {source!r}" if source else "the query", before)
+            name = f"the query {source!r}" if source else "the query"
+            note = rounding_note(scores, name, before)
             if note and self.rank == 0:
                 warnings.warn(note, stacklevel=2)
+            if q_after <= q_before and self.rank == 0:
+                warnings.warn(f"unlearning: the step did not raise the loss of {name} ({q_before:.4g} before, "
+                              f"{q_after:.4g} after), so the scores do not measure its forgetting; a step that "
+                              "overshoots can do this: try a smaller alpha (or a larger --n-train), or more steps",
+                              stacklevel=2)
             full_scores = scores if indices is None else _scatter(scores, sel, data.n)
             full_tau = tau if indices is None else _scatter(tau, sel, data.n)
             pixels = self.model.decode(self.query_inputs(q)[None])[0].cpu()

@@ -27,7 +27,8 @@ from .io import json_line, read_json, write_json, write_npy, write_npy_rows
 from .model import DiffusionModel
 
 # 2: images are read upright (their EXIF orientation applied) and resized by centre crop, not stretched.
-CACHE_FORMAT = 2
+# 3: the encoders' id holds their configs (a VAE's scaling factor) and the model's input size too.
+CACHE_FORMAT = 3
 # How caption states may be stored: numpy's dtype on disk and the torch dtype they are read as
 # (numpy has no bfloat16: its bits are stored as uint16). Half-width stores halve the largest part
 # of the cache (77 x 1024 states are 315 KB per caption in float32) and the bytes every sweep reads.
@@ -414,17 +415,20 @@ def _stored_text(states: torch.Tensor, text_dtype: str) -> np.ndarray:
     return states.numpy().astype(TEXT_DTYPES[text_dtype][0])
 
 
-def made_before_formats(data_id: object) -> bool:
+def made_by_earlier_format(data_id: object) -> bool:
     """Whether a data id recorded beside a cached product (before-losses, a Fisher) is of prepared data made
-    before cache formats were named in it (:attr:`PreparedData.data_id`), which no run reads any more."""
-    return isinstance(data_id, str) and not any(
-        part[:1] == "f" and part[1:].isdigit() for part in data_id.split("+")[1:])
+    in an earlier cache format (:attr:`PreparedData.data_id` names it; before format 2 it named none), which
+    no run reads any more."""
+    if not isinstance(data_id, str):
+        return False
+    formats = [int(part[1:]) for part in data_id.split("+")[1:] if part[:1] == "f" and part[1:].isdigit()]
+    return not formats or formats[0] < CACHE_FORMAT
 
 
 # What a finished prepare that differs in a key was made from, said in words.
 _PREPARED_DIFFERS = {
-    "format": "an earlier version of forgetscore (it read images without their EXIF orientation and stretched "
-              "resized ones)",
+    "format": "an earlier version of forgetscore (it read images differently, or named the encoders by their "
+              "weights alone)",
     "data_id": "another training set: the folder's list of images, their captions, or an image's size or "
                "modification time changed since",
     "encoders_id": "another model's tokenizer, text encoder or VAE",

@@ -37,7 +37,12 @@ def generate(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int]
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps: {steps!r} must be an int >= 1")
     steps = int(steps)
-    sched = DDIMScheduler.from_config(model.scheduler.config)
+    # A scheduler config that leaves clip_sample out is loaded with DDPM's default (True), which would clamp a
+    # latent model's predicted latents to [-1, 1]; latents are not bounded so (Stable Diffusion's configs say
+    # false). A pixel model's config keeps the default: pixels are bounded.
+    unset = "clip_sample" in getattr(model.scheduler.config, "_use_default_values", ())
+    sched = DDIMScheduler.from_config(model.scheduler.config,
+                                      **({"clip_sample": False} if unset and model.vae is not None else {}))
     dtype = next(model.unet.parameters()).dtype
     outs = []
     with model.swapped(weights):

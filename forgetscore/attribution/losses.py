@@ -377,12 +377,12 @@ class LossSweep:
                                        ("plan", plan, "check_model", "a ScoringPlan")):
             if not hasattr(value, attr):
                 raise ValueError(f"{arg}: expected {hint}, got {type(value).__name__}")
+        if tuple(data.input_shape) != tuple(model.input_shape):  # first: the encoders' id holds the shape too
+            raise ValueError(f"cache: prepared inputs have shape {data.input_shape}, the UNet takes "
+                             f"{model.input_shape}; prepare again for this model")
         if data.model_id != model.encoders_id():
             raise ValueError("cache: the prepared data was made with another tokenizer, text encoder or VAE "
                              "than this model's; prepare again for this model")
-        if tuple(data.input_shape) != tuple(model.input_shape):
-            raise ValueError(f"cache: prepared inputs have shape {data.input_shape}, the UNet takes "
-                             f"{model.input_shape}; prepare again for this model")
         plan.check_model(model.num_train_timesteps)
         precision = resolve_precision(precision, model.device)
         if isinstance(batch_size, str):

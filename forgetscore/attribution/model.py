@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,11 +56,13 @@ class DiffusionModel:
     source: str = "<in memory>"
 
     def __post_init__(self) -> None:
+        _check_scheduler_kind(type(self.scheduler).__name__)
         kind = getattr(self.scheduler.config, "prediction_type", "epsilon")
         if kind not in ("epsilon", "v_prediction"):
             raise ValueError(f"scheduler: prediction_type {kind!r} is not supported; "
                              "use a model trained with 'epsilon' or 'v_prediction'")
         _check_conditioning(self.unet, self.text_encoder, self.vae)
+        _check_shapes(self.unet)
         self._ids: dict[str, tuple[tuple, str]] = {}  # see _kept_id
 
     # --- loading -------------------------------------------------------------------------
@@ -77,6 +80,11 @@ class DiffusionModel:
             raise ValueError(f"model: {str(root)!r} lacks {', '.join(s + '/' for s in missing)}; "
                              "save the pipeline with save_pretrained or pass components")
         _check_files(root)
+        try:  # every scheduler config is read as DDPM's below, which would hide the class it was saved as
+            saved_as = json.loads((root / "scheduler" / "scheduler_config.json").read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            saved_as = None  # the loader below says what is wrong with the file
+        _check_scheduler_kind(saved_as)
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
@@ -88,12 +96,17 @@ class DiffusionModel:
                 if name == "vae" and not (root / name).is_dir():
                     parts[name] = None
                     continue
+                weighted = name in ("text_encoder", "unet", "vae")
                 try:
                     variant = {"variant": v} if (v := _weights_variant(root / name)) else {}
-                    parts[name] = loader.from_pretrained(root / name, local_files_only=True, **variant)
+                    info = {"output_loading_info": True} if weighted else {}
+                    parts[name] = loader.from_pretrained(root / name, local_files_only=True, **variant, **info)
                 except (OSError, ValueError) as exc:
                     raise ValueError(f"model: cannot load {name}/ of {str(root)!r} ({exc}); save the pipeline "
                                      "again with save_pretrained") from None
+                if weighted:
+                    parts[name], info = parts[name]
+                    _check_loaded(root / name, info)
         model = cls(parts["tokenizer"], parts["text_encoder"], parts["unet"], parts["scheduler"], parts["vae"],
                     source=str(root))
         return model.to(device, dtype)
@@ -139,6 +152,19 @@ class DiffusionModel:
         return int(self.unet.config.in_channels), int(h), int(w)
 
     @property
+    def max_length(self) -> int:
+        """The tokens a prompt is padded or cut to: the tokenizer's length, or where its config sets none (a huge
+        placeholder then) the text encoder's positions."""
+        length = getattr(self.tokenizer, "model_max_length", None)
+        positions = getattr(getattr(self.text_encoder, "config", None), "max_position_embeddings", None)
+        if isinstance(length, int) and length < 10 ** 6:
+            return length
+        if isinstance(positions, int):
+            return positions
+        raise ValueError("tokenizer: sets no model_max_length (nor the text encoder max_position_embeddings); set "
+                         "model_max_length in tokenizer/tokenizer_config.json")
+
+    @property
     def vae_scale(self) -> int:
         if self.vae is None:
             return 1
@@ -158,17 +184,16 @@ class DiffusionModel:
     # storage and version counter, which an optimizer step, load_state_dict or `p.add_` bump.
     # Writes through `p.data` bypass the counters: call forget_ids() after them.
     def encoders_id(self) -> str:
-        """What the prepared cache depends on: tokenizer, text encoder and VAE."""
+        """What the prepared cache depends on: tokenizer, text encoder and VAE (weights and configs: a VAE's
+        scaling factor or an encoder's activation changes what they make), and the size the images are read at."""
         cheap = [json.dumps(self.tokenizer.get_vocab(), sort_keys=True).encode(),
-                 str(self.tokenizer.model_max_length).encode()]
+                 str(self.max_length).encode(), str(self.input_shape).encode(),
+                 *(_config_bytes(m) for m in (self.text_encoder, self.vae) if m is not None)]
         return self._kept_id("encoders", cheap, [m for m in (self.text_encoder, self.vae) if m is not None])
 
     def unet_id(self) -> str:
         """What the before-losses depend on: the UNet's weights and config and the noise schedule."""
-        # Private keys such as _name_or_path say where the model was loaded from, not what it is.
-        config = {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
-        cheap = [json.dumps(config, sort_keys=True, default=str).encode(),
-                 self.alphas_cumprod.cpu().numpy().tobytes(), self.prediction_type.encode()]
+        cheap = [_config_bytes(self.unet), self.alphas_cumprod.cpu().numpy().tobytes(), self.prediction_type.encode()]
         return self._kept_id("unet", cheap, [self.unet])
 
     def _kept_id(self, key: str, cheap: list[bytes], modules: list[torch.nn.Module]) -> str:
@@ -215,8 +240,8 @@ class DiffusionModel:
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Text-encoder hidden states [len(prompts), L, D] for the UNet's cross-attention."""
-        tok = self.tokenizer(prompts, padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
         return self.text_encoder(tok.input_ids.to(self.device))[0]
 
     @torch.no_grad()
@@ -281,6 +306,23 @@ def _check_files(root: Path) -> None:
                                  "save_pretrained")
 
 
+def _check_loaded(folder: Path, info: dict) -> None:
+    """That a part's weights file held every weight its config makes (the loaders leave a missing one random, or
+    uninitialised, with a log line this package's quiet loading hides), and says which weights it did not use."""
+    def shown(keys) -> str:
+        keys = sorted(keys)
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    missing, unused = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
+    if missing:
+        raise ValueError(f"model: {folder.name}/ of {str(folder.parent)!r} lacks weights its config needs "
+                         f"({shown(missing)}): they would be random; save that part again with save_pretrained, or "
+                         "convert the checkpoint to diffusers' names")
+    if unused:
+        warnings.warn(f"model: {folder.name}/ of {str(folder.parent)!r} holds weights its config does not use "
+                      f"({shown(unused)}); they are left out, so the model runs without them", stacklevel=3)
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """`device` as a torch.device, or a ValueError saying why it cannot be used here."""
     try:
@@ -315,7 +357,8 @@ def _check_conditioning(unet: torch.nn.Module, text_encoder: torch.nn.Module, va
                          "style)")
     text_dim = getattr(getattr(text_encoder, "config", None), "hidden_size", None)
     cross = getattr(cfg, "cross_attention_dim", None)
-    if isinstance(cross, int) and isinstance(text_dim, int) and cross != text_dim:
+    widths = set(cross) if isinstance(cross, (list, tuple)) else {cross}  # one per block, in some configs
+    if isinstance(text_dim, int) and any(isinstance(w, int) and w != text_dim for w in widths):
         raise ValueError(f"unet: its cross_attention_dim is {cross} but the text encoder gives states of {text_dim}; "
                          "pass the text encoder the UNet was trained with")
     latent = getattr(getattr(vae, "config", None), "latent_channels", None)
@@ -323,6 +366,45 @@ def _check_conditioning(unet: torch.nn.Module, text_encoder: torch.nn.Module, va
         raise ValueError(f"unet: takes {cfg.in_channels} input channels but the VAE makes latents of {latent}: an "
                          "inpainting or image-conditioned UNet, which also takes a picture beside the noisy latents; "
                          "use a text-to-image UNet")
+
+
+# Keys that say which library wrote a config, or how its weights were stored, not what the module computes.
+_CONFIG_NOISE = ("transformers_version", "torch_dtype", "dtype", "name_or_path", "architectures")
+
+
+def _config_bytes(module: torch.nn.Module) -> bytes:
+    """A module's config as canonical JSON (diffusers' or transformers'), without where it was loaded from
+    (private keys such as _name_or_path) or which library version wrote it."""
+    config = getattr(module, "config", None)
+    items = config.to_dict() if hasattr(config, "to_dict") and not isinstance(config, dict) else dict(config or {})
+    kept = {k: v for k, v in items.items() if not k.startswith("_") and k not in _CONFIG_NOISE}
+    return json.dumps(kept, sort_keys=True, default=str).encode()
+
+
+# Schedulers whose models are not trained as DDPM: the scoring's loss (noise at alphas_cumprod) is not theirs.
+_OTHER_OBJECTIVES = {"FlowMatch": "flow matching", "EDM": "EDM (Karras et al.)", "ScoreSdeVe": "score SDE (VE)",
+                     "CMStochasticIterative": "consistency model"}
+
+
+def _check_scheduler_kind(class_name: object) -> None:
+    for prefix, what in _OTHER_OBJECTIVES.items():
+        if isinstance(class_name, str) and class_name.startswith(prefix):
+            raise ValueError(f"scheduler: {class_name} belongs to a {what} model, trained with another loss than the "
+                             "DDPM noise prediction the scoring measures; use a model whose scheduler config is of "
+                             "the DDPM family (DDPM, DDIM, PNDM, Euler, DPMSolver...)")
+
+
+def _check_shapes(unet: torch.nn.Module) -> None:
+    cfg = getattr(unet, "config", None)
+    if cfg is None:
+        return
+    if getattr(cfg, "sample_size", 0) is None:
+        raise ValueError("unet: its config sets no sample_size; set it to the size of the UNet's inputs (e.g. 64 "
+                         "for Stable Diffusion 1.x's 64x64 latents) in unet/config.json")
+    if getattr(cfg, "out_channels", None) != getattr(cfg, "in_channels", None):
+        raise ValueError(f"unet: predicts {cfg.out_channels} channels from {cfg.in_channels} (e.g. a learned "
+                         "variance beside the noise); the scoring compares a prediction of the input's shape with "
+                         "its target; use a UNet whose out_channels equal its in_channels")
 
 
 def _stamp(module: torch.nn.Module) -> tuple:

@@ -106,7 +106,7 @@ def pooled_text(model: DiffusionModel, prompts: Sequence[str], batch_size: int =
         chunk = list(prompts[lo:lo + batch_size])
         hidden = model.encode_text(chunk).double().cpu()
         # The same tokenization as encode_text, for its attention mask.
-        mask = tok(chunk, padding="max_length", truncation=True, max_length=tok.model_max_length,
+        mask = tok(chunk, padding="max_length", truncation=True, max_length=model.max_length,
                    return_tensors="pt").attention_mask.double()
         out.append((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1))
     return torch.cat(out) if out else torch.zeros(0, 0, dtype=torch.float64)
