@@ -149,3 +149,16 @@ def test_a_step_that_lowers_the_querys_loss_is_warned_about(tmp_path, monkeypatc
     assert said == ["unlearning: the step did not raise the loss of the query (0.5 before, 0.4 after), so the "
                     "scores do not measure its forgetting; a step that overshoots can do this: try a smaller alpha "
                     "(or a larger --n-train), or more steps"]
+
+
+def test_a_part_saved_as_bin_loads_without_an_error_line(tmp_path, capfd):
+    from diffusers import UNet2DConditionModel
+
+    root = tiny.build_model(tmp_path / "m")
+    unet = UNet2DConditionModel.from_pretrained(root / "unet")
+    (root / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    unet.save_pretrained(root / "unet", safe_serialization=False)
+    capfd.readouterr()
+    model = DiffusionModel.load(root)
+    assert "error" not in capfd.readouterr().err.lower()
+    torch.testing.assert_close(dict(model.unet.named_parameters())["conv_in.weight"], unet.conv_in.weight)

@@ -31,7 +31,9 @@ def quiet_loading() -> Iterator[None]:
 
     levels = dlog.get_verbosity(), tlog.get_verbosity()
     bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    dlog.set_verbosity_error()
+    # Critical only: diffusers logs an "error" for a part saved as .bin rather than .safetensors, which it then
+    # loads; the loading report that matters (missing or unused weights) is read back by _check_loaded.
+    dlog.set_verbosity(dlog.CRITICAL)
     tlog.set_verbosity_error()
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
