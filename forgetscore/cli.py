@@ -349,14 +349,22 @@ def _attribute(args: argparse.Namespace) -> int:
     queries = [(s.query if s.query is not None else att.generate(s.prompt, s.generate_seed), s.prompt)
                for s in specs]
     # All queries in one pass over the training set.
+    # The pass's chunks stay in the cache until the results are saved: a save that fails (a full disk) then
+    # costs a rerun the unlearning steps, not the sweep.
     results = att.attribute_many(queries, k=args.topk, config=config, region=region, reduce=args.reduce,
-                                 fisher_samples=args.fisher_samples, indices=subset)
+                                 fisher_samples=args.fisher_samples, indices=subset, keep_sweeps=True)
+
+    def save() -> None:
+        for spec, result, out in zip(specs, results, outs) if att.rank == 0 else ():
+            if spec.generate_seed is not None:  # what makes the query again (query.png is only its 8-bit picture)
+                result.metadata["generated"] = generation_record(spec.generate_seed)
+            result.save(out, train_dir=args.train, k=args.topk, overwrite=args.overwrite)
+
+    agree(save)
+    att.forget_sweeps()
     if att.rank:
         return 0
-    for spec, result, out in zip(specs, results, outs):
-        if spec.generate_seed is not None:  # what makes the query again (query.png is only its 8-bit picture)
-            result.metadata["generated"] = generation_record(spec.generate_seed)
-        result.save(out, train_dir=args.train, k=args.topk, overwrite=args.overwrite)
+    for spec, result in zip(specs, results):
         if args.queries:
             print(f"\n{spec.name}:", end="")
         _print_top(result, args.topk)
@@ -431,13 +439,17 @@ def _cache(args: argparse.Namespace) -> int:
         for line in describe(entries, root):
             print(line)
     if args.remove_stale:
-        removed, busy = remove_stale(entries)
+        removed, busy, failed = remove_stale(entries)
         for e in removed:
             print(f"removed {e.path.relative_to(root)}")
         for e in busy:
             print(f"left {e.path.relative_to(root)}: a job is working in it; run again once it is done")
-        if not removed and not busy:
+        for why in failed:
+            print(f"forgetscore cache: error: {why}; check its permissions (or what holds its files open) and run "
+                  "again", file=sys.stderr)
+        if not removed and not busy and not failed:
             print("nothing stale to remove")
+        return 1 if failed else 0
     return 0
 
 
@@ -548,6 +560,14 @@ def main(argv: list[str] | None = None) -> int:
                    f"out of GPU memory ({summary(exc)}); free GPU memory, or give smaller batches (--batch-size, "
                    "--fisher-batch-size, --micro-batch)")
         print(f"forgetscore {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        # safetensors' own error type carries a failed write's OS error (a full disk) as text.
+        if type(exc).__name__ != "SafetensorError" or "os error" not in str(exc):
+            raise
+        _close_bars()
+        print(f"forgetscore {args.command}: error: could not write model weights ({exc}); free space where they "
+              "go (the cache: FORGETSCORE_CACHE, --cache; or --out) and run again", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         _close_bars()

@@ -230,7 +230,7 @@ def test_a_failed_prepare_leaves_no_folder_in_the_cache_root(dirs, model, tmp_pa
     fixed._log = said.append
     fixed.prepare()
     assert len(said) == 1 and said[0].startswith(f"cache: {str(att.cache_dir)!r} (")
-    assert remove_stale(scan(tmp_path / "root")) == ([entry], [])
+    assert remove_stale(scan(tmp_path / "root")) == ([entry], [], [])
     assert not att.cache_dir.exists() and fixed.cache_dir.is_dir()
 
 

@@ -217,7 +217,7 @@ def _interrupted(monkeypatch, sweep, chunks: int = 1) -> None:
 
 def _after(att, variants) -> np.ndarray:
     losses = att._run(variants, None, desc="after")
-    att._forget_sweeps()  # what attribute() does once it has the scores
+    att.forget_sweeps()  # what attribute() does once it has the scores
     return losses
 
 
@@ -292,12 +292,12 @@ def test_the_attributors_own_sweep_folders_survive_kills_at_any_step(setup, tmp_
     # Killed once the before-losses are saved, before their sweep's folder is deleted: the next run, which reads
     # the saved losses and never resumes that sweep, deletes it.
     (cache / f"{_attributor(setup, cache)._before_path().name}").unlink()
-    real_forget = attributor_mod.Attributor._forget_sweeps
-    monkeypatch.setattr(attributor_mod.Attributor, "_forget_sweeps",
+    real_forget = attributor_mod.Attributor.forget_sweeps
+    monkeypatch.setattr(attributor_mod.Attributor, "forget_sweeps",
                         lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         _attributor(setup, cache).before_losses()
-    monkeypatch.setattr(attributor_mod.Attributor, "_forget_sweeps", real_forget)
+    monkeypatch.setattr(attributor_mod.Attributor, "forget_sweeps", real_forget)
     assert len(list((cache / "sweeps").iterdir())) == 1
     calls.clear()
     np.testing.assert_array_equal(_attributor(setup, cache).before_losses(), want)

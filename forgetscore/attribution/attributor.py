@@ -420,32 +420,37 @@ class Attributor:
             computed = sum(all_gather(stats["images_computed"]))
             self.timings.add("score before", time.perf_counter() - t, computed, "img")
             self._save_before(before)
-            self._forget_sweeps()
+            self.forget_sweeps()
         return before
 
     def _read_before(self) -> np.ndarray:
         path = self._before_path()
         if not path.with_suffix(".json").is_file():
             raise ValueError(f"cache: {str(path)!r} has no metadata beside it; delete it to recompute")
-        meta = read_json(path.with_suffix(".json"))
-        if meta["plan"] != self.plan.to_dict() or meta["unet_id"] != self.model.unet_id():
+        try:
+            meta = read_json(path.with_suffix(".json"))
+            made_under = meta["plan"], meta["unet_id"]
+        except (ValueError, KeyError, TypeError) as exc:  # cut short, or not ours
+            raise ValueError(f"cache: {str(path.with_suffix('.json'))!r} is damaged ({exc!r}); delete it and "
+                             f"{path.name} to recompute") from None
+        if made_under != (self.plan.to_dict(), self.model.unet_id()):
             raise ValueError(f"cache: {str(path)!r} was made under another plan or model; delete it")
         try:
             before = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise ValueError(f"cache: cannot read {str(path)!r} ({exc}); delete it to recompute") from None
         # A run killed between saving them and deleting their sweep's chunks left the chunks behind; no run
         # would resume that sweep now (unless another job is in it: it is then left to that job).
         ids, everything = [variant_id(None)], np.arange(self.prepare().n)
         lock = self._sweep_lock(ids, everything)
         self._finished += [(folder, lock) for folder in self._interrupted(self.sweep(), ids, everything)]
-        self._forget_sweeps()
+        self.forget_sweeps()
         return before
 
     def _run(self, variants: list, indices: np.ndarray | None, desc: str, stats: dict | None = None) -> np.ndarray:
         """A resumable, sharded sweep (chunks in the cache; ranks share them under torchrun).
 
-        Its chunks stay until :meth:`_forget_sweeps`, which the caller calls once it has kept what it needs.
+        Its chunks stay until :meth:`forget_sweeps`, which the caller calls once it has kept what it needs.
         """
         data = self.prepare()
         sel = np.arange(data.n) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -485,9 +490,9 @@ class Attributor:
         return on_rank0(lambda: matching_sweeps(self.cache_dir / "sweeps",
                                                 sweep_header(sweep, ids, sel, self.chunk_size)))
 
-    def _forget_sweeps(self) -> None:
+    def forget_sweeps(self) -> None:
         """Delete the chunks of finished sweeps (they only serve a resume), once every rank has read them;
-        a sweep another job is in is left to that job."""
+        a sweep another job is in is left to that job. Every rank calls it."""
         barrier()
         if self.rank == 0:
             for folder, lock in self._finished:
@@ -649,8 +654,11 @@ class Attributor:
     def attribute_many(self, queries: Sequence[tuple[torch.Tensor | str | os.PathLike, str]], *, k: int = 10,
                        config: UnlearnConfig | None = None, region: Sequence[int] | torch.Tensor | None = None,
                        reduce: str = "max", fisher_samples: int | None = None,
-                       indices: np.ndarray | None = None) -> list[Attribution]:
-        """Unlearn each query, then score the training set for all of them in one pass over the data."""
+                       indices: np.ndarray | None = None, keep_sweeps: bool = False) -> list[Attribution]:
+        """Unlearn each query, then score the training set for all of them in one pass over the data.
+
+        `keep_sweeps`: leave the pass's chunks in the cache until :meth:`forget_sweeps`, for a caller that saves
+        the results first: if that fails (a full disk), a rerun reads the chunks instead of sweeping again."""
         def checked():  # on every rank, which must all be given the same (see ranks.agree)
             pairs = _query_pairs(queries)
             if reduce not in REDUCTIONS:
@@ -734,7 +742,8 @@ class Attributor:
             pixels = self.model.decode(self.query_inputs(q)[None])[0].cpu()
             results.append(Attribution(full_scores, full_tau, prompt, pixels, self.train.file_names,
                                        self.train.captions, meta, k=k))
-        self._forget_sweeps()
+        if not keep_sweeps:
+            self.forget_sweeps()
         return results
 
     def _settings(self, config: UnlearnConfig, fisher_samples: int | None, reduce: str,
@@ -766,7 +775,7 @@ class Attributor:
             raise ValueError(f"reduce: {reduce!r} is not one of {list(REDUCTIONS)}")
         before = self.before_losses()
         tau = self._run(list(variants), None, desc="score (after)") - before[None]
-        self._forget_sweeps()
+        self.forget_sweeps()
         return tau.max(axis=2) if reduce == "max" else tau.mean(axis=2)
 
 

@@ -33,6 +33,9 @@ def record_training_folder(run: Path, train_dir: str | os.PathLike) -> bool:
     """Add `train_dir` to what `run` records, if it is not there yet (the file rewritten whole, then renamed);
     whether it was added."""
     here = str(Path(train_dir).resolve())
+    if "\n" in here or "\r" in here:  # the record holds a path a line: this one would read back as two
+        raise ValueError(f"train: {here!r} holds a line break, which the cache's record of training folders cannot "
+                         "hold; rename the folder (or one above it)")
     known = recorded_training_folders(run)
     if here in known:
         return False
@@ -144,6 +147,9 @@ def scan(root: Path | None = None) -> list[CacheEntry]:
             for run in sorted(path.glob("*")):
                 if run.is_dir() and not run.name.startswith("."):
                     entries.append(run_entry(run))
+                elif run.is_dir() and ".removing-" in run.name:  # a deletion that was killed or failed midway
+                    entries.append(CacheEntry(run, folder_size(run), "what a deletion cut short left (nothing reads "
+                                                                     "it)", True))
             continue
         if path.name == "digits-train":
             what = "the demo's training images"
@@ -182,9 +188,10 @@ def describe(entries: list[CacheEntry], root: Path) -> list[str]:
     return lines
 
 
-def remove_stale(entries: list[CacheEntry]) -> tuple[list[CacheEntry], list[CacheEntry]]:
-    """Delete the stale folders of `entries` that no job is in a stage of; returns (removed, left busy)."""
-    removed, busy = [], []
+def remove_stale(entries: list[CacheEntry]) -> tuple[list[CacheEntry], list[CacheEntry], list[str]]:
+    """Delete the stale folders of `entries` that no job is in a stage of; returns (removed, left busy, why the
+    others could not be deleted entirely)."""
+    removed, busy, failed = [], [], []
     for e in entries:
         if not e.stale:
             continue
@@ -192,6 +199,10 @@ def remove_stale(entries: list[CacheEntry]) -> tuple[list[CacheEntry], list[Cach
             # Every stage lock in the folder, held while it goes: a job that holds one is left to finish.
             free = all(stack.enter_context(unless_busy(lock)) for lock in sorted(e.path.rglob(".*.lock")))
             if free:
-                remove_dir(e.path)
+                try:
+                    remove_dir(e.path, strict=True)
+                except OSError as exc:
+                    failed.append(str(exc))
+                    continue
         (removed if free else busy).append(e)
-    return removed, busy
+    return removed, busy, failed

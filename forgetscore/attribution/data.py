@@ -279,7 +279,7 @@ class PreparedData:
     def _array(self, name: str, mmap_mode: str | None = None) -> np.ndarray:
         try:
             return np.load(self.dir / name, mmap_mode=mmap_mode, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise ValueError(f"cache: {str(self.dir / name)!r} is missing or damaged ({exc}); run prepare again "
                              "(it makes lost or damaged shards anew)") from None
 
@@ -447,7 +447,7 @@ def _shard_ok(cache: Path, entry: dict, input_shape: tuple[int, ...], n_text: in
     try:
         inputs = np.load(cache / entry["inputs"], mmap_mode="r", allow_pickle=False)
         text = np.load(cache / entry["text"], mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):
         return False
     return (inputs.shape == (hi - lo, 2, *input_shape) and inputs.dtype == np.float32
             and text.ndim == 3 and text.shape[0] == n_text and text.dtype == TEXT_DTYPES[text_dtype][0])
@@ -492,7 +492,7 @@ def prepare(model: DiffusionModel, data: TrainingSet, cache: str | os.PathLike, 
     def intact() -> bool:
         try:
             stored = np.load(cache / "caption_offsets.npy", allow_pickle=False)
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):
             return False
         return np.array_equal(stored, offsets) and all(
             _shard_ok(cache, e, model.input_shape, n_text(s), text_dtype) for s, e in enumerate(entries))

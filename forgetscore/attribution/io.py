@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,12 +42,36 @@ def _write_atomic(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):
+            raise _naming(exc, path) from None
         raise
+
+
+# A full disk, a quota, a file-size limit: the same advice for each.
+_FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up", errno.EFBIG: "a file size limit"}
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """`exc` as an OSError that names the file it failed to write (NumPy's short-write error names none and has no
+    errno: a nearly full disk is its usual cause, said so when the disk has next to no room left)."""
+    code = exc.errno
+    if code is None:
+        try:
+            if shutil.disk_usage(path.parent).free < 2 ** 20:
+                code = errno.ENOSPC
+        except OSError:
+            pass
+    why = _FULL.get(code)
+    what = exc.strerror or str(exc)
+    if why:
+        return OSError(code, f"cannot write {str(path)!r}: {what} ({why}); free space, or give that folder another "
+                             "place (--cache / FORGETSCORE_CACHE, --out); a rerun resumes from the finished stages")
+    return OSError(code, f"cannot write {str(path)!r}: {what}")
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -93,6 +118,15 @@ def check_writable(path: str | os.PathLike, argument: str) -> None:
     if not str(path).strip():  # Path("") is the working directory: results would land there unasked
         raise ValueError(f"{argument}: the path is empty; give a folder (\".\" for the working directory)")
     path = Path(path)
+    # Before anything is looked up: a lookup of an overlong name fails itself. 255 bytes is the usual limit.
+    too_long = [part.name for part in (path, *path.parents) if len(os.fsencode(part.name)) > 255]
+    if too_long:
+        raise ValueError(f"{argument}: the name {too_long[0][:40]!r}... is longer than the 255 bytes a file name may "
+                         "have; choose a shorter path")
+    for part in (path, *path.parents):
+        if part.is_symlink() and not part.exists():  # exists() follows the link: the folder would fail at the end
+            raise ValueError(f"{argument}: {str(part)!r} is a link to {os.readlink(part)!r}, which does not exist; "
+                             "create that folder or choose another path")
     probe = path
     while not probe.exists():
         if probe.parent == probe:
@@ -219,11 +253,12 @@ def _older_than(paths, seconds: float) -> list[Path]:
     return out
 
 
-def remove_dir(path: Path) -> None:
+def remove_dir(path: Path, strict: bool = False) -> None:
     """Delete folder `path` so that a kill midway never leaves part of it under its own name.
 
     It is renamed to a hidden sibling first (one atomic step), then deleted; :func:`clean_removed`
-    deletes what a killed removal left.
+    deletes what a killed removal left. `strict`: an OSError says what could not be deleted (else what is
+    left stays hidden, for a later clean-up).
     """
     path = Path(path)
     trash = path.with_name(f".{path.name}.removing-{os.getpid()}-{time.monotonic_ns()}")
@@ -231,7 +266,19 @@ def remove_dir(path: Path) -> None:
         os.replace(path, trash)
     except FileNotFoundError:
         return
-    shutil.rmtree(trash, ignore_errors=True)
+    failures: list[str] = []
+
+    def failed(_fn, where, exc) -> None:
+        failures.append(f"{where}: {getattr(exc, 'strerror', None) or exc}")
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(trash, onexc=failed)
+    else:  # onerror's third argument is sys.exc_info()
+        shutil.rmtree(trash, onerror=lambda fn, where, info: failed(fn, where, info[1]))
+    if strict and failures:
+        raise OSError(f"could not delete all of {str(path)!r} ({failures[0]}"
+                      f"{f' and {len(failures) - 1} more' if len(failures) > 1 else ''}); what is left is in "
+                      f"{str(trash)!r}")
 
 
 def clean_removed(folder: Path, names: tuple[str, ...] = ("*",)) -> None:

@@ -82,12 +82,14 @@ class Attribution:
                     "gallery.png": gallery(self, images, k),
                     "report.html": report_html(self, record, images, k).encode()}
         out.mkdir(parents=True, exist_ok=True)
+        write_bytes(out / SAVING, b"")  # until the result is whole: what a failed save leaves is its own to replace
         (out / "attribution.json").unlink(missing_ok=True)  # an interrupted overwrite is then not a result
         write_npy(out / "scores.npy", self.scores)
         write_npy(out / "tau.npy", self.tau)
         for name, data in pictures.items():
             write_bytes(out / name, data)
         write_json(out / "attribution.json", record)  # last: its presence marks a complete result
+        (out / SAVING).unlink()
         return out
 
 
@@ -149,12 +151,18 @@ def _check_same_names(result: Attribution, train_dir: str | os.PathLike):
     return train
 
 
+SAVING = ".forgetscore-saving"
+
+
 def check_output_dir(out: Path, overwrite: bool) -> None:
     """That results can be written into `out` (checked before the long stages that make them)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: {str(out)!r} exists and is not a directory; choose another path")
     check_writable(out, "out")
-    if out.is_dir() and not overwrite:
+    # Files an interrupted save left (its marker, and no attribution.json, which comes last) are no result: a rerun
+    # replaces them without --overwrite. Anything else of those names may be the user's own (a query.png).
+    interrupted = (out / SAVING).is_file() and not (out / "attribution.json").exists()
+    if out.is_dir() and not overwrite and not interrupted:
         clash = [f for f in RESULT_FILES if (out / f).exists()]
         if clash:
             raise ValueError(f"out: {str(out)!r} already holds results ({', '.join(clash)}); choose a new directory "
@@ -288,7 +296,7 @@ def load(out: str | os.PathLike) -> dict:
 def _array(out: Path, name: str) -> np.ndarray:
     try:
         return np.load(out / name, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         raise ValueError(f"out: {str(out / name)!r} is missing or damaged ({exc}); run attribute again") from None
 
 

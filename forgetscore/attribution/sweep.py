@@ -76,7 +76,7 @@ def _chunk_ok(path: Path, shape: tuple[int, ...]) -> bool:
     """Whether `path` holds a finished chunk of the expected shape (reads the header only)."""
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):
         return False
     return arr.shape == shape and arr.dtype == np.float64
 
