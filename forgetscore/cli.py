@@ -432,6 +432,9 @@ def _cache(args: argparse.Namespace) -> int:
         print(f"{e.path} ({fmt_size(e.size)}): {e.what}")
     else:
         root = cache_root()
+        if root.exists() and not root.is_dir():
+            named = "FORGETSCORE_CACHE" if "FORGETSCORE_CACHE" in os.environ else "cache"
+            raise ValueError(f"{named}: {str(root)!r} is a file, not a folder; point {named} at a folder")
         if not root.is_dir():
             print(f"cache {root}: nothing cached yet ($FORGETSCORE_CACHE moves it)")
             return 0

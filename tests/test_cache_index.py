@@ -167,3 +167,11 @@ def test_the_listing_says_when_the_model_is_no_longer_where_it_was(made, tmp_pat
     shutil.rmtree(model_dir)
     (e,) = scan(tmp_path / "root")
     assert e.what.endswith(f"; model {model_dir} (no longer there)") and not e.stale and e.path == run
+
+
+def test_a_cache_root_that_is_a_file_is_refused(tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("FORGETSCORE_CACHE", str(tmp_path / "file"))
+    assert cli.main(["cache"]) == 2
+    assert capsys.readouterr().err.strip() == (f"forgetscore cache: error: FORGETSCORE_CACHE: {str(tmp_path / 'file')!r} "
+                                                "is a file, not a folder; point FORGETSCORE_CACHE at a folder")
