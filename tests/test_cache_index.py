@@ -1,4 +1,5 @@
 """`forgetscore cache`: what the cache root holds, and the removal of folders nothing reads any more."""
+import json
 import os
 import shutil
 import subprocess
@@ -175,3 +176,18 @@ def test_a_cache_root_that_is_a_file_is_refused(tmp_path, monkeypatch, capsys):
     assert cli.main(["cache"]) == 2
     assert capsys.readouterr().err.strip() == (f"forgetscore cache: error: FORGETSCORE_CACHE: {str(tmp_path / 'file')!r} "
                                                 "is a file, not a folder; point FORGETSCORE_CACHE at a folder")
+
+
+def test_a_folder_prepared_by_an_earlier_version_is_stale(made, tmp_path, monkeypatch, capsys):
+    """Its name holds that version's encoders id, so no run reads it again: --remove-stale may take it."""
+    model, source = made
+    root = tmp_path / "root"
+    monkeypatch.setenv("FORGETSCORE_CACHE", str(root))
+    run = _prepared(model, source, tmp_path / "kept")
+    (entry,) = scan(root)
+    assert not entry.stale
+    manifest = json.loads((run / "prepared" / "manifest.json").read_text())
+    (run / "prepared" / "manifest.json").write_text(json.dumps({**manifest, "format": manifest["format"] - 1}))
+    (entry,) = scan(root)
+    assert entry.stale and "(prepared by an earlier version of forgetscore: nothing reads this)" in entry.what
+    assert _listing(capsys, "--remove-stale").splitlines()[-1] == f"removed {run.relative_to(root)}"

@@ -167,8 +167,17 @@ def run_entry(run: Path) -> CacheEntry:
     parts = _run_parts(run)
     if state == "unrecorded":
         return CacheEntry(run, folder_size(run), f"a training set whose preparation has not finished: {parts}", False)
+    from .data import CACHE_FORMAT
+
+    # A manifest without a format is of the first one; a store without a manifest has not started.
+    formats = [m.get("format", 1) if m else None for m in map(_manifest, sorted(run.glob("prepared*")))]
+    if state == "current" and formats and all(f is not None and f != CACHE_FORMAT for f in formats):
+        # Prepared by an earlier version: no run reads it again (under the cache root, the folder's name holds
+        # the encoders' id of that version; a folder given to --cache is prepared again in place when used).
+        state = "earlier"
     said = {"current": "", "changed": " (changed since: nothing reads this)",
-            "gone": " (gone: nothing reads this)"}[state]
+            "gone": " (gone: nothing reads this)",
+            "earlier": " (prepared by an earlier version of forgetscore: nothing reads this)"}[state]
     more = f" and {len(folders) - 1} other cop{'ies' if len(folders) > 2 else 'y'}" if len(folders) > 1 else ""
     return CacheEntry(run, folder_size(run), f"{folders[0]}{more}{said}: {parts}", state != "current")
 
