@@ -1,6 +1,7 @@
 """Running this checkout's code in child processes: their environment, and killing one mid-run."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,3 +34,10 @@ def sigkill_when(script: Path, appears: Path, timeout_s: float = 120) -> None:
             proc.wait()
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a process group's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

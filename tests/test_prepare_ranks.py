@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import tiny
-from subprocs import child_env
+from subprocs import child_env, free_port
 from forgetscore.attribution import DiffusionModel, PreparedData, TrainingSet, prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,14 +91,10 @@ def test_each_rank_joins_on_its_own_device(monkeypatch, device, local_rank, want
 
 def test_a_rank_that_never_joins_stops_the_others_after_the_join_timeout(monkeypatch, tmp_path):
     """A rank that failed before joining (a bad option on one machine) must not keep the others for hours."""
-    import socket
-
     from forgetscore.attribution import ranks
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", str(free_port()))):
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
     started = time.monotonic()

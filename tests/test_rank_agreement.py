@@ -3,7 +3,6 @@
 torchrun gives every rank the same command line; ranks on several machines each get their own (and their
 own folders). The ranks here are started by hand, as two machines' would be, each with its own options.
 """
-import socket
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,7 @@ import time
 import pytest
 
 import tiny
-from subprocs import child_env
+from subprocs import child_env, free_port
 
 PLAN = ["--timesteps", "5,900", "--seed", "2", "--batch-size", "8", "--chunk-size", "4"]
 
@@ -23,15 +22,9 @@ def dirs(tmp_path_factory):
     return tiny.build_model(root / "model"), tiny.build_train(root / "train", n=6)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _two_ranks(argv: list[list[str]], envs: list[dict] | None = None, timeout_s: float = 240):
     """Start rank 0 and rank 1 with their own arguments (after `python`); (return code, stderr) of each."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank, args in enumerate(argv):
         env = dict(child_env(), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
