@@ -172,19 +172,23 @@ def agree(fn: Callable[[], T], settings: Callable[[T], dict] | None = None, call
     kind = (None if failure is None else "value" if isinstance(failure, ValueError)
             else "os" if isinstance(failure, OSError) else "other")
     gathered = all_gather((kind, None if failure is None else str(failure), mine))
-    if failure is not None:
-        raise failure
+    error: BaseException | None = failure
     for r, (other_kind, message, _) in enumerate(gathered):
-        if other_kind is not None:
-            error = {"value": ValueError, "os": OSError}.get(other_kind, RuntimeError)
-            raise error(f"rank {r} failed: {message}")
+        if error is None and other_kind is not None:
+            error = {"value": ValueError, "os": OSError}.get(other_kind, RuntimeError)(f"rank {r} failed: {message}")
     first = gathered[0][2] or {}
     for r, (_, _, other) in enumerate(gathered):
-        for key in first:
+        for key in first if error is None else ():
             if other[key] != first[key]:
                 shown = [repr(v) if len(repr(v)) <= 80 else repr(v)[:77] + "..." for v in (other[key], first[key])]
-                raise ValueError(f"{caller}: rank {r} was started with another {key} than rank 0 ({shown[0]} vs "
-                                 f"{shown[1]}); {SAME_OPTIONS}")
+                error = ValueError(f"{caller}: rank {r} was started with another {key} than rank 0 ({shown[0]} vs "
+                                   f"{shown[1]}); {SAME_OPTIONS}")
+                break
+    if error is not None:
+        # Every rank stops here, so every rank meets this barrier: none leaves (and closes its connections) while
+        # another still reads the gather, which a fast exit could cut off ("connection closed by peer").
+        barrier()
+        raise error
     return value
 
 
