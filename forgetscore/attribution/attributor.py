@@ -681,9 +681,9 @@ class Attributor:
             inputs, sources, k_, config_, samples, subset = checked_
             return {"queries": len(inputs), "prompts": [p for _, p in inputs],
                     "query files": sources, "config": config_, "k": k_, "region": repr(region), "reduce": reduce,
-                    "fisher_samples": samples, "subset": None if subset is None else names_id(list(map(str, subset)))}
+                    "fisher_samples": samples, "subset": None if subset is None else indices_id(subset)}
 
-        queries, sources, k, config, fisher_samples, _ = agree(checked, same)
+        queries, sources, k, config, fisher_samples, subset = agree(checked, same)
         for _, p in queries:
             unknown = self.model.unknown_words(p) if self.rank == 0 else []
             if unknown:
@@ -691,7 +691,7 @@ class Attributor:
                               f"{p!r}: read as its unknown token, they say nothing of the picture; use the words of "
                               "the training captions", stacklevel=2)
         data = self.prepare()
-        sel = np.arange(data.n) if indices is None else _image_ids(indices, data.n)
+        sel = np.arange(data.n) if subset is None else subset
         if fisher_samples is None and config.method == "newton":
             # Resolved once: every query takes the same Fisher, and the results record the one they took (another
             # job may cache a larger one meanwhile).

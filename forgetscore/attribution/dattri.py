@@ -49,7 +49,8 @@ class ArrayData(PreparedData):
         self.shard_size = max(1, self.n)
 
 
-def _check_pixels(image: torch.Tensor, name: str) -> None:
+def _check_pixels(image: torch.Tensor, name: str) -> float:
+    """The batch's lowest pixel, once it is checked."""
     # The same bounds as a query tensor given to the Attributor (Attributor.query_inputs).
     if image.dtype == torch.uint8 or not image.dtype.is_floating_point:
         raise ValueError(f"{name}: images of dtype {image.dtype}; give float pixels in [-1, 1] "
@@ -60,6 +61,7 @@ def _check_pixels(image: torch.Tensor, name: str) -> None:
     if low < -1 - 1e-3 or high > 1 + 1e-3:
         raise ValueError(f"{name}: pixels must lie in [-1, 1]; a batch spans [{low:.4g}, {high:.4g}] "
                          "(from [0, 1]: 2 * x - 1; from 0..255: x / 127.5 - 1)")
+    return low
 
 
 def _rows(loader: Iterable, name: str = "loader") -> Iterable[tuple[torch.Tensor, list]]:
@@ -78,8 +80,7 @@ def _rows(loader: Iterable, name: str = "loader") -> Iterable[tuple[torch.Tensor
                              "tuples")
         if not isinstance(image, torch.Tensor) or image.dim() != 4:
             raise ValueError(f"{name}: 'image' must be a [B, C, H, W] tensor of pixels in [-1, 1]")
-        _check_pixels(image, name)
-        low = min(low, float(image.min()))
+        low = min(low, _check_pixels(image, name))
         text = [text] if isinstance(text, str) else list(text)
         b = image.shape[0]
         if text and all(isinstance(t, tuple) and len(t) == b and all(isinstance(c, str) for c in t) for t in text):

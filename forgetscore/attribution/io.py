@@ -67,11 +67,11 @@ def _naming(exc: OSError, path: Path) -> OSError:
         except OSError:
             pass
     why = _FULL.get(code)
-    what = exc.strerror or str(exc)
+    message = f"cannot write {str(path)!r}: {exc.strerror or exc}"
     if why:
-        return OSError(code, f"cannot write {str(path)!r}: {what} ({why}); free space, or give that folder another "
-                             "place (--cache / FORGETSCORE_CACHE, --out); a rerun resumes from the finished stages")
-    return OSError(code, f"cannot write {str(path)!r}: {what}")
+        message += (f" ({why}); free space, or give that folder another place (--cache / FORGETSCORE_CACHE, --out); "
+                    "a rerun resumes from the finished stages")
+    return OSError(code, message) if code is not None else OSError(message)  # no "[Errno None]" prefix
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -389,8 +389,10 @@ _OTHER_OBJECTIVES = {"FlowMatch": "flow matching", "EDM": "EDM (Karras et al.)",
 
 
 def _check_scheduler_kind(class_name: object) -> None:
+    if not isinstance(class_name, str):
+        return
     for prefix, what in _OTHER_OBJECTIVES.items():
-        if isinstance(class_name, str) and class_name.startswith(prefix):
+        if class_name.startswith(prefix):
             raise ValueError(f"scheduler: {class_name} belongs to a {what} model, trained with another loss than the "
                              "DDPM noise prediction the scoring measures; use a model whose scheduler config is of "
                              "the DDPM family (DDPM, DDIM, PNDM, Euler, DPMSolver...)")
