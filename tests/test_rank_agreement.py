@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -130,6 +131,32 @@ def test_agree_passes_a_failure_on_and_keeps_the_ranks_in_step(tmp_path):
     assert err0.splitlines() == ["failed: rank 1 failed: disk gone", "value: 0", "shared"], err0
     assert err1.splitlines() == ["failed: disk gone", "value: 10", "shared"], err1
     assert not (tmp_path / "shared").exists()  # made for the check alone, and removed
+
+
+LEAVE = textwrap.dedent("""
+    import os
+    import sys
+
+    from forgetscore.attribution import ranks
+
+    ranks.init_distributed()
+    ranks.all_gather(1)
+    import diffusers.models  # noqa: F401  (as loading a model does, after the join)
+
+    ranks.leave_distributed()
+    threads = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    print("gloo threads:", [t for t in threads if "gloo" in t], file=sys.stderr)
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through /proc")
+def test_leaving_the_group_stops_its_threads_though_diffusers_was_imported_after_the_join(tmp_path):
+    # A group that outlives destroy_process_group is torn down with the interpreter, where ranks were seen to abort.
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE)
+    for code, err in _two_ranks([[str(script)]] * 2, timeout_s=120):
+        assert code == 0, err
+        assert err.splitlines()[-1] == "gloo threads: []", err
 
 
 @pytest.mark.parametrize("command", [["demo", "--out", "x"], ["report", "--out", "x"], ["cache"]])

@@ -71,6 +71,7 @@ def init_distributed(device: torch.device | str = "cpu", timeout: timedelta = ti
         torch.cuda.set_device(device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0")))
     else:
         backend = "gloo"
+    _import_group_defaults()
     # The rendezvous store's own timeout bounds the join (and NCCL's setup at the first collective), the group's
     # the collectives: without the split a rank missing from the start kept the others waiting for hours.
     try:
@@ -86,11 +87,28 @@ def init_distributed(device: torch.device | str = "cpu", timeout: timedelta = ti
     return dist.get_rank(), dist.get_world_size()
 
 
+def _import_group_defaults() -> None:
+    """Import, before the group exists, the torch modules whose functions take the running group as a default.
+
+    Such a default is bound when its module is first imported. Imported while a group runs (diffusers imports
+    them when a model loads, after the join), they keep that group and its communication threads alive past
+    `destroy_process_group`, into the interpreter's teardown, where a rank now and then aborted after all its
+    work ("terminate called without an active exception"). Imported first, they bind no group.
+    """
+    import importlib
+
+    for name in ("torch.distributed.nn", "torch.distributed.optim"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # a torch built without them has nothing to bind the group either
+            pass
+
+
 def leave_distributed() -> None:
     """Leave the process group, if this process joined one.
 
-    Its communication threads then stop before the interpreter's teardown; left to that teardown, a
-    rank was seen to abort on exit ("terminate called without an active exception") after all its work.
+    Its communication threads then stop before the interpreter's teardown (see
+    :func:`_import_group_defaults` for what else must not hold the group).
     """
     import torch.distributed as dist
 
