@@ -24,6 +24,9 @@ at::Tensor cpu_diffusion_loss(const at::Tensor& model_output, const at::Tensor& 
                               const at::Tensor& draw_ids, const std::string& prediction_type,
                               const std::optional<at::Tensor>& mask);
 void cpu_fisher_accumulate(const at::Tensor& fisher, const at::Tensor& inputs, const at::Tensor& grad_outputs);
+// fisher += (G**2)^T (X**2) for X [B, d_in], G [B, d_out] on any device (the L == 1 case of both backends);
+// `exact` squares in double, for values whose float32 squares would under- or overflow (see cpu/fisher.cpp).
+void add_outer_squares(const at::Tensor& fisher, const at::Tensor& x, const at::Tensor& g, bool exact);
 
 #ifdef FORGETSCORE_WITH_CUDA
 at::Tensor cuda_bits(uint64_t seed, const at::Tensor& sample_ids, const at::Tensor& draw_ids, int64_t numel);

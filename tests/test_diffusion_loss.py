@@ -139,3 +139,51 @@ def test_rows_do_not_depend_on_batching(rng):
     perm = torch.randperm(10, generator=rng)
     sub = {k: (v[perm] if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
     assert torch.equal(_call(sub, acp, "epsilon", backend="auto"), full[perm])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_per_image_mask_without_its_channel_dim_is_refused_when_batch_equals_channels(backend, rng):
+    acp = _schedule()
+    b = c = 4
+    a = _inputs(rng, (b, c, 3, 5))
+    dev = backend_device(backend)
+    mask = (torch.rand(b, 3, 5, generator=rng) > 0.3).float()
+    mask[:, 0, 0] = 1
+    with pytest.raises(ValueError, match=r"^mask: shape \(4, 3, 5\) is ambiguous .*\(4, 1, 3, 5\) for one mask per "
+                                         r"image or \(1, 4, 3, 5\) for one mask per channel"):
+        _call(a, acp, "epsilon", backend=backend, mask=mask, device=dev)
+    for spelled in (mask[:, None], mask[None]):  # the two readings, each given unambiguously
+        got = _call(a, acp, "epsilon", backend=backend, mask=spelled, device=dev)
+        torch.testing.assert_close(got.double(), _float64_loss(a, acp, "epsilon", spelled), rtol=3e-6, atol=1e-7)
+    # A spatial mask whose height happens to equal the batch size is not ambiguous: it has two dims fewer.
+    hw = _inputs(rng, (b, c, 4, 5))
+    spatial = torch.rand(4, 5, generator=rng) + 0.1
+    got = _call(hw, acp, "epsilon", backend=backend, mask=spatial, device=dev)
+    torch.testing.assert_close(got.double(), _float64_loss(hw, acp, "epsilon", spatial), rtol=3e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_weight_mask_is_rescaled_in_float32(backend, dtype, rng):
+    """Weights that are not powers of two lose up to 2**-9 relative each when divided by the row's largest in
+    half precision; the loss must be that of the mask's own values, as a float64 formula gives it."""
+    acp = _schedule()
+    a = _inputs(rng, (3, 2, 4, 4))
+    mask = (torch.rand(3, 2, 4, 4, generator=rng, dtype=torch.float64) * 1000 + 1).to(dtype)
+    mask[1, 0, 0, 0] = 1023  # a largest weight that is no power of two (exact in both dtypes)
+    got = _call(a, acp, "v_prediction", backend=backend, mask=mask, device=backend_device(backend))
+    torch.testing.assert_close(got.double(), _float64_loss(a, acp, "v_prediction", mask), rtol=3e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_squared_error_sum_beyond_float32_is_reported_by_every_backend(backend):
+    """Each (o - x0)**2 = 2.25e38 fits float32, their sum does not: every backend reports it the same way."""
+    acp = _schedule()
+    dev = backend_device(backend)
+    a = dict(model_output=torch.zeros(1, 4), x0=torch.full((1, 4), 1.5e19), timesteps=torch.tensor([3]), seed=1,
+             sample_ids=torch.tensor([0]), draw_ids=torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"^model_output: squared error overflowed float32 in rows \[0\]"):
+        _call(a, acp, "sample", backend=backend, device=dev)
+    a["x0"] = torch.full((1, 4), 9e18)  # sum 3.24e38: still finite in float32
+    torch.testing.assert_close(_call(a, acp, "sample", backend=backend, device=dev).double(),
+                               torch.tensor([81e36], dtype=torch.float64), rtol=1e-6, atol=0)

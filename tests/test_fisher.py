@@ -145,3 +145,53 @@ def test_unet_cross_attention_kv_against_brute_force(rng):
         got = kernels.fisher_accumulate(torch.zeros(brute[n].shape, dtype=torch.float64), x32, g32)
         err = (got - _loop_fisher(x32, g32)).abs()
         assert torch.all(err <= 1e-5 * scale + 1e-30), float((err / scale).max())
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64])
+@pytest.mark.parametrize("two_d", [True, False])
+def test_one_position_products_that_fit_though_their_factors_square_out_of_range(backend, acc, two_d, rng):
+    """Each sample's g and x are scaled by powers of two far apart (2**-75 .. 2**75) whose products stay
+    moderate: every (g x)**2 is a normal float32, but g**2 or x**2 alone under- or overflows."""
+    dev = backend_device(backend)
+    b, di, do = 6, 9, 5
+    k = torch.randint(-75, 76, (b, 1), generator=rng).double()
+    shift = torch.randint(-8, 9, (b, 1), generator=rng).double()
+    x = (torch.randn(b, di, generator=rng, dtype=torch.float64) * torch.exp2(k)).float()
+    g = (torch.randn(b, do, generator=rng, dtype=torch.float64) * torch.exp2(shift - k)).float()
+    x[0], g[0] = 0, 0
+    x[0, 0], g[0, 0] = 1e20, 1e-20  # (g x)**2 = 1 from squares of 1e40 and 1e-40
+    start = torch.rand(do, di, generator=rng, dtype=torch.float64)
+    got = start.to(dev, acc, copy=True)
+    xs, gs = (x, g) if two_d else (x[:, None], g[:, None])
+    kernels.fisher_accumulate(got, xs.to(dev), gs.to(dev), backend=backend)
+    want = start.to(acc).double() + _loop_fisher(x, g)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5 if acc == torch.float32 else 2e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_inputs_that_require_grad_leave_no_graph_on_fisher(backend, rng):
+    dev = backend_device(backend)
+    x = torch.randn(3, 4, 6, generator=rng).to(dev).requires_grad_(True)
+    g = torch.randn(3, 4, 2, generator=rng).to(dev).requires_grad_(True)
+    fisher = torch.zeros(2, 6, dtype=torch.float64, device=dev)
+    kernels.fisher_accumulate(fisher, x, g, backend=backend)
+    assert fisher.grad_fn is None and not fisher.requires_grad
+    kernels.fisher_accumulate(fisher, x, g, backend=backend)  # refused as "requires grad" with a graph attached
+    torch.testing.assert_close(fisher.cpu(), 2 * _loop_fisher(x.detach().cpu(), g.detach().cpu()), rtol=1e-5,
+                               atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_an_overflowing_update_is_reported_when_checked(backend, tokens):
+    dev = backend_device(backend)
+    x, g = torch.full((2, tokens, 3), 3e38, device=dev), torch.full((2, tokens, 2), 3e38, device=dev)
+    fisher = torch.zeros(2, 3, dtype=torch.float64, device=dev)
+    with pytest.raises(ValueError, match=r"^fisher: entries \[\[0, 0\], .*overflowed float32.*scale the loss down"):
+        kernels.fisher_accumulate(fisher, x, g, backend=backend)
+    fisher = torch.zeros(2, 3, dtype=torch.float64, device=dev)
+    kernels.fisher_accumulate(fisher, x, g, backend=backend, check=False)  # unchecked: the caller checks the result
+    assert torch.isinf(fisher).all()
+    # Entries already inf are the caller's: only what this call makes non-finite is reported.
+    kernels.fisher_accumulate(fisher, x / 1e30, g / 1e30, backend=backend)

@@ -176,8 +176,13 @@ def test_checked_calls_synchronise_only_to_read_their_checks(backend):
 
     args = _loss_args("cuda", b=3)
     noise_args = [args[k] for k in ("x0", "timesteps", "alphas_cumprod", "seed", "sample_ids", "draw_ids")]
+    fisher = torch.zeros(4, 5, dtype=torch.float64, device="cuda")
+    x, g = torch.randn(2, 3, 5, device="cuda"), torch.randn(2, 3, 4, device="cuda")
     calls = (lambda check: kernels.add_noise(*noise_args, backend=backend, check=check),
-             lambda check: kernels.diffusion_loss(*args.values(), backend=backend, check=check))
+             lambda check: kernels.diffusion_loss(*args.values(), backend=backend, check=check),
+             lambda check: kernels.diffusion_loss(*args.values(), mask=torch.ones(4, 4, device="cuda"),
+                                                  backend=backend, check=check),
+             lambda check: kernels.fisher_accumulate(fisher, x, g, backend=backend, check=check))
     for call in calls:  # first calls: compilation and lazy initialisation may synchronise
         call(True)
     torch.cuda.synchronize()

@@ -16,6 +16,7 @@
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <exception>
 
@@ -37,6 +38,20 @@ constexpr int64_t kTileFloats = int64_t{1} << 18;
 constexpr int64_t kWidenFloats = int64_t{1} << 16;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Whether every square of a contiguous float32 tensor is 0 or a normal float32: |v| in [2**-63, 2**63]. A
+// NaN is not, so it takes the exact path, which carries it just the same. (An int flag, not `ok &= bool`:
+// only this form is vectorised, and this runs on every L == 1 call.)
+bool squares_are_normal(const at::Tensor& t) {
+  const float lo = 0x1p-63f, hi = 0x1p63f;
+  const float* p = t.data_ptr<float>();
+  int bad = 0;
+  for (int64_t k = 0, n = t.numel(); k < n; ++k) {
+    const float a = std::fabs(p[k]);
+    bad |= (a != 0.0f) & ((a < lo) | !(a <= hi));
+  }
+  return bad == 0;
+}
 
 int thread_index() {
 #ifdef _OPENMP
@@ -149,6 +164,26 @@ void fisher_tiles(const at::Tensor& fisher, const at::Tensor& inputs, const at::
 
 }  // namespace
 
+// With one position the per-sample gradient is an outer product g x^T, so sum_b (g_b x_b^T)**2 = (G**2)^T (X**2):
+// one GEMM over the batch. The reference squares each product g x, which fits float32 wherever the result
+// does, but g**2 and x**2 alone can under- or overflow where (g x)**2 does not (g = 1e20, x = 1e-20). The
+// float32 GEMM is used only where no square leaves float32's normal range; otherwise (`exact`) the squares and
+// their sum over the batch are formed in double, where no square of a float32 can, and rounded once to float32
+// as the reference's float32 sum is, so that an entry is inf exactly where that sum overflows.
+void add_outer_squares(const at::Tensor& fisher, const at::Tensor& x, const at::Tensor& g, bool exact) {
+  c10::NoGradGuard no_grad;
+  if (!exact) {
+    const at::Tensor x2 = x.to(at::kFloat).square(), g2 = g.to(at::kFloat).square();
+    if (fisher.scalar_type() == at::kFloat)
+      fisher.addmm_(g2.t(), x2);
+    else
+      fisher.add_(at::mm(g2.t(), x2));
+    return;
+  }
+  const at::Tensor x2 = x.to(at::kDouble).square(), g2 = g.to(at::kDouble).square();
+  fisher.add_(at::mm(g2.t(), x2).to(at::kFloat));
+}
+
 void cpu_fisher_accumulate(const at::Tensor& fisher, const at::Tensor& inputs_, const at::Tensor& grad_outputs_) {
   TORCH_CHECK(fisher.device().is_cpu() && inputs_.device().is_cpu() && grad_outputs_.device().is_cpu(),
               "fisher_accumulate: all tensors must be on the CPU");
@@ -169,15 +204,8 @@ void cpu_fisher_accumulate(const at::Tensor& fisher, const at::Tensor& inputs_, 
   const at::Tensor inputs = inputs_.detach().contiguous(), grad_outputs = grad_outputs_.detach().contiguous();
 
   if (L == 1) {
-    // With one position the per-sample gradient is an outer product g x^T, so
-    // sum_b (g_b x_b^T)**2 = (G**2)^T (X**2): one GEMM over the batch.
-    const at::Tensor x2 = inputs.view({B, d_in}).to(at::kFloat).square();
-    const at::Tensor g2 = grad_outputs.view({B, d_out}).to(at::kFloat).square();
-    if (fisher.scalar_type() == at::kFloat) {
-      fisher.addmm_(g2.t(), x2);
-    } else {
-      fisher.add_(at::mm(g2.t(), x2));
-    }
+    const at::Tensor x = inputs.view({B, d_in}).to(at::kFloat), g = grad_outputs.view({B, d_out}).to(at::kFloat);
+    add_outer_squares(fisher, x, g, !squares_are_normal(x) || !squares_are_normal(g));
     return;
   }
 

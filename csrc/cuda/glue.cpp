@@ -172,13 +172,9 @@ void cuda_fisher_accumulate(const at::Tensor& fisher, const at::Tensor& inputs_,
   const at::Tensor inputs = inputs_.detach().contiguous(), grad_outputs = grad_outputs_.detach().contiguous();
 
   if (L == 1) {
-    // sum_b (g_b x_b^T)^2 = (G^2)^T (X^2): one cuBLAS GEMM beats the tiled kernel.
-    const at::Tensor x2 = inputs.view({B, d_in}).to(at::kFloat).square();
-    const at::Tensor g2 = grad_outputs.view({B, d_out}).to(at::kFloat).square();
-    if (fisher.scalar_type() == at::kFloat)
-      fisher.addmm_(g2.t(), x2);
-    else
-      fisher.add_(at::mm(g2.t(), x2));
+    // One cuBLAS GEMM beats the tiled kernel. Its squares are formed in double whatever the values, since
+    // choosing the float32 GEMM where they allow it would need their range on the host (a synchronisation).
+    add_outer_squares(fisher, inputs.view({B, d_in}), grad_outputs.view({B, d_out}), /*exact=*/true);
     return;
   }
 

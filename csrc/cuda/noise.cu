@@ -176,7 +176,9 @@ __global__ void loss_finalize_kernel(const float* __restrict__ partial_sum, cons
     den += partial_mask[row * chunks + c];
   }
   if (!masked) den = static_cast<double>(cols);
-  out[row] = static_cast<float>(num / den);
+  // A sum that overflows float32 is inf, as in the reference, whichever chunks it was split into.
+  const float total = static_cast<float>(num);
+  out[row] = isinf(total) ? total : static_cast<float>(num / den);
 }
 
 template <typename O, typename X>

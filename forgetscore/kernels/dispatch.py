@@ -104,12 +104,15 @@ def resolve(backend: str, device: torch.device) -> Any:
                          "use 'auto' unless you are testing a specific backend")
     states = {s.name: s for s in status()}
     if backend == "auto":
-        order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+        if device.type == "meta":  # shapes only: the reference computes no values there, so nothing is slow
+            return reference
+        order = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}.get(device.type, ())
         for name in order:
             s = states[name]
             if s.available and device.type in s.devices:
                 return _module(name)
-        missing = "; ".join(f"{n}: {states[n].detail}" for n in order) or "no compiled kernels for this device"
+        missing = ("; ".join(f"{n}: {states[n].detail}" for n in order)
+                   or "the compiled kernels run on cpu and cuda tensors only")
         _warn_once(f"fallback-{device.type}",
                    f"forgetscore: using the slow PyTorch reference kernels on {device.type} ({missing})")
         return reference

@@ -136,7 +136,10 @@ def fisher_accumulate(fisher: torch.Tensor, inputs: torch.Tensor, grad_outputs: 
 
     Materialises the per-sample gradients: this is the slow, obvious way.
     """
-    per_sample = torch.einsum("blo,bli->boi", grad_outputs.float(), inputs.float())
-    fisher += per_sample.square().sum(dim=0).to(fisher.dtype)
+    # No graph, as in the fused kernels: inputs that require grad would otherwise attach one to `fisher`, an
+    # accumulator that the next call would then refuse as requiring grad.
+    with torch.no_grad():
+        per_sample = torch.einsum("blo,bli->boi", grad_outputs.float(), inputs.float())
+        fisher += per_sample.square().sum(dim=0).to(fisher.dtype)
     return fisher
 

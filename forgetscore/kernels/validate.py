@@ -18,6 +18,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_SEED = 2 ** 64
 MAX_SAMPLE_ID = 2 ** 63
 MAX_DRAW_ID = 2 ** 32
+MAX_ROW_NUMEL = 4 * 2 ** 32  # a row's Philox blocks are counted in 32 bits, each block giving 4 values
 
 
 def _fail(name: str, problem: str, fix: str) -> ValueError:
@@ -56,7 +57,9 @@ class Deferred:
 
     def add(self, flag: Callable[[], torch.Tensor], explain: Callable[[], None]) -> None:
         if self.enabled:
-            self._checks.append((flag().reshape(()), explain))
+            value = flag().reshape(())
+            if value.device.type != "meta":  # a meta tensor holds no values to check
+                self._checks.append((value, explain))
 
     def resolve(self) -> None:
         by_device: dict[torch.device, list[int]] = {}
@@ -88,16 +91,17 @@ def id_vector(name: str, value: object, limit: int, device: torch.device | None,
     The range of ids already on a GPU goes into `deferred`; ids on the host (lists, CPU tensors)
     are checked at once, which costs no synchronisation.
     """
+    if isinstance(value, (str, bytes, bytearray)):  # Sequences, and bytes even of ints: no ids were meant
+        raise _fail(name, f"expected integer ids, got {type(value).__name__} {value[:20]!r}",
+                    "pass e.g. torch.tensor([...], dtype=torch.int64)")
+    if is_array(value):
+        value = _numpy_ids(name, value)
     if isinstance(value, torch.Tensor) and value.dim() == 0 and length is not None:
         value = value.reshape(1).expand(length)  # one id for every row, as a plain int is
     if is_int(value) and length is not None:
         _check_host_range(name, [int(value)], limit)  # before torch.full, which cannot hold every int
         value = torch.full((length,), int(value), dtype=torch.int64)
     elif not isinstance(value, torch.Tensor):
-        if hasattr(value, "__array__") and not isinstance(value, Sequence):  # a NumPy array of ids
-            value = getattr(value, "tolist")()
-            if not isinstance(value, list):  # a 0-d array
-                value = [value]
         if not isinstance(value, Sequence) or not all(is_int(v) for v in value):
             raise _fail(name, f"expected a 1-D integer tensor, array or list of ints, got {type(value).__name__}"
                         + (" holding a non-integer" if isinstance(value, Sequence) else ""),
@@ -126,6 +130,60 @@ def id_vector(name: str, value: object, limit: int, device: torch.device | None,
 def is_int(value: object) -> bool:
     """A Python or NumPy integer (bool is not: True would pass for 1)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's bool_ is no Integral
+
+
+def is_array(value: object) -> bool:
+    """A NumPy array (or another array with `ndim`, `dtype` and `tolist`), not a tensor or a list."""
+    return (hasattr(value, "__array__") and not isinstance(value, (torch.Tensor, Sequence))
+            and all(hasattr(value, a) for a in ("ndim", "dtype", "tolist")))
+
+
+def _numpy_ids(name: str, value: object) -> int | list[int]:
+    """The ids of a NumPy array as Python ints (a 0-d array as one int); its shape or dtype named if wrong."""
+    kind = getattr(value.dtype, "kind", "")  # type: ignore[attr-defined]
+    if kind not in ("i", "u"):
+        raise _fail(name, f"NumPy array of dtype {value.dtype} is not an integer type",  # type: ignore[attr-defined]
+                    "convert with .astype(np.int64)")
+    if value.ndim > 1:  # type: ignore[attr-defined]
+        raise _fail(name, f"expected a 1-D array, got shape {tuple(value.shape)}",  # type: ignore[attr-defined]
+                    "flatten it to one id per row")
+    return value.tolist()  # type: ignore[attr-defined]
+
+
+def count(value: object) -> int | None:
+    """A non-negative count given as a Python or NumPy integer, a 0-d integer array or a 0-d integer tensor;
+    None for anything else (bool included, as True would pass for 1)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool \
+                or value.device.type == "meta":
+            return None
+        value = value.item()
+    elif is_array(value):
+        if value.ndim != 0 or getattr(value.dtype, "kind", "") not in ("i", "u"):  # type: ignore[attr-defined]
+            return None
+        value = value.item()  # type: ignore[attr-defined]
+    return int(value) if is_int(value) and value >= 0 else None
+
+
+def overlapping(t: torch.Tensor) -> bool:
+    """Whether two elements of `t` share memory (an expand()ed or as_strided view), so it cannot be updated in
+    place: the sorted-strides test settles the usual layouts; only interleaved strides are counted out."""
+    dims = sorted((abs(st), n) for n, st in zip(t.shape, t.stride()) if n > 1)
+    if t.numel() <= 1:
+        return False
+    if dims[0][0] == 0:  # expand(): a whole dim on one element
+        return True
+    reach = 0  # the largest offset of the dims so far
+    for st, n in dims:
+        if st <= reach:
+            break
+        reach += st * (n - 1)
+    else:
+        return False
+    offsets = torch.zeros((), dtype=torch.int64)
+    for st, n in dims:
+        offsets = (offsets[..., None] + torch.arange(n, dtype=torch.int64) * st).flatten()
+    return offsets.unique().numel() < offsets.numel()
 
 
 def _check_host_range(name: str, values: list[int], limit: int) -> None:
