@@ -403,19 +403,48 @@ def _print_top(result, k: int) -> None:
     records = result.top_records(k)  # fewer when fewer images were scored
     print(f"\ntop {len(records)} training images for {result.prompt!r}:")
     for rec in records:
-        print(f"  {rec['rank']:>3}. {rec['file_name']:<16} score {rec['score']:+.4e}  {rec['captions'][0]}")
+        # The last caption, as the demo prints: the digits' last is their fullest.
+        print(f"  {rec['rank']:>3}. {rec['file_name']:<16} score {rec['score']:+.4e}  {rec['captions'][-1]}")
+
+
+# The Python names of redraw's arguments and the report options that give them.
+_REPORT_FLAGS = {"out": "--out", "train": "--train", "train_dir": "--train", "k": "--topk",
+                 "report_dir": "--report-dir"}
+
+
+def _report_flag(message: str) -> str:
+    """`message` with a leading Python argument name written as the report option that gives it."""
+    name, sep, rest = message.partition(": ")
+    return f"{_REPORT_FLAGS[name]}: {rest}" if sep and name in _REPORT_FLAGS else message
 
 
 def _report(args: argparse.Namespace) -> int:
     from .attribution.io import check_writable
-    from .attribution.results import redraw
+    from .attribution.results import check_result_dir, redraw
 
     if args.topk is not None and args.topk < 1:
         raise ValueError(f"--topk: {args.topk} must be >= 1")
-    check_writable(args.out, "--out")
-    result, k = redraw(args.out, args.topk, args.train)
+    check_result_dir(args.out)  # a file or a missing folder said as such, not as a place that cannot be written
+    to = Path(args.out if args.report_dir is None else args.report_dir)
+    check_writable(to, "--out" if args.report_dir is None else "--report-dir")
+    shown = warnings.showwarning
+
+    def show(message, category, *rest):
+        shown(_report_flag(str(message)), category, *rest)
+
+    warnings.showwarning = show
+    try:
+        result, k = redraw(args.out, args.topk, args.train, args.report_dir)
+    except ValueError as exc:
+        raise ValueError(_report_flag(str(exc))) from None
+    except OSError as exc:
+        named = OSError(_report_flag(str(exc)))
+        named.errno = exc.errno
+        raise named from None
+    finally:
+        warnings.showwarning = shown
     _print_top(result, k)
-    print(f"\nrewrote {args.out}/gallery.png and {args.out}/report.html")
+    print(f"\nrewrote {to / 'gallery.png'} and {to / 'report.html'}")
     return 0
 
 
@@ -523,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="a directory written by attribute or demo")
     p.add_argument("--topk", type=int, help="how many images to show (default: as saved)")
     p.add_argument("--train", help="the training folder, if it moved since (default: as saved)")
+    p.add_argument("--report-dir", help="write gallery.png and report.html into this folder instead, leaving --out "
+                                        "as it is (a result on a read-only disk); --train is then not recorded")
     p = add("cache", "list what the cache holds, by training folder, with sizes; remove what nothing reads", _cache)
     p.add_argument("--remove-stale", action="store_true",
                    help="delete the cache folders whose training folders all changed or are gone since")

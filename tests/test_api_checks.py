@@ -2,6 +2,7 @@
 seeds reported as given, a named Fisher file of another sample count, and clear errors for arguments of the
 wrong kind (a ValueError that names the argument and says how to fix it)."""
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -259,3 +260,19 @@ def test_words_the_tokenizer_does_not_know_are_named(att, model):
     assert model.unknown_words("a red dot") == [] and model.unknown_words("a red zebra 7") == ["zebra", "7"]
     with pytest.warns(UserWarning, match=r"^prompt: the model's tokenizer does not know 'zebra' of 'a red zebra': "):
         att.attribute(QUERY, "a red zebra", config=CONFIG)
+
+
+def test_a_prompt_names_each_unknown_word_once_and_says_how_much_is_cut_off(att, model):
+    assert model.unknown_words("zebra a zebra red 7 zebra") == ["zebra", "7"]
+    words = tiny.WORDS[:model.max_length]  # with <bos> and <eos>: two tokens more than the encoder reads
+    assert model.cut_tokens(" ".join(words[:model.max_length - 2])) == 0
+    assert model.cut_tokens(" ".join(words)) == 2
+    prompt = " ".join(words[:model.max_length - 3] + ["zebra"] * 3)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        att.attribute(QUERY, prompt, config=CONFIG)
+    said = [str(w.message) for w in said if str(w.message).startswith("prompt:")]
+    assert said == [f"prompt: the model's tokenizer does not know 'zebra' of {prompt!r}: read as its unknown token, "
+                    "they say nothing of the picture; use the words of the training captions",
+                    f"prompt: {prompt!r} is {model.max_length + 2} tokens long but the model's text encoder reads "
+                    f"{model.max_length}: the last 2 are dropped and say nothing of the picture; shorten it"]

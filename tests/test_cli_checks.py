@@ -167,7 +167,11 @@ COMMANDS = [["attribute", "--model", "m", "--train", "t", "--prompt", "x", "--ge
 @pytest.mark.parametrize("command", COMMANDS, ids=["attribute", "demo", "report", "loo", "custom", "score-cache"])
 def test_output_folders_are_checked_first(no_work, monkeypatch, tmp_path, capsys, command):
     (tmp_path / "a-file").write_bytes(b"")
-    _fails(capsys, [*command, str(tmp_path / "a-file")], f"{command[-1]}: {str(tmp_path / 'a-file')!r} cannot be")
+    # report's --out is a result to read and redraw: a file there is taken for one of its files.
+    reads = command[0] == "report"
+    _fails(capsys, [*command, str(tmp_path / "a-file")], f"{command[-1]}: {str(tmp_path / 'a-file')!r} "
+                                                          + ("is a file; give the folder that holds it" if reads
+                                                             else "cannot be"))
     # A folder that refuses files whatever its permission bits say (as some filesystems do, and to a superuser).
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -179,8 +183,8 @@ def test_output_folders_are_checked_first(no_work, monkeypatch, tmp_path, capsys
         return mkstemp(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
-    _fails(capsys, [*command, str(locked / "out")], f"{command[-1]}: {str(locked)!r} cannot be written to "
-                                                    "(Permission denied)")
+    _fails(capsys, [*command, str(locked if reads else locked / "out")], f"{command[-1]}: {str(locked)!r} cannot be "
+                                                                         "written to (Permission denied)")
     assert list(locked.iterdir()) == []
     # An empty path would put the results in the working directory unasked.
     monkeypatch.chdir(tmp_path)

@@ -690,6 +690,12 @@ class Attributor:
                 warnings.warn(f"prompt: the model's tokenizer does not know {', '.join(map(repr, unknown))} of "
                               f"{p!r}: read as its unknown token, they say nothing of the picture; use the words of "
                               "the training captions", stacklevel=2)
+            cut = self.model.cut_tokens(p) if self.rank == 0 else 0
+            if cut:
+                length = self.model.max_length
+                warnings.warn(f"prompt: {p!r} is {length + cut} tokens long but the model's text encoder reads "
+                              f"{length}: the last {cut} {'are' if cut > 1 else 'is'} dropped and say nothing of the "
+                              "picture; shorten it", stacklevel=2)
         data = self.prepare()
         sel = np.arange(data.n) if subset is None else subset
         if fisher_samples is None and config.method == "newton":

@@ -236,7 +236,14 @@ class DiffusionModel:
         unk = getattr(self.tokenizer, "unk_token_id", None)
         if unk is None:
             return []
-        return [w for w in text.split() if unk in self.tokenizer(w, add_special_tokens=False).input_ids]
+        words = dict.fromkeys(text.split())  # each word once, in the order of the text
+        return [w for w in words if unk in self.tokenizer(w, add_special_tokens=False).input_ids]
+
+    def cut_tokens(self, text: str) -> int:
+        """How many tokens of `text` (its special tokens counted) lie beyond :attr:`max_length`: the text encoder
+        never sees them (:meth:`encode_text` cuts them off)."""
+        ids = self.tokenizer(text, truncation=False, verbose=False).input_ids  # verbose: no log of the length
+        return max(0, len(ids) - self.max_length)
 
     # --- encoders ------------------------------------------------------------------------
     @torch.no_grad()
