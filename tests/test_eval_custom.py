@@ -359,34 +359,23 @@ def test_customization_is_keyed_on_the_base_models_content(dirs, tmp_path, monke
     assert len(calls) == 2
 
 
-def test_switching_pool_captions_reuses_the_model_and_queries_and_rescores(dirs, tmp_path, monkeypatch):
-    # The module itself: the package re-exports its function under the same name.
-    gen = importlib.import_module("forgetscore.attribution.generate")
+def test_plain_pool_captions_keep_the_model_and_queries_and_change_only_the_exemplars_scores(dirs, tmp_path,
+                                                                                             monkeypatch):
     model_dir, train_dir = dirs
     monkeypatch.setenv("FORGETSCORE_CACHE", str(tmp_path / "cache"))
-    out, root = tmp_path / "run", tmp_path / "run" / "concepts" / "segment"
+    out = tmp_path / "run"
     kw = {"methods": ("pixel", "caption"), "settings": replace(TINY, concepts=("segment",)), "model_dir": model_dir,
           "train_dir": train_dir, "features": _pixels_as_features, "log": None}
     first = custom.run_custom(out, **kw)
     assert first["settings"]["pool_captions"] == "fine-tuning"
     assert "pool_captions: fine-tuning" in (out / "table.md").read_text()
-    kept = [p for p in (root / "model").rglob("*") if p.is_file()] + [
-        root / "model.key.json", root / "queries.pt", root / "fidelity.json"]
-    stamp = {p: p.stat().st_mtime_ns for p in kept}
-    caption_before = np.load(root / "scores" / "caption.npy")
-    work = {"customize": 0, "generate": 0}
-
-    def counted(name, fn):
-        def wrapper(*a, **k):
-            work[name] += 1
-            return fn(*a, **k)
-        return wrapper
-
-    monkeypatch.setattr(custom, "customize", counted("customize", custom.customize))
-    monkeypatch.setattr(gen, "generate", counted("generate", gen.generate))
+    caption_before = np.load(out / "concepts" / "segment" / "scores" / "caption.npy")
+    # In a folder of its own (one folder holds one run's settings: tests/test_eval_resume.py).
+    out = tmp_path / "plain"
+    root = out / "concepts" / "segment"
     plain = custom.run_custom(out, pool_captions="plain", **kw)
-    assert work == {"customize": 0, "generate": 0}  # neither the model nor the queries nor fidelity redone
-    assert {p: p.stat().st_mtime_ns for p in kept} == stamp
+    for name in ("model.key.json", "queries.pt", "fidelity.json"):  # the same model and queries
+        assert (root / name).read_bytes() == (tmp_path / "run" / "concepts" / "segment" / name).read_bytes()
     assert plain["settings"]["pool_captions"] == "plain"
     assert json.loads((out / "results.json").read_text())["settings"]["pool_captions"] == "plain"
     assert "pool_captions: plain" in (out / "table.md").read_text()
@@ -394,7 +383,7 @@ def test_switching_pool_captions_reuses_the_model_and_queries_and_rescores(dirs,
     n = len(train)
     assert pool.captions[:n] == train.captions
     assert pool.captions[n:] == [[custom.without_token(c, TOKEN)] for c in get_concept("segment").captions(3)]
-    for m in ("pixel", "caption"):  # the pool changed, so every score was recomputed under its new identity
+    for m in ("pixel", "caption"):  # scored on the plain pool
         assert json.loads((root / "scores" / f"{m}.json").read_text())["pool"] == pool.identity()
     caption_after = np.load(root / "scores" / "caption.npy")
     np.testing.assert_allclose(caption_after[:, :n], caption_before[:, :n], rtol=1e-6, atol=1e-9)

@@ -22,6 +22,12 @@ FeatureFn = Callable[[torch.Tensor], np.ndarray]
 """Pixels [B, C, H, W] in [-1, 1] -> features [B, D] (an image embedding)."""
 
 
+def say(message: str) -> None:
+    """The evaluation's progress lines, flushed one by one: printed into a file, stdout is block-buffered, and
+    a run killed there (as an hour-long run may be) would lose the lines that say how far it got."""
+    print(message, flush=True)
+
+
 @dataclass(frozen=True)
 class Query:
     """A generated picture and how it was made.

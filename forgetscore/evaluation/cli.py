@@ -43,7 +43,10 @@ def add_parser(sub) -> None:
 
     loo = which.add_parser("loo", help="remove each method's top-K images, retrain, measure the query's loss rise",
                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    loo.add_argument("--out", required=True, help="output directory (resumes a run already there)")
+    loo.add_argument("--out", required=True,
+                     help="output directory; a run already there is resumed if it had the same --recipe, "
+                          "--uncoupled and --plan-stride (a run with others is refused: give it its own --out); "
+                          "--methods, --ks, --queries and --random-sets may differ, and what they share is reused")
     loo.add_argument("--quick", action="store_true", help="a short version (minutes on a CPU): 4 queries, K = 54, "
                                                           "methods unlearning, random, random-class, pixel")
     loo.add_argument("--uncoupled", action="store_true",
@@ -64,7 +67,10 @@ def add_parser(sub) -> None:
 
     custom = which.add_parser("custom", help="fine-tune on new concepts, find their exemplars (Recall@10, mAP)",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    custom.add_argument("--out", required=True, help="output directory (resumes a run already there)")
+    custom.add_argument("--out", required=True,
+                        help="output directory; a run already there is resumed if it had the same --quick and "
+                             "--pool-captions (a run with others is refused: give it its own --out); --methods "
+                             "may differ, and the methods already scored are reused")
     custom.add_argument("--quick", action="store_true", help="a few-minute version")
     custom.add_argument("--methods", type=_csv(str), help="comma-separated (default: every method without labels)")
     custom.add_argument("--pool-captions", choices=POOL_CAPTIONS, default="fine-tuning",
@@ -80,6 +86,7 @@ def _loo(args: argparse.Namespace) -> int:
     from ..digits.data import write_image_folder
     from ..digits.train import RECIPES
     from ..attribution.plan import ScoringPlan
+    from .base import say
     from .loo import DEFAULT_PLAN_STRIDE, LooConfig, LooSetup, QuerySpec, run_loo
     from .methods import METHODS
 
@@ -119,20 +126,21 @@ def _loo(args: argparse.Namespace) -> int:
     specs = [QuerySpec(p, seed=i, label=de.prompt_label(p)) for i, p in enumerate(de.QUERY_PROMPTS[:n_queries])]
     setup = LooSetup(de.DigitsTrainer(args.recipe), train_dir, specs, labels=labels, features=de.features)
     t = time.perf_counter()
-    results = run_loo(out, setup, config, log=print)
-    print()
-    print((out / "table.md").read_text())
-    print(f"{results['retrains']} retrains, {results['retrain_seconds_mean']:.0f} s each on average; "
-          f"{(time.perf_counter() - t) / 60:.1f} min in this run (a resumed run reuses what earlier runs made). "
-          f"Results in {out}/results.json, table.md, delta_loss.png")
+    results = run_loo(out, setup, config, log=say)
+    say("")
+    say((out / "table.md").read_text())
+    say(f"{results['retrains']} retrains, {results['retrain_seconds_mean']:.0f} s each on average; "
+        f"{(time.perf_counter() - t) / 60:.1f} min in this run (a resumed run reuses what earlier runs made). "
+        f"Results in {out}/results.json, table.md, delta_loss.png")
     return 0
 
 
 def _custom(args: argparse.Namespace) -> int:
     from ..attribution.io import check_writable
+    from .base import say
     from .custom import run_custom
 
     check_writable(args.out, "--out")
-    run_custom(Path(args.out), methods=args.methods, quick=args.quick, pool_captions=args.pool_captions, log=print)
-    print(f"Results in {args.out}/results.json and table.md (printed above)")
+    run_custom(Path(args.out), methods=args.methods, quick=args.quick, pool_captions=args.pool_captions, log=say)
+    say(f"Results in {args.out}/results.json and table.md (printed above)")
     return 0

@@ -13,7 +13,9 @@ fine-tuning itself is :func:`.customize.customize`.
 Every expensive product lives in ``out_dir`` (per concept: the customized model, the pool
 folder, the queries, each method's scores, the fidelity check) or in the engine's cache
 (``$FORGETSCORE_CACHE``: prepared data, Fisher, before-losses), each written atomically and
-reused when its settings match, so an interrupted run redoes no finished step.
+reused when its settings match, so an interrupted run redoes no finished step.  A folder holds one
+run's settings (``settings.json``): a run with others is refused, as it would overwrite the
+products of the first while results.json still described it (``--methods`` may differ).
 
 Settings, and what they rest on (digits model, 2 CPU cores shared with other jobs)
 ---------------------------------------------------------------------------------
@@ -60,7 +62,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,9 +74,9 @@ from ..attribution.io import read_json, write_bytes, write_dir, write_json
 from ..attribution.model import SUBFOLDERS, DiffusionModel
 from ..attribution.plan import ScoringPlan
 from ..attribution.unlearning import UnlearnConfig
-from .base import EvalContext, FeatureFn, Query
+from .base import EvalContext, FeatureFn, Query, say
 from .customize import CUSTOMIZATION_FILE, customize
-from .store import cached_scores
+from .store import cached_scores, differences, scoring_chunk_size
 from ..threads import torch_threads
 from .metrics import average_precision, clustered_mean_se, mean_se, recall_at_k
 
@@ -390,6 +392,7 @@ def run_concept(out_dir: Path, concept_name: str, settings: CustomSettings, meth
         if weights not in attributors:
             a = _Attributor(model, train, plan=plan, weights=weights, batch_size=settings.batch_size, progress=False)
             a.fisher_default = settings.fisher_samples
+            a.chunk_size = scoring_chunk_size(a)
             attributors[weights] = a
         return attributors[weights]
 
@@ -537,7 +540,7 @@ def run_custom(out_dir: str | Path, *, methods: Sequence[str] | None = None, qui
                concepts: Sequence[str] | None = None, queries_per_concept: int | None = None,
                pool_captions: str | None = None, settings: CustomSettings | None = None,
                model_dir: str | Path | None = None, train_dir: str | Path | None = None,
-               features: FeatureFn | None = None, log: Log | None = print) -> dict:
+               features: FeatureFn | None = None, log: Log | None = say) -> dict:
     """Run the benchmark into `out_dir`; returns (and writes) results.json's content.
 
     methods: names of :data:`methods.METHODS` (default: all but those needing class labels);
@@ -574,9 +577,12 @@ def run_custom(out_dir: str | Path, *, methods: Sequence[str] | None = None, qui
     needs = [m for m in methods if m in NEEDS_LABELS]
     if needs:
         raise ValueError(f"methods: {needs} need class labels, which the pool's exemplars do not have; leave them out")
-    model_dir, train_dir = _base(model_dir, train_dir, log)
     out = Path(out_dir)
+    record = _check_settings(out, settings)
+    model_dir, train_dir = _base(model_dir, train_dir, log)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / SETTINGS_FILE).is_file() or read_json(out / SETTINGS_FILE) != record:
+        write_json(out / SETTINGS_FILE, record)
     base_id = model_digest(model_dir)
     with torch_threads(settings.threads):
         runs = [run_concept(out, c, settings, methods, model_dir=model_dir, train_dir=train_dir, log=log,
@@ -602,6 +608,47 @@ def run_custom(out_dir: str | Path, *, methods: Sequence[str] | None = None, qui
     return results
 
 
+
+
+SETTINGS_FILE = "settings.json"
+# Each concept has its own folder, so a run may do fewer or more of them than the one before.
+_PER_CONCEPT = ("concepts",)
+
+
+def _check_settings(out: Path, settings: CustomSettings) -> dict:
+    """That a run already in `out` was made with these settings (but its concepts); returns the record to keep.
+
+    Refused, as leave-K-out refuses another protocol or plan, rather than kept side by side in a subfolder per
+    setting: results.json, table.md and benchmarks/custom_style.py read each concept's pool and scores where
+    they are, and would still describe one setting. The record is settings.json, or for a folder of an earlier
+    version, results.json's settings (a setting it lacks had its default then)."""
+    here = {k: v for k, v in json.loads(json.dumps(settings.to_dict())).items() if k not in _PER_CONCEPT}
+    concepts = out / "concepts"
+    made = (concepts.is_dir() and any(not p.name.startswith(".") for p in concepts.iterdir())) or \
+        (out / "results.json").is_file()
+    if not made:
+        return here
+    if (out / SETTINGS_FILE).is_file():
+        there = read_json(out / SETTINGS_FILE)
+    elif (out / "results.json").is_file():
+        defaults = {f.name: f.default for f in fields(CustomSettings) if f.default is not MISSING}
+        there = {**json.loads(json.dumps(defaults)), **read_json(out / "results.json").get("settings", {})}
+    else:  # a run of an earlier version, stopped before its results: what it used is unknown
+        return here
+    diff = differences(there, here)
+    if diff:
+        options = [f"--pool-captions {there['pool_captions']}"] if there.get("pool_captions") != \
+            here["pool_captions"] else []
+        other = [k for k in here if there.get(k) != here[k] and k != "pool_captions"]
+        for flag, preset in (("--quick", QUICK_SETTINGS), ("without --quick", DEFAULT_SETTINGS)):
+            if other and all(there.get(k) == preset.to_dict()[k] for k in other):
+                options.append(flag)
+        how = f" ({', '.join(options)})" if options else ""
+        raise ValueError(f"out: {str(out)!r} holds a run made with other settings ({'; '.join(diff)}); its "
+                         "customized models, pools, queries and scores were made under them, and this run would "
+                         "overwrite them while results.json still described that run; give another output folder "
+                         f"(--out), or that run's settings{how}")
+    return here
 
 
 def _base(model_dir: str | Path | None, train_dir: str | Path | None, log: Log) -> tuple[Path, Path]:

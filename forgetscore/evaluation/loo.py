@@ -8,9 +8,9 @@ and ΔG (how far its regeneration moved) compare the retrain with the original m
 Random removals are drawn per K, independently of the query, and shared by all queries:
 they are the noise floor every method is compared with.  Every stage is cached in the
 output directory (scores per method, each retrain and its measurements), so an
-interrupted run picks up where it stopped.  The directory records the training function and
-the training folder's identity (trainer.json): a run with another one refuses its models
-rather than reusing them, as their keys hold neither.
+interrupted run picks up where it stopped.  The directory records the training function, the
+training folder's identity, the protocol (coupled or not) and the scoring plan (trainer.json): a
+run with another one refuses the folder rather than reusing or overwriting what is there.
 """
 from __future__ import annotations
 
@@ -32,11 +32,11 @@ from ..attribution.attributor import Attributor
 from ..attribution.data import TrainingSet
 from ..attribution.io import read_json, write_json
 from ..attribution.plan import ScoringPlan
-from .base import EvalContext, FeatureFn, Query, top_k
+from .base import EvalContext, FeatureFn, Query, say, top_k
 from .counterfactual import feature_similarity, pixel_mse
 from .metrics import mean_se
 from .retrain import MeasureSettings, RetrainJob, TrainFn, run_retrains, trained_model
-from .store import cached_scores
+from .store import cached_scores, differences, scoring_chunk_size
 
 Log = Callable[[str], None]
 # Five timesteps: the scoring time of the default run fits its hour.  The top-K then turns over
@@ -298,12 +298,40 @@ def _has_models(root: Path) -> bool:
     return root.is_dir() and any(not p.name.startswith(".") for p in root.iterdir())
 
 
-def _check_trainer(out: Path, trainer: str, data: TrainingSet) -> None:
+def _made_under(out: Path, made: dict) -> dict:
+    """The protocol ("coupled") and plan of the run whose models are in `out`: as trainer.json records them, or
+    for a folder of an earlier version, as its results.json does, or (the protocol) which original model is there."""
+    found = {k: made[k] for k in ("coupled", "plan") if k in made}
+    if len(found) < 2 and (out / "results.json").is_file():
+        try:
+            config = read_json(out / "results.json").get("config", {})
+        except (OSError, ValueError, AttributeError):  # damaged: what it said is unknown
+            config = {}
+        found = {**{k: config[k] for k in ("coupled", "plan") if k in config}, **found}
+    if "coupled" not in found:
+        originals = [c for c in (True, False) if (out / "retrains" / RetrainJob((), c).key).is_dir()]
+        if len(originals) == 1:
+            found["coupled"] = originals[0]
+    return found
+
+
+def _plan_words(plan: dict) -> str:
+    """How the command line gives `plan`, where it does (timesteps 0, S, 2S, ... without flips)."""
+    ts = list(plan.get("timesteps", []))
+    stride = ts[1] - ts[0] if len(ts) > 1 else None
+    if stride and ts == list(range(0, ts[-1] + 1, stride)) and plan.get("flips") is False:
+        return f"--plan-stride {stride}"
+    return "its plan"
+
+
+def _check_trainer(out: Path, trainer: str, data: TrainingSet, config: LooConfig) -> None:
     """That the models already in `out` were trained the way this run trains and on this training data (its
-    retrains, the original model and the queries made from it are reused by key, and the key holds neither).
-    Recorded before anything trains; a record beside no model (its run trained nothing) binds nothing."""
+    retrains, the original model and the queries made from it are reused by key, and the key holds neither),
+    under this protocol and scored under this plan. Recorded before anything trains; a record beside no model
+    (its run trained nothing) binds nothing."""
     path = out / TRAINER_FILE
     data_id = data.identity()
+    plan = json.loads(json.dumps(config.plan.to_dict()))
     if path.is_file() and _has_models(out / "retrains"):
         made = read_json(path)
         if made.get("trainer") != trainer:
@@ -314,7 +342,25 @@ def _check_trainer(out: Path, trainer: str, data: TrainingSet) -> None:
                              f"were trained on (recorded from {made.get('train_dir')!r}; its images or "
                              "metadata.jsonl changed since, or it is a copy that did not keep the files' times); "
                              "give another output folder, or put that training folder back as it was")
-    write_json(path, {"trainer": trainer, "train": data_id, "train_dir": str(Path(data.root).resolve())})
+        # Refused, not kept side by side in subfolders: results.json, the table and the scores are the folder's
+        # own, so a run of other settings stopped midway would leave a folder that mixes the two (and the
+        # prepared data in out/cache belongs to one protocol's original model: each protocol trains its own).
+        there = _made_under(out, made)
+        if there.get("coupled", config.coupled) != config.coupled:
+            words = {True: "coupled", False: "uncoupled"}
+            fix = "without --uncoupled" if there["coupled"] else "with --uncoupled"
+            raise ValueError(f"out: {str(out)!r} holds the models of a {words[there['coupled']]} run, and this run "
+                             f"is {words[config.coupled]} (coupled: {there['coupled']} there, {config.coupled} "
+                             "here); the prepared data, queries and scores there belong to that run's original "
+                             "model, and each protocol trains its own; give another output folder (--out) for "
+                             f"this run, or resume that one {fix}")
+        if there.get("plan", plan) != plan:
+            raise ValueError(f"out: {str(out)!r} holds a run scored under another plan "
+                             f"({'; '.join(differences(there['plan'], plan))}); its scores, and the removals "
+                             "retrained from them, were made under that plan; give another output folder (--out) "
+                             f"for this plan, or resume that run with {_plan_words(there['plan'])}")
+    write_json(path, {"trainer": trainer, "train": data_id, "train_dir": str(Path(data.root).resolve()),
+                      "coupled": config.coupled, "plan": plan})
 
 
 def _check_inputs(setup: LooSetup, config: LooConfig, n_train: int) -> None:
@@ -345,7 +391,7 @@ def _check_inputs(setup: LooSetup, config: LooConfig, n_train: int) -> None:
                              "LooConfig(workers=1)") from None
 
 
-def run_loo(out_dir: str | Path, setup: LooSetup, config: LooConfig, log: Log | None = print) -> dict:
+def run_loo(out_dir: str | Path, setup: LooSetup, config: LooConfig, log: Log | None = say) -> dict:
     """The whole evaluation; writes results.json, table.md and delta_loss.png into `out_dir`."""
     from .report import write_loo_report
 
@@ -364,7 +410,7 @@ def run_loo(out_dir: str | Path, setup: LooSetup, config: LooConfig, log: Log | 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     trainer = trainer_id(setup.train_fn)
-    _check_trainer(out, trainer, data)
+    _check_trainer(out, trainer, data, config)
     retrain_root = out / "retrains"
     # The original model is the retrain that removes nothing (under the same protocol).
     original_job = RetrainJob((), config.coupled)
@@ -373,6 +419,7 @@ def run_loo(out_dir: str | Path, setup: LooSetup, config: LooConfig, log: Log | 
     original_dir = trained_model(setup.train_fn, original_job, retrain_root)
     attributor = Attributor.load(original_dir, setup.train_dir, plan=config.plan, cache_dir=out / "cache",
                                  progress=False)
+    attributor.chunk_size = scoring_chunk_size(attributor)
     queries = make_queries(attributor.model, setup.queries, config.measure, out / "queries.pt")
     original = run_retrains([original_job], setup.train_fn, retrain_root, queries, config.measure, workers=1,
                             log=None)[original_job.key]

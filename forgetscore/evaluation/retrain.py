@@ -33,7 +33,7 @@ import torch
 
 from ..attribution.io import write_bytes, write_dir
 from ..threads import torch_threads
-from .base import Query
+from .base import Query, say
 
 TrainFn = Callable[[Sequence[int], Path, bool], None]
 """train_fn(exclude_ids, out_dir, coupled): train from scratch without those ids; save to out_dir."""
@@ -175,7 +175,7 @@ def _stop(pool: ProcessPoolExecutor) -> None:
 
 
 def run_retrains(jobs: Sequence[RetrainJob], train_fn: TrainFn, root: Path, queries: Sequence[Query],
-                 settings: MeasureSettings, *, workers: int = 2, log: Callable[[str], None] | None = print
+                 settings: MeasureSettings, *, workers: int = 2, log: Callable[[str], None] | None = say
                  ) -> dict[str, dict]:
     """Train and measure every job not measured yet; returns {job key: measurement}.
 

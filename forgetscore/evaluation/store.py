@@ -26,3 +26,27 @@ def cached_scores(path: Path, key: dict, compute: Callable[[], np.ndarray]) -> t
     write_npy(path, s)
     write_json(meta, key)
     return s, False
+
+
+def differences(there: dict, here: dict) -> list[str]:
+    """'name: X there, Y here' for each setting of `here` that `there` records otherwise."""
+    return [f"{k}: {there.get(k)!r} there, {here[k]!r} here" for k in here if there.get(k) != here[k]]
+
+
+# Images per chunk of a scoring pass: finished chunks are kept in the cache, so a pass killed midway resumes
+# from them. The engine's default (4096) exceeds the digits' 1,797 training images: one chunk, so a kill during
+# "scored with unlearning" lost the whole pass. A chunk of the digits' default loo pass takes about 40 s.
+SCORING_CHUNK = 256
+
+
+def scoring_chunk_size(attributor, target: int | None = None) -> int:
+    """A chunk size near `target` images (default :data:`SCORING_CHUNK`) at every multiple of which the
+    unchunked pass starts an image batch, or the Attributor's own where there is none.
+
+    A chunk's batches are then those of the unchunked pass, so the losses (and every score made of them)
+    are bitwise the same: batches of other sizes change the last bits."""
+    target = SCORING_CHUNK if target is None else target
+    n = len(attributor.train)
+    starts = {int(b[0]) for b in attributor.sweep().image_batches(np.arange(n))}
+    fits = [c for c in sorted(starts) if c > 0 and all(s in starts for s in range(c, n, c))]
+    return min(fits, key=lambda c: (abs(c - target), c)) if fits else attributor.chunk_size
