@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -27,8 +30,8 @@ EPILOGS = {
              "  forgetscore cache --cache my-cache/\n\n"
              "Lists the folders under the cache root ($FORGETSCORE_CACHE, else ~/.cache/forgetscore); a folder\n"
              "given to --cache in a run is listed with --cache. --remove-stale deletes the folders none of whose\n"
-             "training folders still has the contents they were made from (changed or gone); run it while no\n"
-             "job uses them (a folder a job is in a stage of is skipped).",
+             "training folders still has the contents they were made from (changed or gone) or that record none,\n"
+             "and interrupted sweeps of losses the cache holds finished; a folder a running job holds is skipped.",
 }
 
 
@@ -278,8 +281,8 @@ def _info(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    att = _attributor(args)
-    data = att.prepare()
+    with _attributor(args) as att:
+        data = att.prepare()
     if att.rank == 0:
         print(f"prepared {data.n} images into {data.dir}")
         _print_timings(att, started)
@@ -288,8 +291,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _fisher(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    att = _attributor(args)
-    fisher = att.fisher(args.fisher_samples)
+    with _attributor(args) as att:
+        fisher = att.fisher(args.fisher_samples)
     if att.rank:
         return 0
     total = sum(f.numel() for f in fisher.values())
@@ -302,8 +305,8 @@ def _fisher(args: argparse.Namespace) -> int:
 
 def _score(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    att = _attributor(args)
-    before = att.before_losses()
+    with _attributor(args) as att:
+        before = att.before_losses()
     if att.rank:
         return 0
     versions = "2 versions (as is and flipped)" if before.shape[1] == 2 else "1 version (no flips)"
@@ -314,8 +317,15 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _attribute(args: argparse.Namespace) -> int:
+    # What the run holds until it ends, however it ends: its claim on --out, the cache folder.
+    with contextlib.ExitStack() as held:
+        return _attribute_holding(args, held)
+
+
+def _attribute_holding(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     from .attribution.attributor import generation_record
     from .attribution.io import check_writable
+    from .attribution.locks import claim_folder
     from .attribution.results import RESULT_FILES, check_output_dir
     from .attribution.ranks import agree, distributed_env
     started = time.perf_counter()
@@ -326,6 +336,8 @@ def _attribute(args: argparse.Namespace) -> int:
         outs = [Path(args.out) / s.name if args.queries else Path(args.out) for s in specs]
         if rank == 0:  # the rank that writes the results
             check_writable(args.out, "--out")
+            # Claimed first: a second run into the same --out is refused now, not when it saves hours later.
+            held.enter_context(claim_folder(Path(args.out), "--out"))
             for out in outs:
                 check_output_dir(out, args.overwrite)
         if args.topk < 1:
@@ -333,7 +345,7 @@ def _attribute(args: argparse.Namespace) -> int:
         return specs, outs, _config(args), _region(args.region)
 
     specs, outs, config, region = agree(options)
-    att = _attributor(args)
+    att = held.enter_context(_attributor(args))
 
     def queries_and_subset():
         subset = _subset(args.subset, att.train.file_names, report=att.rank == 0)  # before the queries are made
@@ -360,7 +372,15 @@ def _attribute(args: argparse.Namespace) -> int:
                 result.metadata["generated"] = generation_record(spec.generate_seed)
             result.save(out, train_dir=args.train, k=args.topk, overwrite=args.overwrite)
 
-    agree(save)
+    try:
+        agree(save)
+    except ValueError:
+        # A refusal (results that appeared in --out during the run, a training folder changed under it, whose
+        # rerun would sweep other data): the sweep's chunks are not kept for a rerun that may never come. A
+        # failure of the disk (full, a quota) or an interruption keeps them: the same command, run again once
+        # there is room, reads them rather than sweep again.
+        att.forget_sweeps()
+        raise
     att.forget_sweeps()
     if att.rank:
         return 0
@@ -420,6 +440,7 @@ def _report_flag(message: str) -> str:
 
 def _report(args: argparse.Namespace) -> int:
     from .attribution.io import check_writable
+    from .attribution.locks import claim_folder
     from .attribution.results import check_result_dir, redraw
 
     if args.topk is not None and args.topk < 1:
@@ -434,7 +455,9 @@ def _report(args: argparse.Namespace) -> int:
 
     warnings.showwarning = show
     try:
-        result, k = redraw(args.out, args.topk, args.train, args.report_dir)
+        # Not while an `attribute` run is to write into the folder (each clears what killed saves left there).
+        with claim_folder(to, "--out" if args.report_dir is None else "--report-dir"):
+            result, k = redraw(args.out, args.topk, args.train, args.report_dir)
     except ValueError as exc:
         raise ValueError(_report_flag(str(exc))) from None
     except OSError as exc:
@@ -556,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "as it is (a result on a read-only disk); --train is then not recorded")
     p = add("cache", "list what the cache holds, by training folder, with sizes; remove what nothing reads", _cache)
     p.add_argument("--remove-stale", action="store_true",
-                   help="delete the cache folders whose training folders all changed or are gone since")
+                   help="delete the cache folders whose training folders all changed or are gone since (or that "
+                        "record none), and interrupted sweeps whose losses are cached")
     p.add_argument("--cache", help="a folder given to --cache in a run: list (and with --remove-stale, delete if "
                                    "stale) that one instead of the cache root's")
     from .evaluation.cli import add_parser as add_evaluate
@@ -564,8 +588,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what batch schedulers, Kubernetes and torchrun send to stop a job), raised where the command is so
+    that its clean-ups run (locks released, temporary files removed), as they do on Ctrl-C."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # A line at a time, redirected too: the lines a long command printed are in its log even if it is killed.
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        sys.stdout.reconfigure(line_buffering=True)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -573,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     shown = warnings.showwarning
     warnings.showwarning = _warning_line(args.command, shown)
+    # Only the main thread may set a handler (a caller may run main() in another).
+    handles = threading.current_thread() is threading.main_thread()
+    stopping = signal.signal(signal.SIGTERM, _terminated) if handles else None
     try:
         _join_ranks(args)
         return args.func(args)
@@ -603,11 +642,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"forgetscore {args.command}: error: could not write model weights ({exc}); free space where they "
               "go (the cache: FORGETSCORE_CACHE, --cache; or --out) and run again", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         _close_bars()
+        if isinstance(exc, Terminated):
+            print("terminated by SIGTERM; finished stages are cached and a rerun resumes from them", file=sys.stderr)
+            return 128 + int(signal.SIGTERM)
         print("interrupted; finished stages are cached and a rerun resumes from them", file=sys.stderr)
         return 130
     finally:
+        if handles:  # before the last clean-up: a second SIGTERM there ends the process as it used to
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if stopping is None else stopping)
         warnings.showwarning = shown
         from .attribution.ranks import leave_distributed
 

@@ -24,8 +24,8 @@ def made(tmp_path_factory):
 def _prepared(model, source, folder):
     """A copy of the training folder `source` at `folder`, prepared into the default cache; its run folder."""
     shutil.copytree(source, folder, copy_function=shutil.copy)  # fresh modification times: an identity of its own
-    att = Attributor(model, TrainingSet.load(folder), plan=PLAN, progress=False)
-    att.prepare()
+    with Attributor(model, TrainingSet.load(folder), plan=PLAN, progress=False) as att:  # a job that ends
+        att.prepare()
     return att.cache_dir
 
 
@@ -64,7 +64,8 @@ def test_folders_are_listed_with_their_training_folder_state_and_size(made, tmp_
     assert lines[0].startswith(f"cache {root} (") and lines[0].endswith("in 4 folders; $FORGETSCORE_CACHE moves it)")
     line = {p: next(x for x in lines if str(p.relative_to(root)) in x) for p in entries}
     assert line[kept].endswith(f"{tmp_path / 'kept'}: prepared {folder_size(kept / 'prepared') / 1024:.1f} KiB, "
-                               f"1 interrupted sweep (100 B; a rerun with the same settings resumes them); model {model.source}")
+                               "1 interrupted sweep (100 B; a rerun with the options named resumes it: [0123abcd: "
+                               f"settings not recorded]); model {model.source}")
     assert f"{tmp_path / 'changed'} (changed since: nothing reads this): prepared" in line[changed]
     assert f"{tmp_path / 'gone'} (gone: nothing reads this): prepared" in line[gone]
     assert line[root / "odd"].endswith("odd  not a forgetscore folder")
@@ -103,15 +104,25 @@ def test_copies_of_a_training_folder_share_its_cache_folder_until_the_last_is_go
     assert e.stale and e.what.startswith(f"{tmp_path / 'first'} and 1 other copy (gone: nothing reads this)")
 
 
-def test_a_folder_that_records_no_training_folder_is_not_stale(made, tmp_path, monkeypatch, capsys):
+def test_a_folder_that_records_no_training_folder_is_removable_under_the_cache_root(made, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """No run reads it (each records its training folder before preparing): a prepare killed before that, as older
+    versions left, or what a job wrote after its folder was removed under it. A --cache folder is only listed."""
     model, source = made
-    monkeypatch.setenv("FORGETSCORE_CACHE", str(tmp_path / "root"))
+    root = tmp_path / "root"
+    monkeypatch.setenv("FORGETSCORE_CACHE", str(root))
     run = _prepared(model, source, tmp_path / "train")
-    (run / "train_dir.txt").unlink()  # as older versions left a prepare that had not finished
-    shutil.rmtree(tmp_path / "train")
-    (e,) = scan(tmp_path / "root")
-    assert not e.stale and e.what.startswith("a training set whose preparation has not finished: prepared")
-    assert _listing(capsys, "--remove-stale").endswith("nothing stale to remove\n") and run.is_dir()
+    (run / "train_dir.txt").unlink()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's own")
+    (e,) = scan(root)
+    assert e.stale and e.what.startswith("no training folder recorded (nothing reads this): prepared")
+    out = _listing(capsys, "--cache", str(mine), "--remove-stale")
+    assert "a training set whose preparation has not finished: nothing yet" in out and "nothing stale" in out
+    assert (mine / "notes.txt").is_file()
+    out = _listing(capsys, "--remove-stale")
+    assert f"removed {run.relative_to(root)}" in out and not run.exists()
 
 
 @pytest.mark.skipif(locks.fcntl is None, reason="stage locks need fcntl's flock")

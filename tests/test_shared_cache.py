@@ -123,7 +123,9 @@ def test_a_second_job_waits_for_the_first_and_reuses_its_data_fisher_and_losses(
         torch.testing.assert_close(fisher[name], want[name], rtol=1e-6, atol=0)
     np.testing.assert_allclose(before, alone.before_losses(), rtol=1e-6, atol=0)
     assert list((cache / "sweeps").iterdir()) == []  # the finished sweep's chunks are gone ...
-    assert not [p for p in cache.rglob("*.lock")]  # ... and no lock file stays behind
+    assert [p.name for p in cache.rglob("*.lock")] == [".jobs.lock"]  # ... only this job's hold on the folder ...
+    att.close()
+    assert not [p for p in cache.rglob("*.lock")]  # ... and no lock file stays behind once it ends
     assert not list(cache.glob("fisher-*.parts-*"))
 
 

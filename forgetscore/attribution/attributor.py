@@ -21,7 +21,8 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,13 +39,13 @@ from .fisher import (FISHER_CHUNK, FISHER_FORMAT, as_count, auto_fisher_batch_si
                      run_fisher)
 from .generate import generate
 from .io import check_writable, clean_removed, read_json, remove_dir, write_bytes, write_json, write_npy
-from .locks import stage_lock, unless_busy
+from .locks import hold_folder, let_go_of_folder, stage_lock, unless_busy
 from .losses import LossSweep
 from .model import DiffusionModel
 from .plan import ScoringPlan
 from .results import Attribution, names_id, rounding_note
 from .ranks import agree, all_gather, barrier, check_shared, init_distributed, on_rank0, rank_device
-from .sweep import SWEEP_FORMAT, indices_id, matching_sweeps, run_sweep, sweep_header, variant_id
+from .sweep import SWEEP_FORMAT, indices_id, matching_sweeps, other_chunk_sizes, run_sweep, sweep_header, variant_id
 from .train_loss import row_losses
 from .unlearning import UnlearnConfig, unlearn
 
@@ -58,19 +59,28 @@ class Timings:
     """Seconds and item counts of each stage, for the report at the end of a run (a stage run again, e.g.
     the unlearning of each of several queries, adds up)."""
     stages: dict[str, tuple[float, int, str]] = field(default_factory=dict)
+    # Of each stage's seconds, those spent waiting for another job's turn at it: no rate is made of them.
+    waited: dict[str, float] = field(default_factory=dict)
 
-    def add(self, name: str, seconds: float, count: int = 0, unit: str = "") -> None:
+    def add(self, name: str, seconds: float, count: int = 0, unit: str = "", waited: float = 0.0) -> None:
+        """`count` items of `unit` that this job computed itself in `seconds`, `waited` of which it waited for
+        another job (items another job made, or a resume found finished, are not counted)."""
         before_s, before_n, _ = self.stages.get(name, (0.0, 0, unit))
         self.stages[name] = (before_s + seconds, before_n + count, unit)
+        if waited > 0:
+            self.waited[name] = self.waited.get(name, 0.0) + waited
 
     def lines(self, total: float | None = None, width: int = 16) -> list[str]:
         """One line per stage, then one of the `total` seconds if given, in columns."""
         width = max([width, *map(len, self.stages)])
         out = []
         for name, (s, n, unit) in self.stages.items():
-            r = n / s if n and s > 0 else None
-            rate = "" if r is None else f"  ({r:,.0f} {unit}/s)" if r >= 10 else f"  ({r:.2g} {unit}/s)"
-            out.append(f"  {name:<{width}} {s:8.1f} s{rate}")
+            waited = self.waited.get(name, 0.0)
+            r = n / (s - waited) if n and s - waited > 0 else None
+            said = [] if r is None else [f"{r:,.0f} {unit}/s" if r >= 10 else f"{r:.2g} {unit}/s"]
+            if waited:
+                said.append(f"{waited:.1f} s of it waiting for another job")
+            out.append(f"  {name:<{width}} {s:8.1f} s" + (f"  ({'; '.join(said)})" if said else ""))
         if total is not None:
             out.append(f"  {'total':<{width}} {total:8.1f} s")
         return out
@@ -137,6 +147,27 @@ class Attributor:
         self._data: PreparedData | None = None
         self._said_samples: set[int] = set()  # cached Fisher counts used in place of the default, said once
         self._finished: list[tuple[Path, Path]] = []  # sweep folders (and their locks) not yet kept
+        # From its first stage (every stage starts with prepare) until close(), or until the Attributor is freed or
+        # the process ends, the cache folder is this job's: `forgetscore cache --remove-stale` leaves it alone, in
+        # the locked stages and between them (the unlearning step holds no stage lock).
+        self._let_go: weakref.finalize | None = None
+
+    def _hold(self) -> None:
+        if self._let_go is None or not self._let_go.alive:
+            self._let_go = weakref.finalize(self, let_go_of_folder, self.cache_dir, hold_folder(self.cache_dir),
+                                            self._own_cache_dir)
+
+    def close(self) -> None:
+        """Let go of the cache folder (held from the first stage on): `forgetscore cache --remove-stale` may then
+        delete it once it is stale. Closing twice does nothing; a `with` block closes at its end."""
+        if self._let_go is not None:
+            self._let_go()
+
+    def __enter__(self) -> "Attributor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _rank_settings(self) -> dict:
         """What every rank must share (compared across ranks when they start): the numbers depend on it."""
@@ -161,9 +192,22 @@ class Attributor:
         return cls(model, train, **kw)
 
     # --- stages --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stage(self, lock: Path, doing: str) -> Iterator[list[float]]:
+        """:func:`.locks.stage_lock` for this job; yields [the seconds it waited for another job's turn]."""
+        asked: list[float] = []
+
+        def log(message: str) -> None:  # said as the wait begins
+            asked.append(time.perf_counter())
+            self._log(message)
+
+        with stage_lock(lock, doing, log):
+            yield [time.perf_counter() - asked[0] if asked else 0.0]
+
     def prepare(self) -> PreparedData:
         if self._data is None:
             t = time.perf_counter()
+            self._hold()
             on_rank0(self._tidy)
             if self._own_cache_dir:
                 on_rank0(self._note_earlier_states)
@@ -172,7 +216,9 @@ class Attributor:
             # this Attributor's own, so shard files no manifest vouches for are removed.
             folder = "prepared" if self.text_dtype == "float32" else f"prepared-{self.text_dtype}"
             try:
-                with stage_lock(self.cache_dir / f".{folder}.lock", "preparing this training set", self._log):
+                with self._stage(self.cache_dir / f".{folder}.lock", "preparing this training set") as waited:
+                    # The images another job (this one waited for) or a killed run encoded are no work of this job's.
+                    done = on_rank0(lambda: self._images_prepared(self.cache_dir / folder))
                     added = False
                     try:
                         # Recorded first (under the lock: no job's path is lost), so that a preparation that
@@ -190,7 +236,10 @@ class Attributor:
                                 forget_training_folder(self.cache_dir, self.train.root)
                         raise
             except BaseException:
-                # Once its lock file is gone too: the training set's cache folder under the cache root, if
+                # Nothing of this job's is in the folder without its prepared data: it is let go (a stage tried
+                # later holds it again).
+                self.close()
+                # Once its lock files are gone too: the training set's cache folder under the cache root, if
                 # nothing else is in it (once the training folder is fixed it has another identity).
                 if self.rank == 0 and self._own_cache_dir:
                     with contextlib.suppress(OSError):  # not empty: other stages' files
@@ -198,8 +247,28 @@ class Attributor:
                 raise
             if self.rank == 0:
                 self._drop_earlier_reading()
-            self.timings.add("prepare", time.perf_counter() - t, len(self.train), "img")
+            self.timings.add("prepare", time.perf_counter() - t, len(self.train) - done, "img", waited[0])
         return self._data
+
+    def _images_prepared(self, folder: Path) -> int:
+        """How many images of this training set `folder` holds encoded already (finished, or in the finished shards
+        of an unfinished preparation); 0 where it holds another preparation, which starts afresh."""
+        from .data import CACHE_FORMAT
+
+        try:
+            manifest = read_json(folder / "manifest.json")
+        except (OSError, ValueError):
+            return 0
+        if not isinstance(manifest, dict) or [manifest.get(k) for k in ("format", "encoders_id", "data_id")] != [
+                CACHE_FORMAT, self.model.encoders_id(), self.train.identity()]:
+            return 0
+        if manifest.get("complete"):
+            return len(self.train)
+        rows = 0
+        for shard in folder.glob("inputs-[0-9]*.npy"):
+            with contextlib.suppress(OSError, ValueError, EOFError):
+                rows += np.load(shard, mmap_mode="r", allow_pickle=False).shape[0]
+        return min(rows, len(self.train))
 
     def _drop_earlier_reading(self) -> None:
         """Remove the before-losses and Fisher files made from prepared data of an earlier cache format (their
@@ -288,9 +357,11 @@ class Attributor:
         # Rank 0 looks, every rank follows: ranks must make the same collective calls whatever each one's view of
         # a network filesystem.
         if not on_rank0(path.is_file):
-            with stage_lock(path.with_name(f".{path.name}.lock"), "computing this Fisher", self._log):
+            with self._stage(path.with_name(f".{path.name}.lock"), "computing this Fisher") as waited:
                 if not on_rank0(path.is_file):  # it may have been made by the job this one waited for
                     self._make_fisher(path, meta, batch_size, chunk_size)
+            if waited[0]:
+                self.timings.add("fisher", waited[0], 0, "samples", waited[0])
         return load_fisher(path, self.model, self.names)
 
     def _check_fisher_file(self, path: Path, samples: int) -> None:
@@ -411,14 +482,16 @@ class Attributor:
         if self._cached_before():
             return self._read_before()
         everything = np.arange(self.prepare().n)
-        with stage_lock(self._sweep_lock([variant_id(None)], everything), "sweeping these losses", self._log):
+        t = time.perf_counter()
+        with self._stage(self._sweep_lock([variant_id(None)], everything), "sweeping these losses") as waited:
             if self._cached_before():  # made by the job this one waited for
+                self.timings.add("score before", time.perf_counter() - t, 0, "img", waited[0])
                 return self._read_before()
-            t, stats = time.perf_counter(), {}
+            stats: dict = {}
             before = self._run([None], None, desc="score (before)", stats=stats)[0]
             # The rate of what this run computed (a resumed sweep reuses finished chunks).
             computed = sum(all_gather(stats["images_computed"]))
-            self.timings.add("score before", time.perf_counter() - t, computed, "img")
+            self.timings.add("score before", time.perf_counter() - t, computed, "img", waited[0])
             self._save_before(before)
             self.forget_sweeps()
         return before
@@ -458,31 +531,63 @@ class Attributor:
         lock = self._sweep_lock(ids, sel)
         # One job at a time sweeps these losses, under any batch size: a job that waited resumes from the
         # chunks of the one before it.
-        with stage_lock(lock, "sweeping these losses", self._log):
+        with self._stage(lock, "sweeping these losses") as waited:
             sweep = self.sweep()
             found = self._interrupted(sweep, ids, sel)
             resume = self._resumable_batch_size(found)
             if resume != self.batch_size:
                 sweep = self.sweep(resume)
+            cut_otherwise = on_rank0(lambda: other_chunk_sizes(self.cache_dir / "sweeps",
+                                                               sweep_header(sweep, ids, sel, self.chunk_size)))
+            self._say_unresumed(found, cut_otherwise, sweep.batch_size, len(sel))
             out_dir = self.cache_dir / "sweeps" / self._key(*self._sweep_identity(ids, sel, sweep.batch_size))
             # The folder is this Attributor's own and named by all the settings: chunk files no manifest vouches
             # for (e.g. what a removal file by file, as older versions did, left when killed) are removed.
             losses = run_sweep(sweep, variants, out_dir, indices=sel, chunk_size=self.chunk_size,
-                               variant_ids=ids, progress=self.progress, desc=desc, untrusted="remove", stats=stats)
-        # The same sweep under other batch sizes is superseded too.
+                               variant_ids=ids, progress=self.progress, desc=desc, untrusted="remove", stats=stats,
+                               log=self._log)
+        if stats is not None:
+            stats["waited_s"] = waited[0]
+        # The same sweep under other batch and chunk sizes is superseded too (each folder with its own stage's lock).
         self._finished += [(folder, lock) for folder in (out_dir, *found)]
+        self._finished += [(folder, self._sweep_lock(ids, sel, m["chunk_size"])) for folder, m in cut_otherwise.items()]
         return losses
 
-    def _sweep_identity(self, ids: list[str], sel: np.ndarray, batch_size: int | None = None) -> list:
+    def _say_unresumed(self, found: dict[Path, tuple[int, int]], cut_otherwise: dict[Path, dict], batch_size: int,
+                       n_images: int) -> None:
+        """Say which interrupted sweeps of these losses this run cannot resume (made under another batch or chunk
+        size, which change the last bits or the cut), and which options resume them: they are deleted once this
+        sweep finishes."""
+        n_chunks = -(-n_images // self.chunk_size)
+        for batch, chunks in sorted(found.values(), reverse=True):
+            if batch != batch_size and chunks:
+                self._log(f"sweep: an interrupted sweep of these losses at batch size {batch} holds {chunks} of "
+                          f"{n_chunks} finished chunks, which this run at batch size {batch_size} cannot use (the "
+                          f"batch size changes the last bits): it starts afresh and deletes them when it finishes; "
+                          f"to resume them instead, stop it and run again with --batch-size {batch}")
+                break
+        for folder, manifest in cut_otherwise.items():
+            chunks = len(list(folder.glob("chunk-*.npy")))
+            if chunks:
+                self._log(f"sweep: an interrupted sweep of these losses in chunks of {manifest['chunk_size']} images "
+                          f"holds {chunks} of {manifest.get('n_chunks')} finished chunks, which this run in chunks of "
+                          f"{self.chunk_size} cannot use: it starts afresh and deletes them when it finishes; to "
+                          f"resume them instead, stop it and run again with --chunk-size {manifest['chunk_size']} "
+                          f"--batch-size {manifest.get('batch_size')}")
+                break
+
+    def _sweep_identity(self, ids: list[str], sel: np.ndarray, batch_size: int | None = None,
+                        chunk_size: int | None = None) -> list:
         """What a sweep's numbers depend on, the format too (a sweep interrupted under an older version starts
         afresh in its own folder); with `batch_size` for its folder, without it for its stage's lock, which
-        covers every batch size (see :func:`.sweep.matching_sweeps`)."""
+        covers every batch size (see :func:`.sweep.matching_sweeps`). `chunk_size`: default this Attributor's."""
         batch = [] if batch_size is None else [batch_size]
-        return [self.model.unet_id(), self.prepare().data_id, self.plan.to_dict(), *batch, self.chunk_size,
-                self.precision, ids, indices_id(sel), SWEEP_FORMAT]
+        return [self.model.unet_id(), self.prepare().data_id, self.plan.to_dict(), *batch,
+                self.chunk_size if chunk_size is None else chunk_size, self.precision, ids, indices_id(sel),
+                SWEEP_FORMAT]
 
-    def _sweep_lock(self, ids: list[str], sel: np.ndarray) -> Path:
-        return self.cache_dir / "sweeps" / f".{self._key(*self._sweep_identity(ids, sel))}.lock"
+    def _sweep_lock(self, ids: list[str], sel: np.ndarray, chunk_size: int | None = None) -> Path:
+        return self.cache_dir / "sweeps" / f".{self._key(*self._sweep_identity(ids, sel, chunk_size=chunk_size))}.lock"
 
     def _interrupted(self, sweep: LossSweep, ids: list, sel: np.ndarray) -> dict[Path, tuple[int, int]]:
         """The folders of this sweep interrupted under any batch size (chunks of two batch sizes differ in the
@@ -715,7 +820,8 @@ class Attributor:
         t, stats = time.perf_counter(), {}
         stage = "score before+after" if both else "score after"
         losses = self._run(variants, sel, desc=f"score ({stage[6:]})", stats=stats)
-        self.timings.add(stage, time.perf_counter() - t, sum(all_gather(stats["images_computed"])), "img")
+        self.timings.add(stage, time.perf_counter() - t, sum(all_gather(stats["images_computed"])), "img",
+                         stats["waited_s"])
         if both:
             before, losses = losses[0], losses[1:]
         if cached is not None:

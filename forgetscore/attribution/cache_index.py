@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cache import cache_root
 from .io import read_json, remove_dir, write_bytes
-from .locks import unless_busy
+from .locks import JOB_LOCK, unless_busy
 
 TRAIN_DIR_FILE = "train_dir.txt"  # in a run folder: the training folders that used it, a path a line
 
@@ -60,6 +60,8 @@ class CacheEntry:
     size: int     # bytes of all its files
     what: str     # what it holds, in words
     stale: bool   # none of the training folders it was made for has those contents any more: nothing reads it
+    # Interrupted sweeps in a run folder whose losses the folder holds finished (before-losses): nothing resumes them.
+    superseded: list[Path] = field(default_factory=list)
 
 
 def folder_size(path: Path) -> int:
@@ -117,6 +119,63 @@ def _model(folder: Path) -> str | None:
                  if isinstance((m := _manifest(p)).get("model"), str)), None)
 
 
+def _sweeps(folder: Path) -> list[Path]:
+    return sorted(p for p in (folder / "sweeps").glob("*") if p.is_dir() and not p.name.startswith("."))
+
+
+def _sweep_manifest(sweep: Path) -> dict:
+    from .sweep import MANIFEST
+
+    try:
+        found = read_json(sweep / MANIFEST)
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def superseded_sweeps(folder: Path) -> list[Path]:
+    """The interrupted sweeps of the original model's losses over the whole training set that run folder `folder`
+    also holds finished (its before-losses, of the same model, data, plan and precision). Nothing resumes them
+    (every run reads the finished losses), under whatever batch or chunk size they were made."""
+    import numpy as np
+
+    from .sweep import IDENTITY_DEFAULTS, indices_id
+
+    finished = []
+    for meta in folder.glob("before-*.json"):
+        try:
+            made = read_json(meta)
+            if meta.with_suffix(".npy").is_file():
+                finished.append([made[k] for k in ("unet_id", "data_id", "plan", "precision")])
+        except (OSError, ValueError, KeyError, TypeError):  # cut short, or not ours: vouches for nothing
+            continue
+    out = []
+    for sweep in _sweeps(folder) if finished else ():
+        m = _sweep_manifest(sweep)
+        n = m.get("n_images")
+        if m.get("variant_ids") != ["original"] or not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            continue
+        made = [m.get(k, IDENTITY_DEFAULTS.get(k)) for k in ("unet_id", "data_id", "plan", "precision")]
+        if made in finished and m.get("indices_id") == indices_id(np.arange(n)):
+            out.append(sweep)
+    return out
+
+
+def _sweep_settings(sweep: Path) -> str:
+    """The options an interrupted sweep was made under, which a run must give again to resume it, and its
+    progress."""
+    m = _sweep_manifest(sweep)
+    if not isinstance(m.get("batch_size"), int):
+        return "settings not recorded"
+    how = " then ".join(", ".join(f"{key} {value}" for key, value in made.items())
+                        for made in m.get("made_under") or () if isinstance(made, dict))
+    losses = ("the original model's losses" if m.get("variant_ids") == ["original"]
+              else f"losses of {len(m.get('variant_ids') or [])} weight variants")
+    done = len(list(sweep.glob("chunk-*.npy")))
+    return (f"{losses} at --batch-size {m['batch_size']} --chunk-size {m.get('chunk_size')} --precision "
+            f"{m.get('precision', 'fp32')}{f' ({how})' if how else ''}, {done} of {m.get('n_chunks')} chunks done")
+
+
 def _run_parts(folder: Path) -> str:
     """What a run folder holds: its prepared stores, Fisher files, before-losses and interrupted sweeps."""
     parts = [f"{p.name} {fmt_size(folder_size(p))}{'' if _manifest(p).get('complete') else ' (unfinished)'}"
@@ -125,11 +184,13 @@ def _run_parts(folder: Path) -> str:
         count = len(list(folder.glob(pattern)))
         if count:
             parts.append(f"{count} {label}")
-    sweeps = [p for p in (folder / "sweeps").glob("*") if p.is_dir() and not p.name.startswith(".")]
+    sweeps, superseded = _sweeps(folder), superseded_sweeps(folder)
     if sweeps:
         size = fmt_size(sum(folder_size(p) for p in sweeps))
-        parts.append(f"{len(sweeps)} interrupted sweep{'s' if len(sweeps) > 1 else ''} "
-                     f"({size}; a rerun with the same settings resumes them)")
+        said = [f"[{p.name[:8]}: {_sweep_settings(p)}"
+                + ("; its losses are cached: nothing resumes it]" if p in superseded else "]") for p in sweeps]
+        parts.append(f"{len(sweeps)} interrupted sweep{'s' if len(sweeps) > 1 else ''} ({size}; a rerun with the "
+                     f"{'options of one' if len(sweeps) > 1 else 'options named'} resumes it: {' '.join(said)})")
     model = _model(folder)  # one training folder may be prepared for several models: each has its folder
     if model and not Path(model).exists():  # moved, or deleted: the user knows which
         model += " (no longer there)"
@@ -146,7 +207,7 @@ def scan(root: Path | None = None) -> list[CacheEntry]:
         if path.name == "runs":
             for run in sorted(path.glob("*")):
                 if run.is_dir() and not run.name.startswith("."):
-                    entries.append(run_entry(run))
+                    entries.append(run_entry(run, own=True))
                 elif run.is_dir() and ".removing-" in run.name:  # a deletion that was killed or failed midway
                     entries.append(CacheEntry(run, folder_size(run), "what a deletion cut short left (nothing reads "
                                                                      "it)", True))
@@ -161,12 +222,19 @@ def scan(root: Path | None = None) -> list[CacheEntry]:
     return sorted(entries, key=lambda e: -e.size)
 
 
-def run_entry(run: Path) -> CacheEntry:
-    """What one training set's cache folder (under the cache root, or one given to --cache) holds, and for what."""
+def run_entry(run: Path, own: bool = False) -> CacheEntry:
+    """What one training set's cache folder (under the cache root, or one given to --cache) holds, and for what.
+
+    `own`: a folder the cache root made (under ``runs/``), which holds nothing of the user's."""
     folders, state = training_state(run)
     parts = _run_parts(run)
     if state == "unrecorded":
-        return CacheEntry(run, folder_size(run), f"a training set whose preparation has not finished: {parts}", False)
+        # Every preparation records its training folder before it starts, so no run reads such a folder: a
+        # preparation refused or killed before that, or what a job wrote after the folder was removed under it.
+        # A folder given to --cache may be one the user keeps other files in: it is only listed.
+        said = ("no training folder recorded (nothing reads this)" if own
+                else "a training set whose preparation has not finished")
+        return CacheEntry(run, folder_size(run), f"{said}: {parts}", own)
     from .data import CACHE_FORMAT
 
     # A manifest without a format is of the first one; a store without a manifest has not started.
@@ -179,7 +247,8 @@ def run_entry(run: Path) -> CacheEntry:
             "gone": " (gone: nothing reads this)",
             "earlier": " (prepared by an earlier version of forgetscore: nothing reads this)"}[state]
     more = f" and {len(folders) - 1} other cop{'ies' if len(folders) > 2 else 'y'}" if len(folders) > 1 else ""
-    return CacheEntry(run, folder_size(run), f"{folders[0]}{more}{said}: {parts}", state != "current")
+    return CacheEntry(run, folder_size(run), f"{folders[0]}{more}{said}: {parts}", state != "current",
+                      superseded_sweeps(run) if state == "current" else [])
 
 
 def describe(entries: list[CacheEntry], root: Path) -> list[str]:
@@ -192,26 +261,47 @@ def describe(entries: list[CacheEntry], root: Path) -> list[str]:
     stale = [e for e in entries if e.stale]
     if stale:
         lines.append(f"{len(stale)} folder{'s' if len(stale) > 1 else ''} ({fmt_size(sum(e.size for e in stale))}) "
-                     "hold training folders as they were before a change, or that are gone: "
+                     "hold training folders as they were before a change, or that are gone, or record none: "
+                     "`forgetscore cache --remove-stale` deletes them")
+    superseded = [p for e in entries for p in e.superseded]
+    if superseded:
+        lines.append(f"{len(superseded)} interrupted sweep{'s' if len(superseded) > 1 else ''} "
+                     f"({fmt_size(sum(map(folder_size, superseded)))}) of losses the cache holds finished: "
                      "`forgetscore cache --remove-stale` deletes them")
     return lines
 
 
+def _unused(folder: Path, stack: contextlib.ExitStack) -> bool:
+    """Whether no job uses `folder` (a cache folder), holding it in `stack` if so.
+
+    The job lock first, by its path (made if missing): a job that starts meanwhile waits for it, then finds the
+    folder gone and makes it again. Then every stage lock, for jobs that hold a stage of the folder without it.
+    """
+    if not stack.enter_context(unless_busy(folder / JOB_LOCK)):
+        return False
+    return all(stack.enter_context(unless_busy(lock)) for lock in sorted(folder.rglob(".*.lock"))
+               if lock.name != JOB_LOCK or lock.parent != folder)
+
+
 def remove_stale(entries: list[CacheEntry]) -> tuple[list[CacheEntry], list[CacheEntry], list[str]]:
-    """Delete the stale folders of `entries` that no job is in a stage of; returns (removed, left busy, why the
-    others could not be deleted entirely)."""
+    """Delete the stale folders of `entries`, and the superseded sweeps of the others, that no job uses; returns
+    (removed, left busy, why the others could not be deleted entirely). A sweep is returned as an entry of its own."""
     removed, busy, failed = [], [], []
     for e in entries:
-        if not e.stale:
+        if not e.stale and not e.superseded:
             continue
+        gone = [e] if e.stale else [CacheEntry(p, folder_size(p), "an interrupted sweep of losses the cache holds",
+                                               True) for p in e.superseded]
         with contextlib.ExitStack() as stack:
-            # Every stage lock in the folder, held while it goes: a job that holds one is left to finish.
-            free = all(stack.enter_context(unless_busy(lock)) for lock in sorted(e.path.rglob(".*.lock")))
-            if free:
+            # A job using the folder (in a stage, or between stages) is left to finish.
+            free = _unused(e.path, stack)
+            for item in gone if free else ():
                 try:
-                    remove_dir(e.path, strict=True)
+                    remove_dir(item.path, strict=True)
                 except OSError as exc:
                     failed.append(str(exc))
-                    continue
-        (removed if free else busy).append(e)
+                else:
+                    removed.append(item)
+        if not free:
+            busy += gone
     return removed, busy, failed

@@ -9,12 +9,18 @@ waits, then finds the result made (or the finished chunks to resume from). Under
 holds the lock for its job while the other ranks wait with it. Where ``fcntl`` is missing
 (Windows), or the cache's filesystem takes no locks (a warning says so), nothing is locked, and
 one job at a time may use a cache.
+
+Besides its stages, a job holds the whole cache folder, shared with other jobs, for as long as it uses it
+(:func:`hold_folder`), so that `forgetscore cache --remove-stale` never deletes a folder under a running
+job; and it claims the folder its results go to (:func:`claim_folder`), so that a second job writing
+there is refused as it starts.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import socket
 import threading
 import time
 import warnings
@@ -54,14 +60,25 @@ _NO_LOCKS = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}
 _said_unlockable: set[str] = set()
 
 
+def _folder_gone(folder: Path) -> None:
+    """After making `folder` (or a file in it) failed: go on if it went meanwhile (removed by another job, which
+    renames it away first) or is there by now; raise if a file stands in its place."""
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{str(folder)!r} is a file, not a folder; move it away")
+
+
 def _acquire(path: Path, wait: bool) -> int | None:
     """A descriptor that holds `path` exclusively; None if another process holds it and not `wait`.
 
     Raises :class:`Unlockable` where the filesystem takes no locks.
     """
     while True:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except (FileNotFoundError, FileExistsError):
+            _folder_gone(path.parent)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -84,11 +101,19 @@ def _acquire(path: Path, wait: bool) -> int | None:
         os.close(fd)
 
 
+def _unlink_own(path: Path, fd: int) -> None:
+    """Remove `path` if it is still the file `fd` holds: once its folder was removed (renamed away) under the lock,
+    the path may name a new job's own lock file by now."""
+    with contextlib.suppress(FileNotFoundError):
+        mine, there = os.fstat(fd), os.stat(path)
+        if (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino):
+            os.unlink(path)
+
+
 def _release(path: Path, fd: int) -> None:
     # Removed while still held, so that lock files do not pile up in the cache; a process waiting on
     # this file sees it gone once it gets it, and locks the path afresh.
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    _unlink_own(path, fd)
     os.close(fd)
 
 
@@ -158,3 +183,98 @@ def unless_busy(path: Path) -> Iterator[bool]:
     finally:
         if fd is not None:
             _release(path, fd)
+
+
+# In a cache folder: every job that uses the folder holds this file shared for as long as it runs, so that
+# `forgetscore cache --remove-stale`, which takes it exclusively, never deletes a folder under a running job
+# (between its locked stages too: its unlearning step holds no stage lock).
+JOB_LOCK = ".jobs.lock"
+
+
+def hold_folder(folder: Path) -> int | None:
+    """A descriptor holding `folder`'s :data:`JOB_LOCK` shared (made, with the folder, if missing); None where
+    nothing can be locked. A removal in progress is waited for, and the folder is then made again."""
+    if fcntl is None:
+        return None
+    path = Path(folder) / JOB_LOCK
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except (FileNotFoundError, FileExistsError):
+            _folder_gone(path.parent)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in _NO_LOCKS:  # the stages say so in a warning, once per folder
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                return None
+            raise
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return fd
+        # Removed (with its folder) by the job that held it before: the path's new file is the one to hold.
+        os.close(fd)
+
+
+def let_go_of_folder(folder: Path, fd: int | None, remove_empty: bool = False) -> None:
+    """Release :func:`hold_folder`'s hold. The last job to let go removes the lock file, and with `remove_empty`
+    the folder too when nothing else is in it (a preparation that failed before it wrote anything)."""
+    if fd is None:
+        return
+    path = Path(folder) / JOB_LOCK
+    try:
+        # Only a job that can hold it alone is the last: the others leave the file to it.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return
+    _unlink_own(path, fd)
+    if remove_empty:
+        with contextlib.suppress(OSError):  # not empty: what the stages made
+            os.rmdir(folder)
+    os.close(fd)
+
+
+CLAIM = ".forgetscore-claim.lock"  # in an output folder: held by the job that will write into it
+
+
+@contextlib.contextmanager
+def claim_folder(folder: Path, argument: str) -> Iterator[None]:
+    """This process's exclusive claim on output folder `folder` for the `with` (the folder is made if missing, and
+    removed again at the end if it is still empty). Another job's claim is refused at once with a ValueError naming
+    `argument` and that job, rather than found only when its results are saved, hours later."""
+    folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # removed at the end if left empty
+    path = folder / CLAIM
+    fd = None
+    try:
+        if fcntl is not None:
+            try:
+                fd = _acquire(path, wait=False)
+            except Unlockable:  # unguarded there, as the stages are
+                pass
+            else:
+                if fd is None:
+                    try:
+                        holder = path.read_text().strip()
+                    except OSError:
+                        holder = ""
+                    raise ValueError(f"{argument}: {str(folder)!r} is claimed by another job that will write its "
+                                     f"results there ({holder or 'its process'}); wait for it to end, or give another "
+                                     f"{argument}")
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        yield
+    finally:
+        if fd is not None:
+            _release(path, fd)
+        for p in made:
+            with contextlib.suppress(OSError):  # not empty: the results, or the user's files
+                p.rmdir()

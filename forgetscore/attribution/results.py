@@ -173,6 +173,7 @@ class Attribution:
                     "gallery.png": gallery(self, images, k),
                     "report.html": report_html(self, record, images, k).encode()}
         out.mkdir(parents=True, exist_ok=True)
+        drop_temporaries(out)
         write_bytes(out / SAVING, b"")  # until the result is whole: what a failed save leaves is its own to replace
         (out / "attribution.json").unlink(missing_ok=True)  # an interrupted overwrite is then not a result
         write_npy(out / "scores.npy", self.scores)
@@ -276,6 +277,16 @@ def _check_same_names(result: Attribution, train_dir: str | os.PathLike):
 
 
 SAVING = ".forgetscore-saving"
+
+
+def drop_temporaries(out: Path) -> None:
+    """Remove the temporary files that saves killed midway left in `out` (a write's ``.scores.npy.<random>.tmp``,
+    a report's ``.gallery.png.<pid>.tmp`` and the write's own of that): no later save replaces them, so each save
+    clears them as it starts. Only those of the result files: the folder may hold other files of the user's."""
+    for name in (*RESULT_FILES, SAVING):
+        for pattern in (f".{name}.*.tmp", f"..{name}.*.tmp"):
+            for path in out.glob(pattern):
+                path.unlink(missing_ok=True)
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -510,6 +521,7 @@ def _write_together(folder: Path, files: dict[str, bytes], argument: str) -> Non
     temps: list[tuple[Path, Path]] = []
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        drop_temporaries(folder)
         for name, data in files.items():
             temps.append((folder / f".{name}.{os.getpid()}.tmp", folder / name))
             try:

@@ -30,15 +30,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .io import read_json, write_npy
+from .io import read_json, write_json, write_npy
 from .losses import LossSweep
-from .ranks import barrier, deal_chunks
+from .ranks import barrier, deal_chunks, init_distributed, on_rank0
 
 SWEEP_FORMAT = 2  # 2: cross-attention keys and values once per caption (text_kv)
 MANIFEST = "sweep.json"
@@ -90,6 +91,33 @@ def sweep_header(sweep: LossSweep, variant_ids: Sequence[str], ids: np.ndarray, 
             "precision": sweep.precision}
 
 
+def made_under(sweep: LossSweep) -> dict:
+    """What a sweep's chunks are computed with beyond their identity: the kernel backend (as resolved), the compile
+    mode and the kind of device. Each changes only the last bits, so chunks of two may join one sweep; the manifest
+    lists every one that computed chunks in its folder (``made_under``), for a resume to say so."""
+    import torch
+
+    from ..kernels import dispatch
+
+    device = torch.device(sweep.model.device)
+    backend = sweep.backend
+    if backend == "auto":
+        with warnings.catch_warnings():  # the fallback was said when the settings were checked
+            warnings.simplefilter("ignore")
+            module = dispatch.resolve(backend, device)
+        usable = ["torch", *dispatch.available_backends()]
+        backend = next((name for name in ("cpu", "cuda", "triton", "torch")
+                        if name in usable and dispatch._module(name) is module), backend)
+    kind = device.type
+    if kind == "cuda":  # GPUs of two models round differently
+        kind = f"cuda ({torch.cuda.get_device_name(device)})"
+    return {"backend": backend, "compile": sweep.compile or "off", "device": kind}
+
+
+def _said(how: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in how.items())
+
+
 def matching_sweeps(root: str | os.PathLike, header: dict) -> dict[Path, tuple[int, int]]:
     """The sweep folders in `root` that hold `header`'s sweep under any batch size.
 
@@ -114,10 +142,29 @@ def matching_sweeps(root: str | os.PathLike, header: dict) -> dict[Path, tuple[i
     return found
 
 
+def other_chunk_sizes(root: str | os.PathLike, header: dict) -> dict[Path, dict]:
+    """The sweep folders in `root` that hold `header`'s sweep cut into chunks of another size (any batch size):
+    {folder: its manifest}. A resume needs the chunk size they were cut with."""
+    found: dict[Path, dict] = {}
+    root = Path(root)
+    for manifest in sorted(root.glob(f"*/{MANIFEST}")) if root.is_dir() else ():
+        try:
+            old = read_json(manifest)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(old, dict) or not isinstance(old.get("chunk_size"), int):
+            continue
+        same = all(old.get(key, IDENTITY_DEFAULTS.get(key)) == header[key]
+                   for key in IDENTITY_KEYS if key not in ("batch_size", "chunk_size"))
+        if same and old["chunk_size"] != header["chunk_size"]:
+            found[manifest.parent] = old
+    return found
+
+
 def run_sweep(sweep: LossSweep, variants: Sequence[dict[str, torch.Tensor] | None], out_dir: str | os.PathLike, *,
               indices: np.ndarray | None = None, chunk_size: int = 1024, variant_ids: Sequence[str] | None = None,
               progress: bool = True, desc: str = "score", untrusted: str = "refuse",
-              stats: dict | None = None) -> np.ndarray:
+              stats: dict | None = None, log: Callable[[str], None] | None = None) -> np.ndarray:
     """[len(variants), len(indices), versions] float64 losses, computed chunk by chunk into `out_dir`.
 
     Bitwise equal to ``sweep.run(variants, indices)`` whenever that run's image batches fall on
@@ -129,6 +176,8 @@ def run_sweep(sweep: LossSweep, variants: Sequence[dict[str, torch.Tensor] | Non
     returns the whole array. Chunk files in `out_dir` that no matching manifest vouches for are
     refused, or with ``untrusted="remove"`` deleted (for a folder the caller owns). `stats`, if given,
     receives ``images_computed``: the images this rank computes in this call (the rest were resumed).
+    Resuming chunks that another backend, compile mode or device made is said once, through `log` (default: a
+    warning).
     """
     from tqdm.auto import tqdm
 
@@ -155,12 +204,17 @@ def run_sweep(sweep: LossSweep, variants: Sequence[dict[str, torch.Tensor] | Non
     def chunk_shape(k: int) -> tuple[int, int, int]:
         return n_var, len(chunk_ids(k)), versions
 
+    how = made_under(sweep)
+    init_distributed(sweep.model.device)
+    # What made the finished chunks, read before any rank writes one (rank 0 alone: it writes the manifest).
+    prior = on_rank0(lambda: _prior(out_dir, header, n_chunks, chunk_shape))
     rank, world, mine = deal_chunks(
         out_dir, header, device=sweep.model.device, manifest=MANIFEST, keys=IDENTITY_KEYS, n_chunks=n_chunks,
         done=lambda k: _chunk_ok(out_dir / chunk_name(k), chunk_shape(k)), chunk_glob="chunk-*.npy",
         defaults=IDENTITY_DEFAULTS, caller="run_sweep", untrusted=untrusted,
         same_hint="every rank must sweep the same model, data, plan, variants and indices (compute the "
                   "variants on rank 0 and broadcast them)")
+    on_rank0(lambda: _record_made_under(out_dir, how, *prior, n_chunks=n_chunks, log=log))
     if stats is not None:
         stats["images_computed"] = sum(len(chunk_ids(k)) for k in mine)
     with tqdm(total=sum(len(chunk_ids(k)) for k in mine), unit="img", disable=not progress or rank != 0,
@@ -181,3 +235,36 @@ def run_sweep(sweep: LossSweep, variants: Sequence[dict[str, torch.Tensor] | Non
                                 if world > 1 else "; run again to recompute it"))
         out[:, k * chunk_size:k * chunk_size + len(chunk_ids(k))] = np.load(path, allow_pickle=False)
     return out
+
+
+def _prior(out_dir: Path, header: dict, n_chunks: int, shape) -> tuple[list[dict], int]:
+    """(what made `out_dir`'s chunks so far, as its manifest lists, the finished chunks it holds); nothing for a
+    folder whose manifest is of another sweep (its chunks are refused or removed, not reused)."""
+    try:
+        old = read_json(out_dir / MANIFEST)
+    except (OSError, ValueError):
+        return [], 0
+    if not isinstance(old, dict) or any(old.get(k, IDENTITY_DEFAULTS.get(k)) != header[k] for k in IDENTITY_KEYS):
+        return [], 0
+    made = [m for m in old.get("made_under") or () if isinstance(m, dict)]
+    return made, sum(_chunk_ok(out_dir / chunk_name(k), shape(k)) for k in range(n_chunks))
+
+
+def _record_made_under(out_dir: Path, how: dict, made: list[dict], finished: int, *, n_chunks: int,
+                       log: Callable[[str], None] | None) -> None:
+    """Say when finished chunks made otherwise are reused, and add `how` to the manifest's list when this run
+    computes chunks."""
+    others = [m for m in made if m != how]
+    if finished and others:
+        message = (f"sweep: reusing {finished} finished chunk{'s' if finished > 1 else ''} of {n_chunks} made "
+                   f"{'in part ' if how in made else ''}under {' and '.join(map(_said, others))}, not this run's "
+                   f"{_said(how)}: the losses of two backends, compile modes or devices agree to float32 rounding "
+                   f"only; for losses of one alone, stop this run, delete {str(out_dir)!r} and run again (a fresh "
+                   "sweep), or resume it with the settings it was made with")
+        if log is not None:
+            log(message)
+        else:
+            warnings.warn(message, stacklevel=3)
+    if finished < n_chunks and how not in made:
+        manifest = read_json(out_dir / MANIFEST)
+        write_json(out_dir / MANIFEST, {**manifest, "made_under": [*made, how]})
