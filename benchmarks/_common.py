@@ -20,6 +20,20 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+# The repository root goes first on sys.path, ahead of any installed copy of forgetscore: the scripts run from
+# a checkout, and should measure (or read runs with) the source tree they sit in, whatever else is installed.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def checkout_first() -> None:
+    """Put the repository root first on sys.path (each script imports this module before forgetscore)."""
+    while ROOT in sys.path:
+        sys.path.remove(ROOT)
+    sys.path.insert(0, ROOT)
+
+
+checkout_first()
+
 
 # --------------------------------------------------------------------------- argument types
 # Each refuses a value that means nothing at parse time, before any model is built or store written:
@@ -100,6 +114,59 @@ def int_list(text: str) -> tuple[int, ...]:
     if min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: {hint}")
     return _once_each(text, values, hint)
+
+
+def json_path(text: str) -> str:
+    """An argparse type: a file to write the JSON record to, in a folder that exists and takes files.
+
+    Checked when the arguments are parsed: the record is first written after minutes of measuring.
+    """
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give a file path, e.g. out.json")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file path in it, "
+                                         f"e.g. {text.rstrip('/')}/out.json")
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"{text!r}: its folder {folder!r} does not exist; create it first "
+                                         "(mkdir -p) or give a path in an existing folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: the folder {folder!r} is not writable; give a path elsewhere")
+    return text
+
+
+def spread_timesteps(n: int, total: int = 1000) -> tuple[int, ...]:
+    """Exactly n timesteps spread evenly over [0, total), from 0 (n in [1, total]).
+
+    A grid stepping by total // n has more than n points wherever n does not divide total (3 gives 4).
+    """
+    if not 1 <= n <= total:
+        raise ValueError(f"timesteps: {n} must be in [1, {total}]")
+    return tuple(i * total // n for i in range(n))
+
+
+def read_run(parser: argparse.ArgumentParser, run: str | os.PathLike, kind: str) -> dict:
+    """results.json of a finished `forgetscore evaluate KIND` run (kind: "loo" or "custom"), or the parser's
+    error (status 2, one line) naming what the folder is instead."""
+    wanted = f"give the output folder of a finished `forgetscore evaluate {kind}` run"
+    if not os.path.isdir(run):
+        parser.error(f"run: {str(run)!r} is not a folder; {wanted}")
+    path = os.path.join(run, "results.json")
+    try:
+        with open(path) as fh:
+            results = json.load(fh)
+    except FileNotFoundError:
+        parser.error(f"run: {str(run)!r} holds no results.json (a run writes it when it finishes); {wanted}")
+    except (OSError, ValueError) as exc:
+        parser.error(f"run: {path!r} is unreadable ({type(exc).__name__}: {exc}); {wanted}")
+    # What tells the two apart: a loo run records its config, a custom run its settings and concepts.
+    found = None
+    if isinstance(results, dict):
+        found = "loo" if "config" in results else "custom" if {"settings", "concepts"} & set(results) else None
+    if found != kind:
+        what = f"an `evaluate {found}` run" if found else "not the results of an evaluation run"
+        parser.error(f"run: {str(run)!r} is {what}; this script reads an `evaluate {kind}` run: {wanted}")
+    return results
 
 
 # --------------------------------------------------------------------------- the machine and the record
@@ -214,14 +281,22 @@ class Results(dict):
             self.save()
 
     def finish(self, start: float, report: Callable[[dict], str]) -> int:
-        """Stamp the elapsed time and load, save, print the report and errors; the exit status."""
+        """Stamp the elapsed time and load, print the report and errors, save; the exit status.
+
+        The report comes first: a record that cannot be written must not take the figures with it.
+        """
         self["meta"]["elapsed_s"] = time.perf_counter() - start
         self["meta"]["load_average_end"] = load_average()
-        self.save()
         print()
         print(report(self))
         if self["errors"]:
             print("\nerrors:\n  " + "\n  ".join(self["errors"]))
+        try:
+            self.save()
+        except OSError as exc:
+            print(f"--json: could not write {self.path!r} ({type(exc).__name__}: {exc}); the report above is "
+                  "all there is of this run", file=sys.stderr)
+            return 1
         return 1 if self["errors"] else 0
 
 

@@ -40,15 +40,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, ROOT)
+# _common first: importing it puts the checkout ahead of any installed forgetscore.
+from _common import (Results, choice_list, fmt_bytes, int_list, int_range, json_path, make_sync, positive_float,
+                     run_meta, table, timing_device)
 
 from forgetscore import kernels  # noqa: E402
 from forgetscore.kernels import dispatch, reference, validate  # noqa: E402
-
-from _common import (Results, choice_list, fmt_bytes, int_list, int_range, make_sync, positive_float, run_meta, table,
-                     timing_device)
 
 SEED = 1234
 LATENTS = {"4x16x16": (4, 16, 16), "4x64x64": (4, 64, 64)}
@@ -311,11 +308,12 @@ def bench_noise_loss(r: Runner, emit: Callable[[str, dict], None], scheduler, sc
             cn, cl = compiled  # type: ignore[misc]
             methods.append(("torch.compile(eager)", lambda: cn(x0, t), lambda: cl(out, eps), None, None))
         for label, be in backends:
-            if be == "torch" and numel > REFERENCE_MAX_NUMEL[dev.type]:
+            mod = dispatch.resolve(be, dev)
+            # By the module it resolves to: "auto" is the reference too where no compiled backend loads.
+            if mod is reference and numel > REFERENCE_MAX_NUMEL[dev.type]:
                 emit("noise_loss", {**base, "method": label,
                                     "skipped": f"reference backend above {REFERENCE_MAX_NUMEL[dev.type]} elements"})
                 continue
-            mod = dispatch.resolve(be, dev)
             flat_x0, flat_out = x0.reshape(B, -1), out.reshape(B, -1)
             a, b = reference.noise_coefficients(acp, t)
             methods.append((
@@ -614,7 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--quick", action="store_true",
                    help="batches <= 512, three fisher shapes, fewer repeats (a smoke run)")
-    p.add_argument("--json", metavar="OUT", help="write all measurements as JSON (rewritten after every row)")
+    p.add_argument("--json", type=json_path, metavar="OUT",
+                   help="write all measurements as JSON (rewritten after every row)")
     p.add_argument("--only", choices=("noise", "fisher"), help="run one of the two comparisons")
     p.add_argument("--batches", type=int_list,
                    help="comma-separated batch sizes for noising + loss (overrides the default)")

@@ -41,12 +41,10 @@ from typing import Any
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _common import int_range  # noqa: E402  (imports no torch: this process stays numpy-only)
+# Importing _common puts the checkout first on sys.path; it imports no torch: this process stays numpy-only.
+from _common import int_range, json_path, spread_timesteps  # noqa: E402
 
 SEED = 4321
 INPUT_SHAPE = (4, 8, 8)
@@ -152,7 +150,7 @@ def child(args) -> dict:
     if args.child == "sweep":
         stride = max(1, data.n // args.sweep_images)
         ids = np.arange(0, data.n, stride)[:args.sweep_images]
-        plan = ScoringPlan(timesteps=tuple(range(0, 1000, 1000 // args.timesteps)), seed=SEED)
+        plan = ScoringPlan(timesteps=spread_timesteps(args.timesteps), seed=SEED)
         sweep = LossSweep(model, data, plan, batch_size=args.batch_rows)
         out_dir = tempfile.mkdtemp(prefix="bench_memory_sweep_")
         try:
@@ -161,6 +159,7 @@ def child(args) -> dict:
             shutil.rmtree(out_dir, ignore_errors=True)
         shards_read = len({int(i) // data.shard_size for i in ids})
         info.update(images=len(ids), stride=stride, rows=len(ids) * plan.versions * len(plan.timesteps),
+                    timesteps=len(plan.timesteps),
                     shards_read=shards_read, finite=bool(np.isfinite(losses).all()),
                     batch_rows=args.batch_rows, chunk_size=args.chunk_size)
     elif args.child == "scan":  # read everything, block by block
@@ -195,14 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int_range(1), default=1_000_000, help="images in the synthetic store")
     p.add_argument("--shard-size", type=int_range(1), default=4096, help="images per shard (prepare's default)")
     p.add_argument("--sweep-images", type=int_range(1), default=20_000, help="images swept, strided over the store")
-    # The plan's grid steps by 1000 // N over the scheduler's 1000 timesteps: past 1000 the step would be 0.
+    # N timesteps spread over the scheduler's 1000: there are no more than 1000 to take.
     p.add_argument("--timesteps", type=int_range(1, 1000), default=1,
-                   help="timesteps per image and version in the plan")
+                   help="timesteps per image and version in the plan, spread evenly over [0, 1000)")
     p.add_argument("--batch-rows", type=int_range(1), default=1024, help="UNet batch size in rows")
     p.add_argument("--chunk-size", type=int_range(1), default=1024, help="images per run_sweep chunk")
     p.add_argument("--dir", help="where to write the store (default: a fresh temporary folder, removed after)")
-    p.add_argument("--keep", action="store_true", help="keep the store")
-    p.add_argument("--json", metavar="OUT", help="write the measurements as JSON")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the store (its folder is printed and kept in the JSON's meta as store_dir)")
+    p.add_argument("--json", type=json_path, metavar="OUT",
+                   help="write the measurements as JSON (rewritten after every step)")
     p.add_argument("--threads", type=int_range(1, zero="torch's default"), default=0,
                    help="torch.set_num_threads(N) in the subprocesses")
     p.add_argument("--child", choices=("write", "sweep", "scan", "random"), help=argparse.SUPPRESS)
@@ -244,8 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  "argv": sys.argv, "images": n, "input_shape": list(INPUT_SHAPE), "text_shape": list(TEXT_SHAPE),
                  "shard_size": args.shard_size, "disk_free_bytes": free, "notes": notes,
-                 "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None},
+                 "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+                 # --keep without --dir leaves it in a fresh temporary folder: where is said, or it is lost
+                 "store_dir": str(store.resolve()) if args.keep else None},
         "store": {}, "children": {}}
+    if args.keep:
+        print(f"--keep: the store stays in {store.resolve()}", flush=True)
 
     def save() -> None:
         if args.json:  # whole or not at all: written beside, then renamed
@@ -289,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.dir:
                 shutil.rmtree(parent, ignore_errors=True)
     result["meta"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    save()
 
+    # The report first, then the record: a record that cannot be written must not take the figures with it.
     size = result["store"]["bytes"]
     print()
     print(f"store: {n:,} images, {result['store']['shards']} shards, {gib(size)} on disk"
@@ -312,6 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    if args.keep:
+        print(f"store kept in {store.resolve()} (e.g. bench_reads.py --cache {store.resolve()}); remove it when done")
+    try:
+        save()
+    except OSError as exc:
+        print(f"--json: could not write {args.json!r} ({type(exc).__name__}: {exc}); the report above is all "
+              "there is of this run", file=sys.stderr)
+        return 1
     return 0 if all("error" not in c for c in result["children"].values()) else 1
 
 

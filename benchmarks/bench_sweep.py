@@ -52,13 +52,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from _common import (Results, TimeUp, choice_list, fmt_bytes, int_list, int_range, make_sync, run_meta,
+# Importing _common puts the checkout first on sys.path, ahead of any installed forgetscore.
+from _common import (Results, TimeUp, choice_list, fmt_bytes, int_list, int_range, json_path, make_sync, run_meta,
                      stop_on_sigterm, table, timing_device)
 from _profile import kinds_note, kinds_table, profile_kinds, profile_table
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from forgetscore.attribution.losses import COMPILE_MODES, PRECISIONS  # noqa: E402
@@ -286,7 +284,7 @@ def published_loop(model, data, ids: np.ndarray, images_per_batch: int, timestep
 
 
 def bench_sweep_parts(args, model, data, sizes: dict, emit, log) -> None:
-    from forgetscore.attribution import LossSweep, ScoringPlan
+    from forgetscore.attribution import LossSweep, ScoringPlan, losses
     from forgetscore.attribution.text_kv import SharedText
 
     dev, dtype, sync = model.device, DTYPES[args.dtype], make_sync(model.device)
@@ -304,15 +302,22 @@ def bench_sweep_parts(args, model, data, sizes: dict, emit, log) -> None:
     pub_images = sizes["published_images"]
     pub_rows_per_batch = pub_images * CAPTIONS * len(ts)
 
+    # The sweep's own math around the bare forwards it is measured against: on CUDA its fp32 precision turns
+    # TF32 convolutions off (IEEE), which PyTorch leaves on by default; a ratio of the two would time two kinds
+    # of arithmetic. (The compiled bare forwards go through the sweep's _forward, which enters it itself.) The
+    # published loop is not one of them: it runs as its authors ran it.
+    def same_math(sweep):
+        return losses.unet_precision(dev, sweep.precision)
+
     def bare():
-        with torch.inference_mode(), autocast(dev, dtype):
+        with torch.inference_mode(), autocast(dev, dtype), same_math(sweep1):
             for x_t, t, ctx, _, _ in pre:
                 model.unet(x_t, t, encoder_hidden_states=ctx)
 
     shared_text = SharedText(model.unet)
 
     def bare_shared():  # the UNet as the sweep calls it: each caption's keys and values once
-        with torch.inference_mode(), autocast(dev, dtype), shared_text.installed() as on:
+        with torch.inference_mode(), autocast(dev, dtype), same_math(sweep1), shared_text.installed() as on:
             assert on, "the MSCOCO UNet's attention layers should all take shared caption states"
             for x_t, t, _, captions, text_row in pre:
                 model.unet(x_t, t, encoder_hidden_states=captions, cross_attention_kwargs={"text_index": text_row})
@@ -325,7 +330,7 @@ def bench_sweep_parts(args, model, data, sizes: dict, emit, log) -> None:
         with autocast(dev, dtype):
             sweep2.run([None], ids2, progress=False)
 
-    def published():
+    def published():  # as published: fp32 under PyTorch's default math, whatever the sweep's precision
         published_loop(model, data, ids2, pub_images, list(ts))
 
     fns = {"bare": bare, "bare_shared": bare_shared, "sweep_flips": ours_flip, "sweep_noflip": ours_noflip,
@@ -701,7 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast dtype of the sweep, the bare forwards and compute_fisher (the published loop "
                         "and the torch.func Fisher stay fp32, as published)")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    p.add_argument("--json", metavar="OUT", help="write all measurements as JSON (rewritten after every row)")
+    p.add_argument("--json", type=json_path, metavar="OUT",
+                   help="write all measurements as JSON (rewritten after every row)")
     p.add_argument("--threads", type=int_range(1, zero="torch's default"), default=0,
                    help="torch.set_num_threads(N) first; 0: torch's default")
     p.add_argument("--only", type=choice_list(PARTS), default=PARTS,

@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from forgetscore.attribution.data import TrainingSet
-from forgetscore.digits.classifier import get_classifier
-from forgetscore.digits.data import DIGIT_WORDS
-from forgetscore.evaluation.methods import METHODS
+# _common first: importing it puts the checkout ahead of any installed forgetscore.
+from _common import choice_list, read_run
 
-from _common import choice_list
+from forgetscore.attribution.data import TrainingSet  # noqa: E402
+from forgetscore.digits.classifier import get_classifier  # noqa: E402
+from forgetscore.digits.data import DIGIT_WORDS  # noqa: E402
+from forgetscore.evaluation.methods import METHODS  # noqa: E402
 
 
 def digit_of(text: str) -> int:
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     p = build_parser()
     args = p.parse_args(argv)
-    results = json.loads((args.run / "results.json").read_text())
+    results = read_run(p, args.run, "custom")
     run_methods = results["methods"]
     missing = [m for m in args.methods if m not in run_methods]
     if missing:  # before any concept's pool, queries and classifier are loaded
@@ -77,8 +78,16 @@ def main(argv: list[str] | None = None) -> None:
             # The pool is rewritten by a later run with other --pool-captions (and a stopped one may leave
             # results.json of the run before): scores of another pool would be read as ranks of this one.
             key = root / "scores" / f"{method}.json"
-            if not key.is_file() or json.loads(key.read_text()).get("pool") != pool_id:
-                print(f"  {method:<16} no scores of this pool (it was rewritten since); run evaluate custom again")
+            if not key.is_file():
+                print(f"  {method:<16} no scores of this pool; run evaluate custom again on this folder")
+                continue
+            if json.loads(key.read_text()).get("pool") != pool_id:
+                # The pool's identity holds its files' modification times, so a copy (cp -r) or a touch
+                # reads the same as a rewrite: the message names both.
+                print(f"  {method:<16} no scores of this pool: it was rewritten since, or the run folder was "
+                      "copied or touched (the pool's identity includes its files' modification times); "
+                      "copy a run with cp -a, which keeps them, or run evaluate custom again on this folder "
+                      "to score the pool as it is")
                 continue
             scores = np.load(root / "scores" / f"{method}.npy")
             cells = []

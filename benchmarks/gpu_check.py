@@ -25,16 +25,16 @@ import sys
 import time
 import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from _common import positive_float  # noqa: E402  (imports no torch: `env` must run where torch does not import)
+# Importing _common puts the checkout first on sys.path; it imports no torch: `env` must run where torch does not.
+from _common import ROOT, positive_float
 
 TARGET_COPY_PCT = 80.0   # add_noise / diffusion_loss: % of measured copy bandwidth
 TARGET_GEMM_PCT = 50.0   # fisher: % of the measured matmul rate
 TARGET_CPU_NOISE_X = 2.0  # CPU: noising + loss vs eager
 TARGET_CPU_FISHER_X = 1.5  # CPU: fisher vs naive
+# The exit status of a subcommand that had nothing to check on this machine (crosscheck without a CUDA device):
+# gpu_check.sh then records its step as skipped rather than ok, with the reason from its "skipped: ..." line.
+SKIPPED = 77
 
 
 def _version(name: str) -> str:
@@ -94,8 +94,8 @@ def cmd_crosscheck(args: argparse.Namespace) -> int:
     from forgetscore import kernels
 
     if not torch.cuda.is_available():
-        print("crosscheck: no CUDA device, nothing to check")
-        return 0
+        print("crosscheck: skipped: no CUDA device, nothing checked")
+        return SKIPPED
     dev = torch.device("cuda")
     backends = [s.name for s in kernels.status() if s.available and "cuda" in s.devices and s.name != "torch"]
     if not backends:
@@ -209,6 +209,10 @@ def _load_steps(out_dir: str) -> list[dict]:
     return steps
 
 
+# Rows of the reference backend, by name or as what "auto" resolved to: never a kernel's best figure.
+REFERENCE_ROWS = (" torch", "(=torch)")
+
+
 def _rc_word(rc: str) -> str:
     return {"0": "ok", "124": "TIMEOUT", "137": "KILLED", "skipped": "skipped"}.get(rc, f"FAILED (rc {rc})")
 
@@ -264,7 +268,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
             d["eager"] = r
         elif r["method"].startswith("torch.compile"):
             d["compile"] = r
-        elif r["method"].startswith("kernels") and not r["method"].endswith(" torch"):
+        elif r["method"].startswith("kernels") and not r["method"].endswith(REFERENCE_ROWS):
             if "best" not in d or r["total_ms"] < d["best"]["total_ms"]:
                 d["best"] = r
     noise_ok = []
@@ -293,7 +297,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
         d = frows.setdefault(key, {})
         if r["method"] == "naive einsum":
             d["naive"] = r
-        elif r["method"].startswith("kernels") and not r["method"].endswith(" torch"):
+        elif r["method"].startswith("kernels") and not r["method"].endswith(REFERENCE_ROWS):
             if "best" not in d or r["ms"] < d["best"]["ms"]:
                 d["best"] = r
     fisher_ok = []
@@ -351,7 +355,9 @@ def _summary_sweep(path: str) -> None:
         elif "projected_h" in r:
             figure = f"projected {r['projected_h'] * 60:.1f} min per MSCOCO query"
         elif "median_s" in r:
-            figure = f"{r['median_s']:.3f}s  {r.get('rows_per_s', float('nan')):.0f} rows/s"
+            # A Fisher row counts samples, at a fraction of one a second on a CPU: three significant digits.
+            unit = "samples/s" if r.get("part", "").endswith("fisher") else "rows/s"
+            figure = f"{r['median_s']:.3f}s  {_rate(r.get('rows_per_s', float('nan')))} {unit}"
             if r.get("peak_rss_bytes"):
                 figure += f"  peak {_mib(r['peak_rss_bytes'])}"
         else:
@@ -369,6 +375,9 @@ def _summary_precision(path: str) -> None:
         return
     print(f"\nprecision: {meta.get('device_name')}, {meta.get('images')} images, batch {meta.get('batch_size')} "
           f"(probed), model {_short_path(meta.get('model', ''))}")
+    if isinstance(meta.get("images"), int) and meta["images"] <= 100:
+        print(f"  (top-k with k >= {meta['images']} images holds every image: such an overlap is 1 whatever the "
+              "scores)")
     for r in d.get("rows", []):
         cpu = f"  rel. vs CPU {r['max_rel_vs_cpu']:.1e}" if "max_rel_vs_cpu" in r else ""
         print(f"  {r['precision']:<24} {r['seconds']:>7.2f}s (warm-up {r['warmup_s']:.1f}s) "
@@ -449,6 +458,11 @@ def cmd_pack(args: argparse.Namespace) -> int:
 def _short_path(path: object) -> str:
     """The last two parts of a path: enough to tell the digits model from letter-h/model."""
     return "/".join(str(path).rstrip("/").split("/")[-2:])
+
+
+def _rate(v: float) -> str:
+    """A rate with at least three significant digits: 0.134, 12.5, 342, 32000."""
+    return f"{v:.0f}" if not v < 100 else f"{v:.3g}"
 
 
 def _mib(v) -> str:

@@ -16,9 +16,11 @@
 #                       took about 440 s on 2026-11-28, and the benchmark gets what is left)
 #   PYTHON              interpreter (default: python or python3, whichever imports torch)
 #   GPU_CHECK_DEVICE    cuda (default) or cpu (the rehearsal)
+#   GPU_CHECK_DTYPE     --dtype of the sweep step: bfloat16 or float32 (default bfloat16 on cuda, float32 on cpu,
+#                       where a CPU without bfloat16 instructions emulates it: minutes per call)
 #   GPU_CHECK_STEPS     comma-separated steps to run (default: all): env, wheels, build, info, tests,
 #                       sweep, precision, precision_ft, crosscheck, bench
-#   GPU_CHECK_COMPILE   torch.compile modes of the sweep step (default: default)
+#   GPU_CHECK_COMPILE   torch.compile modes of the sweep step (default: default; none in the rehearsal)
 #   GPU_CHECK_BATCH_ROWS  UNet rows per batch of the sweep step (default: bench_sweep.py's, 2000 on CUDA)
 #   GPU_CHECK_FISHER    Fisher methods of the sweep step (default kv,func; all: ours over every weight too)
 #   GPU_CHECK_SWEEP_CAP_S  the sweep step's own cap (default 240)
@@ -46,7 +48,9 @@
 #
 # Every step runs under `timeout` with its own cap, cut down to what is left of the
 # budget, and its output goes to $OUT/<step>.log.  A failing step does not stop the
-# others; the summary at the end says what each step did.  If a folder .whl/ exists
+# others; the summary at the end says what each step did, and the script then exits 1
+# if any step failed or timed out (0 otherwise; a step that had nothing to check here,
+# such as the cross-checks without a CUDA device, is "skipped").  If a folder .whl/ exists
 # in the repository root, the wheels in it (e.g. diffusers, for the eager baseline)
 # are installed without network into /tmp/site and put on PYTHONPATH.
 set -u
@@ -68,6 +72,17 @@ case $DEVICE in
   *) echo "GPU_CHECK_DEVICE: '$DEVICE' must be cuda or cpu" >&2; exit 2 ;;
 esac
 rehearsal() { [[ $DEVICE == cpu ]]; }
+if rehearsal; then SWEEP_DTYPE=${GPU_CHECK_DTYPE:-float32}; else SWEEP_DTYPE=${GPU_CHECK_DTYPE:-bfloat16}; fi
+case $SWEEP_DTYPE in
+  float32|bfloat16) ;;
+  *) echo "GPU_CHECK_DTYPE: '$SWEEP_DTYPE' must be float32 or bfloat16" >&2; exit 2 ;;
+esac
+# Said before minutes of steps that would each fail, or check nothing, without a GPU.
+if [[ $DEVICE == cuda ]] && ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" > /dev/null 2>&1
+then
+  echo "!!! torch sees no CUDA device here: the GPU steps will fail or check nothing; to rehearse this script on the"
+  echo "!!! CPU, run it with GPU_CHECK_DEVICE=cpu"
+fi
 OUT=${OUT:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
 mkdir -p "$OUT"
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
@@ -81,7 +96,11 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}
 left() { echo $(( BUDGET - ($(date +%s) - START) - RESERVE )); }
 
 # run_step NAME CAP_S QUIET NOTE -- CMD...: run CMD under timeout; QUIET=1 keeps its output in the log only.
+# A command that exits 77 had nothing to check here and says why on a line "...skipped: WHY": recorded as
+# skipped, not as ok.  Any other non-zero status (124: timed out) is a failure, and the script's exit status.
 STEP_RC=0
+SKIPPED_RC=77
+FAILED=()
 run_step() {
   local name=$1 cap=$2 quiet=$3 note=$4
   shift 5
@@ -110,8 +129,17 @@ run_step() {
     timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
     rc=${PIPESTATUS[0]}
   fi
-  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$note" >> "$STEPS"
-  echo "=== [$name] rc=$rc in $(( $(date +%s) - t0 ))s"
+  if (( rc == SKIPPED_RC )); then
+    why=$(grep -o 'skipped: .*' "$OUT/$name.log" | tail -n 1)
+    why=${why#skipped: }
+    printf '%s\tskipped\t%s\t%s; %s\n' "$name" "$(( $(date +%s) - t0 ))" "${why:-nothing to check here}" "$note" \
+      >> "$STEPS"
+    echo "=== [$name] skipped: ${why:-nothing to check here}"
+  else
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$note" >> "$STEPS"
+    echo "=== [$name] rc=$rc in $(( $(date +%s) - t0 ))s"
+    if (( rc != 0 )); then FAILED+=("$name (rc $rc$( (( rc == 124 || rc == 137 )) && echo ', timed out'))"); fi
+  fi
   STEP_RC=$rc
 }
 
@@ -166,11 +194,16 @@ sweep_quick=""
 if (( sweep_cap < 150 )) || rehearsal; then sweep_quick=1; fi
 # Beside each of our sweeps, the same with cuDNN timing its convolution algorithms (CUDA only); each of
 # our sweeps is profiled once more: the device's time by kind of kernel, and how busy it was.
-sweep_args=(--compile "${GPU_CHECK_COMPILE:-default}" --sweep-profile
+# The rehearsal compiles only when GPU_CHECK_COMPILE asks, and times one round: on a 2-core VM compiling the
+# UNet for the CPU took 2 minutes and each round 26 s, which with the rest ran past the step's 240 s.
+if rehearsal; then sweep_compile=${GPU_CHECK_COMPILE:-} sweep_rounds=1
+else sweep_compile=${GPU_CHECK_COMPILE:-default} sweep_rounds=3; fi
+sweep_args=(--rounds "$sweep_rounds" ${sweep_compile:+--compile "$sweep_compile"} --sweep-profile
             ${GPU_CHECK_BATCH_ROWS:+--batch-rows "$GPU_CHECK_BATCH_ROWS"})
 if ! rehearsal; then sweep_args+=(--cudnn-benchmark); fi
-run_step sweep "$sweep_cap" 0 "bench_sweep.py --device $DEVICE --dtype bfloat16 ${sweep_args[*]}${sweep_quick:+ --quick}" -- \
-  "$PYTHON" benchmarks/bench_sweep.py --device "$DEVICE" --dtype bfloat16 ${sweep_quick:+--quick} --rounds 3 \
+sweep_note="bench_sweep.py --device $DEVICE --dtype $SWEEP_DTYPE ${sweep_args[*]}${sweep_quick:+ --quick}"
+run_step sweep "$sweep_cap" 0 "$sweep_note" -- \
+  "$PYTHON" benchmarks/bench_sweep.py --device "$DEVICE" --dtype "$SWEEP_DTYPE" ${sweep_quick:+--quick} \
   "${sweep_args[@]}" --json "$OUT/bench_sweep_gpu.json" --fisher-methods "${GPU_CHECK_FISHER:-kv,func}" \
   --fisher-timeout-s $(( sweep_cap > 60 ? sweep_cap / 4 : 20 )) ${GPU_CHECK_SWEEP_ARGS:-}
 
@@ -216,5 +249,11 @@ run_step bench "$bench_cap" 0 "bench_kernels.py --device $DEVICE ${bench_args[*]
 
 # 10. Summary (steps, failing test lines, headline benchmark figures vs targets).
 echo
-"$PYTHON" benchmarks/gpu_check.py summary "$OUT" 2>&1 || { echo "summary failed; steps:"; cat "$STEPS"; }
+summary_rc=0
+"$PYTHON" benchmarks/gpu_check.py summary "$OUT" 2>&1 || { summary_rc=$?; echo "summary failed; steps:"; cat "$STEPS"; }
 echo "logs and results: $OUT ($(( $(date +%s) - START ))s in all)"
+if (( ${#FAILED[@]} )); then
+  echo "gpu_check: failed or timed out: ${FAILED[*]}"
+  exit 1
+fi
+exit $(( summary_rc ? 1 : 0 ))

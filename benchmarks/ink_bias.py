@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from forgetscore.digits.data import load_data, measure_attributes
-from forgetscore.evaluation.methods import METHODS
+# _common first: importing it puts the checkout ahead of any installed forgetscore.
+from _common import choice_list, int_range, read_run
 
-from _common import choice_list, int_range
+from forgetscore.digits.data import load_data, measure_attributes  # noqa: E402
+from forgetscore.evaluation.methods import METHODS  # noqa: E402
 
 
 def ink(images: torch.Tensor) -> np.ndarray:
@@ -42,11 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     p = build_parser()
     args = p.parse_args(argv)
-    results = json.loads((args.run / "results.json").read_text())
+    results = read_run(p, args.run, "loo")
     run_methods = results["config"]["methods"]
     missing = [m for m in args.methods or () if m not in run_methods]
     if missing:  # before the queries and the training set are loaded
         p.error(f"--methods: the run has no scores of {', '.join(missing)}; choose from {', '.join(run_methods)}")
+    gone = [str(f) for f in [args.run / "queries.pt", *(args.run / "scores" / f"{m}.npy" for m in
+                                                       args.methods or run_methods)] if not f.is_file()]
+    if gone:  # before the training set is loaded
+        p.error(f"run: {', '.join(gone)} missing; give the output folder of a finished `forgetscore evaluate loo` "
+                "run, as it left it")
     queries = torch.load(args.run / "queries.pt", weights_only=False)
     by_spec = {json.dumps(s, sort_keys=True): img for s, img in zip(queries["specs"], queries["images"])}
     specs = [{k: q[k] for k in ("prompt", "seed", "label")} for q in results["queries"]]

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from _common import Results, choice_list, int_range, make_sync, run_meta  # noqa: E402
+# _common first: importing it puts the checkout ahead of any installed forgetscore.
+from _common import Results, choice_list, int_range, json_path, make_sync, run_meta  # noqa: E402
 from forgetscore.attribution.losses import COMPILE_MODES, PRECISIONS  # noqa: E402
 from forgetscore.cli import batch_size_arg  # noqa: E402  (--batch-size as the forgetscore CLI takes it)
 from forgetscore.kernels.validate import MAX_SEED  # noqa: E402
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precisions", type=choice_list(PRECISIONS), default="fp32,bf16,fp16,mixed",
                         help="comma-separated, of " + ", ".join(PRECISIONS) + "; fp32 first is the reference")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu",
+                        help="where the sweeps run: cpu (default), cuda or cuda:N")
     parser.add_argument("--batch-size", type=batch_size_arg, default=1024, help="rows per UNet call, or auto")
     parser.add_argument("--images", type=int_range(1), help="sweep only the first N training images (a quick run)")
     parser.add_argument("--compile", choices=COMPILE_MODES, help="also sweep under torch.compile with this mode")
@@ -97,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--emulate-tf32", action="store_true",
                         help="also a row of fp32 with every convolution, linear layer and attention on TF32-rounded "
                              "inputs (an estimate, on a CPU, of the tf32 precision of a GPU)")
-    parser.add_argument("--json")
+    parser.add_argument("--json", type=json_path, metavar="OUT",
+                        help="write the rows as JSON (rewritten after every row, so a run cut short keeps them)")
     parser.add_argument("--model", help="model directory (default: the embedded digits model)")
     parser.add_argument("--train", help="training folder of --model")
     parser.add_argument("--prompt", help="query prompt (default: the demo's)")
@@ -110,6 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if bool(args.model) != bool(args.train):
         parser.error("--model and --train go together")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: {args.device!r} is not a device; give cpu, cuda or cuda:N")
     if "fp32" not in args.precisions:
         parser.error("--precisions: add fp32, the reference every other row is compared with")
     # Refused by the sweep only after the query is made, unlearned and swept in fp32: minutes in.
@@ -124,6 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     precisions = args.precisions
+    # Before the model is trained and the query unlearned: minutes of work before the sweep would find out.
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        print(f"--device {args.device}: no CUDA device here; use --device cpu", file=sys.stderr)
+        return 2
 
     from forgetscore import demo
     from forgetscore.attribution import Attributor, LossSweep, ScoringPlan, UnlearnConfig
@@ -217,7 +228,18 @@ def report(result: dict) -> str:
         lines.append(f"{r['precision']:<24}{r['seconds']:>9.2f}{r['warmup_s']:>10.2f}{r['rows_per_s']:>11.0f}"
                      f"{r['speedup']:>8.2f}{r['spearman']:>10.4f}{r['top10']:>8.2f}{r['top100']:>9.2f}"
                      + (f"{r['max_rel_vs_cpu']:>13.2e}" if "max_rel_vs_cpu" in r else ""))
-    return "\n".join(lines)
+    note = trivial_overlap_note(result["meta"].get("images"))
+    return "\n".join(lines + ([note] if note else []))
+
+
+def trivial_overlap_note(images: int | None) -> str:
+    """What the top-k columns cannot tell when k is at least the number of images scored."""
+    trivial = [k for k in (10, 100) if images is not None and k >= images]
+    if not trivial:
+        return ""
+    cols = " and ".join(f"top-{k}" for k in trivial)
+    return (f"{cols}: {images} images, so the top-k holds every image and the overlap is 1.00 whatever the scores "
+            f"(k >= number of images); sweep more images (--images) for a telling overlap")
 
 
 if __name__ == "__main__":
