@@ -1,4 +1,4 @@
-"""Running this checkout's code in child processes: their environment, and killing one mid-run."""
+"""Running this checkout's code in child processes: their environment, and killing one (or a sweep) mid-run."""
 import os
 import signal
 import socket
@@ -17,9 +17,12 @@ def child_env() -> dict:
     return env
 
 
-def sigkill_when(script: Path, appears: Path, timeout_s: float = 120) -> None:
-    """Run `script` and SIGKILL it as soon as `appears` exists (it must, within `timeout_s`)."""
-    proc = subprocess.Popen([sys.executable, str(script)], env=child_env(), stderr=subprocess.PIPE)
+def sigkill_when(script: Path, appears: Path, timeout_s: float = 120, env: dict | None = None,
+                 stdout=None) -> None:
+    """Run `script` (in `env`, its output to `stdout`) and SIGKILL it as soon as `appears` exists (it must, within
+    `timeout_s`)."""
+    proc = subprocess.Popen([sys.executable, str(script)], env=child_env() if env is None else env, stdout=stdout,
+                            stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout_s
     try:
         while not appears.exists():
@@ -41,3 +44,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def stop_after_chunks(monkeypatch, chunks: int = 1):
+    """Sweeps raise KeyboardInterrupt once `chunks` chunks are on disk, as if killed there; undo with the return."""
+    from forgetscore.attribution import sweep as sweep_mod
+
+    real = sweep_mod.write_npy
+    written = []
+
+    def write_then_stop(path, arr):
+        real(path, arr)
+        written.append(path)
+        if len(written) == chunks:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_mod, "write_npy", write_then_stop)
+    return lambda: monkeypatch.setattr(sweep_mod, "write_npy", real)

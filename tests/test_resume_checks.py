@@ -17,11 +17,10 @@ import torch
 
 import tiny
 from conftest import NATIVE_BACKENDS
-from subprocs import child_env, free_port, sigkill_when
+from subprocs import child_env, free_port, sigkill_when, stop_after_chunks
 from forgetscore import cli
 from forgetscore.attribution import Attribution, Attributor, ScoringPlan, TrainingSet, locks
 from forgetscore.attribution import results as results_mod
-from forgetscore.attribution import sweep as sweep_mod
 from forgetscore.attribution.cache_index import scan
 from forgetscore.attribution.io import remove_dir
 
@@ -33,26 +32,11 @@ N = 6
 dirs, model, train = tiny.folder_fixtures(N, "resume")
 
 
-def _stop_after_chunks(monkeypatch, chunks: int = 1):
-    """Sweeps raise KeyboardInterrupt once `chunks` chunks are on disk, as if killed there; undo with the return."""
-    real = sweep_mod.write_npy
-    written = []
-
-    def write_then_stop(path, arr):
-        real(path, arr)
-        written.append(path)
-        if len(written) == chunks:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(sweep_mod, "write_npy", write_then_stop)
-    return lambda: monkeypatch.setattr(sweep_mod, "write_npy", real)
-
-
 def _interrupted(model, train, cache, monkeypatch, **kw) -> None:
     """A `score` of the original model's losses killed after its first chunk (of 3: 6 images in chunks of 2)."""
     att = Attributor(model, train, plan=PLAN, cache_dir=cache, progress=False, **{"chunk_size": 2, "batch_size": 4,
                                                                                    "backend": "torch", **kw})
-    undo = _stop_after_chunks(monkeypatch)
+    undo = stop_after_chunks(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         att.before_losses()
     undo()
@@ -342,16 +326,7 @@ sys.exit(cli.main(["cache"]))
 """)
     env = {k: v for k, v in child_env().items() if k != "PYTHONUNBUFFERED"}  # as a batch job's usually is
     with open(log, "w") as stdout:
-        proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=stdout, stderr=subprocess.PIPE)
-        try:
-            _wait_for(ready, [proc])
-            proc.kill()
-            proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            proc.stderr.close()
+        sigkill_when(script, ready, env=env, stdout=stdout)
     assert log.read_text() == "step 1 of 2 done\n"
 
 

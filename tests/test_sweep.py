@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tiny
-from subprocs import child_env, sigkill_when
+from subprocs import child_env, sigkill_when, stop_after_chunks
 from forgetscore.attribution import Attributor, ScoringPlan
 from forgetscore.attribution.losses import LossSweep
 from forgetscore.attribution.ranks import distributed_env
@@ -65,23 +65,6 @@ def _count_runs(monkeypatch, batch_size: bool = False) -> list:
 
     monkeypatch.setattr(LossSweep, "run", counting)
     return calls
-
-
-def _stop_after_chunks(monkeypatch, chunks: int = 1):
-    """Sweeps raise KeyboardInterrupt once `chunks` chunks are on disk, as if killed there; undo with the return."""
-    from forgetscore.attribution import sweep as sweep_mod
-
-    real = sweep_mod.write_npy
-    written = []
-
-    def write_then_stop(path, arr):
-        real(path, arr)
-        written.append(path)
-        if len(written) == chunks:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(sweep_mod, "write_npy", write_then_stop)
-    return lambda: monkeypatch.setattr(sweep_mod, "write_npy", real)
 
 
 def test_variant_id():
@@ -209,7 +192,7 @@ def _attributor(setup, cache, batch_size=BATCH) -> Attributor:
 
 def _interrupted(monkeypatch, sweep, chunks: int = 1) -> None:
     """`sweep()` killed once `chunks` chunks are on disk."""
-    resume = _stop_after_chunks(monkeypatch, chunks)
+    resume = stop_after_chunks(monkeypatch, chunks)
     with pytest.raises(KeyboardInterrupt):
         sweep()
     resume()

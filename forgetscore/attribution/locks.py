@@ -67,8 +67,8 @@ def _folder_gone(folder: Path) -> None:
         raise NotADirectoryError(errno.ENOTDIR, f"{str(folder)!r} is a file, not a folder; move it away")
 
 
-def _acquire(path: Path, wait: bool) -> int | None:
-    """A descriptor that holds `path` exclusively; None if another process holds it and not `wait`.
+def _acquire(path: Path, wait: bool, shared: bool = False) -> int | None:
+    """A descriptor that holds `path` exclusively (or `shared`); None if another process holds it and not `wait`.
 
     Raises :class:`Unlockable` where the filesystem takes no locks.
     """
@@ -80,7 +80,7 @@ def _acquire(path: Path, wait: bool) -> int | None:
             _folder_gone(path.parent)
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(fd)
             return None
@@ -196,31 +196,10 @@ def hold_folder(folder: Path) -> int | None:
     nothing can be locked. A removal in progress is waited for, and the folder is then made again."""
     if fcntl is None:
         return None
-    path = Path(folder) / JOB_LOCK
-    while True:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except (FileNotFoundError, FileExistsError):
-            _folder_gone(path.parent)
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in _NO_LOCKS:  # the stages say so in a warning, once per folder
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-                return None
-            raise
-        try:
-            current = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
-            return fd
-        # Removed (with its folder) by the job that held it before: the path's new file is the one to hold.
-        os.close(fd)
+    try:
+        return _acquire(Path(folder) / JOB_LOCK, wait=True, shared=True)
+    except Unlockable:  # the stages say so in a warning, once per folder
+        return None
 
 
 def let_go_of_folder(folder: Path, fd: int | None, remove_empty: bool = False) -> None:
