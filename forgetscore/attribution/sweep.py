@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -118,47 +118,36 @@ def _said(how: dict) -> str:
     return ", ".join(f"{key} {value}" for key, value in how.items())
 
 
-def matching_sweeps(root: str | os.PathLike, header: dict) -> dict[Path, tuple[int, int]]:
-    """The sweep folders in `root` that hold `header`'s sweep under any batch size.
-
-    {folder: (its batch size, its finished chunk files)}. A batch size changes the last bits of the
-    losses, so chunks of two batch sizes cannot join one sweep; each folder can be resumed under its own.
-    """
-    found: dict[Path, tuple[int, int]] = {}
-    root = Path(root)
-    if not root.is_dir():
-        return found
-    for manifest in sorted(root.glob(f"*/{MANIFEST}")):
-        try:
-            old = read_json(manifest)
-        except (OSError, ValueError):
-            continue
-        if not isinstance(old, dict) or not isinstance(old.get("batch_size"), int):
-            continue
-        same = all(old.get(key, IDENTITY_DEFAULTS.get(key)) == header[key]
-                   for key in IDENTITY_KEYS if key != "batch_size")
-        if same:
-            found[manifest.parent] = (old["batch_size"], len(list(manifest.parent.glob("chunk-*.npy"))))
-    return found
-
-
-def other_chunk_sizes(root: str | os.PathLike, header: dict) -> dict[Path, dict]:
-    """The sweep folders in `root` that hold `header`'s sweep cut into chunks of another size (any batch size):
-    {folder: its manifest}. A resume needs the chunk size they were cut with."""
-    found: dict[Path, dict] = {}
+def _sweeps_like(root: str | os.PathLike, header: dict, ignored: tuple[str, ...]) -> Iterator[tuple[Path, dict]]:
+    """(folder, manifest) of each sweep folder in `root` whose manifest agrees with `header` on every identity key
+    but the `ignored` ones (sizes, which a manifest holds as ints)."""
     root = Path(root)
     for manifest in sorted(root.glob(f"*/{MANIFEST}")) if root.is_dir() else ():
         try:
             old = read_json(manifest)
         except (OSError, ValueError):
             continue
-        if not isinstance(old, dict) or not isinstance(old.get("chunk_size"), int):
+        if not isinstance(old, dict) or not all(isinstance(old.get(key), int) for key in ignored):
             continue
-        same = all(old.get(key, IDENTITY_DEFAULTS.get(key)) == header[key]
-                   for key in IDENTITY_KEYS if key not in ("batch_size", "chunk_size"))
-        if same and old["chunk_size"] != header["chunk_size"]:
-            found[manifest.parent] = old
-    return found
+        if all(old.get(key, IDENTITY_DEFAULTS.get(key)) == header[key] for key in IDENTITY_KEYS if key not in ignored):
+            yield manifest.parent, old
+
+
+def matching_sweeps(root: str | os.PathLike, header: dict) -> dict[Path, tuple[int, int]]:
+    """The sweep folders in `root` that hold `header`'s sweep under any batch size.
+
+    {folder: (its batch size, its finished chunk files)}. A batch size changes the last bits of the
+    losses, so chunks of two batch sizes cannot join one sweep; each folder can be resumed under its own.
+    """
+    return {folder: (old["batch_size"], len(list(folder.glob("chunk-*.npy"))))
+            for folder, old in _sweeps_like(root, header, ("batch_size",))}
+
+
+def other_chunk_sizes(root: str | os.PathLike, header: dict) -> dict[Path, dict]:
+    """The sweep folders in `root` that hold `header`'s sweep cut into chunks of another size (any batch size):
+    {folder: its manifest}. A resume needs the chunk size they were cut with."""
+    return {folder: old for folder, old in _sweeps_like(root, header, ("batch_size", "chunk_size"))
+            if old["chunk_size"] != header["chunk_size"]}
 
 
 def run_sweep(sweep: LossSweep, variants: Sequence[dict[str, torch.Tensor] | None], out_dir: str | os.PathLike, *,
