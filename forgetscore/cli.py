@@ -589,8 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (what batch schedulers, Kubernetes and torchrun send to stop a job), raised where the command is so
-    that its clean-ups run (locks released, temporary files removed), as they do on Ctrl-C."""
+    """SIGTERM (what batch schedulers and Kubernetes send to stop a job), raised where the command is so that its
+    clean-ups run (locks released, temporary files removed), as they do on Ctrl-C."""
 
 
 def _terminated(signum, frame) -> None:
@@ -609,8 +609,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     shown = warnings.showwarning
     warnings.showwarning = _warning_line(args.command, shown)
-    # Only the main thread may set a handler (a caller may run main() in another).
-    handles = threading.current_thread() is threading.main_thread()
+    # Only the main thread may set a handler (a caller may run main() in another). Not under torchrun: a rank
+    # waiting in a collective (on a GPU, for a rank that is gone) would run a Python handler only once that wait
+    # ends, after torchrun's grace period and its SIGKILL; ended by the signal at once, its locks go with it.
+    handles = threading.current_thread() is threading.main_thread() and int(os.environ.get("WORLD_SIZE", "1")) <= 1
     stopping = signal.signal(signal.SIGTERM, _terminated) if handles else None
     try:
         _join_ranks(args)

@@ -125,6 +125,26 @@ def test_a_folder_that_records_no_training_folder_is_removable_under_the_cache_r
     assert f"removed {run.relative_to(root)}" in out and not run.exists()
 
 
+def test_a_folder_made_current_after_the_scan_is_kept(made, tmp_path, monkeypatch):
+    """Staleness is judged again under the locks: a job may have recorded (or re-prepared) the folder since the
+    scan, then let go of it before the removal came to it."""
+    from forgetscore.attribution.cache_index import remove_stale
+
+    model, source = made
+    root = tmp_path / "root"
+    monkeypatch.setenv("FORGETSCORE_CACHE", str(root))
+    run = _prepared(model, source, tmp_path / "train")
+    record = (run / "train_dir.txt").read_bytes()
+    (run / "train_dir.txt").unlink()
+    (e,) = scan(root)
+    assert e.stale
+    (run / "train_dir.txt").write_bytes(record)  # what a job starting on it now writes first
+    removed, busy, failed = remove_stale([e])
+    assert (removed, busy, failed) == ([], [], []) and (run / "train_dir.txt").is_file()
+    (e,) = scan(root)
+    assert not e.stale
+
+
 @pytest.mark.skipif(locks.fcntl is None, reason="stage locks need fcntl's flock")
 def test_a_stale_folder_a_job_is_in_is_left_to_it(made, tmp_path, monkeypatch, capsys):
     model, source = made

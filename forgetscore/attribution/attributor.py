@@ -205,49 +205,51 @@ class Attributor:
             yield [time.perf_counter() - asked[0] if asked else 0.0]
 
     def prepare(self) -> PreparedData:
-        if self._data is None:
-            t = time.perf_counter()
+        if self._data is not None:
+            self._hold()  # again after close(): every stage, its data prepared or not, works in the folder
+            return self._data
+        t = time.perf_counter()
+        # Under torchrun the ranks share the shards; every rank gets the finished data.
+        # Each caption store has its own folder (and data_id), so a cache can hold both; the folders are
+        # this Attributor's own, so shard files no manifest vouches for are removed.
+        folder = "prepared" if self.text_dtype == "float32" else f"prepared-{self.text_dtype}"
+        try:
             self._hold()
             on_rank0(self._tidy)
             if self._own_cache_dir:
                 on_rank0(self._note_earlier_states)
-            # Under torchrun the ranks share the shards; every rank gets the finished data.
-            # Each caption store has its own folder (and data_id), so a cache can hold both; the folders are
-            # this Attributor's own, so shard files no manifest vouches for are removed.
-            folder = "prepared" if self.text_dtype == "float32" else f"prepared-{self.text_dtype}"
-            try:
-                with self._stage(self.cache_dir / f".{folder}.lock", "preparing this training set") as waited:
-                    # The images another job (this one waited for) or a killed run encoded are no work of this job's.
-                    done = on_rank0(lambda: self._images_prepared(self.cache_dir / folder))
-                    added = False
-                    try:
-                        # Recorded first (under the lock: no job's path is lost), so that a preparation that
-                        # fails or is killed midway leaves a folder `forgetscore cache` can tie to its training
-                        # folder, and call stale once that folder is fixed (and so has another identity).
-                        if self.rank == 0:
-                            added = record_training_folder(self.cache_dir, self.train.root)
-                        self._data = prepare(self.model, self.train, self.cache_dir / folder, resize=self.resize,
-                                             text_dtype=self.text_dtype, progress=self.progress, untrusted="remove")
-                    except BaseException:
-                        if self.rank == 0:  # not a collective: the other ranks may not have failed
-                            self._drop_unstarted(self.cache_dir / folder)
-                            if added and not self._preparing_here(self.cache_dir / folder):
-                                # Refused before it started (e.g. a cache of another model): left as found.
-                                forget_training_folder(self.cache_dir, self.train.root)
-                        raise
-            except BaseException:
-                # Nothing of this job's is in the folder without its prepared data: it is let go (a stage tried
-                # later holds it again).
-                self.close()
-                # Once its lock files are gone too: the training set's cache folder under the cache root, if
-                # nothing else is in it (once the training folder is fixed it has another identity).
-                if self.rank == 0 and self._own_cache_dir:
-                    with contextlib.suppress(OSError):  # not empty: other stages' files
-                        self.cache_dir.rmdir()
-                raise
-            if self.rank == 0:
-                self._drop_earlier_reading()
-            self.timings.add("prepare", time.perf_counter() - t, len(self.train) - done, "img", waited[0])
+            with self._stage(self.cache_dir / f".{folder}.lock", "preparing this training set") as waited:
+                # The images another job (this one waited for) or a killed run encoded are no work of this job's.
+                done = on_rank0(lambda: self._images_prepared(self.cache_dir / folder))
+                added = False
+                try:
+                    # Recorded first (under the lock: no job's path is lost), so that a preparation that
+                    # fails or is killed midway leaves a folder `forgetscore cache` can tie to its training
+                    # folder, and call stale once that folder is fixed (and so has another identity).
+                    if self.rank == 0:
+                        added = record_training_folder(self.cache_dir, self.train.root)
+                    self._data = prepare(self.model, self.train, self.cache_dir / folder, resize=self.resize,
+                                         text_dtype=self.text_dtype, progress=self.progress, untrusted="remove")
+                except BaseException:
+                    if self.rank == 0:  # not a collective: the other ranks may not have failed
+                        self._drop_unstarted(self.cache_dir / folder)
+                        if added and not self._preparing_here(self.cache_dir / folder):
+                            # Refused before it started (e.g. a cache of another model): left as found.
+                            forget_training_folder(self.cache_dir, self.train.root)
+                    raise
+        except BaseException:
+            # Nothing of this job's is in the folder without its prepared data: it is let go (a stage tried
+            # later holds it again).
+            self.close()
+            # Once its lock files are gone too: the training set's cache folder under the cache root, if
+            # nothing else is in it (once the training folder is fixed it has another identity).
+            if self.rank == 0 and self._own_cache_dir:
+                with contextlib.suppress(OSError):  # not empty: other stages' files
+                    self.cache_dir.rmdir()
+            raise
+        if self.rank == 0:
+            self._drop_earlier_reading()
+        self.timings.add("prepare", time.perf_counter() - t, len(self.train) - done, "img", waited[0])
         return self._data
 
     def _images_prepared(self, folder: Path) -> int:

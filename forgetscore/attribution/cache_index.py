@@ -62,6 +62,8 @@ class CacheEntry:
     stale: bool   # none of the training folders it was made for has those contents any more: nothing reads it
     # Interrupted sweeps in a run folder whose losses the folder holds finished (before-losses): nothing resumes them.
     superseded: list[Path] = field(default_factory=list)
+    # A training set's folder: whether the cache root made it (see run_entry); None for other folders.
+    own: bool | None = None
 
 
 def folder_size(path: Path) -> int:
@@ -234,7 +236,7 @@ def run_entry(run: Path, own: bool = False) -> CacheEntry:
         # A folder given to --cache may be one the user keeps other files in: it is only listed.
         said = ("no training folder recorded (nothing reads this)" if own
                 else "a training set whose preparation has not finished")
-        return CacheEntry(run, folder_size(run), f"{said}: {parts}", own)
+        return CacheEntry(run, folder_size(run), f"{said}: {parts}", own, own=own)
     from .data import CACHE_FORMAT
 
     # A manifest without a format is of the first one; a store without a manifest has not started.
@@ -248,7 +250,7 @@ def run_entry(run: Path, own: bool = False) -> CacheEntry:
             "earlier": " (prepared by an earlier version of forgetscore: nothing reads this)"}[state]
     more = f" and {len(folders) - 1} other cop{'ies' if len(folders) > 2 else 'y'}" if len(folders) > 1 else ""
     return CacheEntry(run, folder_size(run), f"{folders[0]}{more}{said}: {parts}", state != "current",
-                      superseded_sweeps(run) if state == "current" else [])
+                      superseded_sweeps(run) if state == "current" else [], own=own)
 
 
 def describe(entries: list[CacheEntry], root: Path) -> list[str]:
@@ -295,6 +297,12 @@ def remove_stale(entries: list[CacheEntry]) -> tuple[list[CacheEntry], list[Cach
         with contextlib.ExitStack() as stack:
             # A job using the folder (in a stage, or between stages) is left to finish.
             free = _unused(e.path, stack)
+            if free and e.own is not None:
+                # Judged when scanned: a job may have made the folder current since (prepared it, or finished the
+                # sweep), then let go of it. Only what is still unread now, under the locks, goes.
+                now = run_entry(e.path, own=e.own)
+                gone = [e] if e.stale and now.stale else [] if e.stale else [
+                    item for item in gone if item.path in now.superseded]
             for item in gone if free else ():
                 try:
                     remove_dir(item.path, strict=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import socket
 import threading
@@ -72,12 +73,15 @@ def _acquire(path: Path, wait: bool, shared: bool = False) -> int | None:
 
     Raises :class:`Unlockable` where the filesystem takes no locks.
     """
-    while True:
+    for tries in itertools.count(1):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except (FileNotFoundError, FileExistsError):
+        except (FileNotFoundError, FileExistsError) as exc:
             _folder_gone(path.parent)
+            if tries == 1000:  # no removal takes that long: a link to a missing place stands at `path`, say
+                raise OSError(exc.errno, f"cannot make the lock file {str(path)!r} ({exc.strerror}); move away "
+                                         "what stands there") from None
             continue
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
@@ -250,6 +254,14 @@ def claim_folder(folder: Path, argument: str) -> Iterator[None]:
                                      f"{argument}")
                 os.ftruncate(fd, 0)
                 os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+                # A job writing one folder per query claims their parent: a folder of its is not free either.
+                above = folder.parent / CLAIM
+                if above.is_file():
+                    with unless_busy(above) as free:
+                        if not free:
+                            raise ValueError(f"{argument}: {str(folder)!r} is in {str(folder.parent)!r}, which "
+                                             "another job claims to write its results there; wait for it to end, "
+                                             f"or give another {argument}")
         yield
     finally:
         if fd is not None:
