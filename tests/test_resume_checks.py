@@ -1,6 +1,7 @@
 """Resuming, stopping and tidying: what a run says when it cannot resume chunks (or resumes chunks made otherwise),
 how a command ends on SIGTERM, what a running job protects from `forgetscore cache --remove-stale`, and what killed
 or refused runs leave behind."""
+import contextlib
 import errno
 import os
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -191,25 +193,32 @@ def _attribute_args(dirs, tmp_path) -> list[str]:
             "--out", str(tmp_path / "out")]
 
 
-@needs_flock
-def test_a_second_run_into_the_same_out_is_refused_at_once(dirs, tmp_path, capsys):
-    out = tmp_path / "out"
+@contextlib.contextmanager
+def _claimed_elsewhere(folder: Path) -> Iterator[int]:
+    """`folder` claimed by another process for the `with`; yields its pid."""
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys\nfrom pathlib import Path\nfrom forgetscore.attribution.locks import claim_folder\n"
         "with claim_folder(Path(sys.argv[1]), '--out'):\n    print('held', flush=True)\n    sys.stdin.read()\n"),
-        str(out)], env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        str(folder)], env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        assert cli.main(_attribute_args(dirs, tmp_path)) == 2
-        err = capsys.readouterr().err
-        assert err.startswith(f"forgetscore attribute: error: --out: {str(out)!r} is claimed by another job that will "
-                              f"write its results there (pid {holder.pid} on "), err
-        assert err.rstrip().endswith("wait for it to end, or give another --out")
-        assert not (tmp_path / "c").exists()  # refused before any stage
+        yield holder.pid
     finally:
         holder.stdin.close()
         holder.wait(60)
         holder.stdout.close()
+
+
+@needs_flock
+def test_a_second_run_into_the_same_out_is_refused_at_once(dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    with _claimed_elsewhere(out) as pid:
+        assert cli.main(_attribute_args(dirs, tmp_path)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"forgetscore attribute: error: --out: {str(out)!r} is claimed by another job that will "
+                              f"write its results there (pid {pid} on "), err
+        assert err.rstrip().endswith("wait for it to end, or give another --out")
+        assert not (tmp_path / "c").exists()  # refused before any stage
     assert not out.exists()  # the folder the claim made, left empty, goes with it
 
 
@@ -218,20 +227,11 @@ def test_a_folder_inside_one_another_job_claims_is_refused(tmp_path):
     """`attribute --queries` claims --out and writes a folder per query in it: a report into one of those would
     remove the temporary files of the save in progress there."""
     out = tmp_path / "res"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys\nfrom pathlib import Path\nfrom forgetscore.attribution.locks import claim_folder\n"
-        "with claim_folder(Path(sys.argv[1]), '--out'):\n    print('held', flush=True)\n    sys.stdin.read()\n"),
-        str(out)], env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with _claimed_elsewhere(out):
         with pytest.raises(ValueError, match=r"^--out: '.*/res/cat' is in '.*/res', which another job claims"):
             with locks.claim_folder(out / "cat", "--out"):
                 pass
         assert not (out / "cat").exists()
-    finally:
-        holder.stdin.close()
-        holder.wait(60)
-        holder.stdout.close()
     with locks.claim_folder(out / "cat", "--out"):  # once that job has ended
         assert (out / "cat").is_dir()
 
