@@ -106,10 +106,10 @@ def training_state(folder: Path) -> tuple[list[str], str]:
     return recorded, "changed" if any(Path(p).is_dir() for p in recorded) else "gone"
 
 
-def _manifest(folder: Path) -> dict:
-    """A prepared store's manifest ({} where it has none that reads)."""
+def _manifest(folder: Path, name: str = "manifest.json") -> dict:
+    """A prepared store's manifest, or the one of another kind `name` names ({} where it has none that reads)."""
     try:
-        found = read_json(folder / "manifest.json")
+        found = read_json(folder / name)
     except (OSError, ValueError):
         return {}
     return found if isinstance(found, dict) else {}
@@ -128,11 +128,7 @@ def _sweeps(folder: Path) -> list[Path]:
 def _sweep_manifest(sweep: Path) -> dict:
     from .sweep import MANIFEST
 
-    try:
-        found = read_json(sweep / MANIFEST)
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
+    return _manifest(sweep, MANIFEST)
 
 
 def superseded_sweeps(folder: Path) -> list[Path]:
@@ -178,15 +174,16 @@ def _sweep_settings(sweep: Path) -> str:
             f"{m.get('precision', 'fp32')}{f' ({how})' if how else ''}, {done} of {m.get('n_chunks')} chunks done")
 
 
-def _run_parts(folder: Path) -> str:
-    """What a run folder holds: its prepared stores, Fisher files, before-losses and interrupted sweeps."""
+def _run_parts(folder: Path, superseded: list[Path]) -> str:
+    """What a run folder holds: its prepared stores, Fisher files, before-losses and interrupted sweeps (those of
+    them `superseded`: see superseded_sweeps)."""
     parts = [f"{p.name} {fmt_size(folder_size(p))}{'' if _manifest(p).get('complete') else ' (unfinished)'}"
              for p in sorted(folder.glob("prepared*")) if p.is_dir()]
     for label, pattern in (("Fisher", "fisher-*.safetensors"), ("before-losses", "before-*.npy")):
         count = len(list(folder.glob(pattern)))
         if count:
             parts.append(f"{count} {label}")
-    sweeps, superseded = _sweeps(folder), superseded_sweeps(folder)
+    sweeps = _sweeps(folder)
     if sweeps:
         size = fmt_size(sum(folder_size(p) for p in sweeps))
         said = [f"[{p.name[:8]}: {_sweep_settings(p)}"
@@ -229,7 +226,8 @@ def run_entry(run: Path, own: bool = False) -> CacheEntry:
 
     `own`: a folder the cache root made (under ``runs/``), which holds nothing of the user's."""
     folders, state = training_state(run)
-    parts = _run_parts(run)
+    superseded = superseded_sweeps(run)
+    parts = _run_parts(run, superseded)
     if state == "unrecorded":
         # Every preparation records its training folder before it starts, so no run reads such a folder: a
         # preparation refused or killed before that, or what a job wrote after the folder was removed under it.
@@ -250,7 +248,7 @@ def run_entry(run: Path, own: bool = False) -> CacheEntry:
             "earlier": " (prepared by an earlier version of forgetscore: nothing reads this)"}[state]
     more = f" and {len(folders) - 1} other cop{'ies' if len(folders) > 2 else 'y'}" if len(folders) > 1 else ""
     return CacheEntry(run, folder_size(run), f"{folders[0]}{more}{said}: {parts}", state != "current",
-                      superseded_sweeps(run) if state == "current" else [], own=own)
+                      superseded if state == "current" else [], own=own)
 
 
 def describe(entries: list[CacheEntry], root: Path) -> list[str]:
